@@ -1,0 +1,1 @@
+//! qemu-nbd child processes for non-raw images.

@@ -1,0 +1,103 @@
+//! I/O engines. Both engines execute the same [`Op`]s and report
+//! [`Completion`]s; the pipeline's workers are written once against
+//! [`Engine`] and run unchanged on either.
+//!
+//! Buffers inside an [`Op`] are raw pointers: the caller (the buffer pool and
+//! the NBD connection state, both owned by the worker) guarantees that the
+//! memory stays valid and untouched until the op's completion is returned by
+//! [`Engine::wait`]. A worker never drops an engine with ops in flight: it
+//! drains completions first.
+
+use std::os::fd::RawFd;
+
+pub mod threads;
+pub mod uring;
+
+/// One I/O operation. Results follow syscall conventions: bytes transferred
+/// (or 0) on success, `-errno` on failure.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    /// pread(2).
+    Read { fd: RawFd, buf: *mut u8, len: u32, offset: u64 },
+    /// pwrite(2).
+    Write { fd: RawFd, buf: *const u8, len: u32, offset: u64 },
+    /// writev(2) on a socket (no offset). `iov` points to `iovcnt` iovecs
+    /// that stay valid until completion.
+    Writev { fd: RawFd, iov: *const libc::iovec, iovcnt: u32 },
+    /// recv(2) on a socket; `waitall` sets MSG_WAITALL.
+    Recv { fd: RawFd, buf: *mut u8, len: u32, waitall: bool },
+    /// fdatasync(2) (or fsync when `datasync` is false).
+    Fsync { fd: RawFd, datasync: bool },
+    /// fallocate(2) with the given mode (punch hole, zero range).
+    Fallocate { fd: RawFd, mode: i32, offset: u64, len: u64 },
+}
+
+// SAFETY (for the Send impl): an Op is a plain description; the pointers it
+// carries are only dereferenced by the engine while the submitter guarantees
+// their validity (see module docs). Moving the description between threads
+// (the threaded engine's pool) does not change that contract.
+unsafe impl Send for Op {}
+
+/// The result of one [`Op`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The value given to [`Engine::push`].
+    pub user_data: u64,
+    /// Bytes transferred (>= 0) or `-errno`.
+    pub result: i32,
+}
+
+/// Which engine to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// io_uring (default where the kernel allows it).
+    Uring,
+    /// Plain threads doing blocking pread/pwrite/send/recv.
+    Threads,
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineKind::Uring => "uring",
+            EngineKind::Threads => "threads",
+        })
+    }
+}
+
+/// An I/O engine owned by exactly one worker thread.
+pub trait Engine {
+    /// Queue one op. It may not start until the next [`Engine::wait`].
+    fn push(&mut self, user_data: u64, op: Op) -> std::io::Result<()>;
+    /// Submit queued ops and block until at least `min_complete` completions
+    /// are available (0 = do not block); append them to `out`.
+    fn wait(&mut self, min_complete: usize, out: &mut Vec<Completion>) -> std::io::Result<()>;
+    /// Number of ops pushed whose completion has not yet been returned.
+    fn in_flight(&self) -> usize;
+    /// Which engine this is.
+    fn kind(&self) -> EngineKind;
+}
+
+/// Build an engine of the requested kind for a worker that keeps at most
+/// `max_in_flight` ops in flight.
+pub fn build(kind: EngineKind, max_in_flight: u32) -> std::io::Result<Box<dyn Engine>> {
+    match kind {
+        EngineKind::Uring => Ok(Box::new(uring::UringEngine::new(max_in_flight)?)),
+        EngineKind::Threads => Ok(Box::new(threads::ThreadsEngine::new(max_in_flight)?)),
+    }
+}
+
+/// Decide which engine to run: probe io_uring (ring setup plus every opcode
+/// diskferry uses) when `requested` is `None` or `Uring`.
+/// Returns the engine kind to use and, when falling back, the reason to log.
+pub fn choose(requested: Option<EngineKind>) -> Result<(EngineKind, Option<String>), String> {
+    match requested {
+        Some(EngineKind::Threads) => Ok((EngineKind::Threads, None)),
+        Some(EngineKind::Uring) => uring::probe().map(|()| (EngineKind::Uring, None)),
+        None => match uring::probe() {
+            Ok(()) => Ok((EngineKind::Uring, None)),
+            Err(why) => Ok((EngineKind::Threads, Some(why))),
+        },
+    }
+}

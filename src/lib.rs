@@ -1,0 +1,18 @@
+//! diskferry: a thread-per-core disk replication engine.
+//!
+//! Layout (see docs/ARCHITECTURE.md):
+//! * [`nbd`]      — sans-IO NBD client codec plus a small blocking driver.
+//! * [`engine`]   — I/O engines (io_uring, threaded fallback) behind one trait.
+//! * [`endpoint`] — what a SRC / DST string means: NBD URIs, files, block
+//!   devices, images opened through a qemu-nbd child.
+//! * [`pipeline`] — extent planner, zero detection, buffer pool, workers.
+//! * [`progress`] — progress bar and newline-delimited JSON events.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod cli;
+pub mod endpoint;
+pub mod engine;
+pub mod nbd;
+pub mod pipeline;
+pub mod progress;
+pub mod size;

@@ -1,0 +1,1 @@
+//! Blocking driver for [`super::conn::ClientConn`].

@@ -1,0 +1,1 @@
+//! NBD protocol constants and sans-IO codecs.
