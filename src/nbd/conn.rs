@@ -49,8 +49,9 @@ pub enum ReplyEvent {
     /// Command `cookie` finished successfully (for READ: every byte of the
     /// buffer has been delivered as payload or reported as a hole).
     Done { cookie: u64 },
-    /// Command `cookie` failed on the server.
-    Failed { cookie: u64, error: NbdError },
+    /// Command `cookie` failed on the server with NBD error `errno`
+    /// (NBD_EPERM, NBD_EIO, …) and the server's message, if any.
+    Failed { cookie: u64, errno: u32, message: String },
 }
 
 /// See module docs.
