@@ -19,15 +19,24 @@ use crate::nbd::uri::NbdUri;
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("bad NBD URI {uri:?}: {why}")]
     BadUri { uri: String, why: String },
     #[error("{0}")]
     Nbd(#[from] crate::nbd::NbdError),
     #[error("qemu-nbd for {path}: {why}")]
     QemuNbd { path: String, why: String },
-    #[error("target {target} is {target_bytes} bytes, smaller than the source ({source_bytes} bytes); refusing to write anything")]
-    TargetTooSmall { target: String, target_bytes: u64, source_bytes: u64 },
+    #[error(
+        "target {target} is {target_bytes} bytes, smaller than the source ({source_bytes} bytes); refusing to write anything"
+    )]
+    TargetTooSmall {
+        target: String,
+        target_bytes: u64,
+        source_bytes: u64,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -47,5 +56,8 @@ pub enum Spec {
     /// target, is a raw file unless its extension names a format).
     Raw(PathBuf),
     /// An image in a non-raw format, to be served by qemu-nbd.
-    Image { path: PathBuf, format: String },
+    Image {
+        path: PathBuf,
+        format: String,
+    },
 }

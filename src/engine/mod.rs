@@ -18,18 +18,42 @@ pub mod uring;
 #[derive(Debug, Clone, Copy)]
 pub enum Op {
     /// pread(2).
-    Read { fd: RawFd, buf: *mut u8, len: u32, offset: u64 },
+    Read {
+        fd: RawFd,
+        buf: *mut u8,
+        len: u32,
+        offset: u64,
+    },
     /// pwrite(2).
-    Write { fd: RawFd, buf: *const u8, len: u32, offset: u64 },
+    Write {
+        fd: RawFd,
+        buf: *const u8,
+        len: u32,
+        offset: u64,
+    },
     /// writev(2) on a socket (no offset). `iov` points to `iovcnt` iovecs
     /// that stay valid until completion.
-    Writev { fd: RawFd, iov: *const libc::iovec, iovcnt: u32 },
+    Writev {
+        fd: RawFd,
+        iov: *const libc::iovec,
+        iovcnt: u32,
+    },
     /// recv(2) on a socket; `waitall` sets MSG_WAITALL.
-    Recv { fd: RawFd, buf: *mut u8, len: u32, waitall: bool },
+    Recv {
+        fd: RawFd,
+        buf: *mut u8,
+        len: u32,
+        waitall: bool,
+    },
     /// fdatasync(2) (or fsync when `datasync` is false).
     Fsync { fd: RawFd, datasync: bool },
     /// fallocate(2) with the given mode (punch hole, zero range).
-    Fallocate { fd: RawFd, mode: i32, offset: u64, len: u64 },
+    Fallocate {
+        fd: RawFd,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
 }
 
 // SAFETY (for the Send impl): an Op is a plain description; the pointers it

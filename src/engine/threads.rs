@@ -1,10 +1,22 @@
 //! Threaded engine.
 use super::{Completion, Engine, EngineKind, Op};
 pub struct ThreadsEngine;
-impl ThreadsEngine { pub fn new(_max_in_flight: u32) -> std::io::Result<Self> { todo!() } }
+impl ThreadsEngine {
+    pub fn new(_max_in_flight: u32) -> std::io::Result<Self> {
+        todo!()
+    }
+}
 impl Engine for ThreadsEngine {
-    fn push(&mut self, _u: u64, _op: Op) -> std::io::Result<()> { todo!() }
-    fn wait(&mut self, _m: usize, _out: &mut Vec<Completion>) -> std::io::Result<()> { todo!() }
-    fn in_flight(&self) -> usize { todo!() }
-    fn kind(&self) -> EngineKind { EngineKind::Threads }
+    fn push(&mut self, _u: u64, _op: Op) -> std::io::Result<()> {
+        todo!()
+    }
+    fn wait(&mut self, _m: usize, _out: &mut Vec<Completion>) -> std::io::Result<()> {
+        todo!()
+    }
+    fn in_flight(&self) -> usize {
+        todo!()
+    }
+    fn kind(&self) -> EngineKind {
+        EngineKind::Threads
+    }
 }

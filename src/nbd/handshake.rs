@@ -16,14 +16,28 @@ pub struct ExportInfo {
 }
 
 impl ExportInfo {
-    pub fn read_only(&self) -> bool { todo!() }
-    pub fn can_flush(&self) -> bool { todo!() }
-    pub fn can_multi_conn(&self) -> bool { todo!() }
-    pub fn can_write_zeroes(&self) -> bool { todo!() }
-    pub fn can_fast_zero(&self) -> bool { todo!() }
-    pub fn can_trim(&self) -> bool { todo!() }
+    pub fn read_only(&self) -> bool {
+        todo!()
+    }
+    pub fn can_flush(&self) -> bool {
+        todo!()
+    }
+    pub fn can_multi_conn(&self) -> bool {
+        todo!()
+    }
+    pub fn can_write_zeroes(&self) -> bool {
+        todo!()
+    }
+    pub fn can_fast_zero(&self) -> bool {
+        todo!()
+    }
+    pub fn can_trim(&self) -> bool {
+        todo!()
+    }
     /// Context id of `name` if negotiated.
-    pub fn context_id(&self, _name: &str) -> Option<u32> { todo!() }
+    pub fn context_id(&self, _name: &str) -> Option<u32> {
+        todo!()
+    }
 }
 
 /// Negotiate `export` on `stream`, asking for structured replies and the

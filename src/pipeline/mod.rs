@@ -1,1 +1,2 @@
 //! The copy pipeline.
+pub mod zero;
