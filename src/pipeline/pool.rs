@@ -1,0 +1,148 @@
+//! The buffer pool: one page-aligned allocation made at start-up, cut into
+//! fixed-size slots. Each worker receives a disjoint [`PoolShare`]; memory is
+//! freed only when the [`BufferPool`] is dropped, after every worker has been
+//! joined, so no buffer can be freed while the kernel still owns it.
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::ptr::NonNull;
+
+/// Alignment of every slot (enough for O_DIRECT on any common device).
+pub const SLOT_ALIGN_BYTES: usize = 4096;
+
+/// Owner of all data buffers of one job.
+pub struct BufferPool {
+    base: NonNull<u8>,
+    layout: Layout,
+    slot_bytes: usize,
+    slots: usize,
+}
+
+// SAFETY: the pool is a plain heap allocation; access to its bytes goes
+// through PoolShares, which are disjoint.
+unsafe impl Send for BufferPool {}
+// SAFETY: as above; &BufferPool only hands out disjoint shares.
+unsafe impl Sync for BufferPool {}
+
+impl BufferPool {
+    /// Allocate `slots × slot_bytes` (slot_bytes rounded up to 4 KiB).
+    pub fn new(slots: usize, slot_bytes: usize) -> std::io::Result<Self> {
+        let slot_bytes = slot_bytes.div_ceil(SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES;
+        let total = slots
+            .checked_mul(slot_bytes)
+            .filter(|&t| t > 0)
+            .ok_or_else(|| std::io::Error::other("buffer pool size is zero or overflows"))?;
+        let layout =
+            Layout::from_size_align(total, SLOT_ALIGN_BYTES).map_err(std::io::Error::other)?;
+        // SAFETY: layout has a non-zero size (checked above).
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let base = NonNull::new(ptr).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!("cannot allocate a {total}-byte buffer pool"),
+            )
+        })?;
+        Ok(Self {
+            base,
+            layout,
+            slot_bytes,
+            slots,
+        })
+    }
+
+    /// Bytes per slot.
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
+    /// Split the pool into `parts` disjoint shares of whole slots, as even
+    /// as possible. Each share may be used by one thread.
+    pub fn shares(&mut self, parts: usize) -> Vec<PoolShare> {
+        assert!(parts > 0 && parts <= self.slots, "need 1..=slots shares");
+        let mut out = Vec::with_capacity(parts);
+        let mut first = 0;
+        for i in 0..parts {
+            let n = self.slots / parts + usize::from(i < self.slots % parts);
+            // SAFETY: first + n <= slots, so the offset stays inside the allocation.
+            let base = unsafe { self.base.as_ptr().add(first * self.slot_bytes) };
+            out.push(PoolShare {
+                base,
+                slot_bytes: self.slot_bytes,
+                slots: n,
+            });
+            first += n;
+        }
+        out
+    }
+}
+
+impl Drop for BufferPool {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with this exact layout; shares borrow
+        // `&mut self` only to be created and the job joins every worker before
+        // dropping the pool, so no share (and no in-flight op) outlives it.
+        unsafe { dealloc(self.base.as_ptr(), self.layout) }
+    }
+}
+
+/// A worker's disjoint part of the pool.
+pub struct PoolShare {
+    base: *mut u8,
+    slot_bytes: usize,
+    slots: usize,
+}
+
+// SAFETY: shares are disjoint and each is used by the one thread it is moved to.
+unsafe impl Send for PoolShare {}
+
+impl PoolShare {
+    /// Number of slots in this share.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Raw pointer to byte `offset` of `slot`, for an I/O op.
+    pub fn ptr(&self, slot: usize, offset: usize) -> *mut u8 {
+        assert!(
+            slot < self.slots && offset <= self.slot_bytes,
+            "slot {slot} offset {offset} out of range"
+        );
+        // SAFETY: bounds checked just above.
+        unsafe { self.base.add(slot * self.slot_bytes + offset) }
+    }
+
+    /// `len` bytes of `slot` from `offset`, to read or modify in place.
+    /// The caller must have no I/O op in flight on these bytes.
+    pub fn region(&mut self, slot: usize, offset: usize, len: usize) -> &mut [u8] {
+        assert!(
+            slot < self.slots
+                && offset
+                    .checked_add(len)
+                    .is_some_and(|e| e <= self.slot_bytes),
+            "region out of range"
+        );
+        // SAFETY: bounds checked; the region lies in this share, which only
+        // this thread uses; `&mut self` prevents overlapping Rust borrows and
+        // the worker's state machine guarantees no kernel op targets it now.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.base.add(slot * self.slot_bytes + offset), len)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_are_disjoint_and_aligned() {
+        let mut pool = BufferPool::new(5, 1000).unwrap();
+        assert_eq!(pool.slot_bytes(), 4096);
+        let mut shares = pool.shares(2);
+        assert_eq!(shares[0].slots() + shares[1].slots(), 5);
+        assert_eq!(shares[0].ptr(0, 0) as usize % SLOT_ALIGN_BYTES, 0);
+        let last0 = shares[0].ptr(shares[0].slots() - 1, 4096) as usize;
+        assert_eq!(last0, shares[1].ptr(0, 0) as usize);
+        shares[1].region(0, 0, 4096).fill(7);
+        assert!(shares[0].region(0, 0, 4096).iter().all(|&b| b == 0));
+    }
+}

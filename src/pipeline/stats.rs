@@ -1,0 +1,49 @@
+//! Counters shared between the workers and the control thread.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+/// Job counters. Workers add; the control thread reads for progress.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Bytes the plan says must be read (allocated, non-zero per the source).
+    pub bytes_planned: AtomicU64,
+    /// True once `bytes_planned` is final.
+    pub planning_done: AtomicBool,
+    /// Planned bytes fully handled (read and written or found to be zero).
+    pub bytes_done: AtomicU64,
+    /// Bytes read from the source.
+    pub bytes_read: AtomicU64,
+    /// Bytes written to the target as data.
+    pub bytes_written: AtomicU64,
+    /// Target bytes made zero without data: holes and zero runs, whether
+    /// skipped (fresh target) or written as zeroes / punched.
+    pub bytes_zeroed: AtomicU64,
+}
+
+/// A copy of the counters at one instant.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Snapshot {
+    pub bytes_planned: u64,
+    pub planning_done: bool,
+    pub bytes_done: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub bytes_zeroed: u64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            bytes_planned: self.bytes_planned.load(Relaxed),
+            planning_done: self.planning_done.load(Relaxed),
+            bytes_done: self.bytes_done.load(Relaxed),
+            bytes_read: self.bytes_read.load(Relaxed),
+            bytes_written: self.bytes_written.load(Relaxed),
+            bytes_zeroed: self.bytes_zeroed.load(Relaxed),
+        }
+    }
+}
