@@ -10,6 +10,7 @@
 
 use std::os::fd::RawFd;
 
+pub mod iovec;
 pub mod threads;
 pub mod uring;
 

@@ -1,5 +1,96 @@
-//! The copy pipeline.
+//! The copy pipeline: planner → workers (read → zero detection → write).
+//!
+//! * [`plan`]: the extent planner, producing [`plan::Work`] items.
+//! * [`pool`]: the buffer pool allocated at start-up.
+//! * [`zero`]: zero detection.
+//! * [`worker`]: the pinned per-core state machine.
+//! * [`nbd_io`]: an NBD connection driven through an engine.
+//! * [`copy`]: the coordinator behind `diskferry copy`.
+//! * [`open`]: turning SRC / DST into open sources and targets.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_queue::ArrayQueue;
+
+pub mod copy;
+pub mod maps;
+pub mod nbd_io;
+pub mod open;
 pub mod plan;
 pub mod pool;
 pub mod stats;
+pub mod worker;
 pub mod zero;
+
+/// Why a copy failed. Each message says which side and where.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("bad arguments: {0}")]
+    Usage(String),
+    #[error("{0}")]
+    Endpoint(#[from] crate::endpoint::EndpointError),
+    #[error("reading the source failed {0}; nothing was written in place of unread data")]
+    SourceRead(String),
+    #[error("writing the target failed {0}")]
+    TargetWrite(String),
+    #[error("{0}")]
+    Plan(#[from] plan::PlanError),
+    #[error("I/O engine: {0}")]
+    Engine(String),
+    #[error("flushing the target failed: {0}; the copy is NOT durable")]
+    Flush(String),
+    #[error("internal error (please report): {0}")]
+    Internal(String),
+}
+
+impl CopyError {
+    pub fn source(offset: u64, e: crate::nbd::NbdError) -> Self {
+        CopyError::SourceRead(format!("at offset {offset}: {e}"))
+    }
+    pub fn target(offset: u64, e: crate::nbd::NbdError) -> Self {
+        CopyError::TargetWrite(format!("at offset {offset}: {e}"))
+    }
+}
+
+/// State shared by the planner, the workers and the control thread.
+pub struct Shared {
+    pub queue: ArrayQueue<plan::Work>,
+    planner_done: AtomicBool,
+    abort: AtomicBool,
+    error: Mutex<Option<CopyError>>,
+    pub stats: stats::Stats,
+}
+
+impl Shared {
+    pub fn new(queue_len: usize) -> Self {
+        Self {
+            queue: ArrayQueue::new(queue_len.max(1)),
+            planner_done: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
+            error: Mutex::new(None),
+            stats: stats::Stats::default(),
+        }
+    }
+    /// Record the first error and make everyone stop.
+    pub fn fail(&self, e: CopyError) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            tracing::debug!("job failing: {e}");
+            *slot = Some(e);
+        }
+        self.abort.store(true, Ordering::SeqCst);
+    }
+    pub fn aborted(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+    pub fn planner_done(&self) -> bool {
+        self.planner_done.load(Ordering::Acquire)
+    }
+    pub fn set_planner_done(&self) {
+        self.planner_done.store(true, Ordering::Release);
+    }
+    pub fn take_error(&self) -> Option<CopyError> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}

@@ -1,0 +1,148 @@
+//! Allocation maps of real sources: `SEEK_DATA`/`SEEK_HOLE` on files and
+//! NBD `BLOCK_STATUS` with `base:allocation`.
+
+use std::fs::File;
+
+use super::plan::{Extent, ExtentMap, PlanError};
+use crate::nbd::blocking::Client;
+use crate::nbd::uri::NbdStream;
+
+/// NBD_STATE_ZERO: the range reads as zeros.
+const NBD_STATE_ZERO: u32 = 2;
+pub const BASE_ALLOCATION: &str = "base:allocation";
+
+/// SEEK_DATA map of a file (block devices: all data).
+pub struct FileMap {
+    pub file: File,
+    pub size_bytes: u64,
+}
+
+impl ExtentMap for FileMap {
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), PlanError> {
+        let mut data = Vec::new();
+        crate::endpoint::file::data_extents(&self.file, offset, len, &mut data)
+            .map_err(|source| PlanError::Io { offset, source })?;
+        let mut pos = offset;
+        for (o, l) in data {
+            let (o, l) = (o.max(pos), (o + l).min(offset + len).saturating_sub(o.max(pos)));
+            if l == 0 {
+                continue;
+            }
+            if o > pos {
+                out.push(Extent { offset: pos, len: o - pos, data: false });
+            }
+            out.push(Extent { offset: o, len: l, data: true });
+            pos = o + l;
+        }
+        if pos < offset + len {
+            out.push(Extent { offset: pos, len: offset + len - pos, data: false });
+        }
+        Ok(())
+    }
+}
+
+/// BLOCK_STATUS map over a dedicated NBD connection.
+pub struct NbdMap {
+    pub client: Client<NbdStream>,
+}
+
+impl ExtentMap for NbdMap {
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), PlanError> {
+        let ask = u32::try_from(len.min(u64::from(u32::MAX) & !0xFFFF).max(1).min(len)).unwrap_or(u32::MAX);
+        let extents = self
+            .client
+            .block_status(offset, ask, BASE_ALLOCATION)
+            .map_err(|source| PlanError::Nbd { offset, source })?;
+        let mut pos = offset;
+        for e in extents {
+            let l = u64::from(e.len).min(offset + len - pos);
+            if l == 0 {
+                break;
+            }
+            out.push(Extent { offset: pos, len: l, data: e.flags & NBD_STATE_ZERO == 0 });
+            pos += l;
+        }
+        if pos == offset {
+            return Err(PlanError::BadMap { offset, why: "server returned no extents".into() });
+        }
+        Ok(())
+    }
+}
+
+/// The data extents of a whole source, collected once before copying
+/// (16 bytes per extent; adjacent extents merged), replayed as a map.
+pub struct ExtentList {
+    data: Vec<(u64, u64)>,
+    size_bytes: u64,
+}
+
+impl ExtentList {
+    /// Walk `map` over `[0, size_bytes)`.
+    pub fn collect(map: &mut dyn ExtentMap, size_bytes: u64) -> Result<Self, PlanError> {
+        let mut data: Vec<(u64, u64)> = Vec::new();
+        let mut buf = Vec::new();
+        let mut offset = 0;
+        while offset < size_bytes {
+            buf.clear();
+            map.map(offset, (size_bytes - offset).min(1 << 30), &mut buf)?;
+            if buf.is_empty() {
+                return Err(PlanError::BadMap { offset, why: "no extents returned".into() });
+            }
+            for e in &buf {
+                if e.offset != offset || e.len == 0 || e.len > size_bytes - offset {
+                    return Err(PlanError::BadMap { offset, why: "extents not contiguous".into() });
+                }
+                if e.data {
+                    match data.last_mut() {
+                        Some((o, l)) if *o + *l == e.offset => *l += e.len,
+                        _ => data.push((e.offset, e.len)),
+                    }
+                }
+                offset += e.len;
+            }
+        }
+        Ok(Self { data, size_bytes })
+    }
+
+    /// Bytes of data.
+    pub fn data_bytes(&self) -> u64 {
+        self.data.iter().map(|&(_, l)| l).sum()
+    }
+
+    /// Number of data extents.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+impl ExtentMap for ExtentList {
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), PlanError> {
+        let end = (offset + len).min(self.size_bytes);
+        // First data extent ending after `offset`.
+        let mut i = self.data.partition_point(|&(o, l)| o + l <= offset);
+        let mut pos = offset;
+        while pos < end {
+            match self.data.get(i) {
+                Some(&(o, l)) if o < end => {
+                    if o > pos {
+                        out.push(Extent { offset: pos, len: o - pos, data: false });
+                        pos = o;
+                    }
+                    let e = (o + l).min(end);
+                    out.push(Extent { offset: pos, len: e - pos, data: true });
+                    pos = e;
+                    i += 1;
+                }
+                _ => {
+                    out.push(Extent { offset: pos, len: end - pos, data: false });
+                    pos = end;
+                }
+            }
+        }
+        Ok(())
+    }
+}

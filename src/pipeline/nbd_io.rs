@@ -1,0 +1,222 @@
+//! One NBD connection as driven by a worker through an [`Engine`]: a queue
+//! of encoded requests sent in batches with one `writev` in flight, and one
+//! `recv` in flight whose destination the sans-IO [`ClientConn`] chooses
+//! (its scratch area for headers, the caller's buffer for read payloads).
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+
+use crate::engine::iovec::IoVecs;
+use crate::engine::{Engine, Op};
+use crate::nbd::NbdError;
+use crate::nbd::conn::{ClientConn, Cmd, RecvTarget, ReplyEvent};
+use crate::nbd::handshake::ExportInfo;
+use crate::nbd::uri::NbdStream;
+
+/// Most requests gathered into one `writev`.
+const SEND_BATCH_MAX: usize = 64;
+
+struct Outgoing {
+    header: [u8; 28],
+    /// Address of the payload (an address only: the worker keeps it valid).
+    payload_addr: usize,
+    payload_len: u32,
+}
+
+/// See module docs. Always boxed: in-flight ops point into it.
+pub struct NbdIo {
+    pub stream: NbdStream,
+    fd: RawFd,
+    pub conn: ClientConn,
+    pub info: ExportInfo,
+    queue: VecDeque<Outgoing>,
+    /// The batch being sent; capacity fixed at SEND_BATCH_MAX so the
+    /// headers never move while the kernel reads them.
+    batch: Vec<Outgoing>,
+    iov: IoVecs,
+    /// First iovec not yet fully sent.
+    iov_pos: usize,
+    pub send_in_flight: bool,
+    pub recv_in_flight: bool,
+    /// Length asked of the recv in flight.
+    recv_len: usize,
+}
+
+/// Where a read payload must land: resolved by the worker from a cookie.
+pub type PayloadDest<'a> = &'a mut dyn FnMut(u64, u32, u32) -> Option<*mut u8>;
+
+impl NbdIo {
+    pub fn new(stream: NbdStream, info: ExportInfo) -> Box<Self> {
+        let fd = stream.as_raw_fd();
+        let conn = ClientConn::new(&info);
+        Box::new(Self {
+            stream,
+            fd,
+            conn,
+            info,
+            queue: VecDeque::new(),
+            batch: Vec::with_capacity(SEND_BATCH_MAX),
+            iov: IoVecs::with_capacity(SEND_BATCH_MAX * 2),
+            iov_pos: 0,
+            send_in_flight: false,
+            recv_in_flight: false,
+            recv_len: 0,
+        })
+    }
+
+    /// Encode `cmd` and queue it; `payload` must stay valid until the
+    /// command's reply arrives.
+    pub fn request(&mut self, cookie: u64, cmd: Cmd, payload: *const u8, payload_len: u32) -> Result<(), NbdError> {
+        let mut header = [0u8; 28];
+        self.conn.encode_request(cookie, cmd, &mut header)?;
+        self.queue.push_back(Outgoing { header, payload_addr: payload as usize, payload_len });
+        Ok(())
+    }
+
+    /// Start a `writev` of queued requests if none is in flight.
+    pub fn kick_send(&mut self, engine: &mut dyn Engine, user_data: u64) -> std::io::Result<()> {
+        if self.send_in_flight || self.queue.is_empty() {
+            return Ok(());
+        }
+        self.batch.clear();
+        self.iov.clear();
+        while self.batch.len() < SEND_BATCH_MAX {
+            let Some(o) = self.queue.pop_front() else { break };
+            self.batch.push(o);
+        }
+        for o in &self.batch {
+            self.iov.push(o.header.as_ptr() as usize, o.header.len());
+            if o.payload_len > 0 {
+                self.iov.push(o.payload_addr, o.payload_len as usize);
+            }
+        }
+        self.iov_pos = 0;
+        self.push_writev(engine, user_data)
+    }
+
+    fn push_writev(&mut self, engine: &mut dyn Engine, user_data: u64) -> std::io::Result<()> {
+        let (iov, count) = self.iov.tail(self.iov_pos);
+        let iovcnt = u32::try_from(count.min(1024)).expect("bounded");
+        engine.push(user_data, Op::Writev { fd: self.fd, iov, iovcnt })?;
+        self.send_in_flight = true;
+        Ok(())
+    }
+
+    /// A `writev` completed with `result`; continues a partial send.
+    pub fn on_send(&mut self, result: i32, engine: &mut dyn Engine, user_data: u64) -> Result<(), NbdError> {
+        self.send_in_flight = false;
+        if result < 0 {
+            return Err(NbdError::Io(std::io::Error::from_raw_os_error(-result)));
+        }
+        let mut sent = result as usize;
+        while sent > 0 && self.iov_pos < self.iov.len() {
+            let len = self.iov.entry_len(self.iov_pos);
+            if sent >= len {
+                sent -= len;
+                self.iov_pos += 1;
+            } else {
+                self.iov.advance_entry(self.iov_pos, sent);
+                sent = 0;
+            }
+        }
+        if self.iov_pos < self.iov.len() {
+            self.push_writev(engine, user_data).map_err(NbdError::Io)?;
+        } else {
+            self.kick_send(engine, user_data).map_err(NbdError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Post a `recv` if replies are awaited and none is in flight.
+    /// `dest(cookie, buf_offset, len)` resolves a read payload's address.
+    pub fn kick_recv(
+        &mut self,
+        engine: &mut dyn Engine,
+        user_data: u64,
+        dest: PayloadDest<'_>,
+    ) -> Result<(), NbdError> {
+        if self.recv_in_flight || self.conn.in_flight() == 0 {
+            return Ok(());
+        }
+        let (ptr, len) = match self.conn.recv_target() {
+            RecvTarget::Scratch { len } => {
+                let scratch = self.conn.scratch_mut();
+                if len == 0 || len > scratch.len() {
+                    return Err(NbdError::Protocol(format!("decoder asked for {len} scratch bytes")));
+                }
+                (scratch.as_mut_ptr(), len)
+            }
+            RecvTarget::Payload { cookie, buf_offset, len } => {
+                let ptr = dest(cookie, buf_offset, len)
+                    .ok_or_else(|| NbdError::Protocol(format!("read data for unknown request {cookie:#x}")))?;
+                (ptr, len as usize)
+            }
+        };
+        let len32 = u32::try_from(len).map_err(|_| NbdError::Protocol("receive too large".into()))?;
+        engine
+            .push(user_data, Op::Recv { fd: self.fd, buf: ptr, len: len32, waitall: true })
+            .map_err(NbdError::Io)?;
+        self.recv_in_flight = true;
+        self.recv_len = len;
+        Ok(())
+    }
+
+    /// A `recv` completed with `result`; decoded events go to `events`.
+    pub fn on_recv(&mut self, result: i32, events: &mut Vec<ReplyEvent>) -> Result<(), NbdError> {
+        self.recv_in_flight = false;
+        if result < 0 {
+            return Err(NbdError::Io(std::io::Error::from_raw_os_error(-result)));
+        }
+        if result == 0 {
+            return Err(NbdError::Closed("while replies were outstanding"));
+        }
+        let n = (result as usize).min(self.recv_len);
+        self.conn.advance(n, events)
+    }
+
+    /// Stop all I/O on the socket so blocked operations return.
+    pub fn shutdown(&self) {
+        let _ = match &self.stream {
+            NbdStream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            NbdStream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
+    /// Send one command and wait for its reply with blocking I/O. Only
+    /// when nothing else is in flight (after the workers are done).
+    pub fn roundtrip_blocking(&mut self, cookie: u64, cmd: Cmd) -> Result<(), NbdError> {
+        use std::io::{Read, Write};
+        assert!(!self.send_in_flight && !self.recv_in_flight && self.queue.is_empty());
+        let mut header = [0u8; 28];
+        self.conn.encode_request(cookie, cmd, &mut header)?;
+        self.stream.write_all(&header)?;
+        if cmd == Cmd::Disconnect {
+            return Ok(());
+        }
+        let mut events = Vec::new();
+        loop {
+            match self.conn.recv_target() {
+                RecvTarget::Scratch { len } => {
+                    let buf = &mut self.conn.scratch_mut()[..len];
+                    let n = self.stream.read(buf)?;
+                    if n == 0 {
+                        return Err(NbdError::Closed("while waiting for a reply"));
+                    }
+                    self.conn.advance(n, &mut events)?;
+                }
+                RecvTarget::Payload { .. } => {
+                    return Err(NbdError::Protocol("unexpected data in reply".into()));
+                }
+            }
+            for ev in events.drain(..) {
+                match ev {
+                    ReplyEvent::Done { cookie: c } if c == cookie => return Ok(()),
+                    ReplyEvent::Failed { cookie: c, errno, message } if c == cookie => {
+                        return Err(NbdError::Protocol(format!("command failed with error {errno}: {message}")));
+                    }
+                    other => return Err(NbdError::Protocol(format!("unexpected reply {other:?}"))),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Opening SRC and DST: files directly, NBD URIs with several connections,
+//! other image formats through a qemu-nbd child.
+
+use std::fs::File;
+
+use super::CopyError;
+use super::maps::{BASE_ALLOCATION, ExtentList, FileMap, NbdMap};
+use super::plan::{AllData, ExtentMap};
+use crate::endpoint::file::RawFile;
+use crate::endpoint::qemu::{self, QemuNbdChild};
+use crate::endpoint::{EndpointError, FileKind, Role, Spec, parse_spec};
+use crate::nbd::blocking::Client;
+use crate::nbd::handshake::{ExportInfo, negotiate};
+use crate::nbd::uri::{NbdStream, NbdUri};
+
+/// One negotiated NBD connection.
+pub type NbdConnection = (NbdStream, ExportInfo);
+
+/// How the data of an endpoint is reached.
+pub enum Access {
+    File { file: File, kind: FileKind },
+    Nbd { conns: Vec<NbdConnection> },
+}
+
+/// An opened source, its allocation already mapped.
+pub struct Source {
+    pub display: String,
+    pub size_bytes: u64,
+    pub access: Access,
+    pub extents: ExtentList,
+    /// Keeps the qemu-nbd child (if any) alive for the job.
+    pub child: Option<QemuNbdChild>,
+}
+
+/// An opened target, sized and ready.
+pub struct Target {
+    pub display: String,
+    pub size_bytes: u64,
+    pub access: Access,
+    /// The target reads as zeros everywhere already (fresh file).
+    pub fresh_zero: bool,
+    pub child: Option<QemuNbdChild>,
+}
+
+fn nbd_err(uri: &NbdUri, e: crate::nbd::NbdError) -> CopyError {
+    CopyError::Endpoint(EndpointError::Other(format!("{}: {e}", uri_display(uri))))
+}
+
+fn uri_display(uri: &NbdUri) -> String {
+    match &uri.transport {
+        crate::nbd::uri::Transport::Tcp { host, port } => format!("nbd://{host}:{port}/{}", uri.export),
+        crate::nbd::uri::Transport::Unix { path } => format!("nbd+unix:///{}?socket={}", uri.export, path.display()),
+    }
+}
+
+fn connect(uri: &NbdUri, meta: &[&str]) -> Result<NbdConnection, CopyError> {
+    if uri.tls {
+        return Err(CopyError::Usage(format!(
+            "{}: TLS NBD URIs (nbds://) are not supported by copy yet; use nbd:// or nbd+unix://",
+            uri_display(uri)
+        )));
+    }
+    let mut stream = uri.connect().map_err(|e| CopyError::Endpoint(EndpointError::Other(format!("{}: {e}", uri_display(uri)))))?;
+    let info = negotiate(&mut stream, &uri.export, meta).map_err(|e| nbd_err(uri, e))?;
+    Ok((stream, info))
+}
+
+/// Open `n` connections (the first given); fewer when the server does not
+/// allow several (no multi-conn).
+fn more_connections(uri: &NbdUri, first: NbdConnection, n: u32, meta: &[&str]) -> Result<Vec<NbdConnection>, CopyError> {
+    let multi = first.1.can_multi_conn();
+    let mut conns = vec![first];
+    if !multi && n > 1 {
+        tracing::info!("{} does not advertise multi-conn; using one connection", uri_display(uri));
+    }
+    while multi && (conns.len() as u32) < n {
+        conns.push(connect(uri, meta)?);
+    }
+    Ok(conns)
+}
+
+/// Open the source `arg` with `connections` NBD connections where it is an
+/// NBD export, and map its allocation.
+pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
+    let spec = parse_spec(arg, Role::Source)?;
+    let (uri, child) = match spec {
+        Spec::Raw(path) => {
+            let raw = RawFile::open_source(&path)?;
+            let map_file = raw.file.try_clone().map_err(|e| EndpointError::Io { path: arg.to_string(), source: e })?;
+            let mut map = FileMap { file: map_file, size_bytes: raw.size_bytes };
+            let extents = ExtentList::collect(&mut map, raw.size_bytes)?;
+            return Ok(Source {
+                display: path.display().to_string(),
+                size_bytes: raw.size_bytes,
+                access: Access::File { file: raw.file, kind: raw.kind },
+                extents,
+                child: None,
+            });
+        }
+        Spec::Nbd(uri) => (uri, None),
+        Spec::Image { path, format } => {
+            let child = QemuNbdChild::start(&path, &format, true, connections.max(1))?;
+            (child.uri(), Some(child))
+        }
+    };
+    let (stream, info) = connect(&uri, &[BASE_ALLOCATION])?;
+    let size_bytes = info.size_bytes;
+    // Map on the first connection, then hand it to the workers.
+    let mut client = Client::from_negotiated(stream, info.clone());
+    let extents = if info.context_id(BASE_ALLOCATION).is_some() {
+        let mut map = NbdMap { client };
+        let list = ExtentList::collect(&mut map, size_bytes)?;
+        client = map.client;
+        list
+    } else {
+        tracing::info!("{} has no base:allocation; reading everything", uri_display(&uri));
+        ExtentList::collect(&mut AllData as &mut dyn ExtentMap, size_bytes)?
+    };
+    let first = (client.into_stream(), info);
+    let conns = more_connections(&uri, first, connections, &[BASE_ALLOCATION])?;
+    Ok(Source { display: arg.to_string(), size_bytes, access: Access::Nbd { conns }, extents, child })
+}
+
+/// Open (creating or sizing where that is what a user means) the target
+/// `arg` for a source of `source_bytes`.
+pub fn open_target(arg: &str, source_bytes: u64, connections: u32) -> Result<Target, CopyError> {
+    let spec = parse_spec(arg, Role::Target)?;
+    let (uri, child) = match spec {
+        Spec::Raw(path) => {
+            let (raw, fresh_zero) = RawFile::open_target(&path, source_bytes)?;
+            return Ok(Target {
+                display: path.display().to_string(),
+                size_bytes: raw.size_bytes,
+                access: Access::File { file: raw.file, kind: raw.kind },
+                fresh_zero,
+                child: None,
+            });
+        }
+        Spec::Nbd(uri) => (uri, None),
+        Spec::Image { path, format } => {
+            if !path.exists() {
+                qemu::create_image(&path, &format, source_bytes)?;
+            }
+            let child = QemuNbdChild::start(&path, &format, false, connections.max(1))?;
+            (child.uri(), Some(child))
+        }
+    };
+    let first = connect(&uri, &[])?;
+    let info = &first.1;
+    if info.read_only() {
+        return Err(CopyError::Usage(format!("target {arg} is a read-only NBD export")));
+    }
+    if info.size_bytes < source_bytes {
+        return Err(EndpointError::TargetTooSmall {
+            target: arg.to_string(),
+            target_bytes: info.size_bytes,
+            source_bytes,
+        }
+        .into());
+    }
+    let size_bytes = info.size_bytes;
+    let conns = more_connections(&uri, first, connections, &[])?;
+    Ok(Target { display: arg.to_string(), size_bytes, access: Access::Nbd { conns }, fresh_zero: false, child })
+}

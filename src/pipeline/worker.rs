@@ -1,0 +1,610 @@
+//! A pinned worker: owns an engine, a share of the buffer pool, and its
+//! connections; takes work items from the shared bounded queue and drives
+//! each through read → zero detection → write as a small state machine.
+//! The stages of the pipeline are states of a slot, so a chunk never
+//! changes thread and its buffer is never copied.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::engine::{Completion, Engine, Op};
+use crate::nbd::NbdError;
+use crate::nbd::conn::{Cmd, ReplyEvent};
+
+use super::nbd_io::NbdIo;
+use super::plan::Work;
+use super::pool::PoolShare;
+use super::stats::Stats;
+use super::zero::{self, Run};
+use super::{CopyError, Shared};
+
+/// The source as a worker sees it.
+pub enum SrcIo {
+    File { fd: RawFd },
+    Nbd(Vec<Box<NbdIo>>),
+}
+
+/// The target as a worker sees it.
+pub enum DstIo {
+    /// A regular file or block device. `fresh_zero`: reads as zeros
+    /// everywhere already (a file we just truncated), so zeros are skipped.
+    File { fd: RawFd, fresh_zero: bool },
+    Nbd(Vec<Box<NbdIo>>),
+}
+
+/// Settings of one worker.
+pub struct WorkerConfig {
+    pub index: usize,
+    pub granule_bytes: usize,
+    /// Largest single write-zeroes / punch request.
+    pub zero_max_bytes: u64,
+}
+
+// user_data layout: tag in the top 4 bits.
+const TAG_SHIFT: u32 = 60;
+const TAG_FILE_READ: u64 = 1;
+const TAG_FILE_WRITE: u64 = 2;
+const TAG_FILE_ZERO: u64 = 3;
+const TAG_SRC_SEND: u64 = 4;
+const TAG_SRC_RECV: u64 = 5;
+const TAG_DST_SEND: u64 = 6;
+const TAG_DST_RECV: u64 = 7;
+const SUBOP_BITS: u32 = 24;
+
+fn ud(tag: u64, slot: usize, subop: usize) -> u64 {
+    (tag << TAG_SHIFT) | ((slot as u64) << SUBOP_BITS) | subop as u64
+}
+fn ud_tag(u: u64) -> u64 {
+    u >> TAG_SHIFT
+}
+fn ud_slot(u: u64) -> usize {
+    ((u & ((1 << TAG_SHIFT) - 1)) >> SUBOP_BITS) as usize
+}
+fn ud_subop(u: u64) -> usize {
+    (u & ((1 << SUBOP_BITS) - 1)) as usize
+}
+/// NBD cookies: slot and subop (never 0 so a zeroed header is not a cookie).
+fn cookie(slot: usize, subop: usize) -> u64 {
+    (((slot as u64) + 1) << SUBOP_BITS) | subop as u64
+}
+fn cookie_parts(c: u64) -> Option<(usize, usize)> {
+    let slot = (c >> SUBOP_BITS).checked_sub(1)? as usize;
+    Some((slot, (c & ((1 << SUBOP_BITS) - 1)) as usize))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Reading,
+    Writing,
+}
+
+/// One piece of I/O of a slot: a byte range of its buffer and of the disk.
+#[derive(Debug, Clone, Copy)]
+struct SubOp {
+    buf_off: u32,
+    disk_off: u64,
+    len: u32,
+    /// Bytes already transferred (files: short reads/writes continue).
+    done: u32,
+}
+
+struct Slot {
+    phase: Phase,
+    offset: u64,
+    len: u32,
+    planned_bytes: u64,
+    pending: u32,
+    subops: Vec<SubOp>,
+    runs: Vec<Run>,
+}
+
+/// Everything one worker owns.
+pub struct Worker {
+    cfg: WorkerConfig,
+    shared: Arc<Shared>,
+    engine: Box<dyn Engine>,
+    pool: PoolShare,
+    src: SrcIo,
+    dst: DstIo,
+    slots: Vec<Slot>,
+    rr_src: usize,
+    rr_dst: usize,
+    completions: Vec<Completion>,
+    events: Vec<ReplyEvent>,
+}
+
+impl Worker {
+    pub fn new(
+        cfg: WorkerConfig,
+        shared: Arc<Shared>,
+        engine: Box<dyn Engine>,
+        pool: PoolShare,
+        src: SrcIo,
+        dst: DstIo,
+    ) -> Self {
+        let slots = (0..pool.slots())
+            .map(|_| Slot {
+                phase: Phase::Idle,
+                offset: 0,
+                len: 0,
+                planned_bytes: 0,
+                pending: 0,
+                subops: Vec::new(),
+                runs: Vec::new(),
+            })
+            .collect();
+        Self {
+            cfg,
+            shared,
+            engine,
+            pool,
+            src,
+            dst,
+            slots,
+            rr_src: 0,
+            rr_dst: 0,
+            completions: Vec::with_capacity(256),
+            events: Vec::new(),
+        }
+    }
+
+    /// Run until the queue is drained (or the job aborts); returns the
+    /// connections so the caller can flush and disconnect them.
+    pub fn run(mut self) -> (SrcIo, DstIo) {
+        if let Err(e) = self.event_loop() {
+            self.shared.fail(e);
+        }
+        if self.shared.aborted() {
+            self.shutdown_sockets();
+        }
+        // Never drop buffers the kernel still owns.
+        while self.engine.in_flight() > 0 {
+            self.completions.clear();
+            if self.engine.wait(1, &mut self.completions).is_err() {
+                break;
+            }
+        }
+        (self.src, self.dst)
+    }
+
+    fn event_loop(&mut self) -> Result<(), CopyError> {
+        let mut idle_spins = 0u32;
+        loop {
+            if self.shared.aborted() {
+                return Ok(());
+            }
+            self.fill_slots()?;
+            self.kick_sockets()?;
+            if self.engine.in_flight() == 0 {
+                let all_idle = self.slots.iter().all(|s| s.phase == Phase::Idle);
+                if all_idle && self.shared.planner_done() && self.shared.queue.is_empty() {
+                    return Ok(());
+                }
+                if all_idle {
+                    // Waiting for the planner: back off gently.
+                    idle_spins = idle_spins.saturating_add(1);
+                    if idle_spins > 64 {
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                    } else {
+                        std::thread::yield_now();
+                    }
+                    continue;
+                }
+                return Err(CopyError::Internal(format!(
+                    "worker {} stalled: busy slots but no I/O in flight",
+                    self.cfg.index
+                )));
+            }
+            idle_spins = 0;
+            self.completions.clear();
+            let mut done = std::mem::take(&mut self.completions);
+            self.engine.wait(1, &mut done).map_err(|e| CopyError::Engine(e.to_string()))?;
+            for c in &done {
+                self.on_completion(*c)?;
+            }
+            self.completions = done;
+        }
+    }
+
+    fn fill_slots(&mut self) -> Result<(), CopyError> {
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].phase != Phase::Idle {
+                continue;
+            }
+            let Some(work) = self.shared.queue.pop() else { break };
+            self.start(slot, work)?;
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, slot: usize, work: Work) -> Result<(), CopyError> {
+        match work {
+            Work::Copy { offset, len, data } => self.start_copy(slot, offset, len, &data),
+            Work::Zero { offset, len } => self.start_zero(slot, offset, len),
+        }
+    }
+
+    fn start_copy(&mut self, slot: usize, offset: u64, len: u32, data: &[(u32, u32)]) -> Result<(), CopyError> {
+        // Zero the parts of the buffer the source said are holes.
+        let mut pos = 0u32;
+        for &(r, l) in data.iter().chain(std::iter::once(&(len, 0))) {
+            if r > pos {
+                self.pool.region(slot, pos as usize, (r - pos) as usize).fill(0);
+            }
+            pos = r + l;
+        }
+        let max_req = match &self.src {
+            SrcIo::File { .. } => u32::MAX,
+            SrcIo::Nbd(c) => c[0].info.block_max.max(4096),
+        };
+        let s = &mut self.slots[slot];
+        s.phase = Phase::Reading;
+        s.offset = offset;
+        s.len = len;
+        s.planned_bytes = data.iter().map(|&(_, l)| u64::from(l)).sum();
+        s.subops.clear();
+        for &(r, l) in data {
+            let mut done = 0;
+            while done < l {
+                let n = (l - done).min(max_req);
+                s.subops.push(SubOp { buf_off: r + done, disk_off: offset + u64::from(r + done), len: n, done: 0 });
+                done += n;
+            }
+        }
+        s.pending = s.subops.len() as u32;
+        if s.pending == 0 {
+            return self.start_write(slot);
+        }
+        for i in 0..self.slots[slot].subops.len() {
+            self.issue_read(slot, i)?;
+        }
+        Ok(())
+    }
+
+    fn issue_read(&mut self, slot: usize, i: usize) -> Result<(), CopyError> {
+        let so = self.slots[slot].subops[i];
+        match &mut self.src {
+            SrcIo::File { fd } => {
+                let op = Op::Read {
+                    fd: *fd,
+                    buf: self.pool.ptr(slot, (so.buf_off + so.done) as usize),
+                    len: so.len - so.done,
+                    offset: so.disk_off + u64::from(so.done),
+                };
+                self.engine.push(ud(TAG_FILE_READ, slot, i), op).map_err(engine_err)?;
+            }
+            SrcIo::Nbd(conns) => {
+                let c = self.rr_src % conns.len();
+                self.rr_src = self.rr_src.wrapping_add(1);
+                conns[c]
+                    .request(cookie(slot, i), Cmd::Read { offset: so.disk_off, len: so.len }, std::ptr::null(), 0)
+                    .map_err(|e| CopyError::source(so.disk_off, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads done: find zero runs and write the rest.
+    fn start_write(&mut self, slot: usize) -> Result<(), CopyError> {
+        let len = self.slots[slot].len as usize;
+        let mut runs = std::mem::take(&mut self.slots[slot].runs);
+        zero::runs(self.pool.region(slot, 0, len), self.cfg.granule_bytes, &mut runs);
+        let offset = self.slots[slot].offset;
+        let fresh = matches!(self.dst, DstIo::File { fresh_zero: true, .. });
+        let max_req = match &self.dst {
+            DstIo::File { .. } => u32::MAX,
+            DstIo::Nbd(c) => c[0].info.block_max.max(4096),
+        };
+        let s = &mut self.slots[slot];
+        s.phase = Phase::Writing;
+        s.subops.clear();
+        let mut zero_ops = Vec::new();
+        for r in &runs {
+            let (r_off, r_len) = (r.offset as u32, r.len as u32);
+            if r.zero {
+                Stats::add(&self.shared.stats.bytes_zeroed, r.len as u64);
+                if !fresh {
+                    zero_ops.push((offset + u64::from(r_off), u64::from(r_len)));
+                }
+                continue;
+            }
+            let mut done = 0;
+            while done < r_len {
+                let n = (r_len - done).min(max_req);
+                s.subops.push(SubOp {
+                    buf_off: r_off + done,
+                    disk_off: offset + u64::from(r_off + done),
+                    len: n,
+                    done: 0,
+                });
+                done += n;
+            }
+        }
+        self.slots[slot].runs = runs;
+        let n_writes = self.slots[slot].subops.len();
+        self.slots[slot].pending = n_writes as u32;
+        for i in 0..n_writes {
+            self.issue_write(slot, i)?;
+        }
+        for (off, l) in zero_ops {
+            self.issue_zero(slot, off, l)?;
+        }
+        if self.slots[slot].pending == 0 {
+            self.finish(slot);
+        }
+        Ok(())
+    }
+
+    fn start_zero(&mut self, slot: usize, offset: u64, len: u64) -> Result<(), CopyError> {
+        let s = &mut self.slots[slot];
+        s.phase = Phase::Writing;
+        s.offset = offset;
+        s.len = 0;
+        s.planned_bytes = 0;
+        s.subops.clear();
+        s.pending = 0;
+        Stats::add(&self.shared.stats.bytes_zeroed, len);
+        if matches!(self.dst, DstIo::File { fresh_zero: true, .. }) {
+            self.finish(slot);
+            return Ok(());
+        }
+        self.issue_zero(slot, offset, len)?;
+        if self.slots[slot].pending == 0 {
+            self.finish(slot);
+        }
+        Ok(())
+    }
+
+    /// Make `[offset, offset+len)` of the target read as zeros.
+    fn issue_zero(&mut self, slot: usize, offset: u64, len: u64) -> Result<(), CopyError> {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(self.cfg.zero_max_bytes);
+            let off = offset + done;
+            match &mut self.dst {
+                DstIo::File { fd, .. } => {
+                    let op = Op::Fallocate {
+                        fd: *fd,
+                        mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset: off,
+                        len: n,
+                    };
+                    self.engine.push(ud(TAG_FILE_ZERO, slot, 0), op).map_err(engine_err)?;
+                    self.slots[slot].pending += 1;
+                }
+                DstIo::Nbd(conns) => {
+                    let c = self.rr_dst % conns.len();
+                    self.rr_dst = self.rr_dst.wrapping_add(1);
+                    let conn = &mut conns[c];
+                    if !conn.info.can_write_zeroes() {
+                        return Err(CopyError::target(
+                            off,
+                            NbdError::Unsupported("WRITE_ZEROES (needed to zero a non-fresh target)"),
+                        ));
+                    }
+                    let sub = self.slots[slot].subops.len();
+                    self.slots[slot].subops.push(SubOp { buf_off: 0, disk_off: off, len: 0, done: 0 });
+                    let len32 = u32::try_from(n).expect("zero_max fits u32");
+                    conn.request(
+                        cookie(slot, sub),
+                        Cmd::WriteZeroes { offset: off, len: len32, no_hole: false, fast: false },
+                        std::ptr::null(),
+                        0,
+                    )
+                    .map_err(|e| CopyError::target(off, e))?;
+                    self.slots[slot].pending += 1;
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn issue_write(&mut self, slot: usize, i: usize) -> Result<(), CopyError> {
+        let so = self.slots[slot].subops[i];
+        let ptr = self.pool.ptr(slot, (so.buf_off + so.done) as usize);
+        match &mut self.dst {
+            DstIo::File { fd, .. } => {
+                let op =
+                    Op::Write { fd: *fd, buf: ptr, len: so.len - so.done, offset: so.disk_off + u64::from(so.done) };
+                self.engine.push(ud(TAG_FILE_WRITE, slot, i), op).map_err(engine_err)?;
+            }
+            DstIo::Nbd(conns) => {
+                let c = self.rr_dst % conns.len();
+                self.rr_dst = self.rr_dst.wrapping_add(1);
+                conns[c]
+                    .request(cookie(slot, i), Cmd::Write { offset: so.disk_off, len: so.len, fua: false }, ptr, so.len)
+                    .map_err(|e| CopyError::target(so.disk_off, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        Stats::add(&self.shared.stats.bytes_done, s.planned_bytes);
+        s.phase = Phase::Idle;
+        s.pending = 0;
+    }
+
+    /// One sub-op of `slot` finished successfully.
+    fn subop_done(&mut self, slot: usize) -> Result<(), CopyError> {
+        let s = &mut self.slots[slot];
+        s.pending -= 1;
+        if s.pending > 0 {
+            return Ok(());
+        }
+        match s.phase {
+            Phase::Reading => self.start_write(slot),
+            Phase::Writing => {
+                self.finish(slot);
+                Ok(())
+            }
+            Phase::Idle => Err(CopyError::Internal(format!("completion for idle slot {slot}"))),
+        }
+    }
+
+    fn on_completion(&mut self, c: Completion) -> Result<(), CopyError> {
+        let (slot, sub) = (ud_slot(c.user_data), ud_subop(c.user_data));
+        match ud_tag(c.user_data) {
+            TAG_FILE_READ | TAG_FILE_WRITE => self.on_file_rw(c, slot, sub),
+            TAG_FILE_ZERO => {
+                if c.result < 0 {
+                    let err = std::io::Error::from_raw_os_error(-c.result);
+                    return Err(CopyError::TargetWrite(format!("zeroing a range of the target: {err}")));
+                }
+                self.subop_done(slot)
+            }
+            TAG_SRC_SEND | TAG_DST_SEND => {
+                let is_src = ud_tag(c.user_data) == TAG_SRC_SEND;
+                let conn = self.conn_mut(is_src, sub);
+                let res = conn.on_send(c.result, &mut *self.engine, c.user_data);
+                res.map_err(|e| side_err(is_src, e))
+            }
+            TAG_SRC_RECV | TAG_DST_RECV => {
+                let is_src = ud_tag(c.user_data) == TAG_SRC_RECV;
+                let mut events = std::mem::take(&mut self.events);
+                events.clear();
+                let res = self.conn_mut(is_src, sub).on_recv(c.result, &mut events);
+                let out = res.map_err(|e| side_err(is_src, e)).and_then(|()| {
+                    events.drain(..).try_for_each(|ev| self.on_event(is_src, ev))
+                });
+                self.events = events;
+                out
+            }
+            t => Err(CopyError::Internal(format!("completion with unknown tag {t}"))),
+        }
+    }
+
+    fn conn_mut(&mut self, is_src: bool, i: usize) -> &mut NbdIo {
+        match (is_src, &mut self.src, &mut self.dst) {
+            (true, SrcIo::Nbd(c), _) => &mut c[i],
+            (false, _, DstIo::Nbd(c)) => &mut c[i],
+            _ => unreachable!("socket completion without an NBD side"),
+        }
+    }
+
+    fn on_file_rw(&mut self, c: Completion, slot: usize, sub: usize) -> Result<(), CopyError> {
+        let is_read = ud_tag(c.user_data) == TAG_FILE_READ;
+        let so = self.slots[slot].subops[sub];
+        let at = so.disk_off + u64::from(so.done);
+        if c.result < 0 {
+            let err = std::io::Error::from_raw_os_error(-c.result);
+            return Err(if is_read {
+                CopyError::SourceRead(format!("at offset {at}: {err}"))
+            } else {
+                CopyError::TargetWrite(format!("at offset {at}: {err}"))
+            });
+        }
+        if c.result == 0 {
+            return Err(if is_read {
+                CopyError::SourceRead(format!("unexpected end of file at offset {at} (did the source shrink?)"))
+            } else {
+                CopyError::TargetWrite(format!("wrote nothing at offset {at}"))
+            });
+        }
+        let n = c.result as u32;
+        let stat = if is_read { &self.shared.stats.bytes_read } else { &self.shared.stats.bytes_written };
+        Stats::add(stat, u64::from(n));
+        let so = &mut self.slots[slot].subops[sub];
+        so.done += n;
+        if so.done < so.len {
+            return if is_read { self.issue_read(slot, sub) } else { self.issue_write(slot, sub) };
+        }
+        self.subop_done(slot)
+    }
+
+    fn on_event(&mut self, is_src: bool, ev: ReplyEvent) -> Result<(), CopyError> {
+        match ev {
+            ReplyEvent::Hole { cookie: ck, buf_offset, len } => {
+                let (slot, sub) = self.lookup(ck)?;
+                let so = self.slots[slot].subops[sub];
+                if u64::from(buf_offset) + u64::from(len) > u64::from(so.len) {
+                    return Err(CopyError::source(so.disk_off, NbdError::Protocol("hole outside the read".into())));
+                }
+                self.pool.region(slot, (so.buf_off + buf_offset) as usize, len as usize).fill(0);
+                Ok(())
+            }
+            ReplyEvent::Done { cookie: ck } => {
+                let (slot, sub) = self.lookup(ck)?;
+                let so = self.slots[slot].subops[sub];
+                let stat = if is_src { &self.shared.stats.bytes_read } else { &self.shared.stats.bytes_written };
+                Stats::add(stat, u64::from(so.len));
+                self.subop_done(slot)
+            }
+            ReplyEvent::Failed { cookie: ck, errno, message } => {
+                let (slot, sub) = self.lookup(ck)?;
+                let so = self.slots[slot].subops[sub];
+                let what = if is_src { "reading the source" } else { "writing the target" };
+                let msg = format!(
+                    "{what} at offset {} ({} bytes) failed on the NBD server: error {errno}{}",
+                    so.disk_off,
+                    so.len,
+                    if message.is_empty() { String::new() } else { format!(" ({message})") }
+                );
+                Err(if is_src { CopyError::SourceRead(msg) } else { CopyError::TargetWrite(msg) })
+            }
+            ReplyEvent::BlockStatus { .. } => {
+                Err(side_err(is_src, NbdError::Protocol("block status reply to a data request".into())))
+            }
+        }
+    }
+
+    fn lookup(&self, ck: u64) -> Result<(usize, usize), CopyError> {
+        cookie_parts(ck)
+            .filter(|&(s, i)| s < self.slots.len() && i < self.slots[s].subops.len())
+            .ok_or_else(|| CopyError::Internal(format!("reply for unknown cookie {ck:#x}")))
+    }
+
+    fn kick_sockets(&mut self) -> Result<(), CopyError> {
+        let Self { src, dst, engine, pool, slots, .. } = self;
+        let mut dest = |ck: u64, buf_offset: u32, len: u32| -> Option<*mut u8> {
+            let (slot, sub) = cookie_parts(ck)?;
+            let so = slots.get(slot)?.subops.get(sub)?;
+            if u64::from(buf_offset) + u64::from(len) > u64::from(so.len) {
+                return None;
+            }
+            Some(pool.ptr(slot, (so.buf_off + buf_offset) as usize))
+        };
+        if let SrcIo::Nbd(conns) = src {
+            for (i, c) in conns.iter_mut().enumerate() {
+                c.kick_send(&mut **engine, ud(TAG_SRC_SEND, 0, i)).map_err(|e| side_err(true, e.into()))?;
+                c.kick_recv(&mut **engine, ud(TAG_SRC_RECV, 0, i), &mut dest).map_err(|e| side_err(true, e))?;
+            }
+        }
+        if let DstIo::Nbd(conns) = dst {
+            for (i, c) in conns.iter_mut().enumerate() {
+                c.kick_send(&mut **engine, ud(TAG_DST_SEND, 0, i)).map_err(|e| side_err(false, e.into()))?;
+                c.kick_recv(&mut **engine, ud(TAG_DST_RECV, 0, i), &mut dest).map_err(|e| side_err(false, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown_sockets(&self) {
+        if let SrcIo::Nbd(c) = &self.src {
+            c.iter().for_each(|c| c.shutdown());
+        }
+        if let DstIo::Nbd(c) = &self.dst {
+            c.iter().for_each(|c| c.shutdown());
+        }
+    }
+}
+
+fn engine_err(e: std::io::Error) -> CopyError {
+    CopyError::Engine(e.to_string())
+}
+
+fn side_err(is_src: bool, e: NbdError) -> CopyError {
+    if is_src { CopyError::SourceRead(e.to_string()) } else { CopyError::TargetWrite(e.to_string()) }
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn s<T: Send>() {}
+    s::<SrcIo>();
+    s::<DstIo>();
+    let _ = Ordering::Relaxed;
+}
