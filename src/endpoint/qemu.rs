@@ -1,1 +1,390 @@
-//! qemu-nbd child processes for non-raw images.
+//! qemu-nbd child processes for non-raw images, and the qemu-img calls
+//! around them (format probe, create, virtual size).
+//!
+//! A [`QemuNbdChild`] serves one image on a Unix socket inside a fresh
+//! private (0700) directory. The child never outlives diskferry:
+//! * dropping the handle sends SIGTERM, waits up to [`STOP_TIMEOUT`], then
+//!   SIGKILLs, reaps the child and removes the directory;
+//! * the child is started with `PR_SET_PDEATHSIG = SIGTERM`, so if diskferry
+//!   is killed outright the kernel terminates qemu-nbd too. Linux delivers
+//!   that signal when the *thread* that spawned the child exits, so start
+//!   children from a thread that lives as long as the copy (e.g. main).
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::EndpointError;
+use crate::nbd::uri::{NbdUri, Transport};
+
+/// How long qemu-nbd may take to accept connections.
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long qemu-nbd may take to exit after SIGTERM before it is SIGKILLed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Poll interval while waiting for qemu-nbd.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Most parallel connections asked of one qemu-nbd.
+pub const MAX_CONNECTIONS: u32 = 255;
+/// Longest Unix socket path (sun_path is 108 bytes including the NUL).
+const MAX_SOCKET_PATH_BYTES: usize = 107;
+/// Most stderr quoted in an error message.
+const MAX_LOG_QUOTE_BYTES: u64 = 4096;
+
+/// A running qemu-nbd serving one image on a private Unix socket.
+#[derive(Debug)]
+pub struct QemuNbdChild {
+    child: Child,
+    dir: PathBuf,
+    socket_path: PathBuf,
+    image_path: PathBuf,
+}
+
+fn qemu_nbd_error(path: &Path, why: impl Into<String>) -> EndpointError {
+    EndpointError::QemuNbd {
+        path: path.display().to_string(),
+        why: why.into(),
+    }
+}
+
+fn qemu_img_error(path: &Path, why: impl Into<String>) -> EndpointError {
+    EndpointError::QemuImg {
+        path: path.display().to_string(),
+        why: why.into(),
+    }
+}
+
+/// Create a fresh 0700 directory under the system temp dir.
+fn private_temp_dir() -> io::Result<PathBuf> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let base = std::env::temp_dir();
+    let mut last_error = io::Error::other("no attempt made");
+    for _attempt in 0..16 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = base.join(format!(
+            "diskferry-nbd-{}-{n}-{nanos:08x}",
+            std::process::id()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_error = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_error)
+}
+
+/// The first [`MAX_LOG_QUOTE_BYTES`] of a log file, trimmed, for messages.
+fn read_log(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(file) = File::open(path) {
+        let _ = file.take(MAX_LOG_QUOTE_BYTES).read_to_string(&mut text);
+    }
+    let text = text.trim();
+    if text.is_empty() {
+        "(no output)".into()
+    } else {
+        text.into()
+    }
+}
+
+/// Make the kernel SIGTERM the child when the spawning thread dies.
+fn set_parent_death_signal(command: &mut Command) {
+    let parent_pid = std::process::id();
+    let hook = move || -> io::Result<()> {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on the calling
+        // (child) process; it is async-signal-safe and touches no memory.
+        let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: getppid has no preconditions and is async-signal-safe.
+        let ppid = unsafe { libc::getppid() };
+        // The parent may have died before prctl ran: then nobody would
+        // signal us, so refuse to start.
+        if u32::try_from(ppid).ok() != Some(parent_pid) {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec; it calls only
+    // async-signal-safe functions (prctl, getppid), allocates nothing and
+    // takes no locks.
+    unsafe {
+        command.pre_exec(hook);
+    }
+}
+
+impl QemuNbdChild {
+    /// Start `qemu-nbd -f FORMAT -k SOCK -e CONNECTIONS -t [-r]` on `path`
+    /// and wait (at most [`START_TIMEOUT`]) until its socket accepts
+    /// connections. Writable targets also get `--discard=unmap
+    /// --detect-zeroes=unmap` so trims and zero writes free space. The
+    /// cache mode is qemu-nbd's default (writeback), which works on every
+    /// file system (`--cache=none` does not on tmpfs).
+    ///
+    /// An image in use by a running VM cannot be opened (qemu's image
+    /// locking); stop the VM or copy from a snapshot.
+    pub fn start(
+        path: &Path,
+        format: &str,
+        read_only: bool,
+        connections: u32,
+    ) -> Result<QemuNbdChild, EndpointError> {
+        if !(1..=MAX_CONNECTIONS).contains(&connections) {
+            return Err(qemu_nbd_error(
+                path,
+                format!("{connections} connections asked; use 1 to {MAX_CONNECTIONS}"),
+            ));
+        }
+        if format.is_empty()
+            || !format
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(qemu_nbd_error(
+                path,
+                format!("format {format:?} is not a qemu format name"),
+            ));
+        }
+        let dir = private_temp_dir()
+            .map_err(|e| qemu_nbd_error(path, format!("cannot create a private temp dir: {e}")))?;
+        let socket_path = dir.join("nbd.sock");
+        let log_path = dir.join("qemu-nbd.log");
+        let cleanup = |why: String| {
+            let _ = std::fs::remove_dir_all(&dir);
+            qemu_nbd_error(path, why)
+        };
+        if socket_path.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
+            return Err(cleanup(format!(
+                "socket path {} is too long for a Unix socket; set TMPDIR to a shorter directory",
+                socket_path.display()
+            )));
+        }
+        let log = File::create(&log_path)
+            .map_err(|e| cleanup(format!("cannot create {}: {e}", log_path.display())))?;
+
+        let mut command = Command::new("qemu-nbd");
+        command.arg("-f").arg(format).arg("-k").arg(&socket_path);
+        command.arg("-e").arg(connections.to_string()).arg("-t");
+        if read_only {
+            command.arg("-r");
+        } else {
+            command.arg("--discard=unmap").arg("--detect-zeroes=unmap");
+        }
+        command.arg("--").arg(path);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        set_parent_death_signal(&mut command);
+        let child = command.spawn().map_err(|e| {
+            let hint = if e.kind() == io::ErrorKind::NotFound {
+                " (install qemu-utils)"
+            } else {
+                ""
+            };
+            cleanup(format!("cannot run qemu-nbd: {e}{hint}"))
+        })?;
+        tracing::debug!(image = %path.display(), format, read_only, connections, pid = child.id(), "started qemu-nbd");
+        let mut this = QemuNbdChild {
+            child,
+            dir,
+            socket_path,
+            image_path: path.to_path_buf(),
+        };
+        this.wait_until_ready(&log_path)?;
+        Ok(this)
+    }
+
+    /// Poll until the socket accepts a connection; on error `self` is
+    /// dropped by the caller, which stops the child and removes the dir.
+    fn wait_until_ready(&mut self, log_path: &Path) -> Result<(), EndpointError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    return Err(qemu_nbd_error(
+                        &self.image_path,
+                        format!(
+                            "qemu-nbd exited ({status}) before serving: {}",
+                            read_log(log_path)
+                        ),
+                    ));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(qemu_nbd_error(
+                        &self.image_path,
+                        format!("cannot check qemu-nbd: {e}"),
+                    ));
+                }
+            }
+            if UnixStream::connect(&self.socket_path).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(qemu_nbd_error(
+                    &self.image_path,
+                    format!(
+                        "qemu-nbd did not accept connections within {} s: {}",
+                        START_TIMEOUT.as_secs(),
+                        read_log(log_path)
+                    ),
+                ));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// `nbd+unix:///?socket=SOCK` for the served image.
+    pub fn uri(&self) -> NbdUri {
+        NbdUri {
+            transport: Transport::Unix {
+                path: self.socket_path.clone(),
+            },
+            export: String::new(),
+            tls: false,
+        }
+    }
+
+    /// Process id of the qemu-nbd child.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The private directory holding the socket (removed on drop).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The Unix socket qemu-nbd listens on.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+}
+
+impl Drop for QemuNbdChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            match libc::pid_t::try_from(self.child.id()) {
+                // SAFETY: kill only sends a signal. The pid is our own child
+                // which has not been reaped (try_wait returned None and only
+                // this struct waits on it), so it cannot name another process.
+                Ok(pid) => unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                },
+                Err(_) => {
+                    let _ = self.child.kill();
+                }
+            }
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if matches!(self.child.try_wait(), Ok(None)) {
+                tracing::warn!(
+                    pid = self.child.id(),
+                    "qemu-nbd ignored SIGTERM; killing it"
+                );
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove qemu-nbd temp dir");
+        }
+    }
+}
+
+/// Run `qemu-img ARGS` and return its stdout; errors quote stderr.
+fn run_qemu_img(path: &Path, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, EndpointError> {
+    let output = Command::new("qemu-img")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            let hint = if e.kind() == io::ErrorKind::NotFound {
+                " (install qemu-utils)"
+            } else {
+                ""
+            };
+            qemu_img_error(path, format!("cannot run qemu-img: {e}{hint}"))
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr: String = stderr.trim().chars().take(4096).collect();
+        return Err(qemu_img_error(
+            path,
+            format!(
+                "qemu-img {} failed ({}): {stderr}",
+                args[0].display(),
+                output.status
+            ),
+        ));
+    }
+    Ok(output.stdout)
+}
+
+/// `qemu-img info --output=json -U PATH` as JSON.
+fn qemu_img_info(path: &Path) -> Result<serde_json::Value, EndpointError> {
+    let args = [
+        "info".as_ref(),
+        "--output=json".as_ref(),
+        "-U".as_ref(),
+        "--".as_ref(),
+        path.as_os_str(),
+    ];
+    let stdout = run_qemu_img(path, &args)?;
+    serde_json::from_slice(&stdout)
+        .map_err(|e| qemu_img_error(path, format!("unreadable qemu-img info output: {e}")))
+}
+
+/// Image format of an existing file as qemu-img detects it (`raw`,
+/// `qcow2`, `vmdk`, …).
+pub fn probe_format(path: &Path) -> Result<String, EndpointError> {
+    let info = qemu_img_info(path)?;
+    info.get("format")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| qemu_img_error(path, "qemu-img info gave no \"format\""))
+}
+
+/// Create a new image: `qemu-img create -f FORMAT PATH SIZE`. Refuses to
+/// overwrite an existing file.
+pub fn create_image(path: &Path, format: &str, size_bytes: u64) -> Result<(), EndpointError> {
+    if path.exists() {
+        return Err(qemu_img_error(
+            path,
+            "already exists; remove it first or write into it as an existing target",
+        ));
+    }
+    let size = size_bytes.to_string();
+    let args = [
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        format.as_ref(),
+        "--".as_ref(),
+        path.as_os_str(),
+        size.as_ref(),
+    ];
+    run_qemu_img(path, &args)?;
+    Ok(())
+}
+
+/// Virtual (guest-visible) size of an image, from `qemu-img info`.
+pub fn image_virtual_size(path: &Path) -> Result<u64, EndpointError> {
+    let info = qemu_img_info(path)?;
+    info.get("virtual-size")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| qemu_img_error(path, "qemu-img info gave no \"virtual-size\""))
+}

@@ -1,0 +1,233 @@
+//! qemu-nbd children and qemu-img helpers against the real tools, plus
+//! parse_spec on real files.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use diskferry::endpoint::qemu::{QemuNbdChild, create_image, image_virtual_size, probe_format};
+use diskferry::endpoint::{EndpointError, Role, Spec, display, parse_spec};
+use diskferry::nbd::uri::Transport;
+
+const MIB: u64 = 1 << 20;
+
+fn qemu_io(path: &Path, format: &str, command: &str) {
+    let status = Command::new("qemu-io")
+        .args(["-f", format, "-c", command])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "qemu-io {command} failed");
+}
+
+fn process_exists(pid: u32) -> bool {
+    // A reaped child has no /proc entry (a zombie would still have one).
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A 64 MiB qcow2 with 64 KiB of 0xab at 1 MiB.
+fn pattern_qcow2(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("disk.qcow2");
+    create_image(&path, "qcow2", 64 * MIB).unwrap();
+    qemu_io(&path, "qcow2", "write -P 0xab 1M 64k");
+    path
+}
+
+/// Connect, read the 8-byte greeting the server sends first.
+fn greeting(child: &QemuNbdChild) -> [u8; 8] {
+    let mut stream = child.uri().connect().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut magic = [0u8; 8];
+    stream.read_exact(&mut magic).unwrap();
+    magic
+}
+
+#[test]
+fn qemu_nbd_serves_qcow2_and_is_gone_after_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = pattern_qcow2(dir.path());
+    assert_eq!(image_virtual_size(&image).unwrap(), 64 * MIB);
+    assert_eq!(probe_format(&image).unwrap(), "qcow2");
+
+    let child = QemuNbdChild::start(&image, "qcow2", true, 4).unwrap();
+    let pid = child.pid();
+    let private_dir = child.dir().to_path_buf();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&private_dir).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "socket dir must be private");
+    let uri = child.uri();
+    assert_eq!(
+        uri.transport,
+        Transport::Unix {
+            path: child.socket_path().to_path_buf()
+        }
+    );
+    assert!(uri.to_string().starts_with("nbd+unix:///?socket="), "{uri}");
+
+    // Several connections can come and go (-t).
+    assert_eq!(&greeting(&child), b"NBDMAGIC");
+    assert_eq!(&greeting(&child), b"NBDMAGIC");
+    assert!(process_exists(pid));
+
+    drop(child);
+    assert!(
+        !process_exists(pid),
+        "qemu-nbd {pid} must be gone after drop"
+    );
+    assert!(
+        !private_dir.exists(),
+        "temp dir {} must be removed",
+        private_dir.display()
+    );
+}
+
+#[test]
+fn writable_target_child_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("target.vmdk");
+    create_image(&image, "vmdk", 8 * MIB).unwrap();
+    assert_eq!(probe_format(&image).unwrap(), "vmdk");
+    let child = QemuNbdChild::start(&image, "vmdk", false, 1).unwrap();
+    assert_eq!(&greeting(&child), b"NBDMAGIC");
+    // Refuses to overwrite an existing image.
+    let err = create_image(&image, "vmdk", MIB).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+}
+
+#[test]
+fn start_failure_reports_qemu_nbd_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_qcow2 = dir.path().join("plain.img");
+    std::fs::write(&not_qcow2, vec![0u8; 4096]).unwrap();
+    let started = Instant::now();
+    let err = QemuNbdChild::start(&not_qcow2, "qcow2", true, 1).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, EndpointError::QemuNbd { .. }), "{err:?}");
+    assert!(
+        message.contains("plain.img") && message.contains("exited"),
+        "{message}"
+    );
+    assert!(
+        message.to_lowercase().contains("qcow"),
+        "stderr of qemu-nbd should be quoted: {message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "must fail fast, not wait for the timeout"
+    );
+
+    let err = QemuNbdChild::start(&not_qcow2, "raw", true, 0).unwrap_err();
+    assert!(err.to_string().contains("connections"), "{err}");
+    let err = QemuNbdChild::start(&not_qcow2, "raw; rm", true, 1).unwrap_err();
+    assert!(err.to_string().contains("format"), "{err}");
+}
+
+#[test]
+fn qemu_nbd_dies_with_its_parent() {
+    // A killed diskferry is stood in for by a thread that starts the child,
+    // hands the handle out (so no Drop runs in it) and exits:
+    // PR_SET_PDEATHSIG fires when the spawning thread dies, so the kernel
+    // must SIGTERM qemu-nbd even though nobody stopped it.
+    let dir = tempfile::tempdir().unwrap();
+    let image = pattern_qcow2(dir.path());
+    let child = std::thread::spawn(move || QemuNbdChild::start(&image, "qcow2", true, 1).unwrap())
+        .join()
+        .unwrap();
+    let pid = child.pid();
+    // The child is not reaped until `child` drops, so wait for the zombie
+    // state in /proc/PID/stat.
+    let exited = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !exited() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let gone = exited();
+    drop(child); // reaps (or stops) it and removes the temp dir
+    assert!(
+        gone,
+        "qemu-nbd {pid} must die when the thread that started it exits"
+    );
+    assert!(!process_exists(pid));
+}
+
+#[test]
+fn parse_spec_on_real_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let qcow2 = pattern_qcow2(dir.path());
+    let raw = dir.path().join("disk.img");
+    std::fs::write(&raw, vec![0u8; 65536]).unwrap();
+
+    let spec = parse_spec(qcow2.to_str().unwrap(), Role::Source).unwrap();
+    assert_eq!(
+        spec,
+        Spec::Image {
+            path: qcow2.clone(),
+            format: "qcow2".into()
+        }
+    );
+    assert!(
+        display(&spec).ends_with("disk.qcow2 (qcow2)"),
+        "{}",
+        display(&spec)
+    );
+    // An existing image as a target is probed too.
+    assert!(matches!(
+        parse_spec(qcow2.to_str().unwrap(), Role::Target).unwrap(),
+        Spec::Image { .. }
+    ));
+    assert_eq!(
+        parse_spec(raw.to_str().unwrap(), Role::Source).unwrap(),
+        Spec::Raw(raw.clone())
+    );
+
+    let missing = dir.path().join("missing.img");
+    let err = parse_spec(missing.to_str().unwrap(), Role::Source).unwrap_err();
+    assert!(matches!(err, EndpointError::Io { .. }), "{err:?}");
+    assert!(err.to_string().contains("missing.img"), "{err}");
+    assert_eq!(
+        parse_spec(missing.to_str().unwrap(), Role::Target).unwrap(),
+        Spec::Raw(missing)
+    );
+    for (name, format) in [
+        ("new.qcow2", "qcow2"),
+        ("new.VHD", "vpc"),
+        ("new.vhdx", "vhdx"),
+        ("x.qed", "qed"),
+    ] {
+        let path = dir.path().join(name);
+        let spec = parse_spec(path.to_str().unwrap(), Role::Target).unwrap();
+        assert_eq!(
+            spec,
+            Spec::Image {
+                path,
+                format: format.into()
+            }
+        );
+    }
+
+    let spec = parse_spec("nbd+unix:///exp?socket=/tmp/x.sock", Role::Source).unwrap();
+    assert!(
+        matches!(&spec, Spec::Nbd(uri) if uri.export == "exp"),
+        "{spec:?}"
+    );
+    assert_eq!(display(&spec), "nbd+unix:///exp?socket=/tmp/x.sock");
+    let err = parse_spec("nbd+unix:///exp", Role::Source).unwrap_err();
+    assert!(err.to_string().contains("socket"), "{err}");
+    let err = parse_spec("http://host/disk", Role::Source).unwrap_err();
+    assert!(matches!(err, EndpointError::BadUri { .. }), "{err:?}");
+    let err = parse_spec(dir.path().to_str().unwrap(), Role::Source).unwrap_err();
+    assert!(err.to_string().contains("directory"), "{err}");
+}
