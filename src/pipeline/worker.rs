@@ -459,15 +459,15 @@ impl Worker {
             }
             TAG_SRC_SEND | TAG_DST_SEND => {
                 let is_src = ud_tag(c.user_data) == TAG_SRC_SEND;
-                let conn = self.conn_mut(is_src, sub);
-                let res = conn.on_send(c.result, &mut *self.engine, c.user_data);
-                res.map_err(|e| side_err(is_src, e))
+                let Self { src, dst, engine, .. } = self;
+                let conn = pick_conn(is_src, src, dst, sub);
+                conn.on_send(c.result, &mut **engine, c.user_data).map_err(|e| side_err(is_src, e))
             }
             TAG_SRC_RECV | TAG_DST_RECV => {
                 let is_src = ud_tag(c.user_data) == TAG_SRC_RECV;
                 let mut events = std::mem::take(&mut self.events);
                 events.clear();
-                let res = self.conn_mut(is_src, sub).on_recv(c.result, &mut events);
+                let res = pick_conn(is_src, &mut self.src, &mut self.dst, sub).on_recv(c.result, &mut events);
                 let out = res.map_err(|e| side_err(is_src, e)).and_then(|()| {
                     events.drain(..).try_for_each(|ev| self.on_event(is_src, ev))
                 });
@@ -475,14 +475,6 @@ impl Worker {
                 out
             }
             t => Err(CopyError::Internal(format!("completion with unknown tag {t}"))),
-        }
-    }
-
-    fn conn_mut(&mut self, is_src: bool, i: usize) -> &mut NbdIo {
-        match (is_src, &mut self.src, &mut self.dst) {
-            (true, SrcIo::Nbd(c), _) => &mut c[i],
-            (false, _, DstIo::Nbd(c)) => &mut c[i],
-            _ => unreachable!("socket completion without an NBD side"),
         }
     }
 
@@ -590,6 +582,14 @@ impl Worker {
         if let DstIo::Nbd(c) = &self.dst {
             c.iter().for_each(|c| c.shutdown());
         }
+    }
+}
+
+fn pick_conn<'a>(is_src: bool, src: &'a mut SrcIo, dst: &'a mut DstIo, i: usize) -> &'a mut NbdIo {
+    match (is_src, src, dst) {
+        (true, SrcIo::Nbd(c), _) => &mut c[i],
+        (false, _, DstIo::Nbd(c)) => &mut c[i],
+        _ => unreachable!("socket completion without an NBD side"),
     }
 }
 
