@@ -10,6 +10,7 @@
 
 use std::os::fd::RawFd;
 
+pub mod pin;
 pub mod threads;
 pub mod uring;
 
@@ -18,24 +19,51 @@ pub mod uring;
 #[derive(Debug, Clone, Copy)]
 pub enum Op {
     /// pread(2).
-    Read { fd: RawFd, buf: *mut u8, len: u32, offset: u64 },
+    Read {
+        fd: RawFd,
+        buf: *mut u8,
+        len: u32,
+        offset: u64,
+    },
     /// pwrite(2).
-    Write { fd: RawFd, buf: *const u8, len: u32, offset: u64 },
+    Write {
+        fd: RawFd,
+        buf: *const u8,
+        len: u32,
+        offset: u64,
+    },
     /// writev(2) on a socket (no offset). `iov` points to `iovcnt` iovecs
     /// that stay valid until completion.
-    Writev { fd: RawFd, iov: *const libc::iovec, iovcnt: u32 },
+    Writev {
+        fd: RawFd,
+        iov: *const libc::iovec,
+        iovcnt: u32,
+    },
     /// recv(2) on a socket; `waitall` sets MSG_WAITALL.
-    Recv { fd: RawFd, buf: *mut u8, len: u32, waitall: bool },
+    Recv {
+        fd: RawFd,
+        buf: *mut u8,
+        len: u32,
+        waitall: bool,
+    },
     /// fdatasync(2) (or fsync when `datasync` is false).
     Fsync { fd: RawFd, datasync: bool },
     /// fallocate(2) with the given mode (punch hole, zero range).
-    Fallocate { fd: RawFd, mode: i32, offset: u64, len: u64 },
+    Fallocate {
+        fd: RawFd,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
 }
 
-// SAFETY (for the Send impl): an Op is a plain description; the pointers it
-// carries are only dereferenced by the engine while the submitter guarantees
-// their validity (see module docs). Moving the description between threads
-// (the threaded engine's pool) does not change that contract.
+// SAFETY: an Op is a plain description; the pointers it carries are only
+// dereferenced by an engine while the submitter guarantees their validity
+// (memory valid and untouched until the op's completion is returned, see the
+// module docs). That guarantee is about time, not about which thread looks:
+// the threaded engine's pool thread dereferences them on the submitter's
+// behalf, and the submitter does not touch the memory meanwhile, so there is
+// no data race.
 unsafe impl Send for Op {}
 
 /// The result of one [`Op`].
@@ -79,6 +107,44 @@ pub trait Engine {
     fn kind(&self) -> EngineKind;
 }
 
+/// Misuse of an engine that both engines report the same way. Turned into
+/// [`std::io::Error`] at the trait boundary (`ErrorKind::WouldBlock` for
+/// [`EngineError::Full`], `ErrorKind::InvalidInput` for the others).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The caller pushed more ops than the `max_in_flight` the engine was
+    /// built for; wait for completions before pushing more.
+    #[error("engine is full: {max_in_flight} ops already in flight; wait for completions first")]
+    Full {
+        /// The limit given to the engine's constructor.
+        max_in_flight: u32,
+    },
+    /// `wait` was asked for more completions than there are ops in flight,
+    /// which would block forever.
+    #[error("asked to wait for {min_complete} completions but only {in_flight} ops are in flight")]
+    WaitTooMany {
+        /// What the caller asked for.
+        min_complete: usize,
+        /// Ops pushed whose completion has not been returned yet.
+        in_flight: usize,
+    },
+    /// `max_in_flight` must be at least 1.
+    #[error("max_in_flight must be at least 1")]
+    ZeroDepth,
+}
+
+impl From<EngineError> for std::io::Error {
+    fn from(e: EngineError) -> Self {
+        let kind = match e {
+            EngineError::Full { .. } => std::io::ErrorKind::WouldBlock,
+            EngineError::WaitTooMany { .. } | EngineError::ZeroDepth => {
+                std::io::ErrorKind::InvalidInput
+            }
+        };
+        std::io::Error::new(kind, e)
+    }
+}
+
 /// Build an engine of the requested kind for a worker that keeps at most
 /// `max_in_flight` ops in flight.
 pub fn build(kind: EngineKind, max_in_flight: u32) -> std::io::Result<Box<dyn Engine>> {
@@ -97,7 +163,10 @@ pub fn choose(requested: Option<EngineKind>) -> Result<(EngineKind, Option<Strin
         Some(EngineKind::Uring) => uring::probe().map(|()| (EngineKind::Uring, None)),
         None => match uring::probe() {
             Ok(()) => Ok((EngineKind::Uring, None)),
-            Err(why) => Ok((EngineKind::Threads, Some(why))),
+            Err(why) => Ok((
+                EngineKind::Threads,
+                Some(format!("{why}; running the threaded engine")),
+            )),
         },
     }
 }
