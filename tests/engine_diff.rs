@@ -131,20 +131,21 @@ impl Model {
     }
 }
 
-/// Split `ops` into batches whose members touch disjoint ranges; reads in a
-/// batch stay inside the size the file had before the batch, so no
-/// concurrent extension can change what they see.
+/// Split `ops` into batches whose members touch disjoint ranges. A read
+/// that reaches past the size the file had when its batch began runs alone:
+/// a concurrent extension of the file would change how much it returns.
 fn batches(ops: &[FileOp]) -> Vec<Vec<FileOp>> {
     let mut model_size_bytes = 0u64;
     let mut size_at_batch_start = 0u64;
     let mut out: Vec<Vec<FileOp>> = Vec::new();
     let mut current: Vec<FileOp> = Vec::new();
     for op in ops {
+        let is_read = matches!(op, FileOp::Read { .. });
         let fits = match op.range() {
             None => false,
             Some((start, end)) => {
                 current.len() < BATCH_OPS_MAX
-                    && !(matches!(op, FileOp::Read { .. }) && end > size_at_batch_start)
+                    && !(is_read && end > size_at_batch_start)
                     && current.iter().all(|other| {
                         let (o_start, o_end) = other.range().unwrap();
                         end <= o_start || o_end <= start
@@ -156,16 +157,24 @@ fn batches(ops: &[FileOp]) -> Vec<Vec<FileOp>> {
             size_at_batch_start = model_size_bytes;
         }
         current.push(op.clone());
-        model_size_bytes = match op {
-            FileOp::Write { .. } | FileOp::Allocate { .. } => {
-                model_size_bytes.max(op.range().unwrap().1)
-            }
-            FileOp::ZeroRange {
-                keep_size: false, ..
-            } => model_size_bytes.max(op.range().unwrap().1),
-            _ => model_size_bytes,
+        let range = op.range();
+        let alone = match range {
+            None => true,
+            Some((_, end)) => is_read && end > size_at_batch_start,
         };
-        if op.range().is_none() {
+        let extends = matches!(
+            op,
+            FileOp::Write { .. }
+                | FileOp::Allocate { .. }
+                | FileOp::ZeroRange {
+                    keep_size: false,
+                    ..
+                }
+        );
+        if let (true, Some((_, end))) = (extends, range) {
+            model_size_bytes = model_size_bytes.max(end);
+        }
+        if alone {
             out.push(std::mem::take(&mut current));
             size_at_batch_start = model_size_bytes;
         }
@@ -322,4 +331,22 @@ fn batches_are_disjoint_and_syncs_run_alone() {
     // [w, w] then read (beyond size at batch start 0) alone, sync alone,
     // read (inside size 300) alone because the write overlaps it.
     assert_eq!(shapes, vec![2, 1, 1, 1, 1]);
+
+    // A read past the end must not share a batch with a later extension.
+    let ops = vec![
+        FileOp::Read {
+            offset: 500,
+            len: 100,
+        },
+        FileOp::Write {
+            offset: 1000,
+            data: vec![4; 10],
+        },
+        FileOp::Write {
+            offset: 0,
+            data: vec![5; 10],
+        },
+    ];
+    let shapes: Vec<usize> = batches(&ops).iter().map(Vec::len).collect();
+    assert_eq!(shapes, vec![1, 2]);
 }
