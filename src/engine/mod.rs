@@ -11,6 +11,7 @@
 use std::os::fd::RawFd;
 
 pub mod iovec;
+pub mod pin;
 pub mod threads;
 pub mod uring;
 
@@ -57,10 +58,13 @@ pub enum Op {
     },
 }
 
-// SAFETY (for the Send impl): an Op is a plain description; the pointers it
-// carries are only dereferenced by the engine while the submitter guarantees
-// their validity (see module docs). Moving the description between threads
-// (the threaded engine's pool) does not change that contract.
+// SAFETY: an Op is a plain description; the pointers it carries are only
+// dereferenced by an engine while the submitter guarantees their validity
+// (memory valid and untouched until the op's completion is returned, see the
+// module docs). That guarantee is about time, not about which thread looks:
+// the threaded engine's pool thread dereferences them on the submitter's
+// behalf, and the submitter does not touch the memory meanwhile, so there is
+// no data race.
 unsafe impl Send for Op {}
 
 /// The result of one [`Op`].
@@ -104,6 +108,44 @@ pub trait Engine {
     fn kind(&self) -> EngineKind;
 }
 
+/// Misuse of an engine that both engines report the same way. Turned into
+/// [`std::io::Error`] at the trait boundary (`ErrorKind::WouldBlock` for
+/// [`EngineError::Full`], `ErrorKind::InvalidInput` for the others).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The caller pushed more ops than the `max_in_flight` the engine was
+    /// built for; wait for completions before pushing more.
+    #[error("engine is full: {max_in_flight} ops already in flight; wait for completions first")]
+    Full {
+        /// The limit given to the engine's constructor.
+        max_in_flight: u32,
+    },
+    /// `wait` was asked for more completions than there are ops in flight,
+    /// which would block forever.
+    #[error("asked to wait for {min_complete} completions but only {in_flight} ops are in flight")]
+    WaitTooMany {
+        /// What the caller asked for.
+        min_complete: usize,
+        /// Ops pushed whose completion has not been returned yet.
+        in_flight: usize,
+    },
+    /// `max_in_flight` must be at least 1.
+    #[error("max_in_flight must be at least 1")]
+    ZeroDepth,
+}
+
+impl From<EngineError> for std::io::Error {
+    fn from(e: EngineError) -> Self {
+        let kind = match e {
+            EngineError::Full { .. } => std::io::ErrorKind::WouldBlock,
+            EngineError::WaitTooMany { .. } | EngineError::ZeroDepth => {
+                std::io::ErrorKind::InvalidInput
+            }
+        };
+        std::io::Error::new(kind, e)
+    }
+}
+
 /// Build an engine of the requested kind for a worker that keeps at most
 /// `max_in_flight` ops in flight.
 pub fn build(kind: EngineKind, max_in_flight: u32) -> std::io::Result<Box<dyn Engine>> {
@@ -122,7 +164,10 @@ pub fn choose(requested: Option<EngineKind>) -> Result<(EngineKind, Option<Strin
         Some(EngineKind::Uring) => uring::probe().map(|()| (EngineKind::Uring, None)),
         None => match uring::probe() {
             Ok(()) => Ok((EngineKind::Uring, None)),
-            Err(why) => Ok((EngineKind::Threads, Some(why))),
+            Err(why) => Ok((
+                EngineKind::Threads,
+                Some(format!("{why}; running the threaded engine")),
+            )),
         },
     }
 }
