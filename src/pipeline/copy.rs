@@ -138,16 +138,21 @@ fn run_opened(
     for (i, ((share, src), dst)) in shares.into_iter().zip(src_ios).zip(dst_ios).enumerate() {
         let shared = Arc::clone(&shared);
         let max_in_flight = (share.slots() as u32) * 8 + 64;
-        let engine = engine::build(kind, max_in_flight).map_err(|e| CopyError::Engine(e.to_string()))?;
         let cfg = WorkerConfig { index: i, granule_bytes: zero::GRANULE_BYTES, zero_max_bytes };
-        let worker = Worker::new(cfg, shared, engine, share, src, dst);
         let h = std::thread::Builder::new()
             .name(format!("worker-{i}"))
             .spawn(move || {
                 if let Err(e) = engine::pin::pin_current_thread(i % cpus) {
                     tracing::debug!("could not pin worker {i}: {e}");
                 }
-                worker.run()
+                // The ring is created on the thread that uses it.
+                match engine::build(kind, max_in_flight) {
+                    Ok(engine) => Worker::new(cfg, shared, engine, share, src, dst).run(),
+                    Err(e) => {
+                        shared.fail(CopyError::Engine(format!("setting up the {kind} engine: {e}")));
+                        (src, dst)
+                    }
+                }
             })
             .map_err(|e| CopyError::Internal(format!("spawning worker {i}: {e}")))?;
         handles.push(h);
