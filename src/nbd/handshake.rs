@@ -195,7 +195,13 @@ pub fn negotiate<S: std::io::Read + std::io::Write>(
     if info.structured_replies && !meta_contexts.is_empty() {
         info.meta_contexts = set_meta_context(stream, export, meta_contexts)?;
     }
-    if !go(stream, export, &mut info)? {
+    let went = go(stream, export, &mut info).inspect_err(|e| {
+        if matches!(e, NbdError::Refused { .. }) {
+            // Best effort: tell the server we are leaving rather than hang up.
+            let _ = send_option(stream, proto::OPT_ABORT, &[]);
+        }
+    })?;
+    if !went {
         export_name(stream, export, no_zeroes, &mut info)?;
     }
     Ok(info)
