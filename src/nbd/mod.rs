@@ -49,6 +49,10 @@ pub enum NbdError {
         errno_name: &'static str,
         message: String,
     },
+    /// The client refused to send a request that breaks the negotiated
+    /// limits (a bug in the caller, not in the server).
+    #[error("NBD request refused before sending: {0}")]
+    Invalid(String),
     /// The server lacks a feature diskferry needs.
     #[error("NBD server does not support {0}")]
     Unsupported(&'static str),

@@ -1,1 +1,660 @@
 //! NBD protocol constants and sans-IO codecs.
+//!
+//! Everything here is a pure function over byte slices: encoders build the
+//! exact bytes the client sends, decoders check magics and bound every length
+//! the server sends *before* anything is allocated. Numbers follow
+//! `doc/proto.md` of the NBD project (fixed newstyle, no extended headers).
+
+use super::{MAX_PAYLOAD_BYTES, MAX_STRING_BYTES, NbdError};
+
+// ---------------------------------------------------------------- magics
+/// "NBDMAGIC": first 8 bytes the server sends.
+pub const INIT_MAGIC: u64 = 0x4e42_444d_4147_4943;
+/// "IHAVEOPT": newstyle negotiation, and the prefix of every client option.
+pub const OPTS_MAGIC: u64 = 0x4948_4156_454f_5054;
+/// Oldstyle negotiation (not supported).
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
+/// Prefix of every option reply.
+pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+// ------------------------------------------------------ handshake flags
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+
+// --------------------------------------------------------------- options
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
+pub const OPT_INFO: u32 = 6;
+pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
+
+// --------------------------------------------------------- option replies
+pub const REP_ACK: u32 = 1;
+pub const REP_SERVER: u32 = 2;
+pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
+pub const REP_FLAG_ERROR: u32 = 1 << 31;
+pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
+pub const REP_ERR_POLICY: u32 = REP_FLAG_ERROR | 2;
+pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
+pub const REP_ERR_PLATFORM: u32 = REP_FLAG_ERROR | 4;
+pub const REP_ERR_TLS_REQD: u32 = REP_FLAG_ERROR | 5;
+pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
+pub const REP_ERR_SHUTDOWN: u32 = REP_FLAG_ERROR | 7;
+pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
+pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_FLAG_ERROR | 10;
+
+// ------------------------------------------------------------ info types
+pub const INFO_EXPORT: u16 = 0;
+pub const INFO_NAME: u16 = 1;
+pub const INFO_DESCRIPTION: u16 = 2;
+pub const INFO_BLOCK_SIZE: u16 = 3;
+
+// ---------------------------------------------------- transmission flags
+pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const TFLAG_SEND_FUA: u16 = 1 << 3;
+pub const TFLAG_ROTATIONAL: u16 = 1 << 4;
+pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
+pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const TFLAG_SEND_RESIZE: u16 = 1 << 9;
+pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
+pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
+
+// -------------------------------------------------------------- commands
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+
+// ------------------------------------------------------ structured replies
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
+pub const REPLY_TYPE_ERROR: u16 = REPLY_TYPE_ERROR_BIT | 1;
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_ERROR_BIT | 2;
+
+// ------------------------------------------------------------ errno values
+pub const NBD_EPERM: u32 = 1;
+pub const NBD_EIO: u32 = 5;
+pub const NBD_ENOMEM: u32 = 12;
+pub const NBD_EINVAL: u32 = 22;
+pub const NBD_ENOSPC: u32 = 28;
+pub const NBD_EOVERFLOW: u32 = 75;
+pub const NBD_ENOTSUP: u32 = 95;
+pub const NBD_ESHUTDOWN: u32 = 108;
+
+// ------------------------------------------------------------------ sizes
+/// Server greeting: INIT_MAGIC, OPTS_MAGIC, handshake flags.
+pub const GREETING_BYTES: usize = 18;
+/// Option reply header: magic, option, reply type, length.
+pub const OPT_REPLY_HEADER_BYTES: usize = 20;
+/// Request header (compact, no extended headers).
+pub const REQUEST_BYTES: usize = 28;
+pub const SIMPLE_REPLY_BYTES: usize = 16;
+pub const STRUCTURED_REPLY_BYTES: usize = 20;
+/// Largest non-error option reply accepted during the handshake: a string
+/// plus the largest fixed fields that come with one (meta context id, info
+/// type, length prefix).
+pub const MAX_OPT_REPLY_BYTES: u32 = MAX_STRING_BYTES + 8;
+/// Largest error option reply: its message is kept up to
+/// [`MAX_STRING_BYTES`], the rest is read and discarded.
+pub const MAX_OPT_ERROR_REPLY_BYTES: u32 = 64 * 1024;
+/// Largest export size accepted (the protocol's offsets are signed in
+/// practice: qemu and nbdkit cap exports at `i64::MAX`).
+pub const MAX_EXPORT_SIZE_BYTES: u64 = i64::MAX as u64;
+
+/// Name of an NBD errno value, for messages.
+pub fn errno_name(errno: u32) -> &'static str {
+    match errno {
+        0 => "success",
+        NBD_EPERM => "EPERM",
+        NBD_EIO => "EIO",
+        NBD_ENOMEM => "ENOMEM",
+        NBD_EINVAL => "EINVAL",
+        NBD_ENOSPC => "ENOSPC",
+        NBD_EOVERFLOW => "EOVERFLOW",
+        NBD_ENOTSUP => "ENOTSUP",
+        NBD_ESHUTDOWN => "ESHUTDOWN",
+        _ => "unknown NBD error",
+    }
+}
+
+/// Name of a command type, for messages.
+pub fn command_name(cmd_type: u16) -> &'static str {
+    match cmd_type {
+        CMD_READ => "READ",
+        CMD_WRITE => "WRITE",
+        CMD_DISC => "DISC",
+        CMD_FLUSH => "FLUSH",
+        CMD_TRIM => "TRIM",
+        CMD_CACHE => "CACHE",
+        CMD_WRITE_ZEROES => "WRITE_ZEROES",
+        CMD_BLOCK_STATUS => "BLOCK_STATUS",
+        _ => "unknown command",
+    }
+}
+
+/// Name of an option, for messages.
+pub fn option_name(option: u32) -> &'static str {
+    match option {
+        OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
+        OPT_ABORT => "NBD_OPT_ABORT",
+        OPT_LIST => "NBD_OPT_LIST",
+        OPT_STARTTLS => "NBD_OPT_STARTTLS",
+        OPT_INFO => "NBD_OPT_INFO",
+        OPT_GO => "NBD_OPT_GO",
+        OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
+        OPT_LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT",
+        OPT_SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
+        OPT_EXTENDED_HEADERS => "NBD_OPT_EXTENDED_HEADERS",
+        _ => "unknown option",
+    }
+}
+
+/// Name of an option reply type, for messages.
+pub fn reply_type_name(reply_type: u32) -> &'static str {
+    match reply_type {
+        REP_ACK => "NBD_REP_ACK",
+        REP_SERVER => "NBD_REP_SERVER",
+        REP_INFO => "NBD_REP_INFO",
+        REP_META_CONTEXT => "NBD_REP_META_CONTEXT",
+        REP_ERR_UNSUP => "NBD_REP_ERR_UNSUP (not supported)",
+        REP_ERR_POLICY => "NBD_REP_ERR_POLICY (forbidden by server policy)",
+        REP_ERR_INVALID => "NBD_REP_ERR_INVALID (invalid request)",
+        REP_ERR_PLATFORM => "NBD_REP_ERR_PLATFORM (not available on this platform)",
+        REP_ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD (the server requires TLS)",
+        REP_ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN (no such export)",
+        REP_ERR_SHUTDOWN => "NBD_REP_ERR_SHUTDOWN (server shutting down)",
+        REP_ERR_BLOCK_SIZE_REQD => "NBD_REP_ERR_BLOCK_SIZE_REQD",
+        REP_ERR_TOO_BIG => "NBD_REP_ERR_TOO_BIG",
+        REP_ERR_EXT_HEADER_REQD => "NBD_REP_ERR_EXT_HEADER_REQD (extended headers required)",
+        t if t & REP_FLAG_ERROR != 0 => "unknown option error",
+        _ => "unknown option reply",
+    }
+}
+
+// ------------------------------------------------------------ byte helpers
+pub(crate) fn be_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+pub(crate) fn be_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+pub(crate) fn be_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+fn proto_err(msg: impl Into<String>) -> NbdError {
+    NbdError::Protocol(msg.into())
+}
+
+/// Length of a client-supplied string as a u32, refusing strings longer than
+/// [`MAX_STRING_BYTES`] (the server would refuse them anyway).
+fn string_len(s: &str, what: &str) -> Result<u32, NbdError> {
+    if s.len() > MAX_STRING_BYTES as usize {
+        return Err(NbdError::Refused {
+            what: what.to_string(),
+            message: format!(
+                "the name is {} bytes, longer than the {MAX_STRING_BYTES}-byte limit",
+                s.len()
+            ),
+        });
+    }
+    Ok(s.len() as u32)
+}
+
+// ------------------------------------------------------------- handshake
+
+/// Decode the server greeting; returns the handshake flags.
+pub fn decode_greeting(b: &[u8; GREETING_BYTES]) -> Result<u16, NbdError> {
+    let init = be_u64(b, 0);
+    if init != INIT_MAGIC {
+        return Err(proto_err(format!(
+            "greeting starts with {init:#018x}, not NBDMAGIC: is this an NBD server?"
+        )));
+    }
+    let opts = be_u64(b, 8);
+    if opts == OLDSTYLE_MAGIC {
+        return Err(NbdError::Unsupported(
+            "oldstyle negotiation (only newstyle is implemented)",
+        ));
+    }
+    if opts != OPTS_MAGIC {
+        return Err(proto_err(format!(
+            "greeting has magic {opts:#018x}, not IHAVEOPT"
+        )));
+    }
+    Ok(be_u16(b, 16))
+}
+
+/// Encode an option: IHAVEOPT, option, length, data.
+pub fn encode_option(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + data.len());
+    v.extend_from_slice(&OPTS_MAGIC.to_be_bytes());
+    v.extend_from_slice(&option.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// Data of NBD_OPT_GO / NBD_OPT_INFO: export name and the info types asked for.
+pub fn encode_go_data(export: &str, infos: &[u16]) -> Result<Vec<u8>, NbdError> {
+    let len = string_len(export, "export name")?;
+    let mut v = Vec::with_capacity(6 + export.len() + 2 * infos.len());
+    v.extend_from_slice(&len.to_be_bytes());
+    v.extend_from_slice(export.as_bytes());
+    v.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        v.extend_from_slice(&i.to_be_bytes());
+    }
+    Ok(v)
+}
+
+/// Data of NBD_OPT_SET_META_CONTEXT / LIST_META_CONTEXT.
+pub fn encode_meta_context_data(export: &str, queries: &[&str]) -> Result<Vec<u8>, NbdError> {
+    let len = string_len(export, "export name")?;
+    let mut v = Vec::new();
+    v.extend_from_slice(&len.to_be_bytes());
+    v.extend_from_slice(export.as_bytes());
+    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        let qlen = string_len(q, "meta context name")?;
+        v.extend_from_slice(&qlen.to_be_bytes());
+        v.extend_from_slice(q.as_bytes());
+    }
+    Ok(v)
+}
+
+/// Header of an option reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptReplyHeader {
+    pub option: u32,
+    pub reply_type: u32,
+    pub len_bytes: u32,
+}
+
+impl OptReplyHeader {
+    pub fn is_error(&self) -> bool {
+        self.reply_type & REP_FLAG_ERROR != 0
+    }
+}
+
+/// Decode an option reply header, checking the magic, that it answers
+/// `expected_option`, and that its length is within bounds (non-error
+/// replies <= [`MAX_OPT_REPLY_BYTES`], error replies <=
+/// [`MAX_OPT_ERROR_REPLY_BYTES`]).
+pub fn decode_opt_reply_header(
+    b: &[u8; OPT_REPLY_HEADER_BYTES],
+    expected_option: u32,
+) -> Result<OptReplyHeader, NbdError> {
+    let magic = be_u64(b, 0);
+    if magic != OPT_REPLY_MAGIC {
+        return Err(proto_err(format!(
+            "option reply has magic {magic:#018x}, expected {OPT_REPLY_MAGIC:#018x}"
+        )));
+    }
+    let h = OptReplyHeader {
+        option: be_u32(b, 8),
+        reply_type: be_u32(b, 12),
+        len_bytes: be_u32(b, 16),
+    };
+    if h.option != expected_option {
+        return Err(proto_err(format!(
+            "reply to option {} ({}) while {} ({}) was sent",
+            h.option,
+            option_name(h.option),
+            expected_option,
+            option_name(expected_option)
+        )));
+    }
+    let max = if h.is_error() {
+        MAX_OPT_ERROR_REPLY_BYTES
+    } else {
+        MAX_OPT_REPLY_BYTES
+    };
+    if h.len_bytes > max {
+        return Err(proto_err(format!(
+            "{} reply to {} is {} bytes long, more than the {max}-byte limit",
+            reply_type_name(h.reply_type),
+            option_name(h.option),
+            h.len_bytes
+        )));
+    }
+    Ok(h)
+}
+
+/// A decoded NBD_REP_INFO payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Info {
+    Export {
+        size_bytes: u64,
+        transmission_flags: u16,
+    },
+    Name(String),
+    Description(String),
+    BlockSize {
+        min_bytes: u32,
+        pref_bytes: u32,
+        max_bytes: u32,
+    },
+    /// An info type this client does not know (ignored).
+    Unknown(u16),
+}
+
+fn info_string(b: &[u8]) -> Result<String, NbdError> {
+    if b.len() > MAX_STRING_BYTES as usize {
+        return Err(proto_err(format!(
+            "info string is {} bytes, more than the {MAX_STRING_BYTES}-byte limit",
+            b.len()
+        )));
+    }
+    Ok(String::from_utf8_lossy(b).into_owned())
+}
+
+/// Decode the payload of an NBD_REP_INFO reply.
+pub fn decode_info(b: &[u8]) -> Result<Info, NbdError> {
+    if b.len() < 2 {
+        return Err(proto_err(format!(
+            "NBD_REP_INFO of {} bytes has no info type",
+            b.len()
+        )));
+    }
+    let ty = be_u16(b, 0);
+    let body = &b[2..];
+    let want = |n: usize, name: &str| -> Result<(), NbdError> {
+        if body.len() != n {
+            return Err(proto_err(format!(
+                "{name} info is {} bytes, expected {n}",
+                body.len()
+            )));
+        }
+        Ok(())
+    };
+    match ty {
+        INFO_EXPORT => {
+            want(10, "NBD_INFO_EXPORT")?;
+            let size_bytes = be_u64(body, 0);
+            if size_bytes > MAX_EXPORT_SIZE_BYTES {
+                return Err(proto_err(format!(
+                    "export size {size_bytes} bytes is absurd"
+                )));
+            }
+            Ok(Info::Export {
+                size_bytes,
+                transmission_flags: be_u16(body, 8),
+            })
+        }
+        INFO_NAME => Ok(Info::Name(info_string(body)?)),
+        INFO_DESCRIPTION => Ok(Info::Description(info_string(body)?)),
+        INFO_BLOCK_SIZE => {
+            want(12, "NBD_INFO_BLOCK_SIZE")?;
+            let (min_bytes, pref_bytes, max_bytes) =
+                (be_u32(body, 0), be_u32(body, 4), be_u32(body, 8));
+            check_block_sizes(min_bytes, pref_bytes, max_bytes)?;
+            Ok(Info::BlockSize {
+                min_bytes,
+                pref_bytes,
+                max_bytes,
+            })
+        }
+        other => Ok(Info::Unknown(other)),
+    }
+}
+
+/// The spec's constraints on advertised block sizes.
+fn check_block_sizes(min: u32, pref: u32, max: u32) -> Result<(), NbdError> {
+    let bad = |why: &str| {
+        Err(proto_err(format!(
+            "block sizes min {min} pref {pref} max {max} are invalid: {why}"
+        )))
+    };
+    if !min.is_power_of_two() || min > 64 * 1024 {
+        return bad("minimum must be a power of two <= 64 KiB");
+    }
+    if !pref.is_power_of_two() || pref < min {
+        return bad("preferred must be a power of two >= minimum");
+    }
+    if max < min || (max != u32::MAX && !max.is_multiple_of(min)) {
+        return bad("maximum must be >= minimum and a multiple of it");
+    }
+    Ok(())
+}
+
+/// Decode the payload of an NBD_REP_META_CONTEXT reply: (id, name).
+pub fn decode_meta_context(b: &[u8]) -> Result<(u32, String), NbdError> {
+    if b.len() < 5 {
+        return Err(proto_err(format!(
+            "NBD_REP_META_CONTEXT of {} bytes is too short for an id and a name",
+            b.len()
+        )));
+    }
+    Ok((be_u32(b, 0), info_string(&b[4..])?))
+}
+
+/// Decode the reply to NBD_OPT_EXPORT_NAME (size, flags; the 124 zero bytes
+/// that may follow are not part of `b`).
+pub fn decode_export_name_reply(b: &[u8; 10]) -> Result<(u64, u16), NbdError> {
+    let size_bytes = be_u64(b, 0);
+    if size_bytes > MAX_EXPORT_SIZE_BYTES {
+        return Err(proto_err(format!(
+            "export size {size_bytes} bytes is absurd"
+        )));
+    }
+    Ok((size_bytes, be_u16(b, 8)))
+}
+
+// ---------------------------------------------------------- transmission
+
+/// A request header as it goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHeader {
+    pub flags: u16,
+    pub cmd_type: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub len_bytes: u32,
+}
+
+/// Encode a 28-byte request header.
+pub fn encode_request_header(h: &RequestHeader, out: &mut [u8; REQUEST_BYTES]) {
+    out[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&h.flags.to_be_bytes());
+    out[6..8].copy_from_slice(&h.cmd_type.to_be_bytes());
+    out[8..16].copy_from_slice(&h.cookie.to_be_bytes());
+    out[16..24].copy_from_slice(&h.offset.to_be_bytes());
+    out[24..28].copy_from_slice(&h.len_bytes.to_be_bytes());
+}
+
+/// Decode a 28-byte request header (used by tests and test servers).
+pub fn decode_request_header(b: &[u8; REQUEST_BYTES]) -> Result<RequestHeader, NbdError> {
+    let magic = be_u32(b, 0);
+    if magic != REQUEST_MAGIC {
+        return Err(proto_err(format!("request has magic {magic:#010x}")));
+    }
+    Ok(RequestHeader {
+        flags: be_u16(b, 4),
+        cmd_type: be_u16(b, 6),
+        cookie: be_u64(b, 8),
+        offset: be_u64(b, 16),
+        len_bytes: be_u32(b, 24),
+    })
+}
+
+/// A structured reply chunk header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub flags: u16,
+    pub reply_type: u16,
+    pub cookie: u64,
+    pub len_bytes: u32,
+}
+
+/// Decode the 20-byte structured reply header, refusing a length above
+/// [`MAX_PAYLOAD_BYTES`] plus the 8-byte offset of OFFSET_DATA.
+pub fn decode_chunk_header(b: &[u8; STRUCTURED_REPLY_BYTES]) -> Result<ChunkHeader, NbdError> {
+    let magic = be_u32(b, 0);
+    if magic != STRUCTURED_REPLY_MAGIC {
+        return Err(proto_err(format!(
+            "structured reply has magic {magic:#010x}"
+        )));
+    }
+    let h = ChunkHeader {
+        flags: be_u16(b, 4),
+        reply_type: be_u16(b, 6),
+        cookie: be_u64(b, 8),
+        len_bytes: be_u32(b, 16),
+    };
+    if h.len_bytes > MAX_PAYLOAD_BYTES + 8 {
+        return Err(proto_err(format!(
+            "reply chunk for cookie {} is {} bytes long, more than the {MAX_PAYLOAD_BYTES}-byte payload limit",
+            h.cookie, h.len_bytes
+        )));
+    }
+    Ok(h)
+}
+
+/// Encode a structured reply chunk header (for tests and test servers).
+pub fn encode_chunk_header(h: &ChunkHeader) -> [u8; STRUCTURED_REPLY_BYTES] {
+    let mut b = [0u8; STRUCTURED_REPLY_BYTES];
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&h.flags.to_be_bytes());
+    b[6..8].copy_from_slice(&h.reply_type.to_be_bytes());
+    b[8..16].copy_from_slice(&h.cookie.to_be_bytes());
+    b[16..20].copy_from_slice(&h.len_bytes.to_be_bytes());
+    b
+}
+
+/// Encode a simple reply header (for tests and test servers).
+pub fn encode_simple_reply(errno: u32, cookie: u64) -> [u8; SIMPLE_REPLY_BYTES] {
+    let mut b = [0u8; SIMPLE_REPLY_BYTES];
+    b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b[4..8].copy_from_slice(&errno.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn request_round_trip(flags: u16, cmd_type: u16, cookie: u64, offset: u64, len_bytes: u32) {
+            let h = RequestHeader { flags, cmd_type, cookie, offset, len_bytes };
+            let mut out = [0u8; REQUEST_BYTES];
+            encode_request_header(&h, &mut out);
+            prop_assert_eq!(decode_request_header(&out).unwrap(), h);
+        }
+
+        #[test]
+        fn chunk_header_round_trip(flags: u16, reply_type: u16, cookie: u64, len_bytes in 0u32..=MAX_PAYLOAD_BYTES) {
+            let h = ChunkHeader { flags, reply_type, cookie, len_bytes };
+            prop_assert_eq!(decode_chunk_header(&encode_chunk_header(&h)).unwrap(), h);
+        }
+
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_info(&bytes);
+            let _ = decode_meta_context(&bytes);
+            if bytes.len() >= 20 {
+                let a: [u8; 20] = bytes[..20].try_into().unwrap();
+                let _ = decode_opt_reply_header(&a, OPT_GO);
+                let _ = decode_chunk_header(&a);
+                let g: [u8; 18] = bytes[..18].try_into().unwrap();
+                let _ = decode_greeting(&g);
+            }
+        }
+
+        #[test]
+        fn opt_reply_length_is_bounded(len in (MAX_OPT_ERROR_REPLY_BYTES + 1)..=u32::MAX, ty: u32) {
+            let mut b = [0u8; 20];
+            b[0..8].copy_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+            b[8..12].copy_from_slice(&OPT_GO.to_be_bytes());
+            b[12..16].copy_from_slice(&ty.to_be_bytes());
+            b[16..20].copy_from_slice(&len.to_be_bytes());
+            prop_assert!(decode_opt_reply_header(&b, OPT_GO).is_err());
+        }
+    }
+
+    #[test]
+    fn huge_chunk_is_refused_before_allocation() {
+        let h = ChunkHeader {
+            flags: 0,
+            reply_type: REPLY_TYPE_BLOCK_STATUS,
+            cookie: 7,
+            len_bytes: u32::MAX,
+        };
+        let err = decode_chunk_header(&encode_chunk_header(&h)).unwrap_err();
+        assert!(err.to_string().contains("4294967295 bytes"), "{err}");
+    }
+
+    #[test]
+    fn block_size_info_is_checked() {
+        let mut b = vec![0, 3];
+        for v in [512u32, 4096, 1 << 20] {
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        assert_eq!(
+            decode_info(&b).unwrap(),
+            Info::BlockSize {
+                min_bytes: 512,
+                pref_bytes: 4096,
+                max_bytes: 1 << 20
+            }
+        );
+        b[2..6].copy_from_slice(&3u32.to_be_bytes());
+        assert!(
+            decode_info(&b)
+                .unwrap_err()
+                .to_string()
+                .contains("power of two")
+        );
+    }
+
+    #[test]
+    fn greeting_magics() {
+        let mut g = [0u8; 18];
+        g[0..8].copy_from_slice(&INIT_MAGIC.to_be_bytes());
+        g[8..16].copy_from_slice(&OPTS_MAGIC.to_be_bytes());
+        g[17] = 3;
+        assert_eq!(decode_greeting(&g).unwrap(), 3);
+        g[0] = b'X';
+        assert!(
+            decode_greeting(&g)
+                .unwrap_err()
+                .to_string()
+                .contains("NBDMAGIC")
+        );
+    }
+}
