@@ -53,14 +53,23 @@ fn uri_display(uri: &NbdUri) -> String {
     }
 }
 
-fn connect(uri: &NbdUri, meta: &[&str]) -> Result<NbdConnection, CopyError> {
+fn check_plain(uri: &NbdUri) -> Result<(), CopyError> {
     if uri.tls {
         return Err(CopyError::Usage(format!(
             "{}: TLS NBD URIs (nbds://) are not supported by copy yet; use nbd:// or nbd+unix://",
             uri_display(uri)
         )));
     }
-    let mut stream = uri.connect().map_err(|e| CopyError::Endpoint(EndpointError::Other(format!("{}: {e}", uri_display(uri)))))?;
+    Ok(())
+}
+
+fn connect_err(uri: &NbdUri, e: std::io::Error) -> CopyError {
+    CopyError::Endpoint(EndpointError::Other(format!("connecting to {}: {e}", uri_display(uri))))
+}
+
+fn connect(uri: &NbdUri, meta: &[&str]) -> Result<NbdConnection, CopyError> {
+    check_plain(uri)?;
+    let mut stream = uri.connect().map_err(|e| connect_err(uri, e))?;
     let info = negotiate(&mut stream, &uri.export, meta).map_err(|e| nbd_err(uri, e))?;
     Ok((stream, info))
 }
@@ -103,10 +112,12 @@ pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
             (child.uri(), Some(child))
         }
     };
-    let (stream, info) = connect(&uri, &[BASE_ALLOCATION])?;
+    check_plain(&uri)?;
+    let stream = uri.connect().map_err(|e| connect_err(&uri, e))?;
+    let mut client = Client::connect(stream, &uri.export, &[BASE_ALLOCATION]).map_err(|e| nbd_err(&uri, e))?;
+    let info = client.info().clone();
     let size_bytes = info.size_bytes;
     // Map on the first connection, then hand it to the workers.
-    let mut client = Client::from_negotiated(stream, info.clone());
     let extents = if info.context_id(BASE_ALLOCATION).is_some() {
         let mut map = NbdMap { client };
         let list = ExtentList::collect(&mut map, size_bytes)?;
@@ -116,7 +127,7 @@ pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
         tracing::info!("{} has no base:allocation; reading everything", uri_display(&uri));
         ExtentList::collect(&mut AllData as &mut dyn ExtentMap, size_bytes)?
     };
-    let first = (client.into_stream(), info);
+    let first = (client.into_parts().0, info);
     let conns = more_connections(&uri, first, connections, &[BASE_ALLOCATION])?;
     Ok(Source { display: arg.to_string(), size_bytes, access: Access::Nbd { conns }, extents, child })
 }
