@@ -119,6 +119,7 @@ fn run_opened(
     let dst_conn_count = dst_conns.unwrap_or(0);
 
     // Split connections over workers.
+    let emergency = socket_clones(&src_access, &dst_access);
     let (src_ios, src_keep) = split_src(src_access, workers);
     let (dst_ios, dst_keep) = split_dst(dst_access, fresh_zero, workers);
 
@@ -163,8 +164,18 @@ fn run_opened(
     let report_every = Duration::from_secs(1);
     let mut last_report = Instant::now();
     progress(&shared.stats.snapshot(), started.elapsed());
+    let mut abort_seen: Option<Instant> = None;
     while !handles.iter().all(|h| h.is_finished()) {
         std::thread::sleep(tick);
+        if shared.aborted() {
+            let seen = *abort_seen.get_or_insert_with(Instant::now);
+            if seen.elapsed() > DRAIN_TIMEOUT {
+                // Workers could not finish outstanding requests: cut them off.
+                for s in &emergency {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
         if last_report.elapsed() >= report_every {
             progress(&shared.stats.snapshot(), started.elapsed());
             last_report = Instant::now();
@@ -256,6 +267,21 @@ fn run_planner(mut extents: ExtentList, size_bytes: u64, chunk_bytes: u32, fresh
         shared.fail(e.into());
     }
     shared.set_planner_done();
+}
+
+/// How long workers may take to finish outstanding requests after an error.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Clones of every NBD socket, to cut off workers that cannot drain.
+fn socket_clones(src: &Access, dst: &Access) -> Vec<crate::nbd::uri::NbdStream> {
+    [src, dst]
+        .into_iter()
+        .filter_map(|a| match a {
+            Access::Nbd { conns } => Some(conns.iter().filter_map(|(s, _)| s.try_clone().ok())),
+            Access::File { .. } => None,
+        })
+        .flatten()
+        .collect()
 }
 
 fn distribute(conns: Vec<NbdConnection>, workers: usize) -> Vec<Vec<Box<NbdIo>>> {

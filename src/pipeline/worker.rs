@@ -157,7 +157,11 @@ impl Worker {
             self.shared.fail(e);
         }
         if self.shared.aborted() {
-            self.shutdown_sockets();
+            // Let the servers answer what was asked (some servers misbehave
+            // when a client vanishes with requests outstanding), then close.
+            if self.drain().is_err() {
+                self.shutdown_sockets();
+            }
         }
         // Never drop buffers the kernel still owns.
         while self.engine.in_flight() > 0 {
@@ -201,6 +205,25 @@ impl Worker {
             self.completions.clear();
             let mut done = std::mem::take(&mut self.completions);
             self.engine.wait(1, &mut done).map_err(|e| CopyError::Engine(e.to_string()))?;
+            for c in &done {
+                self.on_completion(*c)?;
+            }
+            self.completions = done;
+        }
+    }
+
+    /// After an abort: finish outstanding NBD requests without starting
+    /// anything new. Any error ends the drain (the caller closes sockets;
+    /// the coordinator also shuts them down if this takes too long).
+    fn drain(&mut self) -> Result<(), CopyError> {
+        loop {
+            self.kick_sockets()?;
+            if self.engine.in_flight() == 0 {
+                return Ok(());
+            }
+            self.completions.clear();
+            let mut done = std::mem::take(&mut self.completions);
+            self.engine.wait(1, &mut done).map_err(engine_err)?;
             for c in &done {
                 self.on_completion(*c)?;
             }
@@ -436,6 +459,11 @@ impl Worker {
         if s.pending > 0 {
             return Ok(());
         }
+        if self.shared.aborted() {
+            // Never start the write of a chunk once the job failed.
+            s.phase = Phase::Idle;
+            return Ok(());
+        }
         match s.phase {
             Phase::Reading => self.start_write(slot),
             Phase::Writing => {
@@ -528,6 +556,10 @@ impl Worker {
             }
             ReplyEvent::Failed { cookie: ck, errno, message } => {
                 let (slot, sub) = self.lookup(ck)?;
+                if self.shared.aborted() {
+                    // Draining after the first error: just account for it.
+                    return self.subop_done(slot);
+                }
                 let so = self.slots[slot].subops[sub];
                 let what = if is_src { "reading the source" } else { "writing the target" };
                 let msg = format!(

@@ -57,6 +57,7 @@ fn wait_for_socket(child: &mut Child, sock: &Path, what: &str) {
 /// unix socket in `dir`.
 pub fn qemu_nbd(dir: &Path, name: &str, file: &Path, format: &str, read_only: bool, extra: &[&str]) -> Server {
     let sock = dir.join(format!("{name}.sock"));
+    let _ = std::fs::remove_file(&sock);
     let mut cmd = Command::new("qemu-nbd");
     cmd.args(["-t", "-e", "8", "-f", format, "-k"]).arg(&sock);
     if read_only {
@@ -71,6 +72,7 @@ pub fn qemu_nbd(dir: &Path, name: &str, file: &Path, format: &str, read_only: bo
 /// `nbdkit` with `args` (plugin, params, filters) on a unix socket in `dir`.
 pub fn nbdkit(dir: &Path, name: &str, args: &[&str]) -> Server {
     let sock = dir.join(format!("{name}.sock"));
+    let _ = std::fs::remove_file(&sock);
     let mut child = Command::new("nbdkit")
         .args(["-f", "--exit-with-parent", "-U"])
         .arg(&sock)
