@@ -286,3 +286,37 @@ fn nbdkit_error_filter_gives_command_error() {
     // Writes are not affected by error-pread.
     c.write(0, &buf).unwrap();
 }
+
+#[test]
+fn qemu_nbd_dirty_bitmap_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("inc.qcow2");
+    let img_s = img.to_str().unwrap();
+    let run = |prog: &str, args: &[&str]| {
+        let st = Command::new(prog).args(args).stdout(Stdio::null()).status().unwrap();
+        assert!(st.success(), "{prog} {args:?} failed");
+    };
+    run("qemu-img", &["create", "-q", "-f", "qcow2", img_s, "4M"]);
+    run("qemu-img", &["bitmap", "--add", img_s, "b0"]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 0xab 1M 64k", img_s]);
+    let server = Server::start(dir, "qemu-nbd", &["-r", "-t", "-e", "4", "-f", "qcow2", "-B", "b0", "-k", "SOCK", img_s]);
+    let ctx = "qemu:dirty-bitmap:b0";
+    let mut c = server.client(&["base:allocation", ctx]);
+    assert!(c.info().context_id(ctx).is_some(), "{:?}", c.info().meta_contexts);
+    let map = our_map(&mut c, ctx);
+    // Exactly 1M..1M+64k is dirty (flag 1).
+    let dirty: Vec<_> = map.iter().filter(|r| r.2 & 1 != 0).collect();
+    assert_eq!(dirty, vec![&(1 << 20, 64 * 1024, 1)], "{map:?}");
+    c.disconnect().unwrap();
+    assert_eq!(map, nbdinfo_map_context(&server.uri(), ctx));
+}
+
+fn nbdinfo_map_context(uri: &str, ctx: &str) -> Vec<(u64, u64, u32)> {
+    let out = Command::new("nbdinfo").arg(format!("--map={ctx}")).arg(uri).output().unwrap();
+    assert!(out.status.success(), "nbdinfo failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    merge(text.lines().map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap())
+    }))
+}
