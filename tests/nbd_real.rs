@@ -34,21 +34,36 @@ impl Server {
     fn start(dir: tempfile::TempDir, program: &str, args: &[&str]) -> Server {
         let sock = dir.path().join("nbd.sock");
         let sock_str = sock.to_str().unwrap().to_string();
-        let args: Vec<String> =
-            args.iter().map(|a| if *a == "SOCK" { sock_str.clone() } else { a.to_string() }).collect();
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if *a == "SOCK" {
+                    sock_str.clone()
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
         let child = Command::new(program)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        let mut server = Server { child, sock, _dir: dir };
+        let mut server = Server {
+            child,
+            sock,
+            _dir: dir,
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         while !server.sock.exists() {
             if let Some(status) = server.child.try_wait().unwrap() {
                 panic!("{program} exited early with {status}");
             }
-            assert!(Instant::now() < deadline, "{program} did not create its socket in time");
+            assert!(
+                Instant::now() < deadline,
+                "{program} did not create its socket in time"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         server
@@ -88,8 +103,10 @@ fn sparse_image(dir: &Path) -> (PathBuf, Vec<u8>) {
     let f = std::fs::File::create(&path).unwrap();
     f.set_len(1 << 20).unwrap();
     use std::os::unix::fs::FileExt;
-    f.write_all_at(&content[64 * 1024..128 * 1024], 64 * 1024).unwrap();
-    f.write_all_at(&content[512 * 1024..516 * 1024], 512 * 1024).unwrap();
+    f.write_all_at(&content[64 * 1024..128 * 1024], 64 * 1024)
+        .unwrap();
+    f.write_all_at(&content[512 * 1024..516 * 1024], 512 * 1024)
+        .unwrap();
     (path, content)
 }
 
@@ -135,12 +152,23 @@ fn our_map(c: &mut Client<UnixStream>, context: &str) -> Vec<(u64, u64, u32)> {
 
 /// What `nbdinfo --map` prints for the same server.
 fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, u32)> {
-    let out = Command::new("nbdinfo").args(["--map", uri]).output().unwrap();
-    assert!(out.status.success(), "nbdinfo failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("nbdinfo")
+        .args(["--map", uri])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nbdinfo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     merge(text.lines().map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
-        (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap())
+        (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        )
     }))
 }
 
@@ -171,7 +199,11 @@ fn qemu_nbd_block_status_matches_nbdinfo() {
     let ours = our_map(&mut c, "base:allocation");
     assert_eq!(ours, nbdinfo_map(&server.uri()));
     // The data regions are reported as allocated (flags 0).
-    assert!(ours.iter().any(|&(o, l, f)| f == 0 && o <= 64 * 1024 && o + l >= 128 * 1024), "{ours:?}");
+    assert!(
+        ours.iter()
+            .any(|&(o, l, f)| f == 0 && o <= 64 * 1024 && o + l >= 128 * 1024),
+        "{ours:?}"
+    );
     assert!(ours.iter().any(|&(o, _, f)| f == 3 && o == 0), "{ours:?}");
 }
 
@@ -189,7 +221,10 @@ fn qemu_nbd_write_flush_zero_read_back() {
     c.read(0, &mut buf).unwrap();
     assert!(buf == content, "read back differs from what was written");
     c.disconnect().unwrap();
-    assert!(std::fs::read(&img).unwrap() == content, "file differs after flush");
+    assert!(
+        std::fs::read(&img).unwrap() == content,
+        "file differs after flush"
+    );
     drop(server);
 }
 
@@ -199,7 +234,11 @@ fn qemu_nbd_read_past_the_end_is_a_command_error() {
     let mut c = server.client(&[]);
     let mut buf = vec![0u8; 4096];
     match c.read((1 << 20) - 512, &mut buf) {
-        Err(NbdError::Command { command: "READ", errno, .. }) => assert_eq!(errno, proto::NBD_EINVAL),
+        Err(NbdError::Command {
+            command: "READ",
+            errno,
+            ..
+        }) => assert_eq!(errno, proto::NBD_EINVAL),
         other => panic!("expected a READ command error, got {other:?}"),
     }
     // The connection is still usable after a server-side error.
@@ -235,16 +274,29 @@ fn nbdkit_pattern_reads_offsets() {
 
 #[test]
 fn nbdkit_sparse_random_matches_nbdinfo_and_nbdcopy() {
-    let server = nbdkit(&["sparse-random", "size=64M", "seed=1", "percent=50", "random-content=true"]);
+    let server = nbdkit(&[
+        "sparse-random",
+        "size=64M",
+        "seed=1",
+        "percent=50",
+        "random-content=true",
+    ]);
     let mut c = server.client(&["base:allocation"]);
     let ours = our_map(&mut c, "base:allocation");
-    assert!(ours.len() > 2, "a 50% sparse disk has several extents: {ours:?}");
+    assert!(
+        ours.len() > 2,
+        "a 50% sparse disk has several extents: {ours:?}"
+    );
     assert_eq!(ours, nbdinfo_map(&server.uri()));
 
     // Our reads (with holes zero-filled) equal what nbdcopy copies.
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("copy.img");
-    let st = Command::new("nbdcopy").arg(server.uri()).arg(&copy).status().unwrap();
+    let st = Command::new("nbdcopy")
+        .arg(server.uri())
+        .arg(&copy)
+        .status()
+        .unwrap();
     assert!(st.success());
     let expected = std::fs::read(&copy).unwrap();
     let mut buf = vec![0xeeu8; expected.len()];
@@ -263,21 +315,36 @@ fn nbdkit_memory_write_trim_zero() {
     c.read(0, &mut buf).unwrap();
     assert!(buf[..4096].iter().all(|b| *b == 0) && buf[4096..].iter().all(|b| *b == 0x5a));
     let map = our_map(&mut c, "base:allocation");
-    assert!(map.iter().any(|&(o, l, f)| f == 0 && o <= 4096 && o + l >= 12288), "{map:?}");
+    assert!(
+        map.iter()
+            .any(|&(o, l, f)| f == 0 && o <= 4096 && o + l >= 12288),
+        "{map:?}"
+    );
     c.trim(4096, 4096).unwrap();
     c.write_zeroes(8192, 4096).unwrap();
     c.read(0, &mut buf).unwrap();
-    assert!(buf.iter().all(|b| *b == 0), "trimmed and zeroed ranges read as zeroes");
+    assert!(
+        buf.iter().all(|b| *b == 0),
+        "trimmed and zeroed ranges read as zeroes"
+    );
 }
 
 #[test]
 fn nbdkit_error_filter_gives_command_error() {
-    let server = nbdkit(&["--filter=error", "memory", "1M", "error-pread-rate=1", "error-pread=EIO"]);
+    let server = nbdkit(&[
+        "--filter=error",
+        "memory",
+        "1M",
+        "error-pread-rate=1",
+        "error-pread=EIO",
+    ]);
     let mut c = server.client(&[]);
     let mut buf = vec![0u8; 4096];
     match c.read(0, &mut buf) {
         Err(e @ NbdError::Command { .. }) => {
-            let NbdError::Command { command, errno, .. } = &e else { unreachable!() };
+            let NbdError::Command { command, errno, .. } = &e else {
+                unreachable!()
+            };
             assert_eq!((*command, *errno), ("READ", proto::NBD_EIO), "{e}");
             assert!(e.to_string().contains("EIO"), "{e}");
         }
@@ -285,4 +352,67 @@ fn nbdkit_error_filter_gives_command_error() {
     }
     // Writes are not affected by error-pread.
     c.write(0, &buf).unwrap();
+}
+
+#[test]
+fn qemu_nbd_dirty_bitmap_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("inc.qcow2");
+    let img_s = img.to_str().unwrap();
+    let run = |prog: &str, args: &[&str]| {
+        let st = Command::new(prog)
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{prog} {args:?} failed");
+    };
+    run("qemu-img", &["create", "-q", "-f", "qcow2", img_s, "4M"]);
+    run("qemu-img", &["bitmap", "--add", img_s, "b0"]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0xab 1M 64k", img_s],
+    );
+    let server = Server::start(
+        dir,
+        "qemu-nbd",
+        &[
+            "-r", "-t", "-e", "4", "-f", "qcow2", "-B", "b0", "-k", "SOCK", img_s,
+        ],
+    );
+    let ctx = "qemu:dirty-bitmap:b0";
+    let mut c = server.client(&["base:allocation", ctx]);
+    assert!(
+        c.info().context_id(ctx).is_some(),
+        "{:?}",
+        c.info().meta_contexts
+    );
+    let map = our_map(&mut c, ctx);
+    // Exactly 1M..1M+64k is dirty (flag 1).
+    let dirty: Vec<_> = map.iter().filter(|r| r.2 & 1 != 0).collect();
+    assert_eq!(dirty, vec![&(1 << 20, 64 * 1024, 1)], "{map:?}");
+    c.disconnect().unwrap();
+    assert_eq!(map, nbdinfo_map_context(&server.uri(), ctx));
+}
+
+fn nbdinfo_map_context(uri: &str, ctx: &str) -> Vec<(u64, u64, u32)> {
+    let out = Command::new("nbdinfo")
+        .arg(format!("--map={ctx}"))
+        .arg(uri)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nbdinfo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    merge(text.lines().map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        )
+    }))
 }

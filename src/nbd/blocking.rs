@@ -256,6 +256,10 @@ fn command_error(cmd: Cmd, errno: u32, message: String) -> NbdError {
         length: u64::from(length),
         errno,
         errno_name: proto::errno_name(errno),
-        message,
+        message: if message.is_empty() {
+            "no message from the server".into()
+        } else {
+            message
+        },
     }
 }

@@ -1,6 +1,7 @@
 //! Unit and property tests of the sans-IO transmission phase.
 
 use super::*;
+use crate::nbd::MAX_PAYLOAD_BYTES;
 use crate::nbd::proto::{ChunkHeader, encode_chunk_header, encode_simple_reply};
 use proptest::prelude::*;
 
