@@ -297,23 +297,39 @@ fn distribute(conns: Vec<NbdConnection>, workers: usize) -> Vec<Vec<Box<NbdIo>>>
 /// after every worker has been joined); NBD connections move to workers.
 fn split_src(access: Access, workers: usize) -> (Vec<SrcIo>, Option<std::fs::File>) {
     match access {
-        Access::File { file, .. } => ((0..workers).map(|_| SrcIo::File { fd: file.as_raw_fd() }).collect(), Some(file)),
+        Access::File { file, .. } => {
+            ((0..workers).map(|_| SrcIo::File { fd: file.as_raw_fd() }).collect(), Some(file))
+        }
         Access::Nbd { conns } => (distribute(conns, workers).into_iter().map(SrcIo::Nbd).collect(), None),
     }
 }
 
-fn split_dst(access: Access, fresh_zero: bool, workers: usize) -> (Vec<DstIo>, Option<std::fs::File>) {
+/// Like [`split_src`]; the O_DIRECT descriptor (if any) is kept alive with
+/// the file and synced with it.
+fn split_dst(access: Access, fresh_zero: bool, workers: usize) -> (Vec<DstIo>, Option<DstFiles>) {
     match access {
-        Access::File { file, .. } => {
-            ((0..workers).map(|_| DstIo::File { fd: file.as_raw_fd(), fresh_zero }).collect(), Some(file))
+        Access::File { file, direct, .. } => {
+            let fd = file.as_raw_fd();
+            let direct_fd = direct.as_ref().map(|d| d.as_raw_fd());
+            let ios = (0..workers).map(|_| DstIo::File { fd, direct_fd, fresh_zero }).collect();
+            (ios, Some(DstFiles { file, direct }))
         }
         Access::Nbd { conns } => (distribute(conns, workers).into_iter().map(DstIo::Nbd).collect(), None),
     }
 }
 
-fn flush_target(file: &Option<std::fs::File>, dst: &mut [DstIo]) -> Result<(), CopyError> {
-    if let Some(f) = file {
-        return f.sync_data().map_err(|e| CopyError::Flush(e.to_string()));
+/// The target's descriptors, owned by the coordinator for the whole job.
+struct DstFiles {
+    file: std::fs::File,
+    direct: Option<std::fs::File>,
+}
+
+fn flush_target(files: &Option<DstFiles>, dst: &mut [DstIo]) -> Result<(), CopyError> {
+    if let Some(f) = files {
+        if let Some(d) = &f.direct {
+            d.sync_data().map_err(|e| CopyError::Flush(e.to_string()))?;
+        }
+        return f.file.sync_data().map_err(|e| CopyError::Flush(e.to_string()));
     }
     let mut cookie = 1u64 << 62;
     for d in dst.iter_mut() {

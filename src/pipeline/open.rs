@@ -18,7 +18,10 @@ pub type NbdConnection = (NbdStream, ExportInfo);
 
 /// How the data of an endpoint is reached.
 pub enum Access {
-    File { file: File, kind: FileKind },
+    /// `direct`: the same file opened with O_DIRECT, when the file system
+    /// allows it (targets only): aligned writes go there, skipping the page
+    /// cache and its writeback stalls.
+    File { file: File, kind: FileKind, direct: Option<File> },
     Nbd { conns: Vec<NbdConnection> },
 }
 
@@ -101,7 +104,7 @@ pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
             return Ok(Source {
                 display: path.display().to_string(),
                 size_bytes: raw.size_bytes,
-                access: Access::File { file: raw.file, kind: raw.kind },
+                access: Access::File { file: raw.file, kind: raw.kind, direct: None },
                 extents,
                 child: None,
             });
@@ -139,10 +142,11 @@ pub fn open_target(arg: &str, source_bytes: u64, connections: u32) -> Result<Tar
     let (uri, child) = match spec {
         Spec::Raw(path) => {
             let (raw, fresh_zero) = RawFile::open_target(&path, source_bytes)?;
+            let direct = open_direct(&path);
             return Ok(Target {
                 display: path.display().to_string(),
                 size_bytes: raw.size_bytes,
-                access: Access::File { file: raw.file, kind: raw.kind },
+                access: Access::File { file: raw.file, kind: raw.kind, direct },
                 fresh_zero,
                 child: None,
             });
@@ -172,4 +176,20 @@ pub fn open_target(arg: &str, source_bytes: u64, connections: u32) -> Result<Tar
     let size_bytes = info.size_bytes;
     let conns = more_connections(&uri, first, connections, &[])?;
     Ok(Target { display: arg.to_string(), size_bytes, access: Access::Nbd { conns }, fresh_zero: false, child })
+}
+
+/// Open `path` again for writing with O_DIRECT; None where that is refused
+/// (tmpfs, some network file systems) or disabled with DISKFERRY_NO_DIRECT=1.
+fn open_direct(path: &std::path::Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::env::var_os("DISKFERRY_NO_DIRECT").is_some_and(|v| !v.is_empty() && v != "0") {
+        return None;
+    }
+    match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::info!("{}: no O_DIRECT ({e}); writing through the page cache", path.display());
+            None
+        }
+    }
 }

@@ -29,9 +29,14 @@ pub enum SrcIo {
 pub enum DstIo {
     /// A regular file or block device. `fresh_zero`: reads as zeros
     /// everywhere already (a file we just truncated), so zeros are skipped.
-    File { fd: RawFd, fresh_zero: bool },
+    /// `direct_fd`: the same file with O_DIRECT, used for writes whose
+    /// offset and length are multiples of [`DIRECT_ALIGN_BYTES`].
+    File { fd: RawFd, direct_fd: Option<RawFd>, fresh_zero: bool },
     Nbd(Vec<Box<NbdIo>>),
 }
+
+/// Alignment O_DIRECT writes need (buffers are page-aligned by the pool).
+pub const DIRECT_ALIGN_BYTES: u64 = 4096;
 
 /// Settings of one worker.
 pub struct WorkerConfig {
@@ -429,9 +434,14 @@ impl Worker {
         let so = self.slots[slot].subops[i];
         let ptr = self.pool.ptr(slot, (so.buf_off + so.done) as usize);
         match &mut self.dst {
-            DstIo::File { fd, .. } => {
-                let op =
-                    Op::Write { fd: *fd, buf: ptr, len: so.len - so.done, offset: so.disk_off + u64::from(so.done) };
+            DstIo::File { fd, direct_fd, .. } => {
+                let (offset, len) = (so.disk_off + u64::from(so.done), so.len - so.done);
+                let aligned = (offset | u64::from(len)) % DIRECT_ALIGN_BYTES == 0;
+                let fd = match direct_fd {
+                    Some(d) if aligned => *d,
+                    _ => *fd,
+                };
+                let op = Op::Write { fd, buf: ptr, len, offset };
                 self.engine.push(ud(TAG_FILE_WRITE, slot, i), op).map_err(engine_err)?;
             }
             DstIo::Nbd(conns) => {
