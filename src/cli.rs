@@ -12,7 +12,11 @@ use crate::pipeline::copy::{self, CopyOptions};
 use crate::progress::Progress;
 
 #[derive(Parser, Debug)]
-#[command(name = "diskferry", version, about = "Fast, safe replication of virtual-machine disks")]
+#[command(
+    name = "diskferry",
+    version,
+    about = "Fast, safe replication of virtual-machine disks"
+)]
 pub struct Cli {
     /// More log output (-v info, -vv debug); logs go to stderr.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -142,7 +146,9 @@ fn run_copy(a: CopyArgs) -> i32 {
         Err(e) => {
             progress.finish(None);
             if a.json {
-                crate::progress::emit_json(&serde_json::json!({"event": "error", "message": e.to_string()}));
+                crate::progress::emit_json(
+                    &serde_json::json!({"event": "error", "message": e.to_string()}),
+                );
             }
             eprintln!("diskferry: {e}");
             exit_code(&e)

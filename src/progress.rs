@@ -13,14 +13,20 @@ pub enum Progress {
     /// A bar on stderr.
     Bar(indicatif::ProgressBar),
     /// JSON lines on stdout.
-    Json { last_done: u64, last_elapsed: Duration },
+    Json {
+        last_done: u64,
+        last_elapsed: Duration,
+    },
 }
 
 impl Progress {
     pub fn new(json: bool, no_progress: bool) -> Self {
         use std::io::IsTerminal;
         if json {
-            return Progress::Json { last_done: 0, last_elapsed: Duration::ZERO };
+            return Progress::Json {
+                last_done: 0,
+                last_elapsed: Duration::ZERO,
+            };
         }
         if no_progress || !std::io::stderr().is_terminal() {
             return Progress::Quiet;
@@ -44,10 +50,21 @@ impl Progress {
                 bar.set_length(s.bytes_planned);
                 bar.set_position(s.bytes_done);
             }
-            Progress::Json { last_done, last_elapsed } => {
+            Progress::Json {
+                last_done,
+                last_elapsed,
+            } => {
                 let dt = (elapsed - *last_elapsed).as_secs_f64();
-                let rate = if dt > 0.0 { (s.bytes_done - *last_done) as f64 / dt } else { 0.0 };
-                let avg = if elapsed.as_secs_f64() > 0.0 { s.bytes_done as f64 / elapsed.as_secs_f64() } else { 0.0 };
+                let rate = if dt > 0.0 {
+                    (s.bytes_done - *last_done) as f64 / dt
+                } else {
+                    0.0
+                };
+                let avg = if elapsed.as_secs_f64() > 0.0 {
+                    s.bytes_done as f64 / elapsed.as_secs_f64()
+                } else {
+                    0.0
+                };
                 let left = s.bytes_planned.saturating_sub(s.bytes_done) as f64;
                 let eta = if avg > 0.0 { Some(left / avg) } else { None };
                 let line = serde_json::json!({

@@ -11,7 +11,12 @@ const MIB: u64 = 1 << 20;
 
 /// Source regions used by several tests: data at odd places incl. the tail.
 fn regions(size: u64) -> Vec<(u64, usize)> {
-    vec![(0, 4096), (3 * MIB + 17, 200_000), (40 * MIB, 5 * MIB as usize), (size - 5000, 5000)]
+    vec![
+        (0, 4096),
+        (3 * MIB + 17, 200_000),
+        (40 * MIB, 5 * MIB as usize),
+        (size - 5000, 5000),
+    ]
 }
 
 fn data_len(r: &[(u64, usize)]) -> u64 {
@@ -45,7 +50,10 @@ fn file_to_file_odd_size_sparse() {
         assert_eq!(done["engine"], e);
         // The plan covers the data blocks (fs-block rounded), not the capacity.
         let planned = done["bytes_planned"].as_u64().unwrap();
-        assert!(planned >= data_len(&r) && planned < data_len(&r) + MIB, "planned {planned}");
+        assert!(
+            planned >= data_len(&r) && planned < data_len(&r) + MIB,
+            "planned {planned}"
+        );
         assert_eq!(done["bytes_read"].as_u64().unwrap(), planned);
         for k in ["bytes_written", "bytes_zeroed", "elapsed_s"] {
             assert!(done[k].is_number(), "done event lacks {k}: {done}");
@@ -72,7 +80,10 @@ fn qemu_nbd_source_to_file() {
 fn all_hole_all_zero_and_dense_files() {
     let d = tempfile::tempdir().unwrap();
     let hole = d.path().join("hole.img");
-    std::fs::File::create(&hole).unwrap().set_len(64 * MIB).unwrap();
+    std::fs::File::create(&hole)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
     let zero = d.path().join("zero.img");
     write_at(&zero, 0, &vec![0u8; 32 * MIB as usize]);
     let dense = d.path().join("dense.img");
@@ -94,8 +105,24 @@ fn all_hole_all_zero_and_dense_files() {
 fn nbdkit_plugins_to_file() {
     let d = tempfile::tempdir().unwrap();
     let cases: Vec<(&str, Vec<&str>)> = vec![
-        ("sparse", vec!["sparse-random", "size=200M", "seed=3", "percent=30", "random-content=true"]),
-        ("data", vec!["data", "data=1 2 3 @0x1000000 0xff*4096 @0x3000001 9", "size=64M"]),
+        (
+            "sparse",
+            vec![
+                "sparse-random",
+                "size=200M",
+                "seed=3",
+                "percent=30",
+                "random-content=true",
+            ],
+        ),
+        (
+            "data",
+            vec![
+                "data",
+                "data=1 2 3 @0x1000000 0xff*4096 @0x3000001 9",
+                "size=64M",
+            ],
+        ),
         ("pattern", vec!["pattern", "size=33M"]),
         ("memory", vec!["memory", "size=20M"]),
     ];
@@ -107,7 +134,10 @@ fn nbdkit_plugins_to_file() {
             let dst = d.path().join(format!("{name}-{e}.img"));
             copy_ok(&srv.uri(), dst.to_str().unwrap(), e, &[]);
             assert_same(&reference, &dst);
-            assert!(allocated(&dst) <= allocated(&reference) + 2 * MIB, "{name}: target less sparse than nbdcopy's");
+            assert!(
+                allocated(&dst) <= allocated(&reference) + 2 * MIB,
+                "{name}: target less sparse than nbdcopy's"
+            );
         }
     }
 }
@@ -125,7 +155,12 @@ fn file_to_qemu_nbd_and_nbdkit_memory_targets() {
         dense_file(&tgt, size as usize, 99);
         {
             let srv = qemu_nbd(d.path(), "tgt", &tgt, "raw", false, &["--discard=unmap"]);
-            copy_ok(src.to_str().unwrap(), &srv.uri(), e, &["--connections", "2"]);
+            copy_ok(
+                src.to_str().unwrap(),
+                &srv.uri(),
+                e,
+                &["--connections", "2"],
+            );
         }
         assert_same(&src, &tgt);
         // nbdkit memory target, read back with nbdcopy.
@@ -141,14 +176,32 @@ fn file_to_qemu_nbd_and_nbdkit_memory_targets() {
 fn qcow2_source_through_qemu_nbd_child() {
     let d = tempfile::tempdir().unwrap();
     let q = d.path().join("vm.qcow2");
-    let st = std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&q).arg("100M").status().unwrap();
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&q)
+        .arg("100M")
+        .status()
+        .unwrap();
     assert!(st.success());
-    for cmd in ["write -P 0xab 1M 64k", "write -P 0x11 50M 3M", "write -z 60M 1M"] {
-        let st = std::process::Command::new("qemu-io").args(["-f", "qcow2", "-c", cmd]).arg(&q).output().unwrap();
+    for cmd in [
+        "write -P 0xab 1M 64k",
+        "write -P 0x11 50M 3M",
+        "write -z 60M 1M",
+    ] {
+        let st = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd])
+            .arg(&q)
+            .output()
+            .unwrap();
         assert!(st.status.success(), "qemu-io {cmd}");
     }
     let reference = d.path().join("ref.raw");
-    let st = std::process::Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&q).arg(&reference).status().unwrap();
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&q)
+        .arg(&reference)
+        .status()
+        .unwrap();
     assert!(st.success());
     for e in ENGINES {
         let dst = d.path().join(format!("vm-{e}.raw"));
@@ -157,9 +210,19 @@ fn qcow2_source_through_qemu_nbd_child() {
     }
     // raw → qcow2 (a qemu-nbd child on the target side), then back.
     let q2 = d.path().join("copy.qcow2");
-    copy_ok(reference.to_str().unwrap(), q2.to_str().unwrap(), "uring", &[]);
+    copy_ok(
+        reference.to_str().unwrap(),
+        q2.to_str().unwrap(),
+        "uring",
+        &[],
+    );
     let back = d.path().join("back.raw");
-    let st = std::process::Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&q2).arg(&back).status().unwrap();
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&q2)
+        .arg(&back)
+        .status()
+        .unwrap();
     assert!(st.success());
     assert_same(&reference, &back);
 }

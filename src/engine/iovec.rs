@@ -21,7 +21,10 @@ impl IoVecs {
         self.0.clear();
     }
     pub fn push(&mut self, addr: usize, len: usize) {
-        self.0.push(libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len });
+        self.0.push(libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        });
     }
     pub fn len(&self) -> usize {
         self.0.len()

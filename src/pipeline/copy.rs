@@ -56,14 +56,20 @@ pub type ProgressFn<'a> = &'a mut dyn FnMut(&Snapshot, Duration);
 
 /// Run a copy to completion (target flushed) or to its first error.
 pub fn run(opts: &CopyOptions, progress: ProgressFn<'_>) -> Result<CopyReport, CopyError> {
-    if opts.chunk_bytes < 4096 || opts.chunk_bytes > CHUNK_MAX_BYTES || !opts.chunk_bytes.is_power_of_two() {
+    if opts.chunk_bytes < 4096
+        || opts.chunk_bytes > CHUNK_MAX_BYTES
+        || !opts.chunk_bytes.is_power_of_two()
+    {
         return Err(CopyError::Usage(format!(
             "--chunk-size must be a power of two between 4KiB and 32MiB, not {}",
             opts.chunk_bytes
         )));
     }
-    if opts.connections == 0 || opts.connections > 64 || opts.requests == 0 || opts.requests > 1024 {
-        return Err(CopyError::Usage("--connections must be 1..=64 and --requests 1..=1024".into()));
+    if opts.connections == 0 || opts.connections > 64 || opts.requests == 0 || opts.requests > 1024
+    {
+        return Err(CopyError::Usage(
+            "--connections must be 1..=64 and --requests 1..=1024".into(),
+        ));
     }
     let started = Instant::now();
     let (kind, why) = engine::choose(opts.engine).map_err(CopyError::Engine)?;
@@ -103,18 +109,45 @@ fn run_opened(
     let threads = opts.threads.map_or(cpus, |t| t.max(1) as usize);
     let src_conns = conns_of(&source.access);
     let dst_conns = conns_of(&target.access);
-    let workers = [Some(threads), src_conns, dst_conns].into_iter().flatten().min().unwrap_or(1).max(1);
-    let conns_max = src_conns.unwrap_or(0).max(dst_conns.unwrap_or(0)).max(opts.connections as usize);
+    let workers = [Some(threads), src_conns, dst_conns]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(1)
+        .max(1);
+    let conns_max = src_conns
+        .unwrap_or(0)
+        .max(dst_conns.unwrap_or(0))
+        .max(opts.connections as usize);
     let slots = (conns_max * opts.requests as usize).max(workers);
     let chunk_bytes = opts.chunk_bytes;
-    let mut pool = BufferPool::new(slots, chunk_bytes as usize).map_err(|e| CopyError::Engine(e.to_string()))?;
+    let mut pool = BufferPool::new(slots, chunk_bytes as usize)
+        .map_err(|e| CopyError::Engine(e.to_string()))?;
     let shares = pool.shares(workers);
     let shared = Arc::new(Shared::new(slots * 4));
-    shared.stats.bytes_planned.store(source.extents.data_bytes(), std::sync::atomic::Ordering::Relaxed);
-    shared.stats.planning_done.store(true, std::sync::atomic::Ordering::Relaxed);
+    shared.stats.bytes_planned.store(
+        source.extents.data_bytes(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    shared
+        .stats
+        .planning_done
+        .store(true, std::sync::atomic::Ordering::Relaxed);
 
-    let Source { size_bytes, access: src_access, extents, child: src_child, display: src_display } = source;
-    let Target { access: dst_access, fresh_zero, child: dst_child, display: dst_display, .. } = target;
+    let Source {
+        size_bytes,
+        access: src_access,
+        extents,
+        child: src_child,
+        display: src_display,
+    } = source;
+    let Target {
+        access: dst_access,
+        fresh_zero,
+        child: dst_child,
+        display: dst_display,
+        ..
+    } = target;
     let src_conn_count = src_conns.unwrap_or(0);
     let dst_conn_count = dst_conns.unwrap_or(0);
 
@@ -139,7 +172,11 @@ fn run_opened(
     for (i, ((share, src), dst)) in shares.into_iter().zip(src_ios).zip(dst_ios).enumerate() {
         let shared = Arc::clone(&shared);
         let max_in_flight = (share.slots() as u32) * 8 + 64;
-        let cfg = WorkerConfig { index: i, granule_bytes: zero::GRANULE_BYTES, zero_max_bytes };
+        let cfg = WorkerConfig {
+            index: i,
+            granule_bytes: zero::GRANULE_BYTES,
+            zero_max_bytes,
+        };
         let h = std::thread::Builder::new()
             .name(format!("worker-{i}"))
             .spawn(move || {
@@ -150,7 +187,9 @@ fn run_opened(
                 match engine::build(kind, max_in_flight) {
                     Ok(engine) => Worker::new(cfg, shared, engine, share, src, dst).run(),
                     Err(e) => {
-                        shared.fail(CopyError::Engine(format!("setting up the {kind} engine: {e}")));
+                        shared.fail(CopyError::Engine(format!(
+                            "setting up the {kind} engine: {e}"
+                        )));
                         (src, dst)
                     }
                 }
@@ -235,7 +274,13 @@ impl Shared {
     }
 }
 
-fn run_planner(mut extents: ExtentList, size_bytes: u64, chunk_bytes: u32, fresh_zero: bool, shared: &Shared) {
+fn run_planner(
+    mut extents: ExtentList,
+    size_bytes: u64,
+    chunk_bytes: u32,
+    fresh_zero: bool,
+    shared: &Shared,
+) {
     let mut emit = |work: Work| -> Result<(), super::plan::PlanError> {
         if let Work::Zero { len, .. } = work
             && fresh_zero
@@ -284,6 +329,8 @@ fn socket_clones(src: &Access, dst: &Access) -> Vec<crate::nbd::uri::NbdStream> 
         .collect()
 }
 
+// Boxed so a connection never moves while the kernel holds pointers into it.
+#[allow(clippy::vec_box)]
 fn distribute(conns: Vec<NbdConnection>, workers: usize) -> Vec<Vec<Box<NbdIo>>> {
     let mut out: Vec<Vec<Box<NbdIo>>> = (0..workers).map(|_| Vec::new()).collect();
     for (i, (stream, info)) in conns.into_iter().enumerate() {
@@ -297,10 +344,21 @@ fn distribute(conns: Vec<NbdConnection>, workers: usize) -> Vec<Vec<Box<NbdIo>>>
 /// after every worker has been joined); NBD connections move to workers.
 fn split_src(access: Access, workers: usize) -> (Vec<SrcIo>, Option<std::fs::File>) {
     match access {
-        Access::File { file, .. } => {
-            ((0..workers).map(|_| SrcIo::File { fd: file.as_raw_fd() }).collect(), Some(file))
-        }
-        Access::Nbd { conns } => (distribute(conns, workers).into_iter().map(SrcIo::Nbd).collect(), None),
+        Access::File { file, .. } => (
+            (0..workers)
+                .map(|_| SrcIo::File {
+                    fd: file.as_raw_fd(),
+                })
+                .collect(),
+            Some(file),
+        ),
+        Access::Nbd { conns } => (
+            distribute(conns, workers)
+                .into_iter()
+                .map(SrcIo::Nbd)
+                .collect(),
+            None,
+        ),
     }
 }
 
@@ -311,10 +369,22 @@ fn split_dst(access: Access, fresh_zero: bool, workers: usize) -> (Vec<DstIo>, O
         Access::File { file, direct, .. } => {
             let fd = file.as_raw_fd();
             let direct_fd = direct.as_ref().map(|d| d.as_raw_fd());
-            let ios = (0..workers).map(|_| DstIo::File { fd, direct_fd, fresh_zero }).collect();
+            let ios = (0..workers)
+                .map(|_| DstIo::File {
+                    fd,
+                    direct_fd,
+                    fresh_zero,
+                })
+                .collect();
             (ios, Some(DstFiles { file, direct }))
         }
-        Access::Nbd { conns } => (distribute(conns, workers).into_iter().map(DstIo::Nbd).collect(), None),
+        Access::Nbd { conns } => (
+            distribute(conns, workers)
+                .into_iter()
+                .map(DstIo::Nbd)
+                .collect(),
+            None,
+        ),
     }
 }
 
@@ -329,7 +399,10 @@ fn flush_target(files: &Option<DstFiles>, dst: &mut [DstIo]) -> Result<(), CopyE
         if let Some(d) = &f.direct {
             d.sync_data().map_err(|e| CopyError::Flush(e.to_string()))?;
         }
-        return f.file.sync_data().map_err(|e| CopyError::Flush(e.to_string()));
+        return f
+            .file
+            .sync_data()
+            .map_err(|e| CopyError::Flush(e.to_string()));
     }
     let mut cookie = 1u64 << 62;
     for d in dst.iter_mut() {
@@ -339,7 +412,8 @@ fn flush_target(files: &Option<DstFiles>, dst: &mut [DstIo]) -> Result<(), CopyE
                     continue;
                 }
                 cookie += 1;
-                c.roundtrip_blocking(cookie, Cmd::Flush).map_err(|e| CopyError::Flush(e.to_string()))?;
+                c.roundtrip_blocking(cookie, Cmd::Flush)
+                    .map_err(|e| CopyError::Flush(e.to_string()))?;
             }
         }
     }

@@ -24,18 +24,33 @@ impl ExtentMap for FileMap {
             .map_err(|source| PlanError::Io { offset, source })?;
         let mut pos = offset;
         for (o, l) in data {
-            let (o, l) = (o.max(pos), (o + l).min(offset + len).saturating_sub(o.max(pos)));
+            let (o, l) = (
+                o.max(pos),
+                (o + l).min(offset + len).saturating_sub(o.max(pos)),
+            );
             if l == 0 {
                 continue;
             }
             if o > pos {
-                out.push(Extent { offset: pos, len: o - pos, data: false });
+                out.push(Extent {
+                    offset: pos,
+                    len: o - pos,
+                    data: false,
+                });
             }
-            out.push(Extent { offset: o, len: l, data: true });
+            out.push(Extent {
+                offset: o,
+                len: l,
+                data: true,
+            });
             pos = o + l;
         }
         if pos < offset + len {
-            out.push(Extent { offset: pos, len: offset + len - pos, data: false });
+            out.push(Extent {
+                offset: pos,
+                len: offset + len - pos,
+                data: false,
+            });
         }
         Ok(())
     }
@@ -48,7 +63,8 @@ pub struct NbdMap {
 
 impl ExtentMap for NbdMap {
     fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), PlanError> {
-        let ask = u32::try_from(len.min(u64::from(u32::MAX) & !0xFFFF).max(1).min(len)).unwrap_or(u32::MAX);
+        let ask = u32::try_from(len.min(u64::from(u32::MAX) & !0xFFFF).max(1).min(len))
+            .unwrap_or(u32::MAX);
         let extents = self
             .client
             .block_status(offset, ask, BASE_ALLOCATION)
@@ -59,11 +75,18 @@ impl ExtentMap for NbdMap {
             if l == 0 {
                 break;
             }
-            out.push(Extent { offset: pos, len: l, data: e.flags & NBD_STATE_ZERO == 0 });
+            out.push(Extent {
+                offset: pos,
+                len: l,
+                data: e.flags & NBD_STATE_ZERO == 0,
+            });
             pos += l;
         }
         if pos == offset {
-            return Err(PlanError::BadMap { offset, why: "server returned no extents".into() });
+            return Err(PlanError::BadMap {
+                offset,
+                why: "server returned no extents".into(),
+            });
         }
         Ok(())
     }
@@ -86,11 +109,17 @@ impl ExtentList {
             buf.clear();
             map.map(offset, (size_bytes - offset).min(1 << 30), &mut buf)?;
             if buf.is_empty() {
-                return Err(PlanError::BadMap { offset, why: "no extents returned".into() });
+                return Err(PlanError::BadMap {
+                    offset,
+                    why: "no extents returned".into(),
+                });
             }
             for e in &buf {
                 if e.offset != offset || e.len == 0 || e.len > size_bytes - offset {
-                    return Err(PlanError::BadMap { offset, why: "extents not contiguous".into() });
+                    return Err(PlanError::BadMap {
+                        offset,
+                        why: "extents not contiguous".into(),
+                    });
                 }
                 if e.data {
                     match data.last_mut() {
@@ -129,16 +158,28 @@ impl ExtentMap for ExtentList {
             match self.data.get(i) {
                 Some(&(o, l)) if o < end => {
                     if o > pos {
-                        out.push(Extent { offset: pos, len: o - pos, data: false });
+                        out.push(Extent {
+                            offset: pos,
+                            len: o - pos,
+                            data: false,
+                        });
                         pos = o;
                     }
                     let e = (o + l).min(end);
-                    out.push(Extent { offset: pos, len: e - pos, data: true });
+                    out.push(Extent {
+                        offset: pos,
+                        len: e - pos,
+                        data: true,
+                    });
                     pos = e;
                     i += 1;
                 }
                 _ => {
-                    out.push(Extent { offset: pos, len: end - pos, data: false });
+                    out.push(Extent {
+                        offset: pos,
+                        len: end - pos,
+                        data: false,
+                    });
                     pos = end;
                 }
             }

@@ -66,10 +66,20 @@ impl NbdIo {
 
     /// Encode `cmd` and queue it; `payload` must stay valid until the
     /// command's reply arrives.
-    pub fn request(&mut self, cookie: u64, cmd: Cmd, payload: *const u8, payload_len: u32) -> Result<(), NbdError> {
+    pub fn request(
+        &mut self,
+        cookie: u64,
+        cmd: Cmd,
+        payload: *const u8,
+        payload_len: u32,
+    ) -> Result<(), NbdError> {
         let mut header = [0u8; 28];
         self.conn.encode_request(cookie, cmd, &mut header)?;
-        self.queue.push_back(Outgoing { header, payload_addr: payload as usize, payload_len });
+        self.queue.push_back(Outgoing {
+            header,
+            payload_addr: payload as usize,
+            payload_len,
+        });
         Ok(())
     }
 
@@ -81,7 +91,9 @@ impl NbdIo {
         self.batch.clear();
         self.iov.clear();
         while self.batch.len() < SEND_BATCH_MAX {
-            let Some(o) = self.queue.pop_front() else { break };
+            let Some(o) = self.queue.pop_front() else {
+                break;
+            };
             self.batch.push(o);
         }
         for o in &self.batch {
@@ -97,13 +109,25 @@ impl NbdIo {
     fn push_writev(&mut self, engine: &mut dyn Engine, user_data: u64) -> std::io::Result<()> {
         let (iov, count) = self.iov.tail(self.iov_pos);
         let iovcnt = u32::try_from(count.min(1024)).expect("bounded");
-        engine.push(user_data, Op::Writev { fd: self.fd, iov, iovcnt })?;
+        engine.push(
+            user_data,
+            Op::Writev {
+                fd: self.fd,
+                iov,
+                iovcnt,
+            },
+        )?;
         self.send_in_flight = true;
         Ok(())
     }
 
     /// A `writev` completed with `result`; continues a partial send.
-    pub fn on_send(&mut self, result: i32, engine: &mut dyn Engine, user_data: u64) -> Result<(), NbdError> {
+    pub fn on_send(
+        &mut self,
+        result: i32,
+        engine: &mut dyn Engine,
+        user_data: u64,
+    ) -> Result<(), NbdError> {
         self.send_in_flight = false;
         if result < 0 {
             return Err(NbdError::Io(std::io::Error::from_raw_os_error(-result)));
@@ -142,19 +166,35 @@ impl NbdIo {
             RecvTarget::Scratch { len } => {
                 let scratch = self.conn.scratch_mut();
                 if len == 0 || len > scratch.len() {
-                    return Err(NbdError::Protocol(format!("decoder asked for {len} scratch bytes")));
+                    return Err(NbdError::Protocol(format!(
+                        "decoder asked for {len} scratch bytes"
+                    )));
                 }
                 (scratch.as_mut_ptr(), len)
             }
-            RecvTarget::Payload { cookie, buf_offset, len } => {
-                let ptr = dest(cookie, buf_offset, len)
-                    .ok_or_else(|| NbdError::Protocol(format!("read data for unknown request {cookie:#x}")))?;
+            RecvTarget::Payload {
+                cookie,
+                buf_offset,
+                len,
+            } => {
+                let ptr = dest(cookie, buf_offset, len).ok_or_else(|| {
+                    NbdError::Protocol(format!("read data for unknown request {cookie:#x}"))
+                })?;
                 (ptr, len as usize)
             }
         };
-        let len32 = u32::try_from(len).map_err(|_| NbdError::Protocol("receive too large".into()))?;
+        let len32 =
+            u32::try_from(len).map_err(|_| NbdError::Protocol("receive too large".into()))?;
         engine
-            .push(user_data, Op::Recv { fd: self.fd, buf: ptr, len: len32, waitall: true })
+            .push(
+                user_data,
+                Op::Recv {
+                    fd: self.fd,
+                    buf: ptr,
+                    len: len32,
+                    waitall: true,
+                },
+            )
             .map_err(NbdError::Io)?;
         self.recv_in_flight = true;
         self.recv_len = len;
@@ -208,14 +248,21 @@ impl NbdIo {
                     return Err(NbdError::Protocol("unexpected data in reply".into()));
                 }
             }
-            for ev in events.drain(..) {
-                match ev {
-                    ReplyEvent::Done { cookie: c } if c == cookie => return Ok(()),
-                    ReplyEvent::Failed { cookie: c, errno, message } if c == cookie => {
-                        return Err(NbdError::Protocol(format!("command failed with error {errno}: {message}")));
-                    }
-                    other => return Err(NbdError::Protocol(format!("unexpected reply {other:?}"))),
+            if let Some(ev) = events.pop() {
+                if !events.is_empty() {
+                    return Err(NbdError::Protocol(format!("unexpected replies {events:?}")));
                 }
+                return match ev {
+                    ReplyEvent::Done { cookie: c } if c == cookie => Ok(()),
+                    ReplyEvent::Failed {
+                        cookie: c,
+                        errno,
+                        message,
+                    } if c == cookie => Err(NbdError::Protocol(format!(
+                        "command failed with error {errno}: {message}"
+                    ))),
+                    other => Err(NbdError::Protocol(format!("unexpected reply {other:?}"))),
+                };
             }
         }
     }

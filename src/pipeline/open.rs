@@ -21,8 +21,14 @@ pub enum Access {
     /// `direct`: the same file opened with O_DIRECT, when the file system
     /// allows it (targets only): aligned writes go there, skipping the page
     /// cache and its writeback stalls.
-    File { file: File, kind: FileKind, direct: Option<File> },
-    Nbd { conns: Vec<NbdConnection> },
+    File {
+        file: File,
+        kind: FileKind,
+        direct: Option<File>,
+    },
+    Nbd {
+        conns: Vec<NbdConnection>,
+    },
 }
 
 /// An opened source, its allocation already mapped.
@@ -51,8 +57,12 @@ fn nbd_err(uri: &NbdUri, e: crate::nbd::NbdError) -> CopyError {
 
 fn uri_display(uri: &NbdUri) -> String {
     match &uri.transport {
-        crate::nbd::uri::Transport::Tcp { host, port } => format!("nbd://{host}:{port}/{}", uri.export),
-        crate::nbd::uri::Transport::Unix { path } => format!("nbd+unix:///{}?socket={}", uri.export, path.display()),
+        crate::nbd::uri::Transport::Tcp { host, port } => {
+            format!("nbd://{host}:{port}/{}", uri.export)
+        }
+        crate::nbd::uri::Transport::Unix { path } => {
+            format!("nbd+unix:///{}?socket={}", uri.export, path.display())
+        }
     }
 }
 
@@ -67,7 +77,10 @@ fn check_plain(uri: &NbdUri) -> Result<(), CopyError> {
 }
 
 fn connect_err(uri: &NbdUri, e: std::io::Error) -> CopyError {
-    CopyError::Endpoint(EndpointError::Other(format!("connecting to {}: {e}", uri_display(uri))))
+    CopyError::Endpoint(EndpointError::Other(format!(
+        "connecting to {}: {e}",
+        uri_display(uri)
+    )))
 }
 
 fn connect(uri: &NbdUri, meta: &[&str]) -> Result<NbdConnection, CopyError> {
@@ -79,11 +92,19 @@ fn connect(uri: &NbdUri, meta: &[&str]) -> Result<NbdConnection, CopyError> {
 
 /// Open `n` connections (the first given); fewer when the server does not
 /// allow several (no multi-conn).
-fn more_connections(uri: &NbdUri, first: NbdConnection, n: u32, meta: &[&str]) -> Result<Vec<NbdConnection>, CopyError> {
+fn more_connections(
+    uri: &NbdUri,
+    first: NbdConnection,
+    n: u32,
+    meta: &[&str],
+) -> Result<Vec<NbdConnection>, CopyError> {
     let multi = first.1.can_multi_conn();
     let mut conns = vec![first];
     if !multi && n > 1 {
-        tracing::info!("{} does not advertise multi-conn; using one connection", uri_display(uri));
+        tracing::info!(
+            "{} does not advertise multi-conn; using one connection",
+            uri_display(uri)
+        );
     }
     while multi && (conns.len() as u32) < n {
         conns.push(connect(uri, meta)?);
@@ -98,13 +119,23 @@ pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
     let (uri, child) = match spec {
         Spec::Raw(path) => {
             let raw = RawFile::open_source(&path)?;
-            let map_file = raw.file.try_clone().map_err(|e| EndpointError::Io { path: arg.to_string(), source: e })?;
-            let mut map = FileMap { file: map_file, size_bytes: raw.size_bytes };
+            let map_file = raw.file.try_clone().map_err(|e| EndpointError::Io {
+                path: arg.to_string(),
+                source: e,
+            })?;
+            let mut map = FileMap {
+                file: map_file,
+                size_bytes: raw.size_bytes,
+            };
             let extents = ExtentList::collect(&mut map, raw.size_bytes)?;
             return Ok(Source {
                 display: path.display().to_string(),
                 size_bytes: raw.size_bytes,
-                access: Access::File { file: raw.file, kind: raw.kind, direct: None },
+                access: Access::File {
+                    file: raw.file,
+                    kind: raw.kind,
+                    direct: None,
+                },
                 extents,
                 child: None,
             });
@@ -117,7 +148,8 @@ pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
     };
     check_plain(&uri)?;
     let stream = uri.connect().map_err(|e| connect_err(&uri, e))?;
-    let mut client = Client::connect(stream, &uri.export, &[BASE_ALLOCATION]).map_err(|e| nbd_err(&uri, e))?;
+    let mut client =
+        Client::connect(stream, &uri.export, &[BASE_ALLOCATION]).map_err(|e| nbd_err(&uri, e))?;
     let info = client.info().clone();
     let size_bytes = info.size_bytes;
     // Map on the first connection, then hand it to the workers.
@@ -127,12 +159,21 @@ pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
         client = map.client;
         list
     } else {
-        tracing::info!("{} has no base:allocation; reading everything", uri_display(&uri));
+        tracing::info!(
+            "{} has no base:allocation; reading everything",
+            uri_display(&uri)
+        );
         ExtentList::collect(&mut AllData as &mut dyn ExtentMap, size_bytes)?
     };
     let first = (client.into_parts().0, info);
     let conns = more_connections(&uri, first, connections, &[BASE_ALLOCATION])?;
-    Ok(Source { display: arg.to_string(), size_bytes, access: Access::Nbd { conns }, extents, child })
+    Ok(Source {
+        display: arg.to_string(),
+        size_bytes,
+        access: Access::Nbd { conns },
+        extents,
+        child,
+    })
 }
 
 /// Open (creating or sizing where that is what a user means) the target
@@ -146,7 +187,11 @@ pub fn open_target(arg: &str, source_bytes: u64, connections: u32) -> Result<Tar
             return Ok(Target {
                 display: path.display().to_string(),
                 size_bytes: raw.size_bytes,
-                access: Access::File { file: raw.file, kind: raw.kind, direct },
+                access: Access::File {
+                    file: raw.file,
+                    kind: raw.kind,
+                    direct,
+                },
                 fresh_zero,
                 child: None,
             });
@@ -163,7 +208,9 @@ pub fn open_target(arg: &str, source_bytes: u64, connections: u32) -> Result<Tar
     let first = connect(&uri, &[])?;
     let info = &first.1;
     if info.read_only() {
-        return Err(CopyError::Usage(format!("target {arg} is a read-only NBD export")));
+        return Err(CopyError::Usage(format!(
+            "target {arg} is a read-only NBD export"
+        )));
     }
     if info.size_bytes < source_bytes {
         return Err(EndpointError::TargetTooSmall {
@@ -175,7 +222,13 @@ pub fn open_target(arg: &str, source_bytes: u64, connections: u32) -> Result<Tar
     }
     let size_bytes = info.size_bytes;
     let conns = more_connections(&uri, first, connections, &[])?;
-    Ok(Target { display: arg.to_string(), size_bytes, access: Access::Nbd { conns }, fresh_zero: false, child })
+    Ok(Target {
+        display: arg.to_string(),
+        size_bytes,
+        access: Access::Nbd { conns },
+        fresh_zero: false,
+        child,
+    })
 }
 
 /// Open `path` again for writing with O_DIRECT; None where that is refused
@@ -185,10 +238,17 @@ fn open_direct(path: &std::path::Path) -> Option<File> {
     if std::env::var_os("DISKFERRY_NO_DIRECT").is_some_and(|v| !v.is_empty() && v != "0") {
         return None;
     }
-    match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
         Ok(f) => Some(f),
         Err(e) => {
-            tracing::info!("{}: no O_DIRECT ({e}); writing through the page cache", path.display());
+            tracing::info!(
+                "{}: no O_DIRECT ({e}); writing through the page cache",
+                path.display()
+            );
             None
         }
     }

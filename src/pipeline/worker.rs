@@ -6,7 +6,6 @@
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use crate::engine::{Completion, Engine, Op};
 use crate::nbd::NbdError;
@@ -31,7 +30,11 @@ pub enum DstIo {
     /// everywhere already (a file we just truncated), so zeros are skipped.
     /// `direct_fd`: the same file with O_DIRECT, used for writes whose
     /// offset and length are multiples of [`DIRECT_ALIGN_BYTES`].
-    File { fd: RawFd, direct_fd: Option<RawFd>, fresh_zero: bool },
+    File {
+        fd: RawFd,
+        direct_fd: Option<RawFd>,
+        fresh_zero: bool,
+    },
     Nbd(Vec<Box<NbdIo>>),
 }
 
@@ -209,7 +212,9 @@ impl Worker {
             idle_spins = 0;
             self.completions.clear();
             let mut done = std::mem::take(&mut self.completions);
-            self.engine.wait(1, &mut done).map_err(|e| CopyError::Engine(e.to_string()))?;
+            self.engine
+                .wait(1, &mut done)
+                .map_err(|e| CopyError::Engine(e.to_string()))?;
             for c in &done {
                 self.on_completion(*c)?;
             }
@@ -241,7 +246,9 @@ impl Worker {
             if self.slots[slot].phase != Phase::Idle {
                 continue;
             }
-            let Some(work) = self.shared.queue.pop() else { break };
+            let Some(work) = self.shared.queue.pop() else {
+                break;
+            };
             self.start(slot, work)?;
         }
         Ok(())
@@ -254,12 +261,20 @@ impl Worker {
         }
     }
 
-    fn start_copy(&mut self, slot: usize, offset: u64, len: u32, data: &[(u32, u32)]) -> Result<(), CopyError> {
+    fn start_copy(
+        &mut self,
+        slot: usize,
+        offset: u64,
+        len: u32,
+        data: &[(u32, u32)],
+    ) -> Result<(), CopyError> {
         // Zero the parts of the buffer the source said are holes.
         let mut pos = 0u32;
         for &(r, l) in data.iter().chain(std::iter::once(&(len, 0))) {
             if r > pos {
-                self.pool.region(slot, pos as usize, (r - pos) as usize).fill(0);
+                self.pool
+                    .region(slot, pos as usize, (r - pos) as usize)
+                    .fill(0);
             }
             pos = r + l;
         }
@@ -277,7 +292,12 @@ impl Worker {
             let mut done = 0;
             while done < l {
                 let n = (l - done).min(max_req);
-                s.subops.push(SubOp { buf_off: r + done, disk_off: offset + u64::from(r + done), len: n, done: 0 });
+                s.subops.push(SubOp {
+                    buf_off: r + done,
+                    disk_off: offset + u64::from(r + done),
+                    len: n,
+                    done: 0,
+                });
                 done += n;
             }
         }
@@ -301,13 +321,23 @@ impl Worker {
                     len: so.len - so.done,
                     offset: so.disk_off + u64::from(so.done),
                 };
-                self.engine.push(ud(TAG_FILE_READ, slot, i), op).map_err(engine_err)?;
+                self.engine
+                    .push(ud(TAG_FILE_READ, slot, i), op)
+                    .map_err(engine_err)?;
             }
             SrcIo::Nbd(conns) => {
                 let c = self.rr_src % conns.len();
                 self.rr_src = self.rr_src.wrapping_add(1);
                 conns[c]
-                    .request(cookie(slot, i), Cmd::Read { offset: so.disk_off, len: so.len }, std::ptr::null(), 0)
+                    .request(
+                        cookie(slot, i),
+                        Cmd::Read {
+                            offset: so.disk_off,
+                            len: so.len,
+                        },
+                        std::ptr::null(),
+                        0,
+                    )
                     .map_err(|e| CopyError::source(so.disk_off, e))?;
             }
         }
@@ -318,9 +348,19 @@ impl Worker {
     fn start_write(&mut self, slot: usize) -> Result<(), CopyError> {
         let len = self.slots[slot].len as usize;
         let mut runs = std::mem::take(&mut self.slots[slot].runs);
-        zero::runs(self.pool.region(slot, 0, len), self.cfg.granule_bytes, &mut runs);
+        zero::runs(
+            self.pool.region(slot, 0, len),
+            self.cfg.granule_bytes,
+            &mut runs,
+        );
         let offset = self.slots[slot].offset;
-        let fresh = matches!(self.dst, DstIo::File { fresh_zero: true, .. });
+        let fresh = matches!(
+            self.dst,
+            DstIo::File {
+                fresh_zero: true,
+                ..
+            }
+        );
         let max_req = match &self.dst {
             DstIo::File { .. } => u32::MAX,
             DstIo::Nbd(c) => c[0].info.block_max.max(4096),
@@ -374,7 +414,13 @@ impl Worker {
         s.subops.clear();
         s.pending = 0;
         Stats::add(&self.shared.stats.bytes_zeroed, len);
-        if matches!(self.dst, DstIo::File { fresh_zero: true, .. }) {
+        if matches!(
+            self.dst,
+            DstIo::File {
+                fresh_zero: true,
+                ..
+            }
+        ) {
             self.finish(slot);
             return Ok(());
         }
@@ -399,7 +445,9 @@ impl Worker {
                         offset: off,
                         len: n,
                     };
-                    self.engine.push(ud(TAG_FILE_ZERO, slot, 0), op).map_err(engine_err)?;
+                    self.engine
+                        .push(ud(TAG_FILE_ZERO, slot, 0), op)
+                        .map_err(engine_err)?;
                     self.slots[slot].pending += 1;
                 }
                 DstIo::Nbd(conns) => {
@@ -409,15 +457,27 @@ impl Worker {
                     if !conn.info.can_write_zeroes() {
                         return Err(CopyError::target(
                             off,
-                            NbdError::Unsupported("WRITE_ZEROES (needed to zero a non-fresh target)"),
+                            NbdError::Unsupported(
+                                "WRITE_ZEROES (needed to zero a non-fresh target)",
+                            ),
                         ));
                     }
                     let sub = self.slots[slot].subops.len();
-                    self.slots[slot].subops.push(SubOp { buf_off: 0, disk_off: off, len: 0, done: 0 });
+                    self.slots[slot].subops.push(SubOp {
+                        buf_off: 0,
+                        disk_off: off,
+                        len: 0,
+                        done: 0,
+                    });
                     let len32 = u32::try_from(n).expect("zero_max fits u32");
                     conn.request(
                         cookie(slot, sub),
-                        Cmd::WriteZeroes { offset: off, len: len32, no_hole: false, fast: false },
+                        Cmd::WriteZeroes {
+                            offset: off,
+                            len: len32,
+                            no_hole: false,
+                            fast: false,
+                        },
                         std::ptr::null(),
                         0,
                     )
@@ -441,14 +501,30 @@ impl Worker {
                     Some(d) if aligned => *d,
                     _ => *fd,
                 };
-                let op = Op::Write { fd, buf: ptr, len, offset };
-                self.engine.push(ud(TAG_FILE_WRITE, slot, i), op).map_err(engine_err)?;
+                let op = Op::Write {
+                    fd,
+                    buf: ptr,
+                    len,
+                    offset,
+                };
+                self.engine
+                    .push(ud(TAG_FILE_WRITE, slot, i), op)
+                    .map_err(engine_err)?;
             }
             DstIo::Nbd(conns) => {
                 let c = self.rr_dst % conns.len();
                 self.rr_dst = self.rr_dst.wrapping_add(1);
                 conns[c]
-                    .request(cookie(slot, i), Cmd::Write { offset: so.disk_off, len: so.len, fua: false }, ptr, so.len)
+                    .request(
+                        cookie(slot, i),
+                        Cmd::Write {
+                            offset: so.disk_off,
+                            len: so.len,
+                            fua: false,
+                        },
+                        ptr,
+                        so.len,
+                    )
                     .map_err(|e| CopyError::target(so.disk_off, e))?;
             }
         }
@@ -480,7 +556,9 @@ impl Worker {
                 self.finish(slot);
                 Ok(())
             }
-            Phase::Idle => Err(CopyError::Internal(format!("completion for idle slot {slot}"))),
+            Phase::Idle => Err(CopyError::Internal(format!(
+                "completion for idle slot {slot}"
+            ))),
         }
     }
 
@@ -491,28 +569,38 @@ impl Worker {
             TAG_FILE_ZERO => {
                 if c.result < 0 {
                     let err = std::io::Error::from_raw_os_error(-c.result);
-                    return Err(CopyError::TargetWrite(format!("zeroing a range of the target: {err}")));
+                    return Err(CopyError::TargetWrite(format!(
+                        "zeroing a range of the target: {err}"
+                    )));
                 }
                 self.subop_done(slot)
             }
             TAG_SRC_SEND | TAG_DST_SEND => {
                 let is_src = ud_tag(c.user_data) == TAG_SRC_SEND;
-                let Self { src, dst, engine, .. } = self;
+                let Self {
+                    src, dst, engine, ..
+                } = self;
                 let conn = pick_conn(is_src, src, dst, sub);
-                conn.on_send(c.result, &mut **engine, c.user_data).map_err(|e| side_err(is_src, e))
+                conn.on_send(c.result, &mut **engine, c.user_data)
+                    .map_err(|e| side_err(is_src, e))
             }
             TAG_SRC_RECV | TAG_DST_RECV => {
                 let is_src = ud_tag(c.user_data) == TAG_SRC_RECV;
                 let mut events = std::mem::take(&mut self.events);
                 events.clear();
-                let res = pick_conn(is_src, &mut self.src, &mut self.dst, sub).on_recv(c.result, &mut events);
+                let res = pick_conn(is_src, &mut self.src, &mut self.dst, sub)
+                    .on_recv(c.result, &mut events);
                 let out = res.map_err(|e| side_err(is_src, e)).and_then(|()| {
-                    events.drain(..).try_for_each(|ev| self.on_event(is_src, ev))
+                    events
+                        .drain(..)
+                        .try_for_each(|ev| self.on_event(is_src, ev))
                 });
                 self.events = events;
                 out
             }
-            t => Err(CopyError::Internal(format!("completion with unknown tag {t}"))),
+            t => Err(CopyError::Internal(format!(
+                "completion with unknown tag {t}"
+            ))),
         }
     }
 
@@ -530,59 +618,99 @@ impl Worker {
         }
         if c.result == 0 {
             return Err(if is_read {
-                CopyError::SourceRead(format!("unexpected end of file at offset {at} (did the source shrink?)"))
+                CopyError::SourceRead(format!(
+                    "unexpected end of file at offset {at} (did the source shrink?)"
+                ))
             } else {
                 CopyError::TargetWrite(format!("wrote nothing at offset {at}"))
             });
         }
         let n = c.result as u32;
-        let stat = if is_read { &self.shared.stats.bytes_read } else { &self.shared.stats.bytes_written };
+        let stat = if is_read {
+            &self.shared.stats.bytes_read
+        } else {
+            &self.shared.stats.bytes_written
+        };
         Stats::add(stat, u64::from(n));
         let so = &mut self.slots[slot].subops[sub];
         so.done += n;
         if so.done < so.len {
-            return if is_read { self.issue_read(slot, sub) } else { self.issue_write(slot, sub) };
+            return if is_read {
+                self.issue_read(slot, sub)
+            } else {
+                self.issue_write(slot, sub)
+            };
         }
         self.subop_done(slot)
     }
 
     fn on_event(&mut self, is_src: bool, ev: ReplyEvent) -> Result<(), CopyError> {
         match ev {
-            ReplyEvent::Hole { cookie: ck, buf_offset, len } => {
+            ReplyEvent::Hole {
+                cookie: ck,
+                buf_offset,
+                len,
+            } => {
                 let (slot, sub) = self.lookup(ck)?;
                 let so = self.slots[slot].subops[sub];
                 if u64::from(buf_offset) + u64::from(len) > u64::from(so.len) {
-                    return Err(CopyError::source(so.disk_off, NbdError::Protocol("hole outside the read".into())));
+                    return Err(CopyError::source(
+                        so.disk_off,
+                        NbdError::Protocol("hole outside the read".into()),
+                    ));
                 }
-                self.pool.region(slot, (so.buf_off + buf_offset) as usize, len as usize).fill(0);
+                self.pool
+                    .region(slot, (so.buf_off + buf_offset) as usize, len as usize)
+                    .fill(0);
                 Ok(())
             }
             ReplyEvent::Done { cookie: ck } => {
                 let (slot, sub) = self.lookup(ck)?;
                 let so = self.slots[slot].subops[sub];
-                let stat = if is_src { &self.shared.stats.bytes_read } else { &self.shared.stats.bytes_written };
+                let stat = if is_src {
+                    &self.shared.stats.bytes_read
+                } else {
+                    &self.shared.stats.bytes_written
+                };
                 Stats::add(stat, u64::from(so.len));
                 self.subop_done(slot)
             }
-            ReplyEvent::Failed { cookie: ck, errno, message } => {
+            ReplyEvent::Failed {
+                cookie: ck,
+                errno,
+                message,
+            } => {
                 let (slot, sub) = self.lookup(ck)?;
                 if self.shared.aborted() {
                     // Draining after the first error: just account for it.
                     return self.subop_done(slot);
                 }
                 let so = self.slots[slot].subops[sub];
-                let what = if is_src { "reading the source" } else { "writing the target" };
+                let what = if is_src {
+                    "reading the source"
+                } else {
+                    "writing the target"
+                };
                 let msg = format!(
                     "{what} at offset {} ({} bytes) failed on the NBD server: error {errno}{}",
                     so.disk_off,
                     so.len,
-                    if message.is_empty() { String::new() } else { format!(" ({message})") }
+                    if message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({message})")
+                    }
                 );
-                Err(if is_src { CopyError::SourceRead(msg) } else { CopyError::TargetWrite(msg) })
+                Err(if is_src {
+                    CopyError::SourceRead(msg)
+                } else {
+                    CopyError::TargetWrite(msg)
+                })
             }
-            ReplyEvent::BlockStatus { .. } => {
-                Err(side_err(is_src, NbdError::Protocol("block status reply to a data request".into())))
-            }
+            ReplyEvent::BlockStatus { .. } => Err(side_err(
+                is_src,
+                NbdError::Protocol("block status reply to a data request".into()),
+            )),
         }
     }
 
@@ -593,7 +721,14 @@ impl Worker {
     }
 
     fn kick_sockets(&mut self) -> Result<(), CopyError> {
-        let Self { src, dst, engine, pool, slots, .. } = self;
+        let Self {
+            src,
+            dst,
+            engine,
+            pool,
+            slots,
+            ..
+        } = self;
         let mut dest = |ck: u64, buf_offset: u32, len: u32| -> Option<*mut u8> {
             let (slot, sub) = cookie_parts(ck)?;
             let so = slots.get(slot)?.subops.get(sub)?;
@@ -604,14 +739,18 @@ impl Worker {
         };
         if let SrcIo::Nbd(conns) = src {
             for (i, c) in conns.iter_mut().enumerate() {
-                c.kick_send(&mut **engine, ud(TAG_SRC_SEND, 0, i)).map_err(|e| side_err(true, e.into()))?;
-                c.kick_recv(&mut **engine, ud(TAG_SRC_RECV, 0, i), &mut dest).map_err(|e| side_err(true, e))?;
+                c.kick_send(&mut **engine, ud(TAG_SRC_SEND, 0, i))
+                    .map_err(|e| side_err(true, e.into()))?;
+                c.kick_recv(&mut **engine, ud(TAG_SRC_RECV, 0, i), &mut dest)
+                    .map_err(|e| side_err(true, e))?;
             }
         }
         if let DstIo::Nbd(conns) = dst {
             for (i, c) in conns.iter_mut().enumerate() {
-                c.kick_send(&mut **engine, ud(TAG_DST_SEND, 0, i)).map_err(|e| side_err(false, e.into()))?;
-                c.kick_recv(&mut **engine, ud(TAG_DST_RECV, 0, i), &mut dest).map_err(|e| side_err(false, e))?;
+                c.kick_send(&mut **engine, ud(TAG_DST_SEND, 0, i))
+                    .map_err(|e| side_err(false, e.into()))?;
+                c.kick_recv(&mut **engine, ud(TAG_DST_RECV, 0, i), &mut dest)
+                    .map_err(|e| side_err(false, e))?;
             }
         }
         Ok(())
@@ -640,13 +779,9 @@ fn engine_err(e: std::io::Error) -> CopyError {
 }
 
 fn side_err(is_src: bool, e: NbdError) -> CopyError {
-    if is_src { CopyError::SourceRead(e.to_string()) } else { CopyError::TargetWrite(e.to_string()) }
-}
-
-#[allow(dead_code)]
-fn _assert_send() {
-    fn s<T: Send>() {}
-    s::<SrcIo>();
-    s::<DstIo>();
-    let _ = Ordering::Relaxed;
+    if is_src {
+        CopyError::SourceRead(e.to_string())
+    } else {
+        CopyError::TargetWrite(e.to_string())
+    }
 }

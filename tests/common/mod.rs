@@ -48,14 +48,25 @@ fn wait_for_socket(child: &mut Child, sock: &Path, what: &str) {
             }
             panic!("{what} exited early ({status}): {err}");
         }
-        assert!(Instant::now() < deadline, "{what} did not open {}", sock.display());
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not open {}",
+            sock.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// `qemu-nbd` serving `file` (raw unless `format` says otherwise) on a
 /// unix socket in `dir`.
-pub fn qemu_nbd(dir: &Path, name: &str, file: &Path, format: &str, read_only: bool, extra: &[&str]) -> Server {
+pub fn qemu_nbd(
+    dir: &Path,
+    name: &str,
+    file: &Path,
+    format: &str,
+    read_only: bool,
+    extra: &[&str],
+) -> Server {
     let sock = dir.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&sock);
     let mut cmd = Command::new("qemu-nbd");
@@ -63,7 +74,10 @@ pub fn qemu_nbd(dir: &Path, name: &str, file: &Path, format: &str, read_only: bo
     if read_only {
         cmd.arg("-r");
     }
-    cmd.args(extra).arg(file).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.args(extra)
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("qemu-nbd runs (install qemu-utils)");
     wait_for_socket(&mut child, &sock, "qemu-nbd");
     Server { child, sock }
@@ -108,14 +122,24 @@ pub fn copy_ok(src: &str, dst: &str, engine: &str, extra: &[&str]) -> Output {
 
 /// Dump an NBD export to a file with nbdcopy (the reference client).
 pub fn nbd_to_file(uri: &str, out: &Path) {
-    let st = Command::new("nbdcopy").arg(uri).arg(out).status().expect("nbdcopy runs");
+    let st = Command::new("nbdcopy")
+        .arg(uri)
+        .arg(out)
+        .status()
+        .expect("nbdcopy runs");
     assert!(st.success(), "nbdcopy {uri} failed");
 }
 
 /// Byte-compare two files; panics at the first difference.
 pub fn assert_same(a: &Path, b: &Path) {
     let (ma, mb) = (std::fs::metadata(a).unwrap(), std::fs::metadata(b).unwrap());
-    assert_eq!(ma.len(), mb.len(), "sizes differ: {} vs {}", a.display(), b.display());
+    assert_eq!(
+        ma.len(),
+        mb.len(),
+        "sizes differ: {} vs {}",
+        a.display(),
+        b.display()
+    );
     let mut fa = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(a).unwrap());
     let mut fb = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(b).unwrap());
     let mut ba = vec![0u8; 1 << 20];
@@ -130,7 +154,12 @@ pub fn assert_same(a: &Path, b: &Path) {
         }
         if ba[..n] != bb[..n] {
             let i = (0..n).find(|&i| ba[i] != bb[i]).unwrap();
-            panic!("{} and {} differ at byte {}", a.display(), b.display(), off + i as u64);
+            panic!(
+                "{} and {} differ at byte {}",
+                a.display(),
+                b.display(),
+                off + i as u64
+            );
         }
         off += n as u64;
     }
@@ -155,7 +184,12 @@ pub fn allocated(p: &Path) -> u64 {
 /// Write `data` at `offset` of `p` (creating it).
 pub fn write_at(p: &Path, offset: u64, data: &[u8]) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(p).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(p)
+        .unwrap();
     f.write_all_at(data, offset).unwrap();
 }
 
@@ -192,6 +226,11 @@ pub fn dense_file(p: &Path, size: usize, seed: u64) {
 /// The last line of stdout parsed as JSON.
 pub fn last_json(out: &Output) -> serde_json::Value {
     let s = String::from_utf8_lossy(&out.stdout);
-    let line = s.lines().last().unwrap_or_else(|| panic!("no JSON output; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+    let line = s.lines().last().unwrap_or_else(|| {
+        panic!(
+            "no JSON output; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
 }
