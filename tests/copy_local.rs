@@ -226,3 +226,21 @@ fn qcow2_source_through_qemu_nbd_child() {
     assert!(st.success());
     assert_same(&reference, &back);
 }
+
+#[test]
+fn falls_back_to_threads_when_io_uring_is_unavailable() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    sparse_file(&src, 8 * MIB, &[(MIB, 100_000)], 11);
+    let dst = d.path().join("dst.img");
+    let out = diskferry()
+        .args(["copy", src.to_str().unwrap(), dst.to_str().unwrap(), "--json", "-v"])
+        .env("DISKFERRY_DISABLE_URING", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("running the threaded engine"), "the fallback was not logged: {log}");
+    assert_eq!(last_json(&out)["engine"], "threads");
+    assert_same(&src, &dst);
+}

@@ -74,7 +74,7 @@ pub fn run(opts: &CopyOptions, progress: ProgressFn<'_>) -> Result<CopyReport, C
     let started = Instant::now();
     let (kind, why) = engine::choose(opts.engine).map_err(CopyError::Engine)?;
     if let Some(why) = why {
-        tracing::warn!("{why}; running the threaded engine");
+        tracing::warn!("{why}");
     }
     let source = open_source(&opts.source, opts.connections)?;
     let target = open_target(&opts.target, source.size_bytes, opts.connections)?;
