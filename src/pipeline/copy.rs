@@ -166,7 +166,7 @@ fn run_opened(
 
     let zero_max_bytes = match &dst_ios[0] {
         DstIo::Nbd(c) => u64::from(c[0].info.block_max.max(4096)).min(1 << 30),
-        DstIo::File { .. } => 1 << 30,
+        DstIo::File { .. } | DstIo::Sink(_) => 1 << 30,
     };
     let mut handles = Vec::with_capacity(workers);
     for (i, ((share, src), dst)) in shares.into_iter().zip(src_ios).zip(dst_ios).enumerate() {

@@ -14,6 +14,7 @@ use crate::nbd::conn::{Cmd, ReplyEvent};
 use super::nbd_io::NbdIo;
 use super::plan::Work;
 use super::pool::PoolShare;
+use super::sink::{Sink, SinkChunk, SinkRun};
 use super::stats::Stats;
 use super::zero::{self, Run};
 use super::{CopyError, Shared};
@@ -36,6 +37,27 @@ pub enum DstIo {
         fresh_zero: bool,
     },
     Nbd(Vec<Box<NbdIo>>),
+    /// Chunks are lent to other threads (network senders) through `sink`.
+    Sink(SinkIo),
+}
+
+/// A worker's end of a [`Sink`].
+pub struct SinkIo {
+    pub sink: Arc<Sink>,
+    /// Receiving end of this worker's doorbell.
+    pub doorbell: std::os::unix::net::UnixStream,
+    /// Also take a digest of every whole window (for `--verify`).
+    pub window_digests: bool,
+    bell_buf: Box<[u8; 64]>,
+    armed: bool,
+    /// Slots lent and not yet returned.
+    lent: usize,
+}
+
+impl SinkIo {
+    pub fn new(sink: Arc<Sink>, doorbell: std::os::unix::net::UnixStream, window_digests: bool) -> Self {
+        Self { sink, doorbell, window_digests, bell_buf: Box::new([0; 64]), armed: false, lent: 0 }
+    }
 }
 
 /// Alignment O_DIRECT writes need (buffers are page-aligned by the pool).
@@ -58,6 +80,7 @@ const TAG_SRC_SEND: u64 = 4;
 const TAG_SRC_RECV: u64 = 5;
 const TAG_DST_SEND: u64 = 6;
 const TAG_DST_RECV: u64 = 7;
+const TAG_DOORBELL: u64 = 8;
 const SUBOP_BITS: u32 = 24;
 
 fn ud(tag: u64, slot: usize, subop: usize) -> u64 {
@@ -364,6 +387,7 @@ impl Worker {
         let max_req = match &self.dst {
             DstIo::File { .. } => u32::MAX,
             DstIo::Nbd(c) => c[0].info.block_max.max(4096),
+            DstIo::Sink(_) => u32::MAX,
         };
         let s = &mut self.slots[slot];
         s.phase = Phase::Writing;
@@ -484,6 +508,7 @@ impl Worker {
                     .map_err(|e| CopyError::target(off, e))?;
                     self.slots[slot].pending += 1;
                 }
+                DstIo::Sink(_) => unreachable!("zeros go to the sink with their chunk"),
             }
             done += n;
         }
@@ -527,8 +552,66 @@ impl Worker {
                     )
                     .map_err(|e| CopyError::target(so.disk_off, e))?;
             }
+            DstIo::Sink(_) => unreachable!("sink chunks are lent, not written"),
         }
         Ok(())
+    }
+
+    /// Lend a read window to the sink: digests of its data runs (taken right
+    /// after the read) travel with it.
+    fn lend(&mut self, slot: usize) -> Result<(), CopyError> {
+        let (offset, len) = (self.slots[slot].offset, self.slots[slot].len as usize);
+        let DstIo::Sink(io) = &mut self.dst else { unreachable!() };
+        let window = self.pool.region(slot, 0, len);
+        let mut runs = Vec::with_capacity(self.slots[slot].runs.len());
+        for r in &self.slots[slot].runs {
+            let digest = if r.zero { [0; 32] } else { *blake3::hash(&window[r.offset..r.offset + r.len]).as_bytes() };
+            runs.push(SinkRun { rel: r.offset as u32, len: r.len as u32, zero: r.zero, digest });
+        }
+        let window_digest = io.window_digests.then(|| match runs.as_slice() {
+            [only] if !only.zero && only.len as usize == len => only.digest,
+            _ => *blake3::hash(window).as_bytes(),
+        });
+        let lease = self.pool.lease(slot, 0, len);
+        let chunk = SinkChunk::Data { worker: self.cfg.index, slot, offset, lease, runs, window_digest };
+        if io.sink.queue.push(chunk).is_err() {
+            return Err(CopyError::Internal("sink queue overflow".into()));
+        }
+        io.lent += 1;
+        let s = &mut self.slots[slot];
+        s.phase = Phase::Writing;
+        s.pending = 1;
+        self.arm_doorbell()
+    }
+
+    /// Wait (through the engine) for lent slots to come back.
+    fn arm_doorbell(&mut self) -> Result<(), CopyError> {
+        let DstIo::Sink(io) = &mut self.dst else { return Ok(()) };
+        if io.armed || io.lent == 0 {
+            return Ok(());
+        }
+        use std::os::fd::AsRawFd;
+        let op = Op::Recv { fd: io.doorbell.as_raw_fd(), buf: io.bell_buf.as_mut_ptr(), len: 64, waitall: false };
+        self.engine.push(ud(TAG_DOORBELL, 0, 0), op).map_err(engine_err)?;
+        io.armed = true;
+        Ok(())
+    }
+
+    fn on_doorbell(&mut self, result: i32) -> Result<(), CopyError> {
+        let DstIo::Sink(io) = &mut self.dst else { unreachable!() };
+        io.armed = false;
+        if result <= 0 {
+            return Err(CopyError::Internal(format!("worker doorbell failed ({result})")));
+        }
+        let mut back = Vec::new();
+        while let Some(slot) = io.sink.take_returned(self.cfg.index) {
+            back.push(slot);
+        }
+        io.lent -= back.len();
+        for slot in back {
+            self.subop_done(slot)?;
+        }
+        self.arm_doorbell()
     }
 
     fn finish(&mut self, slot: usize) {
@@ -566,6 +649,7 @@ impl Worker {
         let (slot, sub) = (ud_slot(c.user_data), ud_subop(c.user_data));
         match ud_tag(c.user_data) {
             TAG_FILE_READ | TAG_FILE_WRITE => self.on_file_rw(c, slot, sub),
+            TAG_DOORBELL => self.on_doorbell(c.result),
             TAG_FILE_ZERO => {
                 if c.result < 0 {
                     let err = std::io::Error::from_raw_os_error(-c.result);
@@ -757,6 +841,9 @@ impl Worker {
     }
 
     fn shutdown_sockets(&self) {
+        if let DstIo::Sink(io) = &self.dst {
+            let _ = io.doorbell.shutdown(std::net::Shutdown::Both);
+        }
         if let SrcIo::Nbd(c) = &self.src {
             c.iter().for_each(|c| c.shutdown());
         }
