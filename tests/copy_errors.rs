@@ -76,7 +76,12 @@ fn target_write_errors_fail_the_copy() {
         ],
     );
     for e in ENGINES {
-        let out = copy(src.to_str().unwrap(), &srv.uri(), e, &["--chunk-size", "256k"]);
+        let out = copy(
+            src.to_str().unwrap(),
+            &srv.uri(),
+            e,
+            &["--chunk-size", "256k"],
+        );
         assert_eq!(out.status.code(), Some(4), "{e}: {}", stderr(&out));
         assert!(
             stderr(&out).contains("writing the target"),

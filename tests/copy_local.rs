@@ -234,13 +234,26 @@ fn falls_back_to_threads_when_io_uring_is_unavailable() {
     sparse_file(&src, 8 * MIB, &[(MIB, 100_000)], 11);
     let dst = d.path().join("dst.img");
     let out = diskferry()
-        .args(["copy", src.to_str().unwrap(), dst.to_str().unwrap(), "--json", "-v"])
+        .args([
+            "copy",
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+            "--json",
+            "-v",
+        ])
         .env("DISKFERRY_DISABLE_URING", "1")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(log.contains("running the threaded engine"), "the fallback was not logged: {log}");
+    assert!(
+        log.contains("running the threaded engine"),
+        "the fallback was not logged: {log}"
+    );
     assert_eq!(last_json(&out)["engine"], "threads");
     assert_same(&src, &dst);
 }

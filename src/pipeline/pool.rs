@@ -129,6 +129,41 @@ impl PoolShare {
     }
 }
 
+/// Read-only view of part of a slot, lent by its worker to another thread
+/// (a network sender) until that thread hands the slot back.
+pub struct SlotLease {
+    addr: usize,
+    len: usize,
+}
+
+impl PoolShare {
+    /// Lend `len` bytes of `slot` from `offset`. The worker must not touch
+    /// the slot until the borrower gives it back.
+    pub fn lease(&self, slot: usize, offset: usize, len: usize) -> SlotLease {
+        assert!(
+            offset
+                .checked_add(len)
+                .is_some_and(|e| e <= self.slot_bytes),
+            "lease out of range"
+        );
+        SlotLease {
+            addr: self.ptr(slot, offset) as usize,
+            len,
+        }
+    }
+}
+
+impl SlotLease {
+    /// The lent bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the lease was created in bounds of a live slot; the pool
+        // outlives every borrower (the coordinator joins senders before
+        // dropping it) and the owning worker does not write the slot while
+        // it is lent (its state machine waits for the slot's return).
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,32 +179,5 @@ mod tests {
         assert_eq!(last0, shares[1].ptr(0, 0) as usize);
         shares[1].region(0, 0, 4096).fill(7);
         assert!(shares[0].region(0, 0, 4096).iter().all(|&b| b == 0));
-    }
-}
-
-/// Read-only view of part of a slot, lent by its worker to another thread
-/// (a network sender) until that thread hands the slot back.
-pub struct SlotLease {
-    addr: usize,
-    len: usize,
-}
-
-impl PoolShare {
-    /// Lend `len` bytes of `slot` from `offset`. The worker must not touch
-    /// the slot until the borrower gives it back.
-    pub fn lease(&self, slot: usize, offset: usize, len: usize) -> SlotLease {
-        assert!(offset.checked_add(len).is_some_and(|e| e <= self.slot_bytes), "lease out of range");
-        SlotLease { addr: self.ptr(slot, offset) as usize, len }
-    }
-}
-
-impl SlotLease {
-    /// The lent bytes.
-    pub fn bytes(&self) -> &[u8] {
-        // SAFETY: the lease was created in bounds of a live slot; the pool
-        // outlives every borrower (the coordinator joins senders before
-        // dropping it) and the owning worker does not write the slot while
-        // it is lent (its state machine waits for the slot's return).
-        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
     }
 }

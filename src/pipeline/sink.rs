@@ -26,15 +26,29 @@ pub struct SinkRun {
 pub enum SinkChunk {
     /// A window that was read: its runs, the lent bytes of the whole
     /// window and, when a verify was asked for, the window's digest.
-    Data { worker: usize, slot: usize, offset: u64, lease: SlotLease, runs: Vec<SinkRun>, window_digest: Option<[u8; 32]> },
+    Data {
+        worker: usize,
+        slot: usize,
+        offset: u64,
+        lease: SlotLease,
+        runs: Vec<SinkRun>,
+        window_digest: Option<[u8; 32]>,
+    },
     /// A range that must read as zeros.
-    Zero { worker: usize, slot: usize, offset: u64, len: u64 },
+    Zero {
+        worker: usize,
+        slot: usize,
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl SinkChunk {
     pub fn owner(&self) -> (usize, usize) {
         match self {
-            SinkChunk::Data { worker, slot, .. } | SinkChunk::Zero { worker, slot, .. } => (*worker, *slot),
+            SinkChunk::Data { worker, slot, .. } | SinkChunk::Zero { worker, slot, .. } => {
+                (*worker, *slot)
+            }
         }
     }
 }
@@ -62,8 +76,19 @@ impl Sink {
             doorbells.push(a);
             rx.push(b);
         }
-        let returns = slots_per_worker.iter().map(|&n| ArrayQueue::new(n.max(1))).collect();
-        Ok((Sink { queue: ArrayQueue::new(total.max(1)), returns, doorbells, producers_done: AtomicBool::new(false) }, rx))
+        let returns = slots_per_worker
+            .iter()
+            .map(|&n| ArrayQueue::new(n.max(1)))
+            .collect();
+        Ok((
+            Sink {
+                queue: ArrayQueue::new(total.max(1)),
+                returns,
+                doorbells,
+                producers_done: AtomicBool::new(false),
+            },
+            rx,
+        ))
     }
 
     /// Give a slot back to its worker and wake it.

@@ -55,8 +55,19 @@ pub struct SinkIo {
 }
 
 impl SinkIo {
-    pub fn new(sink: Arc<Sink>, doorbell: std::os::unix::net::UnixStream, window_digests: bool) -> Self {
-        Self { sink, doorbell, window_digests, bell_buf: Box::new([0; 64]), armed: false, lent: 0 }
+    pub fn new(
+        sink: Arc<Sink>,
+        doorbell: std::os::unix::net::UnixStream,
+        window_digests: bool,
+    ) -> Self {
+        Self {
+            sink,
+            doorbell,
+            window_digests,
+            bell_buf: Box::new([0; 64]),
+            armed: false,
+            lent: 0,
+        }
     }
 }
 
@@ -377,6 +388,10 @@ impl Worker {
             &mut runs,
         );
         let offset = self.slots[slot].offset;
+        if matches!(self.dst, DstIo::Sink(_)) {
+            self.slots[slot].runs = runs;
+            return self.lend(slot);
+        }
         let fresh = matches!(
             self.dst,
             DstIo::File {
@@ -447,6 +462,20 @@ impl Worker {
         ) {
             self.finish(slot);
             return Ok(());
+        }
+        if let DstIo::Sink(io) = &mut self.dst {
+            let chunk = SinkChunk::Zero {
+                worker: self.cfg.index,
+                slot,
+                offset,
+                len,
+            };
+            if io.sink.queue.push(chunk).is_err() {
+                return Err(CopyError::Internal("sink queue overflow".into()));
+            }
+            io.lent += 1;
+            self.slots[slot].pending = 1;
+            return self.arm_doorbell();
         }
         self.issue_zero(slot, offset, len)?;
         if self.slots[slot].pending == 0 {
@@ -561,19 +590,37 @@ impl Worker {
     /// after the read) travel with it.
     fn lend(&mut self, slot: usize) -> Result<(), CopyError> {
         let (offset, len) = (self.slots[slot].offset, self.slots[slot].len as usize);
-        let DstIo::Sink(io) = &mut self.dst else { unreachable!() };
+        let DstIo::Sink(io) = &mut self.dst else {
+            unreachable!()
+        };
         let window = self.pool.region(slot, 0, len);
         let mut runs = Vec::with_capacity(self.slots[slot].runs.len());
         for r in &self.slots[slot].runs {
-            let digest = if r.zero { [0; 32] } else { *blake3::hash(&window[r.offset..r.offset + r.len]).as_bytes() };
-            runs.push(SinkRun { rel: r.offset as u32, len: r.len as u32, zero: r.zero, digest });
+            let digest = if r.zero {
+                [0; 32]
+            } else {
+                *blake3::hash(&window[r.offset..r.offset + r.len]).as_bytes()
+            };
+            runs.push(SinkRun {
+                rel: r.offset as u32,
+                len: r.len as u32,
+                zero: r.zero,
+                digest,
+            });
         }
         let window_digest = io.window_digests.then(|| match runs.as_slice() {
             [only] if !only.zero && only.len as usize == len => only.digest,
             _ => *blake3::hash(window).as_bytes(),
         });
         let lease = self.pool.lease(slot, 0, len);
-        let chunk = SinkChunk::Data { worker: self.cfg.index, slot, offset, lease, runs, window_digest };
+        let chunk = SinkChunk::Data {
+            worker: self.cfg.index,
+            slot,
+            offset,
+            lease,
+            runs,
+            window_digest,
+        };
         if io.sink.queue.push(chunk).is_err() {
             return Err(CopyError::Internal("sink queue overflow".into()));
         }
@@ -586,22 +633,35 @@ impl Worker {
 
     /// Wait (through the engine) for lent slots to come back.
     fn arm_doorbell(&mut self) -> Result<(), CopyError> {
-        let DstIo::Sink(io) = &mut self.dst else { return Ok(()) };
+        let DstIo::Sink(io) = &mut self.dst else {
+            return Ok(());
+        };
         if io.armed || io.lent == 0 {
             return Ok(());
         }
         use std::os::fd::AsRawFd;
-        let op = Op::Recv { fd: io.doorbell.as_raw_fd(), buf: io.bell_buf.as_mut_ptr(), len: 64, waitall: false };
-        self.engine.push(ud(TAG_DOORBELL, 0, 0), op).map_err(engine_err)?;
+        let op = Op::Recv {
+            fd: io.doorbell.as_raw_fd(),
+            buf: io.bell_buf.as_mut_ptr(),
+            len: 64,
+            waitall: false,
+        };
+        self.engine
+            .push(ud(TAG_DOORBELL, 0, 0), op)
+            .map_err(engine_err)?;
         io.armed = true;
         Ok(())
     }
 
     fn on_doorbell(&mut self, result: i32) -> Result<(), CopyError> {
-        let DstIo::Sink(io) = &mut self.dst else { unreachable!() };
+        let DstIo::Sink(io) = &mut self.dst else {
+            unreachable!()
+        };
         io.armed = false;
         if result <= 0 {
-            return Err(CopyError::Internal(format!("worker doorbell failed ({result})")));
+            return Err(CopyError::Internal(format!(
+                "worker doorbell failed ({result})"
+            )));
         }
         let mut back = Vec::new();
         while let Some(slot) = io.sink.take_returned(self.cfg.index) {
