@@ -19,6 +19,7 @@ pub mod nbd_io;
 pub mod open;
 pub mod plan;
 pub mod pool;
+pub mod run;
 pub mod sink;
 pub mod stats;
 pub mod worker;

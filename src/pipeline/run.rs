@@ -1,0 +1,398 @@
+//! The generic pipeline behind `copy` and `send`: planner thread, one
+//! pinned worker per core, the buffer pool, and what happens when a job
+//! fails (drain, then cut off). The caller owns the control loop.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::maps::ExtentList;
+use super::open::{Access, NbdConnection};
+use super::plan::{Work, plan};
+use super::pool::BufferPool;
+use super::sink::Sink;
+use super::stats::{Snapshot, Stats};
+use super::worker::{DstIo, SinkIo, SrcIo, Worker, WorkerConfig};
+use super::{CopyError, Shared, nbd_io::NbdIo, zero};
+use crate::engine::{self, EngineKind};
+
+/// How often control loops wake up.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// Sizing of a pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub threads: Option<u32>,
+    /// NBD connections per side (also sizes the pool with `requests`).
+    pub connections: u32,
+    pub requests: u32,
+    pub chunk_bytes: u32,
+    pub kind: EngineKind,
+}
+
+/// Where the workers put what they read.
+pub enum DstPlan {
+    /// Write to a file, block device or NBD export.
+    Access { access: Access, fresh_zero: bool },
+    /// Lend chunks to other threads (network senders).
+    Sink { window_digests: bool },
+}
+
+/// What must stay alive until every user of the data buffers is gone.
+pub struct Keep {
+    pub pool: BufferPool,
+    pub src_file: Option<std::fs::File>,
+    pub dst_files: Option<DstFiles>,
+}
+
+/// The target's descriptors, owned by the coordinator for the whole job.
+pub struct DstFiles {
+    pub file: std::fs::File,
+    pub direct: Option<std::fs::File>,
+}
+
+/// Result of [`Pipeline::join`].
+pub struct Joined {
+    pub result: Result<Snapshot, CopyError>,
+    pub src_back: Vec<SrcIo>,
+    pub dst_back: Vec<DstIo>,
+    pub keep: Keep,
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    shared: Arc<Shared>,
+    handles: Vec<JoinHandle<(SrcIo, DstIo)>>,
+    planner: JoinHandle<()>,
+    emergency: Vec<crate::nbd::uri::NbdStream>,
+    doorbells: Vec<UnixStream>,
+    sink: Option<Arc<Sink>>,
+    keep: Keep,
+    abort_seen: Option<Instant>,
+}
+
+fn conns_of(access: &Access) -> Option<usize> {
+    match access {
+        Access::File { .. } => None,
+        Access::Nbd { conns } => Some(conns.len()),
+    }
+}
+
+impl Pipeline {
+    /// Start the planner and the workers.
+    pub fn start(
+        cfg: &PipelineConfig,
+        src_access: Access,
+        extents: ExtentList,
+        size_bytes: u64,
+        dst: DstPlan,
+    ) -> Result<Self, CopyError> {
+        let cpus = engine::pin::online_cpus().max(1);
+        let threads = cfg.threads.map_or(cpus, |t| t.max(1) as usize);
+        let src_conns = conns_of(&src_access);
+        let dst_conns = match &dst {
+            DstPlan::Access { access, .. } => conns_of(access),
+            DstPlan::Sink { .. } => None,
+        };
+        let workers = [Some(threads), src_conns, dst_conns]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(1)
+            .max(1);
+        let conns_max = src_conns
+            .unwrap_or(0)
+            .max(dst_conns.unwrap_or(0))
+            .max(cfg.connections as usize);
+        let slots = (conns_max * cfg.requests as usize).max(workers);
+        let chunk_bytes = cfg.chunk_bytes;
+        let mut pool = BufferPool::new(slots, chunk_bytes as usize)
+            .map_err(|e| CopyError::Engine(e.to_string()))?;
+        let shares = pool.shares(workers);
+        let shared = Arc::new(Shared::new(slots * 4));
+        shared
+            .stats
+            .bytes_planned
+            .store(extents.data_bytes(), std::sync::atomic::Ordering::Relaxed);
+        shared
+            .stats
+            .planning_done
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+
+        let mut emergency = socket_clones(&src_access);
+        let (src_ios, src_file) = split_src(src_access, workers);
+        let mut doorbells = Vec::new();
+        let (dst_ios, dst_files, fresh_zero, sink) = match dst {
+            DstPlan::Access { access, fresh_zero } => {
+                emergency.extend(socket_clones(&access));
+                let (ios, files) = split_dst(access, fresh_zero, workers);
+                (ios, files, fresh_zero, None)
+            }
+            DstPlan::Sink { window_digests } => {
+                let per: Vec<usize> = shares.iter().map(|s| s.slots()).collect();
+                let (sink, rx) =
+                    Sink::new(&per).map_err(|e| CopyError::Internal(format!("sink: {e}")))?;
+                let sink = Arc::new(sink);
+                let mut ios = Vec::new();
+                for r in rx {
+                    doorbells.push(
+                        r.try_clone()
+                            .map_err(|e| CopyError::Internal(format!("doorbell: {e}")))?,
+                    );
+                    ios.push(DstIo::Sink(SinkIo::new(
+                        Arc::clone(&sink),
+                        r,
+                        window_digests,
+                    )));
+                }
+                (ios, None, false, Some(sink))
+            }
+        };
+
+        let planner = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("planner".into())
+                .spawn(move || run_planner(extents, size_bytes, chunk_bytes, fresh_zero, &shared))
+                .map_err(|e| CopyError::Internal(format!("spawning the planner: {e}")))?
+        };
+        let zero_max_bytes = match &dst_ios[0] {
+            DstIo::Nbd(c) => u64::from(c[0].info.block_max.max(4096)).min(1 << 30),
+            DstIo::File { .. } | DstIo::Sink(_) => 1 << 30,
+        };
+        let kind = cfg.kind;
+        let mut handles = Vec::with_capacity(workers);
+        for (i, ((share, src), dst)) in shares.into_iter().zip(src_ios).zip(dst_ios).enumerate() {
+            let shared = Arc::clone(&shared);
+            let max_in_flight = (share.slots() as u32) * 8 + 64;
+            let wcfg = WorkerConfig {
+                index: i,
+                granule_bytes: zero::GRANULE_BYTES,
+                zero_max_bytes,
+            };
+            let h = std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || {
+                    if let Err(e) = engine::pin::pin_current_thread(i % cpus) {
+                        tracing::debug!("could not pin worker {i}: {e}");
+                    }
+                    // The ring is created on the thread that uses it.
+                    match engine::build(kind, max_in_flight) {
+                        Ok(engine) => Worker::new(wcfg, shared, engine, share, src, dst).run(),
+                        Err(e) => {
+                            shared.fail(CopyError::Engine(format!(
+                                "setting up the {kind} engine: {e}"
+                            )));
+                            (src, dst)
+                        }
+                    }
+                })
+                .map_err(|e| CopyError::Internal(format!("spawning worker {i}: {e}")))?;
+            handles.push(h);
+        }
+        Ok(Self {
+            shared,
+            handles,
+            planner,
+            emergency,
+            doorbells,
+            sink,
+            keep: Keep {
+                pool,
+                src_file,
+                dst_files,
+            },
+            abort_seen: None,
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn sink(&self) -> Option<Arc<Sink>> {
+        self.sink.clone()
+    }
+
+    pub fn workers(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// True once every worker has stopped.
+    pub fn finished(&self) -> bool {
+        self.handles.iter().all(|h| h.is_finished())
+    }
+
+    /// Call from the control loop: cuts off workers that cannot drain
+    /// within [`DRAIN_TIMEOUT`] after a failure.
+    pub fn tick(&mut self) {
+        if self.shared.aborted() {
+            let seen = *self.abort_seen.get_or_insert_with(Instant::now);
+            if seen.elapsed() > DRAIN_TIMEOUT {
+                for s in &self.emergency {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                for d in &self.doorbells {
+                    let _ = d.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+    }
+
+    /// Wait for the workers and the planner; check that every planned byte
+    /// was handled.
+    pub fn join(self) -> Joined {
+        let mut src_back = Vec::new();
+        let mut dst_back = Vec::new();
+        for h in self.handles {
+            match h.join() {
+                Ok((s, d)) => {
+                    src_back.push(s);
+                    dst_back.push(d);
+                }
+                Err(_) => self
+                    .shared
+                    .fail(CopyError::Internal("a worker panicked".into())),
+            }
+        }
+        if self.planner.join().is_err() {
+            self.shared
+                .fail(CopyError::Internal("the planner panicked".into()));
+        }
+        let result = match self.shared.take_error() {
+            Some(e) => Err(e),
+            None => {
+                let snap = self.shared.stats.snapshot();
+                if snap.bytes_done == snap.bytes_planned {
+                    Ok(snap)
+                } else {
+                    Err(CopyError::Internal(format!(
+                        "handled {} of {} planned bytes; refusing to report success",
+                        snap.bytes_done, snap.bytes_planned
+                    )))
+                }
+            }
+        };
+        Joined {
+            result,
+            src_back,
+            dst_back,
+            keep: self.keep,
+        }
+    }
+}
+
+fn run_planner(
+    mut extents: ExtentList,
+    size_bytes: u64,
+    chunk_bytes: u32,
+    fresh_zero: bool,
+    shared: &Shared,
+) {
+    let mut emit = |work: Work| -> Result<(), super::plan::PlanError> {
+        if let Work::Zero { len, .. } = work
+            && fresh_zero
+        {
+            Stats::add(&shared.stats.bytes_zeroed, len);
+            return Ok(());
+        }
+        let mut item = work;
+        let mut backoff = 0u32;
+        loop {
+            if shared.aborted() {
+                return Ok(());
+            }
+            match shared.queue.push(item) {
+                Ok(()) => return Ok(()),
+                Err(back) => {
+                    item = back;
+                    backoff = backoff.saturating_add(1);
+                    if backoff < 16 {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                }
+            }
+        }
+    };
+    if let Err(e) = plan(&mut extents, size_bytes, chunk_bytes, &mut emit) {
+        shared.fail(e.into());
+    }
+    shared.set_planner_done();
+}
+
+/// How long workers may take to finish outstanding requests after an error.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Clones of every NBD socket, to cut off workers that cannot drain.
+fn socket_clones(access: &Access) -> Vec<crate::nbd::uri::NbdStream> {
+    match access {
+        Access::Nbd { conns } => conns
+            .iter()
+            .filter_map(|(s, _)| s.try_clone().ok())
+            .collect(),
+        Access::File { .. } => Vec::new(),
+    }
+}
+
+// Boxed so a connection never moves while the kernel holds pointers into it.
+#[allow(clippy::vec_box)]
+fn distribute(conns: Vec<NbdConnection>, workers: usize) -> Vec<Vec<Box<NbdIo>>> {
+    let mut out: Vec<Vec<Box<NbdIo>>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, (stream, info)) in conns.into_iter().enumerate() {
+        out[i % workers].push(NbdIo::new(stream, info));
+    }
+    out
+}
+
+/// Give each worker its view of the source. Files stay owned by the
+/// coordinator (workers get the raw fd, valid until the file is dropped
+/// after every worker has been joined); NBD connections move to workers.
+fn split_src(access: Access, workers: usize) -> (Vec<SrcIo>, Option<std::fs::File>) {
+    match access {
+        Access::File { file, .. } => (
+            (0..workers)
+                .map(|_| SrcIo::File {
+                    fd: file.as_raw_fd(),
+                })
+                .collect(),
+            Some(file),
+        ),
+        Access::Nbd { conns } => (
+            distribute(conns, workers)
+                .into_iter()
+                .map(SrcIo::Nbd)
+                .collect(),
+            None,
+        ),
+    }
+}
+
+/// Like [`split_src`]; the O_DIRECT descriptor (if any) is kept alive with
+/// the file and synced with it.
+fn split_dst(access: Access, fresh_zero: bool, workers: usize) -> (Vec<DstIo>, Option<DstFiles>) {
+    match access {
+        Access::File { file, direct, .. } => {
+            let fd = file.as_raw_fd();
+            let direct_fd = direct.as_ref().map(|d| d.as_raw_fd());
+            let ios = (0..workers)
+                .map(|_| DstIo::File {
+                    fd,
+                    direct_fd,
+                    fresh_zero,
+                })
+                .collect();
+            (ios, Some(DstFiles { file, direct }))
+        }
+        Access::Nbd { conns } => (
+            distribute(conns, workers)
+                .into_iter()
+                .map(DstIo::Nbd)
+                .collect(),
+            None,
+        ),
+    }
+}
