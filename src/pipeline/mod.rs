@@ -83,6 +83,10 @@ impl Shared {
         }
         self.abort.store(true, Ordering::SeqCst);
     }
+    /// Make everyone stop; the caller records the error with [`Shared::fail`].
+    pub fn abort_now(&self) {
+        self.abort.store(true, Ordering::SeqCst);
+    }
     pub fn aborted(&self) -> bool {
         self.abort.load(Ordering::Relaxed)
     }

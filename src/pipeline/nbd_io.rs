@@ -38,6 +38,8 @@ pub struct NbdIo {
     iov_pos: usize,
     pub send_in_flight: bool,
     pub recv_in_flight: bool,
+    /// The connection failed: no more I/O is started on it.
+    pub dead: bool,
     /// Length asked of the recv in flight.
     recv_len: usize,
 }
@@ -60,6 +62,7 @@ impl NbdIo {
             iov_pos: 0,
             send_in_flight: false,
             recv_in_flight: false,
+            dead: false,
             recv_len: 0,
         })
     }
@@ -85,7 +88,7 @@ impl NbdIo {
 
     /// Start a `writev` of queued requests if none is in flight.
     pub fn kick_send(&mut self, engine: &mut dyn Engine, user_data: u64) -> std::io::Result<()> {
-        if self.send_in_flight || self.queue.is_empty() {
+        if self.dead || self.send_in_flight || self.queue.is_empty() {
             return Ok(());
         }
         self.batch.clear();
@@ -130,6 +133,7 @@ impl NbdIo {
     ) -> Result<(), NbdError> {
         self.send_in_flight = false;
         if result < 0 {
+            self.kill();
             return Err(NbdError::Io(std::io::Error::from_raw_os_error(-result)));
         }
         let mut sent = result as usize;
@@ -159,7 +163,7 @@ impl NbdIo {
         user_data: u64,
         dest: PayloadDest<'_>,
     ) -> Result<(), NbdError> {
-        if self.recv_in_flight || self.conn.in_flight() == 0 {
+        if self.dead || self.recv_in_flight || self.conn.in_flight() == 0 {
             return Ok(());
         }
         let (ptr, len) = match self.conn.recv_target() {
@@ -205,13 +209,25 @@ impl NbdIo {
     pub fn on_recv(&mut self, result: i32, events: &mut Vec<ReplyEvent>) -> Result<(), NbdError> {
         self.recv_in_flight = false;
         if result < 0 {
+            self.kill();
             return Err(NbdError::Io(std::io::Error::from_raw_os_error(-result)));
         }
         if result == 0 {
+            self.kill();
             return Err(NbdError::Closed("while replies were outstanding"));
         }
         let n = (result as usize).min(self.recv_len);
-        self.conn.advance(n, events)
+        let out = self.conn.advance(n, events);
+        if out.is_err() {
+            self.kill();
+        }
+        out
+    }
+
+    /// Mark the connection failed and stop all I/O on it.
+    pub fn kill(&mut self) {
+        self.dead = true;
+        self.shutdown();
     }
 
     /// Stop all I/O on the socket so blocked operations return.

@@ -249,10 +249,11 @@ impl Worker {
             self.engine
                 .wait(1, &mut done)
                 .map_err(|e| CopyError::Engine(e.to_string()))?;
-            for c in &done {
-                self.on_completion(*c)?;
-            }
+            let first_err = self.complete_all(&done);
             self.completions = done;
+            if let Some(e) = first_err {
+                return Err(e);
+            }
         }
     }
 
@@ -268,11 +269,29 @@ impl Worker {
             self.completions.clear();
             let mut done = std::mem::take(&mut self.completions);
             self.engine.wait(1, &mut done).map_err(engine_err)?;
-            for c in &done {
-                self.on_completion(*c)?;
+            if let Some(e) = self.complete_all(&done) {
+                tracing::debug!("while draining: {e}");
             }
             self.completions = done;
         }
+    }
+
+    /// Handle every completion of a batch, even after one fails (dropping
+    /// the others would lose track of ops and of connections' receive
+    /// state); the first error fails the job at once and is returned.
+    fn complete_all(&mut self, done: &[Completion]) -> Option<CopyError> {
+        let mut first = None;
+        for c in done {
+            if let Err(e) = self.on_completion(*c) {
+                if first.is_none() {
+                    self.shared.abort_now();
+                    first = Some(e);
+                } else {
+                    tracing::debug!("after the first error: {e}");
+                }
+            }
+        }
+        first
     }
 
     fn fill_slots(&mut self) -> Result<(), CopyError> {
