@@ -92,6 +92,8 @@ const TAG_SRC_RECV: u64 = 5;
 const TAG_DST_SEND: u64 = 6;
 const TAG_DST_RECV: u64 = 7;
 const TAG_DOORBELL: u64 = 8;
+/// A write through the page cache (serialised: see `buffered_queue`).
+const TAG_FILE_WRITE_BUF: u64 = 9;
 const SUBOP_BITS: u32 = 24;
 
 fn ud(tag: u64, slot: usize, subop: usize) -> u64 {
@@ -155,6 +157,8 @@ pub struct Worker {
     rr_dst: usize,
     completions: Vec<Completion>,
     events: Vec<ReplyEvent>,
+    buffered_in_flight: bool,
+    buffered_queue: std::collections::VecDeque<(usize, usize)>,
 }
 
 impl Worker {
@@ -189,6 +193,8 @@ impl Worker {
             rr_dst: 0,
             completions: Vec::with_capacity(256),
             events: Vec::new(),
+            buffered_in_flight: false,
+            buffered_queue: std::collections::VecDeque::new(),
         }
     }
 
@@ -570,19 +576,27 @@ impl Worker {
             DstIo::File { fd, direct_fd, .. } => {
                 let (offset, len) = (so.disk_off + u64::from(so.done), so.len - so.done);
                 let aligned = (offset | u64::from(len)) % DIRECT_ALIGN_BYTES == 0;
-                let fd = match direct_fd {
-                    Some(d) if aligned => *d,
-                    _ => *fd,
+                let (fd, tag) = match direct_fd {
+                    Some(d) if aligned => (*d, TAG_FILE_WRITE),
+                    _ => (*fd, TAG_FILE_WRITE_BUF),
                 };
+                if tag == TAG_FILE_WRITE_BUF {
+                    // Concurrent buffered writes to one inode spin on its
+                    // lock (and io_uring punts them to io-wq workers that
+                    // fight over it): keep one in flight per worker.
+                    if self.buffered_in_flight {
+                        self.buffered_queue.push_back((slot, i));
+                        return Ok(());
+                    }
+                    self.buffered_in_flight = true;
+                }
                 let op = Op::Write {
                     fd,
                     buf: ptr,
                     len,
                     offset,
                 };
-                self.engine
-                    .push(ud(TAG_FILE_WRITE, slot, i), op)
-                    .map_err(engine_err)?;
+                self.engine.push(ud(tag, slot, i), op).map_err(engine_err)?;
             }
             DstIo::Nbd(conns) => {
                 let c = self.rr_dst % conns.len();
@@ -728,6 +742,18 @@ impl Worker {
         let (slot, sub) = (ud_slot(c.user_data), ud_subop(c.user_data));
         match ud_tag(c.user_data) {
             TAG_FILE_READ | TAG_FILE_WRITE => self.on_file_rw(c, slot, sub),
+            TAG_FILE_WRITE_BUF => {
+                self.buffered_in_flight = false;
+                let out = self.on_file_rw(c, slot, sub);
+                if out.is_ok()
+                    && !self.shared.aborted()
+                    && !self.buffered_in_flight
+                    && let Some((s2, i2)) = self.buffered_queue.pop_front()
+                {
+                    self.issue_write(s2, i2)?;
+                }
+                out
+            }
             TAG_DOORBELL => self.on_doorbell(c.result),
             TAG_FILE_ZERO => {
                 if c.result < 0 {
