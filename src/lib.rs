@@ -16,3 +16,4 @@ pub mod nbd;
 pub mod pipeline;
 pub mod progress;
 pub mod size;
+pub mod wire;

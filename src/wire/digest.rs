@@ -1,0 +1,166 @@
+//! Chunk digests and the whole-image digest used by the verify pass.
+//!
+//! The image is cut into fixed windows (`window_bytes`, the last one may be
+//! short). Each window's digest is BLAKE3 of its bytes. The image digest is
+//! BLAKE3 in key-derivation mode with context [`IMAGE_DIGEST_CONTEXT`] over
+//! `size_bytes (u64 LE) ‖ window_bytes (u32 LE) ‖ d0 ‖ d1 ‖ …` — so the two
+//! sides agree whatever order windows were read in, and a different window
+//! size or image size never collides with the same bytes cut differently.
+
+use super::{MAX_CHUNK_BYTES, WireError};
+
+/// BLAKE3 key-derivation context of the image digest.
+pub const IMAGE_DIGEST_CONTEXT: &str = "diskferry 2024 image digest v1";
+/// Smallest window the image digest accepts.
+pub const MIN_WINDOW_BYTES: u32 = 4096;
+/// Most windows one image digest tracks (32 bytes each: 1 GiB at most).
+pub const MAX_IMAGE_WINDOWS: u64 = 1 << 25;
+
+/// BLAKE3 of a chunk's raw bytes (the digest carried by DATA frames).
+pub fn chunk_digest(bytes: &[u8]) -> [u8; 32] {
+    *blake3::hash(bytes).as_bytes()
+}
+
+/// Digest of `len_bytes` zero bytes, without allocating them.
+fn zeros_digest(len_bytes: u64) -> [u8; 32] {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut hasher = blake3::Hasher::new();
+    let mut left = len_bytes;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64) as usize;
+        hasher.update(&ZEROS[..n]);
+        left -= n as u64;
+    }
+    *hasher.finalize().as_bytes()
+}
+
+/// Whole-image digest accumulated from per-window digests in any order.
+/// Memory: 32 bytes (plus one bit) per window.
+#[derive(Debug, Clone)]
+pub struct ImageDigest {
+    size_bytes: u64,
+    window_bytes: u32,
+    windows: u64,
+    digests: Vec<[u8; 32]>,
+    present: Vec<u64>,
+    zero_full: Option<[u8; 32]>,
+    zero_tail: Option<[u8; 32]>,
+}
+
+impl ImageDigest {
+    /// A digest of an image of `size_bytes` cut in `window_bytes` windows
+    /// (4 KiB ..= 32 MiB; at most [`MAX_IMAGE_WINDOWS`] windows).
+    pub fn new(size_bytes: u64, window_bytes: u32) -> Result<Self, WireError> {
+        let geometry = |why| WireError::DigestGeometry {
+            size_bytes,
+            window_bytes,
+            why,
+        };
+        if !(MIN_WINDOW_BYTES..=MAX_CHUNK_BYTES).contains(&window_bytes) {
+            return Err(geometry("the window must be 4 KiB ..= 32 MiB"));
+        }
+        let windows = size_bytes.div_ceil(u64::from(window_bytes));
+        if windows > MAX_IMAGE_WINDOWS {
+            return Err(geometry("too many windows: use a larger window"));
+        }
+        let count = windows as usize;
+        Ok(ImageDigest {
+            size_bytes,
+            window_bytes,
+            windows,
+            digests: vec![[0u8; 32]; count],
+            present: vec![0u64; count.div_ceil(64)],
+            zero_full: None,
+            zero_tail: None,
+        })
+    }
+
+    /// Number of windows.
+    pub fn windows(&self) -> u64 {
+        self.windows
+    }
+
+    /// Image size this digest covers.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Window size.
+    pub fn window_bytes(&self) -> u32 {
+        self.window_bytes
+    }
+
+    /// Length of window `index` (the last one may be short).
+    pub fn window_len_bytes(&self, index: u64) -> Result<u32, WireError> {
+        self.check_index(index)?;
+        let start = index * u64::from(self.window_bytes);
+        let len = (self.size_bytes - start).min(u64::from(self.window_bytes));
+        Ok(len as u32)
+    }
+
+    /// Records the BLAKE3 digest of window `index`'s bytes.
+    pub fn set_window(&mut self, index: u64, digest: [u8; 32]) -> Result<(), WireError> {
+        self.check_index(index)?;
+        let i = index as usize;
+        self.digests[i] = digest;
+        self.present[i / 64] |= 1 << (i % 64);
+        Ok(())
+    }
+
+    /// Hashes window `index` from its bytes (which must be exactly the
+    /// window's length).
+    pub fn hash_window(&mut self, index: u64, bytes: &[u8]) -> Result<(), WireError> {
+        let want_bytes = self.window_len_bytes(index)?;
+        if bytes.len() != want_bytes as usize {
+            return Err(WireError::WindowLength {
+                index,
+                want_bytes,
+                got_bytes: bytes.len(),
+            });
+        }
+        self.set_window(index, chunk_digest(bytes))
+    }
+
+    /// Records that window `index` is entirely zero (a hole): its digest
+    /// is that of zero bytes of the window's length, computed once.
+    pub fn zero_window(&mut self, index: u64) -> Result<(), WireError> {
+        let len = self.window_len_bytes(index)?;
+        let cache = if len == self.window_bytes {
+            &mut self.zero_full
+        } else {
+            &mut self.zero_tail
+        };
+        let digest = *cache.get_or_insert_with(|| zeros_digest(u64::from(len)));
+        self.set_window(index, digest)
+    }
+
+    /// Windows not supplied yet.
+    pub fn missing_windows(&self) -> u64 {
+        let present: u64 = self.present.iter().map(|w| u64::from(w.count_ones())).sum();
+        self.windows - present
+    }
+
+    /// The image digest; fails naming the first window never supplied.
+    pub fn finish(&self) -> Result<[u8; 32], WireError> {
+        let mut hasher = blake3::Hasher::new_derive_key(IMAGE_DIGEST_CONTEXT);
+        hasher.update(&self.size_bytes.to_le_bytes());
+        hasher.update(&self.window_bytes.to_le_bytes());
+        for (i, digest) in self.digests.iter().enumerate() {
+            if self.present[i / 64] & (1 << (i % 64)) == 0 {
+                return Err(WireError::WindowMissing { index: i as u64 });
+            }
+            hasher.update(digest);
+        }
+        Ok(*hasher.finalize().as_bytes())
+    }
+
+    fn check_index(&self, index: u64) -> Result<(), WireError> {
+        if index >= self.windows {
+            return Err(WireError::WindowOutOfRange {
+                index,
+                windows: self.windows,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,487 @@
+//! The frames: what each carries, how it is encoded, parsed and validated.
+//!
+//! One validation per message ([`Frame::validate`]) is used on both sides:
+//! before a frame is encoded and after it is parsed.
+
+use super::header::{FrameType, HEADER_LEN, Header, RANGE_LEN};
+use super::{
+    MAX_ACK_RANGES, MAX_CHUNK_BYTES, MAX_RESUME_RANGES, MAX_STREAMS, MAX_STRING_BYTES, WireError,
+};
+
+mod enums;
+mod reader;
+
+pub use enums::{Codec, ErrorCode, Features, HelloFlags};
+use reader::Reader;
+
+/// Bytes of the fixed part of a DATA payload (offset, raw length, codec,
+/// three reserved bytes, digest).
+pub const DATA_HEAD_LEN: usize = 8 + 4 + 1 + 3 + 32;
+/// Bytes before the payload of a DATA frame: header plus fixed part.
+pub const DATA_HEADER_LEN: usize = HEADER_LEN + DATA_HEAD_LEN;
+
+/// A byte range `[offset, offset + len_bytes)` of the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub len_bytes: u64,
+}
+
+/// HELLO: the first frame of every stream, sender → receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// 16 random bytes naming the job; the same on every stream of a job
+    /// and across reconnects (resume keys on it).
+    pub job_id: [u8; 16],
+    /// Size of the source image.
+    pub size_bytes: u64,
+    /// Chunk size the sender uses; 1 ..= [`MAX_CHUNK_BYTES`].
+    pub chunk_size_bytes: u32,
+    /// Features the sender offers.
+    pub features: Features,
+    /// This stream's index, `< stream_count`.
+    pub stream_index: u16,
+    /// Streams in the job, 1 ..= [`MAX_STREAMS`].
+    pub stream_count: u16,
+    pub flags: HelloFlags,
+    /// Target name the receiver maps to a file / device / export.
+    pub target: String,
+    /// Sender-derived identity of the source (size + generation, or a
+    /// digest); resume refuses a journal written for another identity.
+    pub source_identity: String,
+}
+
+/// WELCOME: the receiver's acceptance of a HELLO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// Features both sides use (a subset of those offered).
+    pub features: Features,
+    /// Ranges already durable on the target for this job, sorted and
+    /// disjoint; at most [`MAX_RESUME_RANGES`].
+    pub durable: Vec<ByteRange>,
+}
+
+/// The fixed part of a DATA frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHead {
+    pub offset: u64,
+    /// Length of the raw (uncompressed) chunk; 1 ..= [`MAX_CHUNK_BYTES`].
+    pub raw_len_bytes: u32,
+    pub codec: Codec,
+    /// BLAKE3 of the raw bytes.
+    pub raw_digest: [u8; 32],
+}
+
+/// DATA: one chunk, raw or compressed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Data {
+    pub head: DataHead,
+    /// The chunk as sent: `raw_len_bytes` long for [`Codec::None`], at most
+    /// `raw_len_bytes` long when compressed.
+    pub payload: Vec<u8>,
+}
+
+/// ACK: durability report, receiver → sender, answers a BARRIER.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    /// The BARRIER sequence number answered.
+    pub seq: u64,
+    /// Bytes durable on the target for the whole job so far.
+    pub bytes_durable_total: u64,
+    /// Ranges that became durable since the previous ACK on this stream,
+    /// sorted and disjoint; at most [`MAX_ACK_RANGES`].
+    pub durable_added: Vec<ByteRange>,
+}
+
+/// ERROR: the last frame before the sender of it closes the stream. In
+/// place of a WELCOME it is the receiver's refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Every frame of protocol version 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    Welcome(Welcome),
+    Data(Data),
+    /// The range must read as zeros on the target.
+    Zero(ByteRange),
+    /// Make everything received on this stream durable, then ACK `seq`.
+    Barrier {
+        seq: u64,
+    },
+    Ack(Ack),
+    /// The sender has nothing more for this stream.
+    Done {
+        total_bytes_sent: u64,
+        frames: u64,
+    },
+    /// Read the whole target back and digest it (see `ImageDigest`).
+    VerifyRequest {
+        window_bytes: u32,
+    },
+    VerifyResult {
+        digest: [u8; 32],
+        bytes_read: u64,
+    },
+    Error(ErrorFrame),
+    /// Keepalive; the peer answers PONG with the same nonce.
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+}
+
+/// The header and fixed part of a DATA frame, so a sender can write them
+/// and then the payload slice without copying the payload.
+pub fn encode_data_header(
+    head: &DataHead,
+    payload_len_bytes: u32,
+) -> Result<[u8; DATA_HEADER_LEN], WireError> {
+    head.validate(payload_len_bytes)?;
+    let header = Header::new(FrameType::Data, DATA_HEAD_LEN as u32 + payload_len_bytes)?;
+    let mut out = [0u8; DATA_HEADER_LEN];
+    out[..HEADER_LEN].copy_from_slice(&header.encode());
+    out[HEADER_LEN..].copy_from_slice(&head.encode());
+    Ok(out)
+}
+
+impl DataHead {
+    /// The fixed part alone, as it follows the header.
+    pub fn encode(&self) -> [u8; DATA_HEAD_LEN] {
+        let mut out = [0u8; DATA_HEAD_LEN];
+        out[0..8].copy_from_slice(&self.offset.to_le_bytes());
+        out[8..12].copy_from_slice(&self.raw_len_bytes.to_le_bytes());
+        out[12] = self.codec as u8;
+        // out[13..16] reserved, zero.
+        out[16..48].copy_from_slice(&self.raw_digest);
+        out
+    }
+
+    /// Parses the fixed part of a DATA payload; checks it against the
+    /// payload length that follows it (before the payload is allocated).
+    pub fn decode(bytes: &[u8; DATA_HEAD_LEN], payload_len_bytes: u32) -> Result<Self, WireError> {
+        let mut r = Reader::new("DATA", bytes);
+        let offset = r.u64("offset")?;
+        let raw_len_bytes = r.u32("raw_len")?;
+        let codec = Codec::from_u8(r.u8("codec")?)?;
+        if r.array::<3>("reserved")? != [0; 3] {
+            return Err(bad("DATA", "reserved bytes", "must be zero"));
+        }
+        let raw_digest = r.array::<32>("digest")?;
+        r.finish()?;
+        let head = DataHead {
+            offset,
+            raw_len_bytes,
+            codec,
+            raw_digest,
+        };
+        head.validate(payload_len_bytes)?;
+        Ok(head)
+    }
+
+    /// Checks the fields and the payload length that goes with them.
+    pub fn validate(&self, payload_len_bytes: u32) -> Result<(), WireError> {
+        if self.raw_len_bytes > MAX_CHUNK_BYTES {
+            return Err(WireError::ChunkTooLarge {
+                raw_len_bytes: self.raw_len_bytes,
+                max_bytes: MAX_CHUNK_BYTES,
+            });
+        }
+        if self.raw_len_bytes == 0 {
+            return Err(bad("DATA", "raw_len", "is zero: send nothing instead"));
+        }
+        if self
+            .offset
+            .checked_add(u64::from(self.raw_len_bytes))
+            .is_none()
+        {
+            return Err(bad("DATA", "offset + raw_len", "overflows 64 bits"));
+        }
+        match self.codec {
+            Codec::None if payload_len_bytes != self.raw_len_bytes => Err(bad(
+                "DATA",
+                "payload length",
+                "differs from raw_len for an uncompressed chunk",
+            )),
+            _ if payload_len_bytes > self.raw_len_bytes => Err(bad(
+                "DATA",
+                "payload length",
+                "is above raw_len: send the chunk uncompressed instead",
+            )),
+            _ if payload_len_bytes == 0 => Err(bad("DATA", "payload length", "is zero")),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn bad(frame: &'static str, field: &'static str, why: &'static str) -> WireError {
+    WireError::BadField { frame, field, why }
+}
+
+/// Checks a range list: non-empty ranges, no overflow, sorted, disjoint.
+fn check_ranges(field: &'static str, ranges: &[ByteRange], max: u32) -> Result<(), WireError> {
+    if ranges.len() as u64 > u64::from(max) {
+        return Err(WireError::ListTooLong {
+            field,
+            count: ranges.len() as u64,
+            max: u64::from(max),
+        });
+    }
+    let mut end_prev = 0u64;
+    for (i, r) in ranges.iter().enumerate() {
+        let bad_range = |why| WireError::BadRange {
+            field,
+            offset: r.offset,
+            len_bytes: r.len_bytes,
+            why,
+        };
+        if r.len_bytes == 0 {
+            return Err(bad_range("is empty"));
+        }
+        let Some(end) = r.offset.checked_add(r.len_bytes) else {
+            return Err(bad_range("overflows 64 bits"));
+        };
+        if i > 0 && r.offset < end_prev {
+            return Err(bad_range("overlaps or precedes the previous range"));
+        }
+        end_prev = end;
+    }
+    Ok(())
+}
+
+fn check_string(field: &'static str, s: &str) -> Result<(), WireError> {
+    if s.len() > MAX_STRING_BYTES {
+        return Err(WireError::StringTooLong {
+            field,
+            len_bytes: s.len(),
+            max_bytes: MAX_STRING_BYTES,
+        });
+    }
+    Ok(())
+}
+
+impl Frame {
+    /// The frame's type.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Frame::Hello(_) => FrameType::Hello,
+            Frame::Welcome(_) => FrameType::Welcome,
+            Frame::Data(_) => FrameType::Data,
+            Frame::Zero(_) => FrameType::Zero,
+            Frame::Barrier { .. } => FrameType::Barrier,
+            Frame::Ack(_) => FrameType::Ack,
+            Frame::Done { .. } => FrameType::Done,
+            Frame::VerifyRequest { .. } => FrameType::VerifyRequest,
+            Frame::VerifyResult { .. } => FrameType::VerifyResult,
+            Frame::Error(_) => FrameType::Error,
+            Frame::Ping { .. } => FrameType::Ping,
+            Frame::Pong { .. } => FrameType::Pong,
+        }
+    }
+
+    /// Checks every field against the protocol's bounds; run before
+    /// encoding and after parsing.
+    pub fn validate(&self) -> Result<(), WireError> {
+        match self {
+            Frame::Hello(h) => {
+                if h.chunk_size_bytes == 0 || h.chunk_size_bytes > MAX_CHUNK_BYTES {
+                    return Err(bad("HELLO", "chunk_size", "must be 1 byte ..= 32 MiB"));
+                }
+                if h.stream_count == 0 || h.stream_count > MAX_STREAMS {
+                    return Err(bad("HELLO", "stream_count", "must be 1 ..= 64"));
+                }
+                if h.stream_index >= h.stream_count {
+                    return Err(bad("HELLO", "stream_index", "must be below stream_count"));
+                }
+                HelloFlags::check(h.flags.0)?;
+                check_string("HELLO target", &h.target)?;
+                check_string("HELLO source_identity", &h.source_identity)
+            }
+            Frame::Welcome(w) => check_ranges("WELCOME durable", &w.durable, MAX_RESUME_RANGES),
+            Frame::Data(d) => {
+                let len = u32::try_from(d.payload.len()).map_err(|_| WireError::ChunkTooLarge {
+                    raw_len_bytes: u32::MAX,
+                    max_bytes: MAX_CHUNK_BYTES,
+                })?;
+                d.head.validate(len)
+            }
+            Frame::Zero(r) => check_ranges("ZERO", std::slice::from_ref(r), 1),
+            Frame::Ack(a) => check_ranges("ACK durable_added", &a.durable_added, MAX_ACK_RANGES),
+            Frame::VerifyRequest { window_bytes } => {
+                if *window_bytes == 0 || *window_bytes > MAX_CHUNK_BYTES {
+                    return Err(bad("VERIFY_REQUEST", "window", "must be 1 byte ..= 32 MiB"));
+                }
+                Ok(())
+            }
+            Frame::Error(e) => check_string("ERROR message", &e.message),
+            Frame::Barrier { .. }
+            | Frame::Done { .. }
+            | Frame::VerifyResult { .. }
+            | Frame::Ping { .. }
+            | Frame::Pong { .. } => Ok(()),
+        }
+    }
+
+    /// Appends the encoded frame to `out`. Refuses (leaving `out` as it
+    /// was) a frame the peer would refuse.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        self.validate()?;
+        let start = out.len();
+        out.extend_from_slice(&[0u8; HEADER_LEN]);
+        self.encode_payload(out);
+        let payload_len = out.len() - start - HEADER_LEN;
+        let header = u32::try_from(payload_len)
+            .map_err(|_| bad(self.frame_type().name(), "payload", "exceeds 4 GiB"))
+            .and_then(|len| Header::new(self.frame_type(), len));
+        match header {
+            Ok(h) => {
+                out[start..start + HEADER_LEN].copy_from_slice(&h.encode());
+                Ok(())
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
+        }
+    }
+
+    fn encode_payload(&self, out: &mut Vec<u8>) {
+        match self {
+            Frame::Hello(h) => {
+                out.extend_from_slice(&h.job_id);
+                out.extend_from_slice(&h.size_bytes.to_le_bytes());
+                out.extend_from_slice(&h.chunk_size_bytes.to_le_bytes());
+                out.extend_from_slice(&h.features.0.to_le_bytes());
+                out.extend_from_slice(&h.stream_index.to_le_bytes());
+                out.extend_from_slice(&h.stream_count.to_le_bytes());
+                out.extend_from_slice(&h.flags.0.to_le_bytes());
+                put_string(out, &h.target);
+                put_string(out, &h.source_identity);
+            }
+            Frame::Welcome(w) => {
+                out.extend_from_slice(&w.features.0.to_le_bytes());
+                put_ranges(out, &w.durable);
+            }
+            Frame::Data(d) => {
+                out.extend_from_slice(&d.head.encode());
+                out.extend_from_slice(&d.payload);
+            }
+            Frame::Zero(r) => put_ranges_body(out, std::slice::from_ref(r)),
+            Frame::Barrier { seq } => out.extend_from_slice(&seq.to_le_bytes()),
+            Frame::Ack(a) => {
+                out.extend_from_slice(&a.seq.to_le_bytes());
+                out.extend_from_slice(&a.bytes_durable_total.to_le_bytes());
+                put_ranges(out, &a.durable_added);
+            }
+            Frame::Done {
+                total_bytes_sent,
+                frames,
+            } => {
+                out.extend_from_slice(&total_bytes_sent.to_le_bytes());
+                out.extend_from_slice(&frames.to_le_bytes());
+            }
+            Frame::VerifyRequest { window_bytes } => {
+                out.extend_from_slice(&window_bytes.to_le_bytes())
+            }
+            Frame::VerifyResult { digest, bytes_read } => {
+                out.extend_from_slice(digest);
+                out.extend_from_slice(&bytes_read.to_le_bytes());
+            }
+            Frame::Error(e) => {
+                out.extend_from_slice(&e.code.to_u16().to_le_bytes());
+                put_string(out, &e.message);
+            }
+            Frame::Ping { nonce } | Frame::Pong { nonce } => {
+                out.extend_from_slice(&nonce.to_le_bytes())
+            }
+        }
+    }
+
+    /// Parses the payload of a non-DATA frame whose header was already
+    /// validated (so `payload` is within the type's bounds).
+    pub fn parse(frame_type: FrameType, payload: &[u8]) -> Result<Frame, WireError> {
+        let mut r = Reader::new(frame_type.name(), payload);
+        let frame = match frame_type {
+            FrameType::Hello => Frame::Hello(Hello {
+                job_id: r.array::<16>("job_id")?,
+                size_bytes: r.u64("size")?,
+                chunk_size_bytes: r.u32("chunk_size")?,
+                features: Features(r.u32("features")?),
+                stream_index: r.u16("stream_index")?,
+                stream_count: r.u16("stream_count")?,
+                flags: HelloFlags(r.u32("flags")?),
+                target: r.string("HELLO target")?,
+                source_identity: r.string("HELLO source_identity")?,
+            }),
+            FrameType::Welcome => Frame::Welcome(Welcome {
+                features: Features(r.u32("features")?),
+                durable: r.ranges("WELCOME durable", MAX_RESUME_RANGES)?,
+            }),
+            FrameType::Data => {
+                return Err(bad("DATA", "payload", "is decoded by FrameDecoder"));
+            }
+            FrameType::Zero => Frame::Zero(ByteRange {
+                offset: r.u64("offset")?,
+                len_bytes: r.u64("len")?,
+            }),
+            FrameType::Barrier => Frame::Barrier { seq: r.u64("seq")? },
+            FrameType::Ack => Frame::Ack(Ack {
+                seq: r.u64("seq")?,
+                bytes_durable_total: r.u64("bytes_durable_total")?,
+                durable_added: r.ranges("ACK durable_added", MAX_ACK_RANGES)?,
+            }),
+            FrameType::Done => Frame::Done {
+                total_bytes_sent: r.u64("total_bytes_sent")?,
+                frames: r.u64("frames")?,
+            },
+            FrameType::VerifyRequest => Frame::VerifyRequest {
+                window_bytes: r.u32("window")?,
+            },
+            FrameType::VerifyResult => Frame::VerifyResult {
+                digest: r.array::<32>("digest")?,
+                bytes_read: r.u64("bytes_read")?,
+            },
+            FrameType::Error => Frame::Error(ErrorFrame {
+                code: ErrorCode::from_u16(r.u16("code")?),
+                message: r.string("ERROR message")?,
+            }),
+            FrameType::Ping => Frame::Ping {
+                nonce: r.u64("nonce")?,
+            },
+            FrameType::Pong => Frame::Pong {
+                nonce: r.u64("nonce")?,
+            },
+        };
+        r.finish()?;
+        frame.validate()?;
+        Ok(frame)
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    // validate() bounded the length to MAX_STRING_BYTES, so it fits a u16.
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_ranges(out: &mut Vec<u8>, ranges: &[ByteRange]) {
+    // validate() bounded the count to at most 1 << 20.
+    let count = u32::try_from(ranges.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&count.to_le_bytes());
+    put_ranges_body(out, ranges);
+}
+
+fn put_ranges_body(out: &mut Vec<u8>, ranges: &[ByteRange]) {
+    out.reserve(ranges.len() * RANGE_LEN as usize);
+    for r in ranges {
+        out.extend_from_slice(&r.offset.to_le_bytes());
+        out.extend_from_slice(&r.len_bytes.to_le_bytes());
+    }
+}

@@ -1,0 +1,576 @@
+//! Unit tests: every frame's round trip, the malformed-input table, the
+//! decoder's driving modes, and the image digest.
+
+use super::header::{FrameType, HEADER_LEN, MAGIC};
+use super::*;
+
+pub(super) fn hello() -> Hello {
+    Hello {
+        job_id: [7; 16],
+        size_bytes: 10 << 30,
+        chunk_size_bytes: 2 << 20,
+        features: Features::LZ4
+            .union(Features::BLAKE3)
+            .union(Features::RESUME),
+        stream_index: 1,
+        stream_count: 4,
+        flags: HelloFlags::RESTART,
+        target: "vm-42/disk0".into(),
+        source_identity: "size=10737418240 gen=17".into(),
+    }
+}
+
+fn data(payload: Vec<u8>, codec: Codec, raw_len_bytes: u32) -> Frame {
+    Frame::Data(Data {
+        head: DataHead {
+            offset: 4 << 20,
+            raw_len_bytes,
+            codec,
+            raw_digest: [0xab; 32],
+        },
+        payload,
+    })
+}
+
+fn ranges(n: u64) -> Vec<ByteRange> {
+    (0..n)
+        .map(|i| ByteRange {
+            offset: (i * 3) << 20,
+            len_bytes: 1 << 20,
+        })
+        .collect()
+}
+
+/// One frame of every type (two of some).
+pub(super) fn sample_frames() -> Vec<Frame> {
+    vec![
+        Frame::Hello(hello()),
+        Frame::Welcome(Welcome {
+            features: Features::BLAKE3,
+            durable: vec![],
+        }),
+        Frame::Welcome(Welcome {
+            features: Features::KNOWN,
+            durable: ranges(5),
+        }),
+        data(vec![1, 2, 3, 4, 5], Codec::None, 5),
+        data(vec![9; 10], Codec::Zstd, 4096),
+        Frame::Zero(ByteRange {
+            offset: 1 << 40,
+            len_bytes: 1 << 33,
+        }),
+        Frame::Barrier { seq: 3 },
+        Frame::Ack(Ack {
+            seq: 3,
+            bytes_durable_total: 99 << 20,
+            durable_added: ranges(3),
+        }),
+        Frame::Done {
+            total_bytes_sent: 12345,
+            frames: 6,
+        },
+        Frame::VerifyRequest {
+            window_bytes: 2 << 20,
+        },
+        Frame::VerifyResult {
+            digest: [0x5a; 32],
+            bytes_read: 10 << 30,
+        },
+        Frame::Error(ErrorFrame {
+            code: ErrorCode::SourceMismatch,
+            message: "journal is for another source".into(),
+        }),
+        Frame::Error(ErrorFrame {
+            code: ErrorCode::Other(999),
+            message: String::new(),
+        }),
+        Frame::Ping { nonce: u64::MAX },
+        Frame::Pong { nonce: 0 },
+    ]
+}
+
+fn encoded(frame: &Frame) -> Vec<u8> {
+    let mut out = Vec::new();
+    frame.encode(&mut out).expect("valid frame encodes");
+    out
+}
+
+#[test]
+fn every_frame_round_trips() {
+    for frame in sample_frames() {
+        let bytes = encoded(&frame);
+        let (back, used) = decode_frame(&bytes).unwrap();
+        assert_eq!(back, frame);
+        assert_eq!(used, bytes.len(), "{frame:?}");
+        assert_eq!(encoded(&back), bytes);
+        assert_eq!(bytes[..4], MAGIC);
+        assert_eq!(bytes[5], frame.frame_type() as u8);
+    }
+}
+
+#[test]
+fn fixed_layouts_are_as_documented() {
+    let ping = encoded(&Frame::Ping { nonce: 0x0102 });
+    assert_eq!(
+        ping,
+        [
+            b'D', b'F', b'R', b'Y', 1, 11, 0, 0, 8, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0
+        ]
+    );
+    let hello = encoded(&Frame::Hello(hello()));
+    let strings = "vm-42/disk0".len() + "size=10737418240 gen=17".len();
+    assert_eq!(hello.len(), HEADER_LEN + 44 + strings);
+}
+
+#[test]
+fn data_header_matches_frame_encoding() {
+    let frame = data(vec![42; 100], Codec::Lz4, 1000);
+    let Frame::Data(d) = &frame else {
+        unreachable!()
+    };
+    let head = encode_data_header(&d.head, 100).unwrap();
+    let mut split = head.to_vec();
+    split.extend_from_slice(&d.payload);
+    assert_eq!(split, encoded(&frame));
+    assert_eq!(head.len(), DATA_HEADER_LEN);
+}
+
+#[test]
+fn encoder_refuses_what_the_decoder_would_refuse() {
+    let long = "x".repeat(MAX_STRING_BYTES + 1);
+    let mut h = hello();
+    h.target = long.clone();
+    let mut out = vec![1, 2, 3];
+    let err = Frame::Hello(h).encode(&mut out).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WireError::StringTooLong {
+                len_bytes: 4097,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(out, [1, 2, 3], "out is left as it was");
+    let mut h = hello();
+    h.target = "x".repeat(MAX_STRING_BYTES);
+    assert!(
+        Frame::Hello(h).encode(&mut out).is_ok(),
+        "4096 bytes is allowed"
+    );
+    let head = DataHead {
+        offset: 0,
+        raw_len_bytes: MAX_CHUNK_BYTES + 1,
+        codec: Codec::None,
+        raw_digest: [0; 32],
+    };
+    assert!(matches!(
+        encode_data_header(&head, MAX_CHUNK_BYTES + 1),
+        Err(WireError::ChunkTooLarge { .. })
+    ));
+    let bad = Frame::Welcome(Welcome {
+        features: Features::default(),
+        durable: vec![
+            ByteRange {
+                offset: 10,
+                len_bytes: 5,
+            },
+            ByteRange {
+                offset: 12,
+                len_bytes: 5,
+            },
+        ],
+    });
+    assert!(matches!(
+        bad.encode(&mut out),
+        Err(WireError::BadRange { offset: 12, .. })
+    ));
+}
+
+/// Encodes `frame`, then lets `edit` corrupt the bytes.
+fn corrupt(frame: &Frame, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut bytes = encoded(frame);
+    edit(&mut bytes);
+    bytes
+}
+
+fn set_len(bytes: &mut [u8], len: u32) {
+    bytes[8..12].copy_from_slice(&len.to_le_bytes());
+}
+
+#[test]
+fn malformed_inputs_give_the_specific_error() {
+    let ping = Frame::Ping { nonce: 1 };
+    let hello_f = Frame::Hello(hello());
+    let welcome = Frame::Welcome(Welcome {
+        features: Features::KNOWN,
+        durable: ranges(2),
+    });
+    let raw = data(vec![0; 16], Codec::None, 16);
+    let err = Frame::Error(ErrorFrame {
+        code: ErrorCode::Busy,
+        message: "busy".into(),
+    });
+    type Check = fn(&WireError) -> bool;
+    let table: Vec<(&str, Vec<u8>, Check)> = vec![
+        (
+            "bad magic",
+            corrupt(&ping, |b| b[0] = b'X'),
+            |e| matches!(e, WireError::BadMagic { got } if got == b"XFRY"),
+        ),
+        ("wrong version", corrupt(&ping, |b| b[4] = 2), |e| {
+            matches!(e, WireError::UnsupportedVersion { got: 2 }) && e.code() == ErrorCode::Version
+        }),
+        ("unknown type", corrupt(&ping, |b| b[5] = 200), |e| {
+            matches!(e, WireError::UnknownFrameType { code: 200 })
+        }),
+        ("reserved flags", corrupt(&ping, |b| b[7] = 0x80), |e| {
+            matches!(e, WireError::ReservedFlags { flags: 0x8000 })
+        }),
+        (
+            "4 GiB claim",
+            corrupt(&raw, |b| set_len(b, u32::MAX)),
+            |e| {
+                matches!(
+                    e,
+                    WireError::FrameTooLarge {
+                        frame: "DATA",
+                        len_bytes: u32::MAX,
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "control frame too large",
+            corrupt(&err, |b| set_len(b, 1 << 20)),
+            |e| {
+                matches!(
+                    e,
+                    WireError::FrameTooLarge {
+                        frame: "ERROR",
+                        max_bytes: 4100,
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "fixed frame too small",
+            corrupt(&ping, |b| set_len(b, 7)),
+            |e| {
+                matches!(
+                    e,
+                    WireError::FrameTooSmall {
+                        frame: "PING",
+                        min_bytes: 8,
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "truncated frame",
+            corrupt(&hello_f, |b| b.truncate(b.len() - 3)),
+            |e| matches!(e, WireError::Truncated { needed_bytes: 3 }),
+        ),
+        ("truncated header", corrupt(&ping, |b| b.truncate(5)), |e| {
+            matches!(e, WireError::Truncated { needed_bytes: 7 })
+        }),
+        (
+            "string too long",
+            corrupt(&err, |b| b[14..16].copy_from_slice(&4097u16.to_le_bytes())),
+            |e| {
+                matches!(
+                    e,
+                    WireError::StringTooLong {
+                        field: "ERROR message",
+                        len_bytes: 4097,
+                        ..
+                    }
+                )
+            },
+        ),
+        ("string past end", corrupt(&err, |b| b[14] = 200), |e| {
+            matches!(e, WireError::FieldTruncated { frame: "ERROR", .. })
+        }),
+        ("string not utf-8", corrupt(&err, |b| b[16] = 0xff), |e| {
+            matches!(e, WireError::StringNotUtf8 { .. })
+        }),
+        (
+            "list count too big",
+            corrupt(&welcome, |b| {
+                b[16..20].copy_from_slice(&(MAX_RESUME_RANGES + 1).to_le_bytes())
+            }),
+            |e| matches!(e, WireError::ListTooLong { count, .. } if *count == u64::from(MAX_RESUME_RANGES) + 1),
+        ),
+        (
+            "list count past end",
+            corrupt(&welcome, |b| b[16] = 3),
+            |e| {
+                matches!(
+                    e,
+                    WireError::FieldTruncated {
+                        frame: "WELCOME",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "trailing bytes",
+            corrupt(&welcome, |b| {
+                b.push(0);
+                let n = b.len() - HEADER_LEN;
+                set_len(b, n as u32)
+            }),
+            |e| matches!(e, WireError::TrailingBytes { extra_bytes: 1, .. }),
+        ),
+        (
+            "empty range",
+            corrupt(&welcome, |b| b[28..36].fill(0)),
+            |e| {
+                matches!(
+                    e,
+                    WireError::BadRange {
+                        why: "is empty",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "data raw_len > max",
+            corrupt(&raw, |b| {
+                b[20..24].copy_from_slice(&(MAX_CHUNK_BYTES + 1).to_le_bytes())
+            }),
+            |e| matches!(e, WireError::ChunkTooLarge { raw_len_bytes, .. } if *raw_len_bytes == MAX_CHUNK_BYTES + 1),
+        ),
+        (
+            "data raw_len != payload",
+            corrupt(&raw, |b| b[20] = 17),
+            |e| {
+                matches!(
+                    e,
+                    WireError::BadField {
+                        field: "payload length",
+                        ..
+                    }
+                )
+            },
+        ),
+        ("unknown codec", corrupt(&raw, |b| b[24] = 9), |e| {
+            matches!(e, WireError::UnknownCodec { code: 9 })
+        }),
+        ("data reserved", corrupt(&raw, |b| b[25] = 1), |e| {
+            matches!(
+                e,
+                WireError::BadField {
+                    field: "reserved bytes",
+                    ..
+                }
+            )
+        }),
+        (
+            "hello index >= count",
+            corrupt(&hello_f, |b| b[44..46].copy_from_slice(&4u16.to_le_bytes())),
+            |e| {
+                matches!(
+                    e,
+                    WireError::BadField {
+                        field: "stream_index",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "hello unknown flag",
+            corrupt(&hello_f, |b| b[48] = 0x81),
+            |e| matches!(e, WireError::BadField { field: "flags", .. }),
+        ),
+    ];
+    for (name, bytes, check) in table {
+        let err = decode_any(&bytes).expect_err(name);
+        assert!(check(&err), "{name}: got {err:?}");
+        assert!(!err.to_string().is_empty());
+    }
+}
+
+#[test]
+fn header_claiming_4_gib_is_refused_before_allocating() {
+    let mut header = Header::new(FrameType::Data, 100).unwrap().encode();
+    set_len(&mut header, u32::MAX);
+    let mut d = FrameDecoder::new();
+    assert_eq!(d.feed(&header), HEADER_LEN);
+    assert!(matches!(
+        d.next_frame(),
+        Err(WireError::FrameTooLarge { .. })
+    ));
+    assert_eq!(d.buffered_capacity_bytes(), 0);
+    assert_eq!(d.need(), 0);
+    assert_eq!(d.feed(&[0; 10]), 0, "a failed decoder takes nothing");
+    assert!(d.next_frame().is_err(), "errors are sticky");
+}
+
+#[test]
+fn feed_stops_at_frame_end_and_tracks_need() {
+    let a = encoded(&Frame::Barrier { seq: 1 });
+    let b = encoded(&Frame::Ping { nonce: 2 });
+    let both = [a.clone(), b].concat();
+    let mut d = FrameDecoder::new();
+    assert_eq!(d.need(), HEADER_LEN);
+    assert_eq!(d.feed(&both[..5]), 5);
+    assert_eq!(d.need(), HEADER_LEN - 5);
+    assert!(d.is_mid_frame());
+    assert_eq!(
+        d.feed(&both[5..]),
+        a.len() - 5,
+        "stops at the end of frame 1"
+    );
+    assert_eq!(d.next_frame().unwrap(), Some(Frame::Barrier { seq: 1 }));
+    assert!(!d.is_mid_frame());
+    assert_eq!(d.feed(&both[a.len()..]), 20);
+    assert_eq!(d.next_frame().unwrap(), Some(Frame::Ping { nonce: 2 }));
+    assert_eq!(d.next_frame().unwrap(), None);
+}
+
+#[test]
+fn read_in_place_and_recycle_reuse_the_payload_buffer() {
+    let frame = data(vec![3; 5000], Codec::None, 5000);
+    let bytes = encoded(&frame);
+    let mut d = FrameDecoder::new();
+    let mut input = &bytes[..];
+    let mut sizes = Vec::new();
+    while d.need() > 0 {
+        let n = d.need().min(input.len()).min(1500);
+        sizes.push(d.buf_mut().len());
+        d.buf_mut()[..n].copy_from_slice(&input[..n]);
+        d.advance(n);
+        input = &input[n..];
+    }
+    assert_eq!(sizes[..3], [HEADER_LEN, DATA_HEAD_LEN, 5000]);
+    let Some(Frame::Data(got)) = d.next_frame().unwrap() else {
+        panic!("no data")
+    };
+    assert_eq!(Frame::Data(got.clone()), frame);
+    let ptr = got.payload.as_ptr();
+    d.recycle(got.payload);
+    let mut input = &bytes[..];
+    let Some(Frame::Data(again)) = d.decode_from(&mut input).unwrap() else {
+        panic!("no data")
+    };
+    assert_eq!(again.payload.as_ptr(), ptr, "recycled buffer reused");
+    assert!(input.is_empty());
+}
+
+#[test]
+fn clean_end_versus_cut_connection() {
+    let one = encoded(&Frame::Done {
+        total_bytes_sent: 1,
+        frames: 1,
+    });
+    assert_eq!(decode_any(&one).unwrap().len(), 1);
+    assert_eq!(decode_any(&[]).unwrap(), vec![]);
+    assert!(matches!(
+        decode_any(&one[..one.len() - 1]),
+        Err(WireError::Truncated { needed_bytes: 1 })
+    ));
+}
+
+#[test]
+fn error_codes_round_trip_and_unknown_are_kept() {
+    for v in 0..=20u16 {
+        assert_eq!(ErrorCode::from_u16(v).to_u16(), v);
+    }
+    assert_eq!(ErrorCode::from_u16(4), ErrorCode::SourceMismatch);
+    assert_eq!(ErrorCode::from_u16(77), ErrorCode::Other(77));
+    assert!(Features(0xffff_0000).intersect(Features::KNOWN) == Features::default());
+}
+
+#[test]
+fn image_digest_is_order_independent_and_covers_zero_windows() {
+    let window = 4096u32;
+    let size = 3 * 4096 + 100;
+    let mut image = vec![0u8; size as usize];
+    image[..4096].fill(0x11);
+    image[2 * 4096 + 5] = 1;
+    let chunks: Vec<&[u8]> = image.chunks(window as usize).collect();
+    assert_eq!(chunks.len(), 4);
+
+    let mut forward = ImageDigest::new(size, window).unwrap();
+    for (i, c) in chunks.iter().enumerate() {
+        forward.hash_window(i as u64, c).unwrap();
+    }
+    let mut backward = ImageDigest::new(size, window).unwrap();
+    for i in [3u64, 1, 2, 0] {
+        if i == 1 || i == 3 {
+            backward.zero_window(i).unwrap();
+        } else {
+            backward
+                .set_window(i, chunk_digest(chunks[i as usize]))
+                .unwrap();
+        }
+    }
+    assert_eq!(forward.finish().unwrap(), backward.finish().unwrap());
+
+    let mut changed = image.clone();
+    changed[size as usize - 1] = 9;
+    let mut other = ImageDigest::new(size, window).unwrap();
+    for (i, c) in changed.chunks(window as usize).enumerate() {
+        other.hash_window(i as u64, c).unwrap();
+    }
+    assert_ne!(other.finish().unwrap(), forward.finish().unwrap());
+}
+
+#[test]
+fn image_digest_refuses_missing_and_bad_windows() {
+    let mut d = ImageDigest::new(10_000, 4096).unwrap();
+    assert_eq!(d.windows(), 3);
+    assert_eq!(d.window_len_bytes(2).unwrap(), 10_000 - 8192);
+    d.zero_window(0).unwrap();
+    d.zero_window(2).unwrap();
+    assert_eq!(d.missing_windows(), 1);
+    assert_eq!(d.finish(), Err(WireError::WindowMissing { index: 1 }));
+    assert!(matches!(
+        d.set_window(3, [0; 32]),
+        Err(WireError::WindowOutOfRange {
+            index: 3,
+            windows: 3
+        })
+    ));
+    assert!(matches!(
+        d.hash_window(1, &[0; 10]),
+        Err(WireError::WindowLength {
+            want_bytes: 4096,
+            ..
+        })
+    ));
+    assert!(
+        ImageDigest::new(1 << 40, 100).is_err(),
+        "window below 4 KiB"
+    );
+    assert!(
+        ImageDigest::new(u64::MAX, 4096).is_err(),
+        "too many windows"
+    );
+    let empty = ImageDigest::new(0, 4096).unwrap();
+    assert_ne!(
+        empty.finish().unwrap(),
+        ImageDigest::new(0, 8192).unwrap().finish().unwrap()
+    );
+}
+
+#[test]
+fn full_size_zero_window_matches_hashing_zeros() {
+    let window = 1 << 20; // several 64 KiB pieces of the zero hasher
+    let mut a = ImageDigest::new(u64::from(window) * 2, window).unwrap();
+    let mut b = a.clone();
+    a.zero_window(0).unwrap();
+    a.zero_window(1).unwrap();
+    let zeros = vec![0u8; window as usize];
+    b.hash_window(1, &zeros).unwrap();
+    b.set_window(0, chunk_digest(&zeros)).unwrap();
+    assert_eq!(a.finish().unwrap(), b.finish().unwrap());
+}
