@@ -13,6 +13,7 @@ pub mod cli;
 pub mod endpoint;
 pub mod engine;
 pub mod nbd;
+pub mod net;
 pub mod pipeline;
 pub mod progress;
 pub mod size;
