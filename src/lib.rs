@@ -10,6 +10,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
+pub mod compress;
 pub mod endpoint;
 pub mod engine;
 pub mod nbd;
