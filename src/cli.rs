@@ -30,6 +30,77 @@ pub enum Command {
     /// Copy a disk: SRC and DST are NBD URIs, raw files, block devices, or
     /// images in another format (qcow2, vmdk, vhdx, …) opened through qemu-nbd.
     Copy(CopyArgs),
+    /// Replicate SRC to a `diskferry serve` receiver over several TLS 1.3 streams.
+    Send(SendArgs),
+    /// Certificates for mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Write a private CA and server and client certificates into DIR
+    /// (ca.pem, ca.key, server.pem, server.key, client.pem, client.key).
+    Init {
+        dir: std::path::PathBuf,
+        /// Extra names (DNS or IP) for the server certificate; repeatable.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SendArgs {
+    /// Source: as for `copy`.
+    pub src: String,
+    /// The receiver, HOST:PORT.
+    #[arg(long)]
+    pub to: String,
+    /// Target name on the receiver (a file under its --target-root, or a name it allows).
+    #[arg(long)]
+    pub target: String,
+    /// Directory with ca.pem, client.pem and client.key (see `diskferry certs init`).
+    #[arg(long, required_unless_present = "insecure_plaintext")]
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// TCP streams, each its own TLS session.
+    #[arg(long, default_value_t = 4)]
+    pub streams: u32,
+    /// Compression: auto, none, lz4, zstd or zstd:LEVEL.
+    #[arg(long, default_value = "auto")]
+    pub compress: crate::compress::Mode,
+    /// Cap on the total rate: 100M or 1G bytes/s (SI), 64Mi (binary), 250Mbit (bits/s).
+    #[arg(long, value_parser = crate::net::rate::parse_rate)]
+    pub rate: Option<u64>,
+    /// After the copy, compare a digest of the whole target (read back by the receiver) with the source's.
+    #[arg(long)]
+    pub verify: bool,
+    /// Send without TLS (the receiver must also run with --insecure-plaintext).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+    /// NBD connections to the source.
+    #[arg(long, default_value_t = 4)]
+    pub connections: u32,
+    /// Requests in flight per source connection.
+    #[arg(long, default_value_t = 4)]
+    pub requests: u32,
+    /// Bytes per chunk (power of two, 4KiB..32MiB).
+    #[arg(long, default_value = "2M", value_parser = parse_chunk)]
+    pub chunk_size: u32,
+    /// Worker threads (default: one per online CPU).
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// I/O engine for the source side.
+    #[arg(long, value_enum)]
+    pub io_engine: Option<EngineKind>,
+    /// Newline-delimited JSON events on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -102,6 +173,26 @@ pub fn main() -> i32 {
     init_logging(cli.verbose);
     match cli.command {
         Command::Copy(args) => run_copy(args),
+        Command::Send(args) => run_send(args),
+        Command::Certs(CertsCommand::Init { dir, sans, force }) => {
+            match crate::net::certs::init(&dir, &sans, force) {
+                Ok(p) => {
+                    println!(
+                        "wrote {}, {}, {} and their keys in {} (server names: {})",
+                        p.ca_cert.display(),
+                        p.server_cert.display(),
+                        p.client_cert.display(),
+                        dir.display(),
+                        p.server_sans.join(", ")
+                    );
+                    0
+                }
+                Err(e) => {
+                    eprintln!("diskferry: {e}");
+                    2
+                }
+            }
+        }
     }
 }
 
@@ -140,6 +231,79 @@ fn run_copy(a: CopyArgs) -> i32 {
                 eprintln!(
                     "copied {} data bytes of {} ({} zero/hole bytes skipped) in {:.2}s, {:.0} MB/s, engine {}",
                     r.bytes_written, r.size_bytes, r.bytes_zeroed, r.elapsed_s, rate, r.engine
+                );
+            }
+            0
+        }
+        Err(e) => {
+            progress.finish(None);
+            if a.json {
+                crate::progress::emit_json(
+                    &serde_json::json!({"event": "error", "message": e.to_string()}),
+                );
+            }
+            eprintln!("diskferry: {e}");
+            exit_code(&e)
+        }
+    }
+}
+
+fn run_send(a: SendArgs) -> i32 {
+    let opts = crate::replicate::send::SendOptions {
+        source: a.src,
+        to: a.to,
+        target: a.target,
+        tls_dir: if a.insecure_plaintext {
+            None
+        } else {
+            a.tls_dir
+        },
+        insecure_plaintext: a.insecure_plaintext,
+        streams: a.streams,
+        compress: a.compress,
+        rate_bytes_per_s: a.rate,
+        verify: a.verify,
+        connections: a.connections,
+        requests: a.requests,
+        chunk_bytes: a.chunk_size,
+        threads: a.threads,
+        engine: a.io_engine,
+    };
+    let mut progress = Progress::new(a.json, a.no_progress);
+    let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el));
+    match result {
+        Ok(r) => {
+            let done = serde_json::json!({
+                "event": "done",
+                "source": r.source,
+                "target": r.target,
+                "size_bytes": r.size_bytes,
+                "bytes_planned": r.bytes_planned,
+                "bytes_read": r.bytes_read,
+                "bytes_written": r.bytes_written,
+                "bytes_zeroed": r.bytes_zeroed,
+                "bytes_on_wire": r.bytes_on_wire,
+                "compression_ratio": r.compression_ratio,
+                "image_digest": r.image_digest,
+                "verified": r.verified,
+                "elapsed_s": r.elapsed_s,
+                "engine": r.engine,
+                "streams": r.streams,
+                "congestion_control": r.congestion_control,
+                "compression": r.compression,
+            });
+            progress.finish(Some(&done));
+            if !a.json && !a.no_progress {
+                let rate = r.bytes_planned as f64 / r.elapsed_s.max(1e-9) / 1e6;
+                eprintln!(
+                    "sent {} data bytes of {} as {} bytes on the wire (ratio {:.2}) in {:.2}s, {:.0} MB/s{}",
+                    r.bytes_written,
+                    r.size_bytes,
+                    r.bytes_on_wire,
+                    r.compression_ratio,
+                    r.elapsed_s,
+                    rate,
+                    if r.verified { ", verified" } else { "" }
                 );
             }
             0

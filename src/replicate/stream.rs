@@ -1,0 +1,194 @@
+//! One transport stream of a job (TLS 1.3 with mutual authentication, or
+//! plaintext TCP behind an explicit flag) and frame I/O over it.
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::net::socket::{SocketTuning, TuningReport, connect_tuned};
+use crate::net::tls::{self, Role, TlsDir};
+use crate::wire::{Frame, FrameDecoder, WireError};
+
+/// Errors of a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    Net(#[from] crate::net::socket::NetError),
+    #[error("{0}")]
+    Tls(#[from] crate::net::tls::TlsError),
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Wire(#[from] WireError),
+    #[error("the receiver closed the connection")]
+    Closed,
+    #[error("the receiver refused: {code:?}: {message}")]
+    Refused {
+        code: crate::wire::ErrorCode,
+        message: String,
+    },
+    #[error("unexpected frame from the receiver: {0}")]
+    Unexpected(String),
+}
+
+/// How to reach the receiver.
+#[derive(Clone)]
+pub struct Dialer {
+    pub addr: SocketAddr,
+    /// Host name as the user wrote it (checked against the certificate).
+    pub server_name: String,
+    /// None = plaintext (only with `--insecure-plaintext`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub tuning: SocketTuning,
+    pub connect_timeout_ms: u64,
+}
+
+impl Dialer {
+    /// Build from `HOST:PORT` and the TLS directory.
+    pub fn new(to: &str, tls_dir: Option<&Path>, tuning: SocketTuning) -> Result<Self, String> {
+        use std::net::ToSocketAddrs;
+        let addr = to
+            .to_socket_addrs()
+            .map_err(|e| format!("--to {to}: {e} (expected HOST:PORT)"))?
+            .next()
+            .ok_or_else(|| format!("--to {to}: the name resolves to no address"))?;
+        let server_name = match to.rsplit_once(':') {
+            Some((host, _)) => host.trim_matches(['[', ']']).to_string(),
+            None => to.to_string(),
+        };
+        let tls = match tls_dir {
+            Some(dir) => {
+                let d = TlsDir::load(dir, Role::Client).map_err(|e| e.to_string())?;
+                Some(tls::client_config(&d).map_err(|e| e.to_string())?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            addr,
+            server_name,
+            tls,
+            tuning,
+            connect_timeout_ms: 10_000,
+        })
+    }
+
+    /// Connect one stream (TCP tuned for the link, then TLS).
+    pub fn dial(&self) -> Result<(Stream, TuningReport), StreamError> {
+        let (tcp, report) = connect_tuned(self.addr, &self.tuning, self.connect_timeout_ms)?;
+        let stream = match &self.tls {
+            Some(cfg) => Stream::Tls(Box::new(tls::connect(
+                tcp,
+                Arc::clone(cfg),
+                &self.server_name,
+                self.connect_timeout_ms,
+            )?)),
+            None => Stream::Plain(tcp),
+        };
+        Ok((stream, report))
+    }
+}
+
+/// A connected stream.
+pub enum Stream {
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    Plain(TcpStream),
+}
+
+impl Stream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Tls(s) => s.get_ref(),
+            Stream::Plain(s) => s,
+        }
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.tcp().set_read_timeout(t)
+    }
+
+    /// Send a TLS close_notify (best effort) and shut the socket down.
+    pub fn close(&mut self) {
+        if let Stream::Tls(s) = self {
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        }
+        let _ = self.tcp().shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tls(s) => s.read(buf),
+            Stream::Plain(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tls(s) => s.write(buf),
+            Stream::Plain(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tls(s) => s.write_vectored(bufs),
+            Stream::Plain(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Tls(s) => s.flush(),
+            Stream::Plain(s) => s.flush(),
+        }
+    }
+}
+
+/// Read one whole frame.
+pub fn read_frame(r: &mut impl Read, dec: &mut FrameDecoder) -> Result<Frame, StreamError> {
+    loop {
+        if let Some(f) = dec.next_frame()? {
+            return Ok(f);
+        }
+        let buf = dec.buf_mut();
+        if buf.is_empty() {
+            return Err(StreamError::Unexpected(
+                "decoder wants no bytes but has no frame".into(),
+            ));
+        }
+        let n = r.read(buf)?;
+        if n == 0 {
+            return Err(StreamError::Closed);
+        }
+        dec.advance(n);
+    }
+}
+
+/// Encode and write one frame.
+pub fn write_frame(
+    w: &mut impl Write,
+    f: &Frame,
+    scratch: &mut Vec<u8>,
+) -> Result<usize, StreamError> {
+    scratch.clear();
+    f.encode(scratch)?;
+    w.write_all(scratch)?;
+    Ok(scratch.len())
+}
+
+/// Turn an ERROR frame into a [`StreamError::Refused`]; anything else
+/// unexpected into [`StreamError::Unexpected`].
+pub fn unexpected(f: Frame) -> StreamError {
+    match f {
+        Frame::Error(e) => StreamError::Refused {
+            code: e.code,
+            message: e.message,
+        },
+        other => StreamError::Unexpected(format!("{:?}", other.frame_type())),
+    }
+}
