@@ -388,8 +388,11 @@ fn sender_thread(ctx: SenderCtx, mut stream: Stream, mut dec: FrameDecoder) -> F
         };
         idle = 0;
         let (worker, slot) = chunk.owner();
-        if !failed && !ctx.shared.aborted() {
-            if let Err(e) = s.send_chunk(&ctx, &mut stream, &chunk) {
+        if !failed
+            && !ctx.shared.aborted()
+            && let Err(e) = s.send_chunk(&ctx, &mut stream, &chunk)
+        {
+            {
                 failed = true;
                 let msg = explain(e, &mut stream, &mut dec);
                 ctx.shared.fail(CopyError::TargetWrite(format!(
@@ -406,7 +409,7 @@ fn sender_thread(ctx: SenderCtx, mut stream: Stream, mut dec: FrameDecoder) -> F
         return None;
     }
     match s.finish(&mut stream, &mut dec) {
-        Ok(done) => Some((stream, dec, s.policy.stats().clone(), done)),
+        Ok(done) => Some((stream, dec, *s.policy.stats(), done)),
         Err(e) => {
             let msg = explain(e, &mut stream, &mut dec);
             ctx.shared.fail(CopyError::TargetWrite(format!(
