@@ -124,6 +124,10 @@ pub struct CopyArgs {
     /// I/O engine (default: io_uring when the kernel allows it, else threads).
     #[arg(long, value_enum)]
     pub io_engine: Option<EngineKind>,
+    /// How file and block-device targets are written: auto (O_DIRECT for
+    /// block devices, page cache with streamed writeback for files), direct, cached.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub write_mode: crate::pipeline::open::WriteMode,
     /// Print newline-delimited JSON events on stdout instead of a progress bar.
     #[arg(long)]
     pub json: bool,
@@ -205,6 +209,7 @@ fn run_copy(a: CopyArgs) -> i32 {
         chunk_bytes: a.chunk_size,
         threads: a.threads,
         engine: a.io_engine,
+        write_mode: a.write_mode,
     };
     let mut progress = Progress::new(a.json, a.no_progress);
     let result = copy::run(&opts, &mut |s, el| progress.update(s, el));

@@ -56,6 +56,21 @@ pub enum Op {
         offset: u64,
         len: u64,
     },
+    /// sync_file_range(2): start (and optionally wait for) writeback of a
+    /// range, so written data streams to disk instead of piling up dirty.
+    SyncFileRange {
+        fd: RawFd,
+        offset: u64,
+        len: u32,
+        flags: u32,
+    },
+    /// posix_fadvise(2), e.g. POSIX_FADV_DONTNEED on ranges already on disk.
+    Fadvise {
+        fd: RawFd,
+        offset: u64,
+        len: u32,
+        advice: i32,
+    },
 }
 
 // SAFETY: an Op is a plain description; the pointers it carries are only

@@ -250,6 +250,36 @@ fn execute(op: Op) -> i32 {
                 unsafe { libc::fallocate(fd, mode, offset, len) as isize }
             })
         }
+        Op::SyncFileRange {
+            fd,
+            offset,
+            len,
+            flags,
+        } => {
+            let Ok(offset) = libc::off64_t::try_from(offset) else {
+                return -libc::EINVAL;
+            };
+            retry_eintr(|| {
+                // SAFETY: sync_file_range takes no pointers.
+                unsafe {
+                    libc::sync_file_range(fd, offset, libc::off64_t::from(len), flags) as isize
+                }
+            })
+        }
+        Op::Fadvise {
+            fd,
+            offset,
+            len,
+            advice,
+        } => {
+            let Ok(offset) = libc::off_t::try_from(offset) else {
+                return -libc::EINVAL;
+            };
+            // SAFETY: posix_fadvise takes no pointers; it returns the error
+            // number instead of setting errno.
+            let rc = unsafe { libc::posix_fadvise(fd, offset, libc::off_t::from(len), advice) };
+            -rc
+        }
     }
 }
 

@@ -31,7 +31,7 @@ const CANCEL_USER_DATA: u64 = u64::MAX;
 const SQ_ENTRIES_MAX: u32 = 32768;
 
 /// Every opcode diskferry submits, with a name for error messages.
-const OPCODES_USED: [(u8, &str); 7] = [
+const OPCODES_USED: [(u8, &str); 9] = [
     (opcode::Read::CODE, "READ"),
     (opcode::Write::CODE, "WRITE"),
     (opcode::SendMsg::CODE, "SENDMSG"),
@@ -39,6 +39,8 @@ const OPCODES_USED: [(u8, &str); 7] = [
     (opcode::Fsync::CODE, "FSYNC"),
     (opcode::Fallocate::CODE, "FALLOCATE"),
     (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    (opcode::SyncFileRange::CODE, "SYNC_FILE_RANGE"),
+    (opcode::Fadvise::CODE, "FADVISE"),
 ];
 
 /// The io_uring engine.
@@ -158,6 +160,23 @@ impl UringEngine {
             } => opcode::Fallocate::new(types::Fd(fd), len)
                 .offset(offset)
                 .mode(mode)
+                .build(),
+            Op::SyncFileRange {
+                fd,
+                offset,
+                len,
+                flags,
+            } => opcode::SyncFileRange::new(types::Fd(fd), len)
+                .offset(offset)
+                .flags(flags)
+                .build(),
+            Op::Fadvise {
+                fd,
+                offset,
+                len,
+                advice,
+            } => opcode::Fadvise::new(types::Fd(fd), len as libc::off_t, advice)
+                .offset(offset)
                 .build(),
         }
     }

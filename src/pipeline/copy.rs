@@ -28,6 +28,7 @@ pub struct CopyOptions {
     /// Worker threads (default: online CPUs).
     pub threads: Option<u32>,
     pub engine: Option<EngineKind>,
+    pub write_mode: super::open::WriteMode,
 }
 
 /// The result of a successful copy.
@@ -73,7 +74,12 @@ pub fn run(opts: &CopyOptions, progress: ProgressFn<'_>) -> Result<CopyReport, C
         tracing::warn!("{why}");
     }
     let source = open_source(&opts.source, opts.connections)?;
-    let target = open_target(&opts.target, source.size_bytes, opts.connections)?;
+    let target = open_target(
+        &opts.target,
+        source.size_bytes,
+        opts.connections,
+        opts.write_mode,
+    )?;
     tracing::info!(
         source = %source.display,
         target = %target.display,

@@ -94,6 +94,12 @@ const TAG_DST_RECV: u64 = 7;
 const TAG_DOORBELL: u64 = 8;
 /// A write through the page cache (serialised: see `buffered_queue`).
 const TAG_FILE_WRITE_BUF: u64 = 9;
+/// Start writeback of a range just written (nothing to do on completion).
+const TAG_WB_START: u64 = 10;
+/// Wait for an older range's writeback; then drop it from the page cache.
+const TAG_WB_WAIT: u64 = 11;
+/// Ranges whose writeback runs ahead before the oldest is waited for.
+const WRITEBACK_WINDOW: usize = 8;
 const SUBOP_BITS: u32 = 24;
 
 fn ud(tag: u64, slot: usize, subop: usize) -> u64 {
@@ -159,6 +165,10 @@ pub struct Worker {
     events: Vec<ReplyEvent>,
     buffered_in_flight: bool,
     buffered_queue: std::collections::VecDeque<(usize, usize)>,
+    /// Buffered ranges whose writeback was started, oldest first.
+    writeback: std::collections::VecDeque<(u64, u32)>,
+    /// Ranges being waited for, by id (the id travels in user_data).
+    writeback_waits: Vec<Option<(u64, u32)>>,
 }
 
 impl Worker {
@@ -195,6 +205,8 @@ impl Worker {
             events: Vec::new(),
             buffered_in_flight: false,
             buffered_queue: std::collections::VecDeque::new(),
+            writeback: std::collections::VecDeque::new(),
+            writeback_waits: Vec::new(),
         }
     }
 
@@ -707,6 +719,77 @@ impl Worker {
         self.arm_doorbell()
     }
 
+    /// Page-cache writes stream to disk the way a careful `dd` would: kick
+    /// writeback of each range as soon as it is written, and once more than
+    /// [`WRITEBACK_WINDOW`] ranges are in writeback, wait for the oldest
+    /// and drop it from the cache. Dirty data never piles up, so there are
+    /// no writeback stalls, and the copy does not evict everything else.
+    fn stream_writeback(&mut self, (offset, len): (u64, u32)) -> Result<(), CopyError> {
+        let DstIo::File { fd, .. } = &self.dst else {
+            return Ok(());
+        };
+        let fd = *fd;
+        let start = Op::SyncFileRange {
+            fd,
+            offset,
+            len,
+            flags: libc::SYNC_FILE_RANGE_WRITE,
+        };
+        self.engine
+            .push(ud(TAG_WB_START, 0, 0), start)
+            .map_err(engine_err)?;
+        self.writeback.push_back((offset, len));
+        if self.writeback.len() > WRITEBACK_WINDOW
+            && let Some((o, l)) = self.writeback.pop_front()
+        {
+            let id = match self.writeback_waits.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    self.writeback_waits.push(None);
+                    self.writeback_waits.len() - 1
+                }
+            };
+            self.writeback_waits[id] = Some((o, l));
+            let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            let wait = Op::SyncFileRange {
+                fd,
+                offset: o,
+                len: l,
+                flags,
+            };
+            self.engine
+                .push(ud(TAG_WB_WAIT, 0, id), wait)
+                .map_err(engine_err)?;
+        }
+        Ok(())
+    }
+
+    fn on_writeback_wait(&mut self, c: Completion, id: usize) -> Result<(), CopyError> {
+        let Some((offset, len)) = self.writeback_waits.get_mut(id).and_then(Option::take) else {
+            return Err(CopyError::Internal(format!("unknown writeback wait {id}")));
+        };
+        if c.result < 0 {
+            let err = std::io::Error::from_raw_os_error(-c.result);
+            return Err(CopyError::TargetWrite(format!(
+                "writing back offset {offset}: {err}"
+            )));
+        }
+        if let DstIo::File { fd, .. } = &self.dst {
+            let op = Op::Fadvise {
+                fd: *fd,
+                offset,
+                len,
+                advice: libc::POSIX_FADV_DONTNEED,
+            };
+            self.engine
+                .push(ud(TAG_WB_START, 0, 0), op)
+                .map_err(engine_err)?;
+        }
+        Ok(())
+    }
+
     fn finish(&mut self, slot: usize) {
         let s = &mut self.slots[slot];
         Stats::add(&self.shared.stats.bytes_done, s.planned_bytes);
@@ -742,9 +825,16 @@ impl Worker {
         let (slot, sub) = (ud_slot(c.user_data), ud_subop(c.user_data));
         match ud_tag(c.user_data) {
             TAG_FILE_READ | TAG_FILE_WRITE => self.on_file_rw(c, slot, sub),
+            TAG_WB_START => Ok(()),
+            TAG_WB_WAIT => self.on_writeback_wait(c, sub),
             TAG_FILE_WRITE_BUF => {
                 self.buffered_in_flight = false;
+                let so = self.slots[slot].subops[sub];
+                let range = (so.disk_off + u64::from(so.done), c.result.max(0) as u32);
                 let out = self.on_file_rw(c, slot, sub);
+                if out.is_ok() && range.1 > 0 {
+                    self.stream_writeback(range)?;
+                }
                 if out.is_ok()
                     && !self.shared.aborted()
                     && !self.buffered_in_flight
