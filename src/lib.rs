@@ -17,5 +17,6 @@ pub mod nbd;
 pub mod net;
 pub mod pipeline;
 pub mod progress;
+pub mod replicate;
 pub mod size;
 pub mod wire;
