@@ -287,11 +287,8 @@ impl Session<'_> {
                 "the sender does not offer BLAKE3 digests, which protocol v1 requires",
             ));
         }
-        let attachment = self.ctx.registry.attach(&hello).map_err(|refusal| {
-            warn!(peer = %self.peer, target = %hello.target, code = ?refusal.code,
-                      "refused HELLO: {}", refusal.message);
-            End::Refuse(refusal)
-        })?;
+        // A refusal is logged (with the peer) when the stream ends.
+        let attachment = self.ctx.registry.attach(&hello).map_err(End::Refuse)?;
         self.features = hello.features.intersect(SUPPORTED_FEATURES);
         debug!(peer = %self.peer, job = %attachment.job.id_hex(),
                stream = hello.stream_index, "stream attached");

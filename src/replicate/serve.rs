@@ -195,6 +195,12 @@ impl Server {
             connections = threads.len(),
             "stopping: no new connections; ending streams"
         );
+        // A handshake cannot look at the stop flag: cut those now.
+        for (tcp, serving) in lock(&sockets).values() {
+            if !serving {
+                let _ = tcp.shutdown(Shutdown::Both);
+            }
+        }
         let deadline = Instant::now() + Duration::from_millis(SHUTDOWN_GRACE_MS);
         while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(ACCEPT_POLL_MS));

@@ -344,3 +344,56 @@ fn punch_hole(file: &File, offset: u64, len_bytes: u64) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_range_on_a_used_target_reads_back_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let resolved = resolve("t.img", &root, &[]).unwrap();
+        let mut target = Target::open_fresh(&resolved, 4 << 20).unwrap();
+        target.fresh_zero = false; // as a block device or a resumed file
+        target.write_at(&[0xAB; 3 << 20], 0).unwrap();
+        target.zero_range(4096, (2 << 20) + 4096).unwrap();
+        target.write_zeros((3 << 20) - 10, 10).unwrap();
+        let bytes = std::fs::read(&resolved.path).unwrap();
+        assert!(bytes[..4096].iter().all(|&b| b == 0xAB));
+        assert!(bytes[4096..(2 << 20) + 8192].iter().all(|&b| b == 0));
+        assert!(
+            bytes[(2 << 20) + 8192..(3 << 20) - 10]
+                .iter()
+                .all(|&b| b == 0xAB)
+        );
+        assert!(bytes[(3 << 20) - 10..].iter().all(|&b| b == 0));
+        let allocated = crate::endpoint::file::allocated_bytes(&resolved.path);
+        assert!(
+            allocated < 2 << 20,
+            "no hole was punched: {allocated} bytes allocated"
+        );
+    }
+
+    #[test]
+    fn resolve_keeps_names_inside_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("vm")).unwrap();
+        let ok = resolve("vm/disk.img", &root, &[]).unwrap();
+        assert_eq!(ok.path, root.join("vm/disk.img"));
+        assert!(!ok.from_allow_list);
+        for bad in [
+            "", "/abs", "../x", "vm/../x", "vm/./x", "vm//x", "x\0y", "nodir/x",
+        ] {
+            assert!(resolve(bad, &root, &[]).is_err(), "{bad:?} accepted");
+        }
+        let allow = vec![("dev".to_string(), PathBuf::from("/dev/null"))];
+        let listed = resolve("dev", &root, &allow).unwrap();
+        assert!(listed.from_allow_list && listed.path == Path::new("/dev/null"));
+        assert!(
+            !root.join("vm/disk.img").exists(),
+            "resolve must not create"
+        );
+    }
+}

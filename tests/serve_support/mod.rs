@@ -34,6 +34,10 @@ impl Harness {
     }
 
     pub fn start_with(plaintext: bool, adjust: impl FnOnce(&mut ServeOptions)) -> Harness {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_max_level(tracing::Level::DEBUG)
+            .try_init();
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         let certs = dir.path().join("certs");
@@ -65,7 +69,7 @@ impl Harness {
     }
 
     /// Sets the stop flag, waits for run() and returns how long it took.
-    pub fn stop(mut self) -> Duration {
+    pub fn stop(&mut self) -> Duration {
         let started = Instant::now();
         self.stop.store(true, Ordering::SeqCst);
         let result = self.thread.take().unwrap().join().unwrap();
@@ -83,13 +87,15 @@ impl Harness {
     /// A connected client (TLS with the harness's client certificate, or
     /// plain TCP for a plaintext receiver).
     pub fn connect(&self) -> Client {
+        let tcp = self.tcp();
+        let clone = tcp.try_clone().unwrap();
         if self.plaintext {
-            return Client::new(Box::new(self.tcp()));
+            return Client::new(Box::new(tcp), clone);
         }
         let dir = TlsDir::load(&self.certs, Role::Client).unwrap();
         let cfg = net::client_config(&dir).unwrap();
-        let tls = net::connect(self.tcp(), cfg, "localhost", 5_000).unwrap();
-        Client::new(Box::new(tls))
+        let tls = net::connect(tcp, cfg, "localhost", 5_000).unwrap();
+        Client::new(Box::new(tls), clone)
     }
 }
 
@@ -107,6 +113,8 @@ impl<T: Read + Write + Send> Stream for T {}
 
 pub struct Client {
     pub io: Box<dyn Stream>,
+    /// The TCP socket under `io`, for shutting it down.
+    pub tcp: TcpStream,
     decoder: FrameDecoder,
     /// DATA payload bytes sent.
     pub payload_bytes: u64,
@@ -114,9 +122,10 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(io: Box<dyn Stream>) -> Client {
+    pub fn new(io: Box<dyn Stream>, tcp: TcpStream) -> Client {
         Client {
             io,
+            tcp,
             decoder: FrameDecoder::new(),
             payload_bytes: 0,
             frames: 0,
@@ -128,6 +137,11 @@ impl Client {
         frame.encode(&mut out).unwrap();
         self.send_raw(&out);
         self.frames += 1;
+    }
+
+    /// Half-closes the connection (TCP FIN, no TLS close_notify).
+    pub fn close_write(&mut self) {
+        self.tcp.shutdown(std::net::Shutdown::Write).unwrap();
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
@@ -176,7 +190,8 @@ impl Client {
     /// Sends HELLO and returns the reply.
     pub fn hello(&mut self, hello: &Hello) -> Frame {
         self.send(&Frame::Hello(hello.clone()));
-        self.recv().expect("receiver closed instead of answering HELLO")
+        self.recv()
+            .expect("receiver closed instead of answering HELLO")
     }
 
     /// Sends HELLO and expects WELCOME; returns the accepted features.
@@ -285,7 +300,13 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// Compressible bytes (text-like).
 pub fn text_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let words = [b"disk ".as_slice(), b"ferry ", b"chunk ", b"zero ", b"block "];
+    let words = [
+        b"disk ".as_slice(),
+        b"ferry ",
+        b"chunk ",
+        b"zero ",
+        b"block ",
+    ];
     let mut out = Vec::with_capacity(len);
     let mut i = seed as usize;
     while out.len() < len {
