@@ -1,0 +1,135 @@
+//! A whole job against an in-process receiver: two TLS streams, raw / lz4 /
+//! zstd chunks, zero ranges, barriers and acks, DONE, verify.
+
+mod serve_support;
+
+use diskferry::wire::{ByteRange, Codec, ErrorCode, Features, Frame};
+use serve_support::*;
+
+const MIB: u64 = 1 << 20;
+const SIZE_BYTES: u64 = 16 * MIB;
+
+fn range(offset: u64, len_bytes: u64) -> ByteRange {
+    ByteRange { offset, len_bytes }
+}
+
+/// Runs the job; returns stream 0 (still open, after DONE) and the image.
+fn run_two_stream_job(h: &Harness, target: &str) -> (Client, Vec<u8>) {
+    std::fs::create_dir_all(h.root.join("vm1")).unwrap();
+    let mut expected = vec![0u8; SIZE_BYTES as usize];
+    let mut put = |offset: u64, bytes: &[u8]| {
+        expected[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
+        bytes.to_vec()
+    };
+    let c0 = put(0, &random_bytes(MIB as usize, 1));
+    let c2 = put(2 * MIB, &text_bytes(MIB as usize, 2));
+    let c5 = put(5 * MIB, &random_bytes(100 * 1024, 5));
+    let c8 = put(8 * MIB, &text_bytes(MIB as usize, 8));
+    let c15 = put(15 * MIB, &random_bytes(MIB as usize, 15));
+
+    let mut s0 = h.connect();
+    let mut s1 = h.connect();
+    let all = Features(Features::BLAKE3.0 | Features::LZ4.0 | Features::ZSTD.0);
+    assert_eq!(s0.welcome(&hello(1, target, SIZE_BYTES, 0, 2)), all);
+    assert_eq!(s1.welcome(&hello(1, target, SIZE_BYTES, 1, 2)), all);
+
+    s0.data(0, &c0, Codec::None);
+    s0.send(&Frame::Zero(range(MIB, MIB)));
+    s0.data(2 * MIB, &c2, Codec::Lz4);
+    let ack = s0.barrier(1);
+    assert_eq!(ack.durable_added, vec![range(0, 3 * MIB)], "merged ranges");
+    assert_eq!(ack.bytes_durable_total, 3 * MIB);
+
+    s1.data(8 * MIB, &c8, Codec::Zstd);
+    s1.send(&Frame::Zero(range(9 * MIB, 6 * MIB)));
+    s1.data(15 * MIB, &c15, Codec::None);
+    let ack = s1.barrier(10);
+    assert_eq!(ack.durable_added, vec![range(8 * MIB, 8 * MIB)]);
+    assert_eq!(ack.bytes_durable_total, 11 * MIB);
+
+    s0.data(5 * MIB, &c5, Codec::None);
+    let ack = s0.barrier(2);
+    assert_eq!(ack.durable_added, vec![range(5 * MIB, 100 * 1024)]);
+    assert_eq!(ack.bytes_durable_total, 11 * MIB + 100 * 1024);
+    // A barrier with nothing new reports nothing new.
+    let ack = s0.barrier(3);
+    assert!(ack.durable_added.is_empty());
+
+    s1.done();
+    s0.done();
+    drop(s1);
+    (s0, expected)
+}
+
+#[test]
+fn two_streams_write_the_image_sparse_and_exact() {
+    let h = Harness::start(false);
+    let (_s0, expected) = run_two_stream_job(&h, "vm1/disk.img");
+    let path = h.root.join("vm1/disk.img");
+    let written = std::fs::read(&path).unwrap();
+    assert_eq!(written.len(), expected.len());
+    assert!(written == expected, "target differs from the image");
+    let data_bytes = 4 * MIB + 100 * 1024;
+    let allocated = allocated_bytes(&path);
+    assert!(
+        allocated <= data_bytes + 256 * 1024,
+        "target is not sparse: {allocated} bytes allocated for {data_bytes} data bytes"
+    );
+    // The job left the registry: a new job may write the same target.
+    let mut again = h.connect();
+    again.welcome(&hello(2, "vm1/disk.img", MIB, 0, 1));
+}
+
+#[test]
+fn verify_returns_the_image_digest() {
+    let h = Harness::start(false);
+    let (mut s0, expected) = run_two_stream_job(&h, "vm1/verify.img");
+    for window_bytes in [MIB as u32, 64 * 1024] {
+        s0.send(&Frame::VerifyRequest { window_bytes });
+        match s0.recv() {
+            Some(Frame::VerifyResult { digest, bytes_read }) => {
+                assert_eq!(bytes_read, SIZE_BYTES);
+                assert_eq!(digest, image_digest(&expected, window_bytes));
+            }
+            other => panic!("expected VERIFY_RESULT, got {other:?}"),
+        }
+    }
+    // A window below the digest's minimum is refused, not a panic.
+    s0.send(&Frame::VerifyRequest { window_bytes: 512 });
+    assert_eq!(s0.expect_error().0, ErrorCode::BadRequest);
+}
+
+#[test]
+fn hellos_of_one_job_must_agree_and_targets_are_exclusive() {
+    let h = Harness::start(false);
+    let mut a0 = h.connect();
+    a0.welcome(&hello(3, "shared.img", 8 * MIB, 0, 2));
+
+    let mut other_job = h.connect();
+    let (code, message) = match other_job.hello(&hello(4, "shared.img", 8 * MIB, 0, 1)) {
+        Frame::Error(e) => (e.code, e.message),
+        other => panic!("expected BUSY, got {other:?}"),
+    };
+    assert_eq!(code, ErrorCode::Busy, "{message}");
+
+    let mut wrong_size = h.connect();
+    match wrong_size.hello(&hello(3, "shared.img", 4 * MIB, 1, 2)) {
+        Frame::Error(e) => assert_eq!(e.code, ErrorCode::BadRequest, "{}", e.message),
+        other => panic!("expected BAD_REQUEST, got {other:?}"),
+    }
+    let mut duplicate = h.connect();
+    match duplicate.hello(&hello(3, "shared.img", 8 * MIB, 0, 2)) {
+        Frame::Error(e) => assert_eq!(e.code, ErrorCode::BadRequest, "{}", e.message),
+        other => panic!("expected BAD_REQUEST, got {other:?}"),
+    }
+    // The first stream is unaffected.
+    a0.ping(42);
+    let mut no_blake3 = hello(5, "other.img", MIB, 0, 1);
+    no_blake3.features = Features::LZ4;
+    let mut c = h.connect();
+    match c.hello(&no_blake3) {
+        Frame::Error(e) => assert_eq!(e.code, ErrorCode::BadRequest),
+        other => panic!("expected BAD_REQUEST, got {other:?}"),
+    }
+    assert!(!h.root.join("other.img").exists());
+}
