@@ -32,6 +32,8 @@ pub enum Command {
     Copy(CopyArgs),
     /// Replicate SRC to a `diskferry serve` receiver over several TLS 1.3 streams.
     Send(SendArgs),
+    /// Receive replication jobs from `diskferry send` (runs until SIGTERM/SIGINT).
+    Serve(ServeArgs),
     /// Certificates for mutual TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -50,6 +52,38 @@ pub enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on, e.g. 0.0.0.0:10900 or [::]:10900 (port 0: any free port).
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    /// Directory the target names resolve under; names cannot escape it.
+    #[arg(long)]
+    pub target_root: std::path::PathBuf,
+    /// Directory with ca.pem, server.pem and server.key (see `diskferry certs init`).
+    #[arg(long, required_unless_present = "insecure_plaintext")]
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// Where job state (resume journals) is kept.
+    #[arg(long)]
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Accept plaintext TCP instead of mutual TLS (senders must say so too).
+    #[arg(long, conflicts_with = "tls_dir")]
+    pub insecure_plaintext: bool,
+    /// Allow target NAME to be PATH (a block device or a file outside the root); repeatable.
+    #[arg(long = "allow", value_parser = parse_allow)]
+    pub allow: Vec<(String, std::path::PathBuf)>,
+}
+
+fn parse_allow(s: &str) -> Result<(String, std::path::PathBuf), String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s}: expected NAME=PATH"))?;
+    if name.is_empty() || path.is_empty() {
+        return Err(format!("{s}: expected NAME=PATH"));
+    }
+    Ok((name.to_string(), path.into()))
 }
 
 #[derive(clap::Args, Debug)]
@@ -178,6 +212,7 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Copy(args) => run_copy(args),
         Command::Send(args) => run_send(args),
+        Command::Serve(args) => run_serve(args),
         Command::Certs(CertsCommand::Init { dir, sans, force }) => {
             match crate::net::certs::init(&dir, &sans, force) {
                 Ok(p) => {
@@ -322,6 +357,39 @@ fn run_send(a: SendArgs) -> i32 {
             }
             eprintln!("diskferry: {e}");
             exit_code(&e)
+        }
+    }
+}
+
+fn run_serve(a: ServeArgs) -> i32 {
+    use crate::replicate::serve::{ServeOptions, Server, install_stop_signals};
+    let opts = ServeOptions {
+        listen: a.listen,
+        target_root: a.target_root,
+        tls_dir: a.tls_dir,
+        state_dir: a.state_dir,
+        insecure_plaintext: a.insecure_plaintext,
+        allow: a.allow,
+    };
+    let stop = install_stop_signals();
+    let server = match Server::bind(opts) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("diskferry: {e}");
+            return 2;
+        }
+    };
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {}", server.local_addr());
+        let _ = out.flush();
+    }
+    match server.run(stop) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("diskferry: {e}");
+            1
         }
     }
 }

@@ -297,9 +297,25 @@ pub fn run(
     }
     // Every stream is durable (and verified): say DONE and close.
     let mut scratch = Vec::new();
-    for (s, _, done) in &mut finished {
+    for (s, dec, done) in &mut finished {
         write_frame(s, done, &mut scratch).map_err(fail_msg)?;
         s.flush().map_err(|e| fail_msg(StreamError::Io(e)))?;
+        // A PING after DONE: its PONG proves the receiver accepted DONE
+        // (frames are handled in order; a refusal would be an ERROR).
+        write_frame(s, &Frame::Ping { nonce: 0xD0_4E }, &mut scratch).map_err(fail_msg)?;
+        s.flush().map_err(|e| fail_msg(StreamError::Io(e)))?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        match read_frame(s, dec) {
+            Ok(Frame::Pong { .. }) | Err(StreamError::Closed) => {}
+            Ok(Frame::Error(e)) => {
+                return Err(fail_msg(format!(
+                    "the receiver refused DONE: {:?}: {}",
+                    e.code, e.message
+                )));
+            }
+            Ok(other) => return Err(fail_msg(unexpected(other))),
+            Err(e) => return Err(fail_msg(format!("no answer to DONE: {e}"))),
+        }
         s.close();
     }
     let on_wire = wire_stats.bytes_on_wire.load(Ordering::Relaxed);
@@ -369,7 +385,7 @@ fn sender_thread(ctx: SenderCtx, mut stream: Stream, mut dec: FrameDecoder) -> F
         scratch: Vec::with_capacity(64),
         link_bytes_per_s: None,
         frames: 0,
-        sent_bytes: 0,
+        payload_bytes: 0,
     };
     let mut failed = false;
     let mut idle = 0u32;
@@ -441,7 +457,8 @@ struct StreamSender {
     /// Observed drain rate of this stream (EWMA), bytes/s.
     link_bytes_per_s: Option<f64>,
     frames: u64,
-    sent_bytes: u64,
+    /// DATA payload bytes as sent (compressed size): DONE reports them.
+    payload_bytes: u64,
 }
 
 impl StreamSender {
@@ -580,14 +597,15 @@ impl StreamSender {
                 None => rate,
             });
         }
+        let payload_len = payload.len() as u64;
         self.account(ctx, frame_bytes);
+        self.payload_bytes += payload_len;
         Stats::add(&ctx.shared.stats.bytes_written, raw.len() as u64);
         Ok(())
     }
 
     fn account(&mut self, ctx: &SenderCtx, n: u64) {
         self.frames += 1;
-        self.sent_bytes += n;
         ctx.wire.bytes_on_wire.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -609,7 +627,7 @@ impl StreamSender {
             }
         }
         Ok(Frame::Done {
-            total_bytes_sent: self.sent_bytes,
+            total_bytes_sent: self.payload_bytes,
             frames: self.frames,
         })
     }
