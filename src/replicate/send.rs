@@ -136,10 +136,12 @@ pub fn run(
     // Stream 0 first (its WELCOME is authoritative), then the others.
     let mut streams = Vec::new();
     let mut congestion = String::new();
+    let mut sndbuf = 4 << 20;
     for i in 0..opts.streams {
         let (mut s, report) = dialer.dial().map_err(fail_msg)?;
         if i == 0 {
             congestion = report.congestion.clone();
+            sndbuf = report.send_buffer_bytes;
             if let Some(why) = &report.congestion_fallback {
                 tracing::info!("{why}");
             }
@@ -204,6 +206,8 @@ pub fn run(
     for (i, (stream, dec, features)) in streams.into_iter().enumerate() {
         let ctx = SenderCtx {
             index: i,
+            streams: n_streams,
+            socket_buffer_bytes: sndbuf,
             sink: Arc::clone(&sink),
             shared: Arc::clone(&shared),
             image: Arc::clone(&image),
@@ -357,8 +361,14 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Assumed total link rate before a stream has measured its own.
+const INITIAL_LINK_GUESS_BYTES_PER_S: f64 = 100e6;
+
 struct SenderCtx {
     index: usize,
+    streams: usize,
+    /// Send buffer of the stream's socket (what a write can fill at once).
+    socket_buffer_bytes: usize,
     sink: Arc<Sink>,
     shared: Arc<crate::pipeline::Shared>,
     image: Arc<Mutex<ImageDigest>>,
@@ -384,6 +394,8 @@ fn sender_thread(ctx: SenderCtx, mut stream: Stream, mut dec: FrameDecoder) -> F
         out: Vec::with_capacity(ctx.chunk_bytes as usize + 4096),
         scratch: Vec::with_capacity(64),
         link_bytes_per_s: None,
+        first_write: None,
+        written_bytes: 0,
         frames: 0,
         payload_bytes: 0,
     };
@@ -456,6 +468,9 @@ struct StreamSender {
     scratch: Vec<u8>,
     /// Observed drain rate of this stream (EWMA), bytes/s.
     link_bytes_per_s: Option<f64>,
+    first_write: Option<Instant>,
+    /// Frame bytes written into this stream.
+    written_bytes: u64,
     frames: u64,
     /// DATA payload bytes as sent (compressed size): DONE reports them.
     payload_bytes: u64,
@@ -535,8 +550,15 @@ impl StreamSender {
         raw: &[u8],
         digest: [u8; 32],
     ) -> Result<(), StreamError> {
+        // Until this stream has measured its link, assume a WAN-class link
+        // (a few chunks compressed needlessly on a fast LAN cost little; a
+        // slow link sent raw while measuring costs a lot).
+        let guess = INITIAL_LINK_GUESS_BYTES_PER_S / ctx.streams as f64;
         let link = LinkState {
-            link_bytes_per_s: ctx.rate_per_stream.or(self.link_bytes_per_s),
+            link_bytes_per_s: ctx
+                .rate_per_stream
+                .or(self.link_bytes_per_s)
+                .or(Some(guess)),
             cores_for_compression: ctx.cores_per_stream,
         };
         let choice = self.policy.choose(raw, &link);
@@ -586,16 +608,17 @@ impl StreamSender {
         let header = wire::encode_data_header(&head, payload.len() as u32)?;
         let frame_bytes = (header.len() + payload.len()) as u64;
         ctx.limiter.acquire(frame_bytes);
-        let t = Instant::now();
+        let first = *self.first_write.get_or_insert_with(Instant::now);
         stream.write_all(&header)?;
         stream.write_all(payload)?;
-        let dt = t.elapsed().as_secs_f64();
-        if dt > 0.0 && frame_bytes >= 64 * 1024 {
-            let rate = frame_bytes as f64 / dt;
-            self.link_bytes_per_s = Some(match self.link_bytes_per_s {
-                Some(old) => old * 0.8 + rate * 0.2,
-                None => rate,
-            });
+        // How fast this stream drains: what has left the socket buffer over
+        // the time since the first write. A single write's duration would
+        // only measure how fast the (large) socket buffer absorbs it.
+        self.written_bytes += frame_bytes;
+        let dt = first.elapsed().as_secs_f64();
+        let absorbed = ctx.socket_buffer_bytes as u64;
+        if self.written_bytes > 2 * absorbed && dt > 0.0 {
+            self.link_bytes_per_s = Some((self.written_bytes - absorbed) as f64 / dt);
         }
         let payload_len = payload.len() as u64;
         self.account(ctx, frame_bytes);
