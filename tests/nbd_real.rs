@@ -56,7 +56,8 @@ impl Server {
             _dir: dir,
         };
         let deadline = Instant::now() + START_TIMEOUT;
-        while !server.sock.exists() {
+        // The socket file appears before the server listens: wait for a connect.
+        while UnixStream::connect(&server.sock).is_err() {
             if let Some(status) = server.child.try_wait().unwrap() {
                 panic!("{program} exited early with {status}");
             }
