@@ -18,6 +18,9 @@ use super::worker::{DstIo, SinkIo, SrcIo, Worker, WorkerConfig};
 use super::{CopyError, Shared, nbd_io::NbdIo, zero};
 use crate::engine::{self, EngineKind};
 
+/// Smallest work queue (items).
+const QUEUE_ITEMS_MIN: usize = 4096;
+
 /// How often control loops wake up.
 pub const TICK: Duration = Duration::from_millis(100);
 
@@ -111,7 +114,10 @@ impl Pipeline {
         let mut pool = BufferPool::new(slots, chunk_bytes as usize)
             .map_err(|e| CopyError::Engine(e.to_string()))?;
         let shares = pool.shares(workers);
-        let shared = Arc::new(Shared::new(slots * 4));
+        // A deep queue: items are small (a window and its run list), and the
+        // planner, which sleeps when the queue is full, must never leave the
+        // workers waiting.
+        let shared = Arc::new(Shared::new((slots * 64).max(QUEUE_ITEMS_MIN)));
         shared
             .stats
             .bytes_planned
@@ -312,7 +318,8 @@ fn run_planner(
                     if backoff < 16 {
                         std::thread::yield_now();
                     } else {
-                        std::thread::sleep(Duration::from_micros(100));
+                        // The queue holds thousands of items: no hurry.
+                        std::thread::sleep(Duration::from_millis(1));
                     }
                 }
             }

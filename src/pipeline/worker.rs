@@ -250,7 +250,7 @@ impl Worker {
                     // Waiting for the planner: back off gently.
                     idle_spins = idle_spins.saturating_add(1);
                     if idle_spins > 64 {
-                        std::thread::sleep(std::time::Duration::from_micros(200));
+                        std::thread::sleep(std::time::Duration::from_micros(50));
                     } else {
                         std::thread::yield_now();
                     }
