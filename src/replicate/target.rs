@@ -170,9 +170,14 @@ pub struct Target {
     /// A regular file created/truncated for this job: every byte not
     /// written reads as zero, so ZERO frames need no work.
     fresh_zero: bool,
-    /// Serialises buffered writes to the inode (see the module doc).
-    write_lock: Mutex<()>,
+    /// Serialises buffered writes to the inode (see the module doc) and
+    /// holds the ranges whose writeback was started, oldest first.
+    write_lock: Mutex<std::collections::VecDeque<(u64, u64)>>,
 }
+
+/// Ranges in writeback before the oldest is waited for and dropped from
+/// the page cache (the same streamed writeback as `copy`).
+const WRITEBACK_WINDOW: usize = 8;
 
 impl Target {
     /// Opens a target for a new job: a regular file is created or
@@ -226,7 +231,7 @@ impl Target {
             path: path.clone(),
             kind: FileKind::Regular,
             fresh_zero: true,
-            write_lock: Mutex::new(()),
+            write_lock: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -259,7 +264,7 @@ impl Target {
             path: path.to_path_buf(),
             kind: raw.kind,
             fresh_zero,
-            write_lock: Mutex::new(()),
+            write_lock: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -272,9 +277,32 @@ impl Target {
     }
 
     /// Writes `bytes` at `offset` (one writer at a time per target).
+    ///
+    /// Writes stream to disk: writeback of each range starts right away,
+    /// and once more than [`WRITEBACK_WINDOW`] ranges are in writeback the
+    /// oldest is waited for and dropped from the cache, so dirty data never
+    /// piles up until the final sync (which then has little left to do).
     pub fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
-        let _serial = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.file.write_all_at(bytes, offset)
+        let oldest = {
+            let mut ranges = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.file.write_all_at(bytes, offset)?;
+            let len = bytes.len() as u64;
+            sync_range(&self.file, offset, len, libc::SYNC_FILE_RANGE_WRITE)?;
+            ranges.push_back((offset, len));
+            if ranges.len() > WRITEBACK_WINDOW {
+                ranges.pop_front()
+            } else {
+                None
+            }
+        };
+        if let Some((o, l)) = oldest {
+            let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            sync_range(&self.file, o, l, wait)?;
+            drop_cached(&self.file, o, l);
+        }
+        Ok(())
     }
 
     /// Makes `[offset, offset + len_bytes)` read as zeros: nothing on a
@@ -327,6 +355,36 @@ impl Target {
     pub fn data_extents(&self, offset: u64, len: u64, out: &mut Vec<(u64, u64)>) -> io::Result<()> {
         crate::endpoint::file::data_extents(&self.file, offset, len, out)
     }
+}
+
+/// `sync_file_range(2)` over the range with `flags`.
+fn sync_range(file: &File, offset: u64, len_bytes: u64, flags: u32) -> io::Result<()> {
+    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
+    let offset = libc::off64_t::try_from(offset).map_err(|_| too_big())?;
+    let len = libc::off64_t::try_from(len_bytes).map_err(|_| too_big())?;
+    // SAFETY: sync_file_range(2) passes no memory: a descriptor borrowed from
+    // a live `File` and three integers.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `posix_fadvise(DONTNEED)`: the range is on disk; free its cache pages.
+/// Advisory, so a failure is ignored.
+fn drop_cached(file: &File, offset: u64, len_bytes: u64) {
+    let (Ok(offset), Ok(len)) = (
+        libc::off_t::try_from(offset),
+        libc::off_t::try_from(len_bytes),
+    ) else {
+        return;
+    };
+    // SAFETY: posix_fadvise(2) passes no memory: a descriptor borrowed from a
+    // live `File` and three integers.
+    let _ =
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
 }
 
 /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` over the range.
