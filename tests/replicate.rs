@@ -12,6 +12,14 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
+/// Tests in this file that time things, or load both cores, run one at a
+/// time (cargo runs the tests of a file in parallel).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A running `diskferry serve`, stopped with SIGTERM on drop.
 struct Receiver {
     child: Child,
@@ -151,6 +159,7 @@ fn ok(out: &std::process::Output) -> serde_json::Value {
 
 #[test]
 fn qemu_nbd_and_nbdkit_sources_over_mutual_tls() {
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let tls = certs(d.path());
     let rx = serve(d.path(), Some(&tls), "127.0.0.1:0", None);
@@ -233,6 +242,7 @@ fn qemu_nbd_and_nbdkit_sources_over_mutual_tls() {
 
 #[test]
 fn foreign_or_missing_certificates_are_refused_and_nothing_is_written() {
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let tls = certs(d.path());
     let other = tempfile::tempdir().unwrap();
@@ -265,6 +275,7 @@ fn foreign_or_missing_certificates_are_refused_and_nothing_is_written() {
 
 #[test]
 fn rate_limit_holds_within_ten_percent() {
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let tls = certs(d.path());
     let rx = serve(d.path(), Some(&tls), "127.0.0.1:0", None);
@@ -426,6 +437,7 @@ impl Drop for Netns {
 
 #[test]
 fn between_two_network_namespaces() {
+    let _serial = serial();
     let Some(ns) = Netns::new("e", None) else {
         return;
     };
@@ -455,11 +467,30 @@ fn between_two_network_namespaces() {
 
 #[test]
 fn auto_compression_beats_raw_on_a_slow_link() {
+    let _serial = serial();
     let Some(ns) = Netns::new("c", Some("200mbit")) else {
         return;
     };
     let d = tempfile::tempdir().unwrap();
-    // A real ext4 file system holding real files.
+    // A real ext4 file system holding real files (documentation and
+    // message catalogues, ~280 MB, hard-linked into a staging folder).
+    let stage = d.path().join("stage");
+    std::fs::create_dir(&stage).unwrap();
+    for dir in ["/usr/share/doc", "/usr/share/locale"] {
+        let st = Command::new("cp")
+            .args(["-al", dir])
+            .arg(&stage)
+            .status()
+            .unwrap();
+        if !st.success() {
+            let st = Command::new("cp")
+                .args(["-a", dir])
+                .arg(&stage)
+                .status()
+                .unwrap();
+            assert!(st.success(), "cannot stage {dir}");
+        }
+    }
     let img = d.path().join("fs.img");
     let st = Command::new("truncate")
         .args(["-s", "1G"])
@@ -468,7 +499,8 @@ fn auto_compression_beats_raw_on_a_slow_link() {
         .unwrap();
     assert!(st.success());
     let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d", "/usr/share/doc"])
+        .args(["-q", "-F", "-d"])
+        .arg(&stage)
         .arg(&img)
         .status()
         .unwrap();

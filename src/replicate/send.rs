@@ -361,8 +361,12 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Bytes beyond the socket buffer a stream writes before trusting its
+/// measured drain rate.
+const MEASURE_AFTER_BYTES: u64 = 4 << 20;
+
 /// Assumed total link rate before a stream has measured its own.
-const INITIAL_LINK_GUESS_BYTES_PER_S: f64 = 100e6;
+const INITIAL_LINK_GUESS_BYTES_PER_S: f64 = 40e6;
 
 struct SenderCtx {
     index: usize,
@@ -617,7 +621,7 @@ impl StreamSender {
         self.written_bytes += frame_bytes;
         let dt = first.elapsed().as_secs_f64();
         let absorbed = ctx.socket_buffer_bytes as u64;
-        if self.written_bytes > 2 * absorbed && dt > 0.0 {
+        if self.written_bytes > absorbed + MEASURE_AFTER_BYTES && dt > 0.0 {
             self.link_bytes_per_s = Some((self.written_bytes - absorbed) as f64 / dt);
         }
         let payload_len = payload.len() as u64;
