@@ -22,7 +22,7 @@ use crate::engine::{self, EngineKind};
 const QUEUE_ITEMS_MIN: usize = 4096;
 
 /// How often control loops wake up.
-pub const TICK: Duration = Duration::from_millis(100);
+pub const TICK: Duration = Duration::from_millis(10);
 
 /// Sizing of a pipeline.
 #[derive(Debug, Clone)]
