@@ -26,6 +26,7 @@ use crate::wire::{
 };
 
 use super::stream::{Dialer, Stream, StreamError, read_frame, unexpected, write_frame};
+use crate::net::socket::TuningReport;
 
 /// What `diskferry send` was asked to do.
 #[derive(Debug, Clone)]
@@ -133,31 +134,42 @@ pub fn run(
         target: opts.target.clone(),
         source_identity: format!("size={size_bytes}"),
     };
-    // Stream 0 first (its WELCOME is authoritative), then the others.
-    let mut streams = Vec::new();
-    let mut congestion = String::new();
-    let mut sndbuf = 4 << 20;
-    for i in 0..opts.streams {
+    // Stream 0 first (its WELCOME is authoritative), then the others at once.
+    let open = |i: u32| -> Result<(Stream, FrameDecoder, Features, TuningReport), CopyError> {
         let (mut s, report) = dialer.dial().map_err(fail_msg)?;
-        if i == 0 {
-            congestion = report.congestion.clone();
-            sndbuf = report.send_buffer_bytes;
-            if let Some(why) = &report.congestion_fallback {
-                tracing::info!("{why}");
-            }
-        }
         let mut scratch = Vec::new();
         write_frame(&mut s, &Frame::Hello(hello(i)), &mut scratch).map_err(fail_msg)?;
         let mut dec = FrameDecoder::new();
         match read_frame(&mut s, &mut dec).map_err(fail_msg)? {
-            Frame::Welcome(w) => {
-                if !w.features.contains(Features::BLAKE3) {
-                    return Err(fail_msg("the receiver does not check BLAKE3 digests"));
-                }
-                streams.push((s, dec, w.features));
+            Frame::Welcome(w) if w.features.contains(Features::BLAKE3) => {
+                Ok((s, dec, w.features, report))
             }
-            other => return Err(fail_msg(unexpected(other))),
+            Frame::Welcome(_) => Err(fail_msg("the receiver does not check BLAKE3 digests")),
+            other => Err(fail_msg(unexpected(other))),
         }
+    };
+    let first = open(0)?;
+    let congestion = first.3.congestion.clone();
+    let sndbuf = first.3.send_buffer_bytes;
+    if let Some(why) = &first.3.congestion_fallback {
+        tracing::info!("{why}");
+    }
+    let rest: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..opts.streams)
+            .map(|i| scope.spawn(move || open(i)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(CopyError::Internal("a dial thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut streams = vec![(first.0, first.1, first.2)];
+    for r in rest {
+        let (s, dec, f, _) = r?;
+        streams.push((s, dec, f));
     }
     tracing::info!(
         source = %source.display,

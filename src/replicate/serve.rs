@@ -132,8 +132,11 @@ impl Server {
         let tuning = SocketTuning::default();
         let listener = net::listen_tuned(opts.listen, &tuning)?;
         let local_addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
-        listener
-            .set_nonblocking(true)
+        // A blocking accept with a receive timeout (Linux applies
+        // SO_RCVTIMEO to accept): a connection is taken at once, and the
+        // stop flag is still looked at every ACCEPT_POLL_MS.
+        socket2::SockRef::from(&listener)
+            .set_read_timeout(Some(Duration::from_millis(ACCEPT_POLL_MS)))
             .map_err(ServeError::LocalAddr)?;
         Ok(Server {
             listener,
@@ -174,8 +177,8 @@ impl Server {
                 Err(e) => {
                     if !is_timeout(&e) && e.kind() != ErrorKind::Interrupted {
                         warn!("accept failed: {e}; retrying");
+                        thread::sleep(Duration::from_millis(ACCEPT_POLL_MS));
                     }
-                    thread::sleep(Duration::from_millis(ACCEPT_POLL_MS));
                     continue;
                 }
             };
