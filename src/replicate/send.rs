@@ -228,7 +228,9 @@ pub fn run(
             mode: allowed_mode(opts.compress, features),
             chunk_bytes: opts.chunk_bytes,
             verify: opts.verify,
-            cores_per_stream: (cpus / n_streams as f64).max(0.25),
+            // Compression shares the cores with reading, digests and TLS:
+            // count on half of each stream's share.
+            cores_per_stream: (cpus / n_streams as f64 / 2.0).max(0.1),
             rate_per_stream: opts.rate_bytes_per_s.map(|r| r as f64 / n_streams as f64),
         };
         let h = std::thread::Builder::new()
