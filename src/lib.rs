@@ -13,6 +13,7 @@ pub mod cli;
 pub mod compress;
 pub mod endpoint;
 pub mod engine;
+pub mod journal;
 pub mod nbd;
 pub mod net;
 pub mod pipeline;

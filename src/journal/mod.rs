@@ -1,0 +1,144 @@
+//! The receiver's resume journal: per target, the byte ranges known to be
+//! durable on it, and the identity of the source they came from.
+//!
+//! * [`codec`]: [`Journal`] and its sans-IO binary encoding (magic, version,
+//!   length-prefixed fields, BLAKE3 checksum). Every bound is checked before
+//!   anything is allocated.
+//! * [`ranges`]: [`RangeSet`], the merged durable ranges, with the
+//!   drop-the-smallest cap that keeps the journal bounded whatever the disk
+//!   size.
+//! * [`store`]: [`JournalStore`], one file per target in `--state-dir`,
+//!   replaced atomically (write, fsync, rename, fsync the directory), and
+//!   [`Checkpointer`], when to take the next checkpoint.
+//! * [`decide`]: [`decide()`], what a HELLO gets given the journal found:
+//!   a fresh copy, a resume, "already complete", or a refusal.
+//!
+//! The journal is advanced only after the ranges it adds were flushed
+//! (fdatasync / NBD FLUSH); that ordering is the caller's duty.
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod decide;
+pub mod ranges;
+pub mod store;
+
+#[cfg(test)]
+mod codec_tests;
+#[cfg(test)]
+mod store_tests;
+
+use std::path::PathBuf;
+
+pub use codec::{
+    JOURNAL_VERSION, Journal, MAGIC, MAX_RANGES_DEFAULT, MAX_RANGES_HARD, MAX_STRING_BYTES,
+};
+pub use decide::{Decision, RefuseReason, ResumeRequest, decide};
+pub use ranges::RangeSet;
+pub use store::{
+    CHECKPOINT_BYTES_DEFAULT, CHECKPOINT_INTERVAL_DEFAULT, Checkpointer, JournalStore,
+};
+
+/// What to tell an operator whose journal cannot be trusted.
+const RESTART_HINT: &str = "rerun with --restart to start a clean full copy";
+
+/// Everything that can go wrong reading, checking or writing a journal.
+/// Decode failures say what is wrong and that `--restart` recovers.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error(
+        "journal is damaged (truncated: {len_bytes} bytes is shorter than any journal); {RESTART_HINT}"
+    )]
+    TooShort { len_bytes: usize },
+    #[error("journal is damaged (not a diskferry journal: bad magic); {RESTART_HINT}")]
+    BadMagic,
+    #[error(
+        "journal has version {found}, this diskferry reads version {JOURNAL_VERSION}; \
+         run the release that wrote it, or {RESTART_HINT}"
+    )]
+    UnsupportedVersion { found: u32 },
+    #[error("journal is damaged (checksum mismatch); {RESTART_HINT}")]
+    ChecksumMismatch,
+    #[error("journal is damaged (truncated in field `{field}`); {RESTART_HINT}")]
+    Truncated { field: &'static str },
+    #[error("journal is damaged (unknown flag bits {flags:#x}); {RESTART_HINT}")]
+    UnknownFlags { flags: u32 },
+    #[error(
+        "journal is damaged (field `{field}` is {len_bytes} bytes, more than {MAX_STRING_BYTES}); \
+         {RESTART_HINT}"
+    )]
+    StringTooLong { field: &'static str, len_bytes: u64 },
+    #[error("journal is damaged (field `{field}` is not UTF-8); {RESTART_HINT}")]
+    StringNotUtf8 { field: &'static str },
+    #[error(
+        "journal is damaged ({count} durable ranges, more than {MAX_RANGES_HARD} or than the \
+         file holds); {RESTART_HINT}"
+    )]
+    TooManyRanges { count: u64 },
+    #[error(
+        "journal is damaged (durable range #{index} at {offset}+{len_bytes} is empty or beyond \
+         the {size_bytes}-byte source); {RESTART_HINT}"
+    )]
+    RangeOutOfBounds {
+        index: usize,
+        offset: u64,
+        len_bytes: u64,
+        size_bytes: u64,
+    },
+    #[error(
+        "journal is damaged (durable range #{index} is not after the previous one: unsorted, \
+         overlapping or unmerged); {RESTART_HINT}"
+    )]
+    RangesNotCanonical { index: usize },
+    #[error(
+        "journal is damaged (marked complete but only {covered_bytes} of {size_bytes} bytes \
+         are durable); {RESTART_HINT}"
+    )]
+    CompleteButNotCovered { covered_bytes: u64, size_bytes: u64 },
+    #[error("journal is damaged ({extra_bytes} unexpected bytes after the ranges); {RESTART_HINT}")]
+    TrailingBytes { extra_bytes: usize },
+    #[error("{path}: {source}", path = path.display())]
+    At {
+        path: PathBuf,
+        #[source]
+        source: Box<JournalError>,
+    },
+    #[error(
+        "refusing to save a journal that would not read back ({source}); this is a bug: \
+         please report it"
+    )]
+    Unencodable {
+        #[source]
+        source: Box<JournalError>,
+    },
+    #[error(
+        "cannot {action} {path}: {source} (check that --state-dir is a writable local \
+         directory with free space)",
+        path = path.display()
+    )]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl JournalError {
+    /// True if the journal exists but cannot be trusted: the receiver refuses
+    /// to resume (wire `JOURNAL_DAMAGED`) unless the sender asks to restart.
+    /// False for I/O errors on the state directory and for bugs.
+    pub fn is_damaged(&self) -> bool {
+        match self {
+            JournalError::At { source, .. } => source.is_damaged(),
+            JournalError::Io { .. } | JournalError::Unencodable { .. } => false,
+            _ => true,
+        }
+    }
+
+    pub(crate) fn at(self, path: PathBuf) -> Self {
+        JournalError::At {
+            path,
+            source: Box::new(self),
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! [`JournalStore`]: one journal file per target in the state directory,
+//! replaced atomically; [`Checkpointer`]: when to take the next checkpoint.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::JournalError;
+use super::codec::{Journal, MAX_RANGES_DEFAULT};
+
+/// Checkpoint at least this often while new data arrives.
+pub const CHECKPOINT_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
+/// ... or after this much new data, whichever comes first.
+pub const CHECKPOINT_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
+
+const SUFFIX: &str = ".journal";
+const TMP_SUFFIX: &str = ".journal.tmp";
+/// Readable part of a file name; the hash makes it unique.
+const PREFIX_MAX_CHARS: usize = 40;
+
+/// The journals of one `--state-dir`.
+#[derive(Debug, Clone)]
+pub struct JournalStore {
+    dir: PathBuf,
+    max_ranges: usize,
+}
+
+impl JournalStore {
+    /// Opens (creating with mode 0700 if needed) the state directory and
+    /// removes temporary files a crash left behind: they were never renamed
+    /// into place, so they hold nothing that was promised durable.
+    pub fn open(dir: &Path) -> Result<Self, JournalError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err("create the state directory", dir))?;
+        let entries = fs::read_dir(dir).map_err(io_err("list the state directory", dir))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err("list the state directory", dir))?;
+            let is_tmp = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.ends_with(TMP_SUFFIX));
+            if is_tmp {
+                let path = entry.path();
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("remove the leftover", &path)(e)),
+                }
+            }
+        }
+        Ok(JournalStore {
+            dir: dir.to_path_buf(),
+            max_ranges: MAX_RANGES_DEFAULT,
+        })
+    }
+
+    /// Caps the durable ranges written per journal (the smallest beyond it
+    /// are dropped and re-sent on resume). Clamped to 1 ..= 2²⁰.
+    pub fn with_max_ranges(mut self, max_ranges: usize) -> Self {
+        self.max_ranges = max_ranges.clamp(1, super::MAX_RANGES_HARD);
+        self
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The journal file of `target_name`: a sanitized readable prefix plus
+    /// the hex BLAKE3 of the whole name, so every name maps to one file
+    /// directly inside the directory and distinct names to distinct files.
+    pub fn path_for(&self, target_name: &str) -> PathBuf {
+        self.dir.join(file_name_for(target_name))
+    }
+
+    /// The journal of `target_name`, or `None` if there is none. A file
+    /// that cannot be trusted is an error ([`JournalError::is_damaged`]).
+    pub fn load(&self, target_name: &str) -> Result<Option<Journal>, JournalError> {
+        let path = self.path_for(target_name);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("read the journal", &path)(e)),
+        };
+        Journal::decode(&bytes).map(Some).map_err(|e| e.at(path))
+    }
+
+    /// Replaces the journal of `journal.target_name`: write a temporary file
+    /// in the same directory, fsync it, rename it over the old one, fsync
+    /// the directory. A crash at any point leaves the old or the new
+    /// journal, never a mix. The encoding is decoded back before anything
+    /// is written (a paired check).
+    pub fn save(&self, journal: &Journal) -> Result<(), JournalError> {
+        let bytes = journal.encode_capped(self.max_ranges);
+        if let Err(e) = Journal::decode(&bytes) {
+            return Err(JournalError::Unencodable {
+                source: Box::new(e),
+            });
+        }
+        let path = self.path_for(&journal.target_name);
+        let tmp = tmp_path(&path);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        file.write_all(&bytes).map_err(io_err("write", &tmp))?;
+        file.sync_all().map_err(io_err("fsync", &tmp))?;
+        drop(file);
+        fs::rename(&tmp, &path).map_err(io_err("rename the journal into", &path))?;
+        self.sync_dir()
+    }
+
+    /// Deletes the journal of `target_name` (nothing if there is none).
+    pub fn remove(&self, target_name: &str) -> Result<(), JournalError> {
+        let path = self.path_for(target_name);
+        match fs::remove_file(&path) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &path)(e)),
+        }
+    }
+
+    fn sync_dir(&self) -> Result<(), JournalError> {
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("fsync the state directory", &self.dir))
+    }
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> JournalError {
+    let path = path.to_path_buf();
+    move |source| JournalError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
+}
+
+/// `<prefix>-<64 hex digits><SUFFIX>`; the prefix keeps ASCII letters,
+/// digits, `-` and `_` (others become `_`), at most 40 of them, so it can
+/// hold neither `/`, `.` nor NUL.
+fn file_name_for(target_name: &str) -> String {
+    let prefix: String = target_name
+        .chars()
+        .take(PREFIX_MAX_CHARS)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let hash = blake3::hash(target_name.as_bytes());
+    format!("{prefix}-{}{SUFFIX}", hash.to_hex())
+}
+
+/// When to take the next checkpoint: after `interval` with new data, or
+/// once `bytes` of new data arrived, whichever comes first.
+#[derive(Debug, Clone)]
+pub struct Checkpointer {
+    interval: Duration,
+    threshold_bytes: u64,
+    since_bytes: u64,
+    last: Instant,
+}
+
+impl Default for Checkpointer {
+    fn default() -> Self {
+        Checkpointer::new(CHECKPOINT_INTERVAL_DEFAULT, CHECKPOINT_BYTES_DEFAULT)
+    }
+}
+
+impl Checkpointer {
+    /// Starts the interval now.
+    pub fn new(interval: Duration, bytes: u64) -> Self {
+        Checkpointer::starting_at(interval, bytes, Instant::now())
+    }
+
+    /// Starts the interval at `now` (for deterministic tests and drivers
+    /// with their own clock).
+    pub fn starting_at(interval: Duration, bytes: u64, now: Instant) -> Self {
+        Checkpointer {
+            interval,
+            threshold_bytes: bytes.max(1),
+            since_bytes: 0,
+            last: now,
+        }
+    }
+
+    /// Counts bytes that will be durable at the next flush.
+    pub fn note_written(&mut self, n_bytes: u64) {
+        self.since_bytes = self.since_bytes.saturating_add(n_bytes);
+    }
+
+    /// Bytes noted since the last checkpoint.
+    pub fn pending_bytes(&self) -> u64 {
+        self.since_bytes
+    }
+
+    /// True if a checkpoint is due: there is new data, and the interval
+    /// passed or the byte threshold was reached.
+    pub fn due(&self, now: Instant) -> bool {
+        self.since_bytes >= self.threshold_bytes
+            || (self.since_bytes > 0 && now.saturating_duration_since(self.last) >= self.interval)
+    }
+
+    /// How long until the interval alone makes a checkpoint due (zero if
+    /// it already passed): a driver's wait timeout.
+    pub fn time_left(&self, now: Instant) -> Duration {
+        self.interval
+            .saturating_sub(now.saturating_duration_since(self.last))
+    }
+
+    /// Records a checkpoint taken at `now`.
+    pub fn taken(&mut self, now: Instant) {
+        self.since_bytes = 0;
+        self.last = now;
+    }
+}
