@@ -1,5 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = diskferry::journal::Journal::decode(data);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| diskferry_fuzz::journal_decode(data));

@@ -23,7 +23,16 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("nbd_reply", nbd_reply),
     ("nbd_handshake", nbd_handshake),
     ("wire_frame", wire_frame),
+    ("journal_decode", journal_decode),
 ];
+
+/// The receiver's journal decoder: never panics; whatever it accepts
+/// re-encodes to the same bytes.
+pub fn journal_decode(data: &[u8]) {
+    if let Ok(j) = diskferry::journal::Journal::decode(data) {
+        assert_eq!(j.encode(), data, "an accepted journal must re-encode to its bytes");
+    }
+}
 
 /// The target called `name`.
 pub fn target(name: &str) -> Option<Target> {
