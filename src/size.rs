@@ -22,6 +22,13 @@ const MAX_SIZE_TEXT_BYTES: usize = 64;
 
 /// Parse a byte count such as `1048576`, `4k`, `64MiB` or `2G` (binary units,
 /// see the module docs). The error says what is wrong with `s`.
+///
+/// ```
+/// use diskferry::size::parse_size;
+/// assert_eq!(parse_size("4k"), Ok(4096));
+/// assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+/// assert!(parse_size("1.5G").is_err());
+/// ```
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let text = s.trim();
     if text.len() > MAX_SIZE_TEXT_BYTES {

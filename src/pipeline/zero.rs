@@ -9,6 +9,12 @@
 pub const GRANULE_BYTES: usize = 4096;
 
 /// True if every byte of `buf` is zero.
+///
+/// ```
+/// use diskferry::pipeline::zero::is_zero;
+/// assert!(is_zero(&[0u8; 4096]));
+/// assert!(!is_zero(&[0, 0, 1]));
+/// ```
 #[inline]
 pub fn is_zero(buf: &[u8]) -> bool {
     // Compare 16-byte blocks as u128 (the compiler vectorises this), then the tail.
