@@ -12,6 +12,7 @@ use std::os::fd::RawFd;
 
 pub mod iovec;
 pub mod pin;
+pub mod tcpinfo;
 pub mod threads;
 pub mod uring;
 

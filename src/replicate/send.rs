@@ -150,7 +150,6 @@ pub fn run(
     };
     let first = open(0)?;
     let congestion = first.3.congestion.clone();
-    let sndbuf = first.3.send_buffer_bytes;
     if let Some(why) = &first.3.congestion_fallback {
         tracing::info!("{why}");
     }
@@ -218,8 +217,6 @@ pub fn run(
     for (i, (stream, dec, features)) in streams.into_iter().enumerate() {
         let ctx = SenderCtx {
             index: i,
-            streams: n_streams,
-            socket_buffer_bytes: sndbuf,
             sink: Arc::clone(&sink),
             shared: Arc::clone(&shared),
             image: Arc::clone(&image),
@@ -375,18 +372,12 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Bytes beyond the socket buffer a stream writes before trusting its
-/// measured drain rate.
-const MEASURE_AFTER_BYTES: u64 = 4 << 20;
-
-/// Assumed total link rate before a stream has measured its own.
-const INITIAL_LINK_GUESS_BYTES_PER_S: f64 = 40e6;
+/// Bytes in flight at the start of an interval for it to say something
+/// about the link's drain rate.
+const BACKLOG_MIN_BYTES: u64 = 512 << 10;
 
 struct SenderCtx {
     index: usize,
-    streams: usize,
-    /// Send buffer of the stream's socket (what a write can fill at once).
-    socket_buffer_bytes: usize,
     sink: Arc<Sink>,
     shared: Arc<crate::pipeline::Shared>,
     image: Arc<Mutex<ImageDigest>>,
@@ -412,7 +403,7 @@ fn sender_thread(ctx: SenderCtx, mut stream: Stream, mut dec: FrameDecoder) -> F
         out: Vec::with_capacity(ctx.chunk_bytes as usize + 4096),
         scratch: Vec::with_capacity(64),
         link_bytes_per_s: None,
-        first_write: None,
+        last_sample: None,
         written_bytes: 0,
         frames: 0,
         payload_bytes: 0,
@@ -486,7 +477,8 @@ struct StreamSender {
     scratch: Vec<u8>,
     /// Observed drain rate of this stream (EWMA), bytes/s.
     link_bytes_per_s: Option<f64>,
-    first_write: Option<Instant>,
+    /// (when, bytes acked, bytes written) at the previous frame.
+    last_sample: Option<(Instant, u64, u64)>,
     /// Frame bytes written into this stream.
     written_bytes: u64,
     frames: u64,
@@ -568,15 +560,10 @@ impl StreamSender {
         raw: &[u8],
         digest: [u8; 32],
     ) -> Result<(), StreamError> {
-        // Until this stream has measured its link, assume a WAN-class link
-        // (a few chunks compressed needlessly on a fast LAN cost little; a
-        // slow link sent raw while measuring costs a lot).
-        let guess = INITIAL_LINK_GUESS_BYTES_PER_S / ctx.streams as f64;
+        // Until a backlog shows the link's rate, the link counts as fast
+        // (raw); a slow link shows itself after the first frame or two.
         let link = LinkState {
-            link_bytes_per_s: ctx
-                .rate_per_stream
-                .or(self.link_bytes_per_s)
-                .or(Some(guess)),
+            link_bytes_per_s: ctx.rate_per_stream.or(self.link_bytes_per_s),
             cores_for_compression: ctx.cores_per_stream,
         };
         let choice = self.policy.choose(raw, &link);
@@ -608,14 +595,6 @@ impl StreamSender {
                 };
                 payload = &self.out;
             }
-        } else {
-            self.policy.record(
-                compress::Codec::None,
-                0,
-                raw.len(),
-                raw.len(),
-                Duration::ZERO,
-            );
         }
         let head = DataHead {
             offset,
@@ -626,17 +605,27 @@ impl StreamSender {
         let header = wire::encode_data_header(&head, payload.len() as u32)?;
         let frame_bytes = (header.len() + payload.len()) as u64;
         ctx.limiter.acquire(frame_bytes);
-        let first = *self.first_write.get_or_insert_with(Instant::now);
         stream.write_all(&header)?;
         stream.write_all(payload)?;
-        // How fast this stream drains: what has left the socket buffer over
-        // the time since the first write. A single write's duration would
-        // only measure how fast the (large) socket buffer absorbs it.
+        // How fast this stream drains: bytes the receiver acknowledged per
+        // second, sampled only over intervals that began with a backlog in
+        // flight (so an idle stream, waiting for the source, does not look
+        // like a slow link; and a large socket buffer swallowing a write does
+        // not look like a fast one).
         self.written_bytes += frame_bytes;
-        let dt = first.elapsed().as_secs_f64();
-        let absorbed = ctx.socket_buffer_bytes as u64;
-        if self.written_bytes > absorbed + MEASURE_AFTER_BYTES && dt > 0.0 {
-            self.link_bytes_per_s = Some((self.written_bytes - absorbed) as f64 / dt);
+        let now = Instant::now();
+        if let Ok(acked) = crate::engine::tcpinfo::bytes_acked(stream.tcp()) {
+            if let Some((t0, acked0, written0)) = self.last_sample {
+                let dt = now.duration_since(t0).as_secs_f64();
+                if written0.saturating_sub(acked0) >= BACKLOG_MIN_BYTES && dt >= 0.005 {
+                    let rate = acked.saturating_sub(acked0) as f64 / dt;
+                    self.link_bytes_per_s = Some(match self.link_bytes_per_s {
+                        Some(old) => old * 0.7 + rate * 0.3,
+                        None => rate,
+                    });
+                }
+            }
+            self.last_sample = Some((now, acked, self.written_bytes));
         }
         let payload_len = payload.len() as u64;
         self.account(ctx, frame_bytes);
