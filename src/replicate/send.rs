@@ -374,7 +374,7 @@ fn hex(d: &[u8]) -> String {
 
 /// Bytes in flight at the start of an interval for it to say something
 /// about the link's drain rate.
-const BACKLOG_MIN_BYTES: u64 = 512 << 10;
+const BACKLOG_MIN_BYTES: u64 = 64 << 10;
 
 struct SenderCtx {
     index: usize,
@@ -619,6 +619,12 @@ impl StreamSender {
                 let dt = now.duration_since(t0).as_secs_f64();
                 if written0.saturating_sub(acked0) >= BACKLOG_MIN_BYTES && dt >= 0.005 {
                     let rate = acked.saturating_sub(acked0) as f64 / dt;
+                    tracing::debug!(
+                        rate,
+                        dt,
+                        backlog = written0.saturating_sub(acked0),
+                        "link sample"
+                    );
                     self.link_bytes_per_s = Some(match self.link_bytes_per_s {
                         Some(old) => old * 0.7 + rate * 0.3,
                         None => rate,
@@ -626,6 +632,8 @@ impl StreamSender {
                 }
             }
             self.last_sample = Some((now, acked, self.written_bytes));
+        } else {
+            tracing::debug!("no TCP_INFO");
         }
         let payload_len = payload.len() as u64;
         self.account(ctx, frame_bytes);
