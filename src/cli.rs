@@ -147,12 +147,13 @@ pub struct CopyArgs {
     #[arg(long, default_value_t = 4)]
     pub connections: u32,
     /// Requests in flight per connection.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 64)]
     pub requests: u32,
     /// Bytes per request (power of two, 4KiB..32MiB; k/M suffixes are binary).
-    #[arg(long, default_value = "2M", value_parser = parse_chunk)]
+    #[arg(long, default_value = "256k", value_parser = parse_chunk)]
     pub chunk_size: u32,
-    /// Worker threads (default: one per online CPU).
+    /// Worker threads (default: one per online CPU; half of them when an
+    /// NBD server on this machine, reached by a Unix socket, shares the cores).
     #[arg(long)]
     pub threads: Option<u32>,
     /// I/O engine (default: io_uring when the kernel allows it, else threads).

@@ -76,6 +76,10 @@ pub struct Pipeline {
     abort_seen: Option<Instant>,
 }
 
+fn is_local_nbd(access: &Access) -> bool {
+    matches!(access, Access::Nbd { conns } if matches!(conns.first(), Some((crate::nbd::uri::NbdStream::Unix(_), _))))
+}
+
 fn conns_of(access: &Access) -> Option<usize> {
     match access {
         Access::File { .. } => None,
@@ -93,7 +97,16 @@ impl Pipeline {
         dst: DstPlan,
     ) -> Result<Self, CopyError> {
         let cpus = engine::pin::online_cpus().max(1);
-        let threads = cfg.threads.map_or(cpus, |t| t.max(1) as usize);
+        // A server on this machine (an NBD Unix socket: qemu-nbd, nbdkit, our
+        // own qemu-nbd child) needs cores too: by default leave it half.
+        let local_server = is_local_nbd(&src_access)
+            || matches!(&dst, DstPlan::Access { access, .. } if is_local_nbd(access));
+        let default_threads = if local_server {
+            (cpus / 2).max(1)
+        } else {
+            cpus
+        };
+        let threads = cfg.threads.map_or(default_threads, |t| t.max(1) as usize);
         let src_conns = conns_of(&src_access);
         let dst_conns = match &dst {
             DstPlan::Access { access, .. } => conns_of(access),
