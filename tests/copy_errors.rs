@@ -201,6 +201,8 @@ fn server_that_dies_mid_copy_fails_cleanly() {
             "--no-progress",
             "--chunk-size",
             "256k",
+            "--requests",
+            "1",
         ])
         .stderr(std::process::Stdio::piped())
         .spawn()
