@@ -248,37 +248,45 @@ fn run_copy(a: CopyArgs) -> i32 {
         write_mode: a.write_mode,
     };
     let mut progress = Progress::new(a.json, a.no_progress);
-    let result = copy::run(&opts, &mut |s, el| progress.update(s, el));
+    let result = copy::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {
+        let rate = r.bytes_planned as f64 / r.elapsed_s.max(1e-9) / 1e6;
+        let line = format!(
+            "copied {} data bytes of {} ({} zero/hole bytes skipped) in {:.2}s, {:.0} MB/s, engine {}",
+            r.bytes_written, r.size_bytes, r.bytes_zeroed, r.elapsed_s, rate, r.engine
+        );
+        (done_event(&r), line)
+    });
+    finish(&mut progress, a.json, a.no_progress, result)
+}
+
+/// The `done` event: every field of a job's report, plus `"event": "done"`.
+fn done_event(report: &impl serde::Serialize) -> serde_json::Value {
+    let mut v = serde_json::to_value(report).unwrap_or_else(|_| serde_json::json!({}));
+    if let Some(map) = v.as_object_mut() {
+        map.insert("event".into(), "done".into());
+    }
+    v
+}
+
+/// End a job: the `done` event (JSON) or summary line (terminal), or the
+/// error as one line (and an `error` event); returns the exit code.
+fn finish(
+    progress: &mut Progress,
+    json: bool,
+    no_progress: bool,
+    result: Result<(serde_json::Value, String), CopyError>,
+) -> i32 {
     match result {
-        Ok(r) => {
-            let done = serde_json::json!({
-                "event": "done",
-                "source": r.source,
-                "target": r.target,
-                "size_bytes": r.size_bytes,
-                "bytes_planned": r.bytes_planned,
-                "bytes_read": r.bytes_read,
-                "bytes_written": r.bytes_written,
-                "bytes_zeroed": r.bytes_zeroed,
-                "elapsed_s": r.elapsed_s,
-                "engine": r.engine,
-                "workers": r.workers,
-                "source_connections": r.source_connections,
-                "target_connections": r.target_connections,
-            });
+        Ok((done, line)) => {
             progress.finish(Some(&done));
-            if !a.json && !a.no_progress {
-                let rate = r.bytes_planned as f64 / r.elapsed_s.max(1e-9) / 1e6;
-                eprintln!(
-                    "copied {} data bytes of {} ({} zero/hole bytes skipped) in {:.2}s, {:.0} MB/s, engine {}",
-                    r.bytes_written, r.size_bytes, r.bytes_zeroed, r.elapsed_s, rate, r.engine
-                );
+            if !json && !no_progress {
+                eprintln!("{line}");
             }
             0
         }
         Err(e) => {
             progress.finish(None);
-            if a.json {
+            if json {
                 crate::progress::emit_json(
                     &serde_json::json!({"event": "error", "message": e.to_string()}),
                 );
@@ -311,55 +319,21 @@ fn run_send(a: SendArgs) -> i32 {
         engine: a.io_engine,
     };
     let mut progress = Progress::new(a.json, a.no_progress);
-    let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el));
-    match result {
-        Ok(r) => {
-            let done = serde_json::json!({
-                "event": "done",
-                "source": r.source,
-                "target": r.target,
-                "size_bytes": r.size_bytes,
-                "bytes_planned": r.bytes_planned,
-                "bytes_read": r.bytes_read,
-                "bytes_written": r.bytes_written,
-                "bytes_zeroed": r.bytes_zeroed,
-                "bytes_on_wire": r.bytes_on_wire,
-                "compression_ratio": r.compression_ratio,
-                "image_digest": r.image_digest,
-                "verified": r.verified,
-                "elapsed_s": r.elapsed_s,
-                "engine": r.engine,
-                "streams": r.streams,
-                "congestion_control": r.congestion_control,
-                "compression": r.compression,
-            });
-            progress.finish(Some(&done));
-            if !a.json && !a.no_progress {
-                let rate = r.bytes_planned as f64 / r.elapsed_s.max(1e-9) / 1e6;
-                eprintln!(
-                    "sent {} data bytes of {} as {} bytes on the wire (ratio {:.2}) in {:.2}s, {:.0} MB/s{}",
-                    r.bytes_written,
-                    r.size_bytes,
-                    r.bytes_on_wire,
-                    r.compression_ratio,
-                    r.elapsed_s,
-                    rate,
-                    if r.verified { ", verified" } else { "" }
-                );
-            }
-            0
-        }
-        Err(e) => {
-            progress.finish(None);
-            if a.json {
-                crate::progress::emit_json(
-                    &serde_json::json!({"event": "error", "message": e.to_string()}),
-                );
-            }
-            eprintln!("diskferry: {e}");
-            exit_code(&e)
-        }
-    }
+    let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {
+        let rate = r.bytes_planned as f64 / r.elapsed_s.max(1e-9) / 1e6;
+        let line = format!(
+            "sent {} data bytes of {} as {} bytes on the wire (ratio {:.2}) in {:.2}s, {:.0} MB/s{}",
+            r.bytes_written,
+            r.size_bytes,
+            r.bytes_on_wire,
+            r.compression_ratio,
+            r.elapsed_s,
+            rate,
+            if r.verified { ", verified" } else { "" }
+        );
+        (done_event(&r), line)
+    });
+    finish(&mut progress, a.json, a.no_progress, result)
 }
 
 fn run_serve(a: ServeArgs) -> i32 {
