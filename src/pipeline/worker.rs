@@ -360,17 +360,7 @@ impl Worker {
         s.planned_bytes = data.iter().map(|&(_, l)| u64::from(l)).sum();
         s.subops.clear();
         for &(r, l) in data {
-            let mut done = 0;
-            while done < l {
-                let n = (l - done).min(max_req);
-                s.subops.push(SubOp {
-                    buf_off: r + done,
-                    disk_off: offset + u64::from(r + done),
-                    len: n,
-                    done: 0,
-                });
-                done += n;
-            }
+            push_split(&mut s.subops, offset, r, l, max_req);
         }
         s.pending = s.subops.len() as u32;
         if s.pending == 0 {
@@ -454,17 +444,7 @@ impl Worker {
                 }
                 continue;
             }
-            let mut done = 0;
-            while done < r_len {
-                let n = (r_len - done).min(max_req);
-                s.subops.push(SubOp {
-                    buf_off: r_off + done,
-                    disk_off: offset + u64::from(r_off + done),
-                    len: n,
-                    done: 0,
-                });
-                done += n;
-            }
+            push_split(&mut s.subops, offset, r_off, r_len, max_req);
         }
         self.slots[slot].runs = runs;
         let n_writes = self.slots[slot].subops.len();
@@ -1045,6 +1025,22 @@ impl Worker {
         if let DstIo::Nbd(c) = &self.dst {
             c.iter().for_each(|c| c.shutdown());
         }
+    }
+}
+
+/// Append sub-ops covering `len` bytes at `rel` of the window at `offset`,
+/// none longer than `max_req`.
+fn push_split(subops: &mut Vec<SubOp>, offset: u64, rel: u32, len: u32, max_req: u32) {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(max_req);
+        subops.push(SubOp {
+            buf_off: rel + done,
+            disk_off: offset + u64::from(rel + done),
+            len: n,
+            done: 0,
+        });
+        done += n;
     }
 }
 
