@@ -2,7 +2,9 @@
 //!
 //! Exit codes: 0 success; 2 bad usage or arguments; 3 the source failed
 //! (unreadable, bad URI, server error); 4 the target failed (unwritable,
-//! too small, flush failed); 5 internal or engine error.
+//! too small, flush failed); 5 internal or engine error; 6 a `send` that
+//! stopped (receiver unreachable for `--retry-for`) but can be resumed by
+//! running it again.
 
 use clap::{Parser, Subcommand};
 
@@ -65,9 +67,15 @@ pub struct ServeArgs {
     /// Directory with ca.pem, server.pem and server.key (see `diskferry certs init`).
     #[arg(long, required_unless_present = "insecure_plaintext")]
     pub tls_dir: Option<std::path::PathBuf>,
-    /// Where job state (resume journals) is kept.
+    /// Where job state (resume journals) is kept [default: TARGET_ROOT/.diskferry-state].
     #[arg(long)]
     pub state_dir: Option<std::path::PathBuf>,
+    /// Journal checkpoint at least this often while data arrives (e.g. 5s, 500ms, 1m).
+    #[arg(long, default_value = "5s", value_parser = crate::size::parse_duration)]
+    pub checkpoint_interval: std::time::Duration,
+    /// … or after this much new durable data, whichever comes first.
+    #[arg(long, default_value = "256Mi", value_parser = crate::size::parse_size)]
+    pub checkpoint_bytes: u64,
     /// Accept plaintext TCP instead of mutual TLS (senders must say so too).
     #[arg(long, conflicts_with = "tls_dir")]
     pub insecure_plaintext: bool,
@@ -129,6 +137,19 @@ pub struct SendArgs {
     /// I/O engine for the source side.
     #[arg(long, value_enum)]
     pub io_engine: Option<EngineKind>,
+    /// Discard what the receiver holds for this target (its journal) and copy everything again.
+    #[arg(long)]
+    pub restart: bool,
+    /// Reconnect a stream that makes no progress for this long (e.g. 30s, 500ms).
+    #[arg(long, default_value = "30s", value_parser = crate::size::parse_duration)]
+    pub stall_timeout: std::time::Duration,
+    /// Keep reconnecting for this long before stopping (exit 6, resumable by running again).
+    #[arg(long, default_value = "10m", value_parser = crate::size::parse_duration)]
+    pub retry_for: std::time::Duration,
+    /// Identity of the source the receiver checks a resume against (default:
+    /// size, allocation map, sampled blocks, and inode+mtime for files).
+    #[arg(long)]
+    pub source_id: Option<String>,
     /// Newline-delimited JSON events on stdout.
     #[arg(long)]
     pub json: bool,
@@ -188,6 +209,7 @@ pub fn exit_code(e: &CopyError) -> i32 {
             _ => 3,
         },
         CopyError::Engine(_) | CopyError::Internal(_) => 5,
+        CopyError::Interrupted(_) => 6,
     }
 }
 
@@ -317,6 +339,10 @@ fn run_send(a: SendArgs) -> i32 {
         chunk_bytes: a.chunk_size,
         threads: a.threads,
         engine: a.io_engine,
+        restart: a.restart,
+        stall_timeout: a.stall_timeout,
+        retry_for: a.retry_for,
+        source_id: a.source_id,
     };
     let mut progress = Progress::new(a.json, a.no_progress);
     let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {
@@ -343,6 +369,8 @@ fn run_serve(a: ServeArgs) -> i32 {
         target_root: a.target_root,
         tls_dir: a.tls_dir,
         state_dir: a.state_dir,
+        checkpoint_interval: a.checkpoint_interval,
+        checkpoint_bytes: a.checkpoint_bytes,
         insecure_plaintext: a.insecure_plaintext,
         allow: a.allow,
     };

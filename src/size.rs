@@ -70,6 +70,48 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} does not fit in 64 bits"))
 }
 
+/// Parse a duration such as `30s`, `500ms`, `10m`, `2h` or `1d`; a bare
+/// number is seconds. Fractions and negative values are refused.
+///
+/// ```
+/// use diskferry::size::parse_duration;
+/// use std::time::Duration;
+/// assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+/// assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+/// assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+/// assert!(parse_duration("1.5h").is_err());
+/// ```
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let text = s.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(digits_end);
+    if digits.is_empty() || text.len() > MAX_SIZE_TEXT_BYTES {
+        return Err(format!(
+            "duration {s:?} must be a whole number with a unit, e.g. 500ms, 30s, 10m, 2h"
+        ));
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("duration {s:?} is too large"))?;
+    let ms_per = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "duration {s:?} has an unknown unit {unit:?}; use ms, s, m, h or d"
+            ));
+        }
+    };
+    n.checked_mul(ms_per)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("duration {s:?} is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_size;

@@ -39,6 +39,8 @@ fn bind_checks_its_options() {
         target_root: dir.path().join(root),
         tls_dir: tls.then(|| dir.path().join("certs")),
         state_dir: None,
+        checkpoint_interval: diskferry::journal::CHECKPOINT_INTERVAL_DEFAULT,
+        checkpoint_bytes: diskferry::journal::CHECKPOINT_BYTES_DEFAULT,
         insecure_plaintext: plain,
         allow: Vec::new(),
     };

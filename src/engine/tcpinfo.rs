@@ -32,6 +32,18 @@ pub fn bytes_acked(sock: &impl AsRawFd) -> std::io::Result<u64> {
     Ok(info.tcpi_bytes_acked)
 }
 
+/// Bytes waiting in the socket's receive queue (`FIONREAD`): lets a
+/// sender look for acknowledgements without blocking.
+pub fn bytes_readable(sock: &impl AsRawFd) -> std::io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int into `n`, a live, writable c_int.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &raw mut n) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};

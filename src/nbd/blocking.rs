@@ -41,6 +41,18 @@ impl<S: Read + Write> Client<S> {
         })
     }
 
+    /// Drive a connection negotiated elsewhere (no request in flight).
+    pub fn from_negotiated(stream: S, info: ExportInfo) -> Self {
+        let conn = ClientConn::new(&info);
+        Client {
+            stream,
+            conn,
+            info,
+            next_cookie: 1,
+            events: Vec::new(),
+        }
+    }
+
     /// What was negotiated.
     pub fn info(&self) -> &ExportInfo {
         &self.info

@@ -113,6 +113,7 @@ fn run_opened(
         requests: opts.requests,
         chunk_bytes: opts.chunk_bytes,
         kind,
+        spans: None,
     };
     let src_conn_count = conns_of(&source.access).unwrap_or(0);
     let dst_conn_count = conns_of(&target.access).unwrap_or(0);

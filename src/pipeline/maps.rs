@@ -138,6 +138,27 @@ impl ExtentList {
         self.data.iter().map(|&(_, l)| l).sum()
     }
 
+    /// Bytes of data inside `spans` (sorted, disjoint).
+    pub fn data_bytes_within(&self, spans: &[(u64, u64)]) -> u64 {
+        let mut total = 0;
+        for &(start, len) in spans {
+            let end = start.saturating_add(len);
+            let first = self.data.partition_point(|&(o, l)| o + l <= start);
+            for &(o, l) in &self.data[first..] {
+                if o >= end {
+                    break;
+                }
+                total += (o + l).min(end) - o.max(start);
+            }
+        }
+        total
+    }
+
+    /// The data extents, sorted and merged.
+    pub fn extents(&self) -> &[(u64, u64)] {
+        &self.data
+    }
+
     /// Number of data extents.
     pub fn len(&self) -> usize {
         self.data.len()

@@ -44,6 +44,11 @@ pub enum CopyError {
     Flush(String),
     #[error("internal error (please report): {0}")]
     Internal(String),
+    /// The job stopped before every byte was durable but can go on: what
+    /// the receiver holds is in its journal and a rerun of the same
+    /// command resumes.
+    #[error("{0}; the job is resumable: run the same command again to continue")]
+    Interrupted(String),
 }
 
 impl CopyError {

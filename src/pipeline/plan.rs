@@ -80,6 +80,67 @@ pub fn plan(
     chunk_bytes: u32,
     emit: &mut dyn FnMut(Work) -> Result<(), PlanError>,
 ) -> Result<u64, PlanError> {
+    plan_span(map, 0, size_bytes, size_bytes, chunk_bytes, emit)
+}
+
+/// Like [`plan`], but only for the chunk windows inside `spans` (sorted,
+/// disjoint; each `[start, start + len)` begins on a chunk boundary and
+/// ends on one or at the disk's end). Nothing outside is read or zeroed:
+/// a resumed job plans only what the receiver does not hold yet. Whole
+/// windows keep every window's digest and zero runs exact.
+pub fn plan_windows(
+    map: &mut dyn ExtentMap,
+    spans: &[(u64, u64)],
+    size_bytes: u64,
+    chunk_bytes: u32,
+    emit: &mut dyn FnMut(Work) -> Result<(), PlanError>,
+) -> Result<u64, PlanError> {
+    let chunk = u64::from(chunk_bytes.max(1));
+    let mut planned = 0;
+    for &(start, len) in spans {
+        let end = start.saturating_add(len).min(size_bytes);
+        assert!(
+            start % chunk == 0 && (end % chunk == 0 || end == size_bytes),
+            "span {start}+{len} is not made of whole windows"
+        );
+        planned += plan_span(map, start, end, size_bytes, chunk_bytes, emit)?;
+    }
+    Ok(planned)
+}
+
+/// Windows of `chunk_bytes` covering `ranges` (merged, clipped to the disk).
+pub fn whole_windows(ranges: &[(u64, u64)], size_bytes: u64, chunk_bytes: u32) -> Vec<(u64, u64)> {
+    let chunk = u64::from(chunk_bytes.max(1));
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(offset, len) in ranges {
+        if len == 0 || offset >= size_bytes {
+            continue;
+        }
+        let start = offset - offset % chunk;
+        let end = offset
+            .saturating_add(len)
+            .min(size_bytes)
+            .div_ceil(chunk)
+            .saturating_mul(chunk)
+            .min(size_bytes);
+        match out.last_mut() {
+            Some((s, l)) if *s + *l >= start => *l = (*s + *l).max(end) - *s,
+            _ => out.push((start, end - start)),
+        }
+    }
+    out
+}
+
+/// Plans `[start, end)` of a disk of `size_bytes`; `start` is on a window
+/// boundary.
+fn plan_span(
+    map: &mut dyn ExtentMap,
+    start: u64,
+    end: u64,
+    size_bytes: u64,
+    chunk_bytes: u32,
+    emit: &mut dyn FnMut(Work) -> Result<(), PlanError>,
+) -> Result<u64, PlanError> {
     assert!(chunk_bytes > 0);
     let chunk = u64::from(chunk_bytes);
     let mut builder = Builder {
@@ -87,14 +148,14 @@ pub fn plan(
         chunk,
         window: None,
         data: Vec::new(),
-        done_to: 0,
+        done_to: start,
         planned: 0,
     };
     let mut extents = Vec::new();
-    let mut offset = 0u64;
-    while offset < size_bytes {
+    let mut offset = start;
+    while offset < end {
         extents.clear();
-        let want = (size_bytes - offset).min(MAP_QUERY_BYTES);
+        let want = (end - offset).min(MAP_QUERY_BYTES);
         map.map(offset, want, &mut extents)?;
         if extents.is_empty() {
             return Err(PlanError::BadMap {
@@ -103,7 +164,7 @@ pub fn plan(
             });
         }
         for e in &extents {
-            if e.offset != offset || e.len == 0 || e.len > size_bytes - offset {
+            if e.offset != offset || e.len == 0 || e.len > end - offset {
                 return Err(PlanError::BadMap {
                     offset,
                     why: format!(
@@ -118,7 +179,7 @@ pub fn plan(
             offset += e.len;
         }
     }
-    builder.finish(emit)?;
+    builder.finish(end, emit)?;
     Ok(builder.planned)
 }
 
@@ -183,10 +244,9 @@ impl Builder {
         Ok(())
     }
 
-    fn finish(&mut self, emit: Emit<'_>) -> Result<(), PlanError> {
+    fn finish(&mut self, end: u64, emit: Emit<'_>) -> Result<(), PlanError> {
         self.close_window(emit)?;
-        let size = self.size_bytes;
-        self.zero_until(size, emit)
+        self.zero_until(end, emit)
     }
 }
 
@@ -222,6 +282,71 @@ mod tests {
         })
         .unwrap();
         (planned, v)
+    }
+
+    #[test]
+    fn plan_windows_covers_only_its_spans() {
+        let extents = vec![
+            Extent {
+                offset: 0,
+                len: 5000,
+                data: true,
+            },
+            Extent {
+                offset: 5000,
+                len: 20_000,
+                data: false,
+            },
+            Extent {
+                offset: 25_000,
+                len: 7000,
+                data: true,
+            },
+        ];
+        let size = 32_000;
+        let spans = whole_windows(&[(4095, 2), (20_000, 100), (31_000, 5)], size, 4096);
+        assert_eq!(spans, vec![(0, 8192), (16_384, 4096), (28_672, 3328)]);
+        let mut got = Vec::new();
+        let planned = plan_windows(&mut Fixed(extents.clone()), &spans, size, 4096, &mut |w| {
+            got.push(w);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Work::Copy {
+                    offset: 0,
+                    len: 4096,
+                    data: vec![(0, 4096)]
+                },
+                Work::Copy {
+                    offset: 4096,
+                    len: 4096,
+                    data: vec![(0, 904)]
+                },
+                Work::Zero {
+                    offset: 16_384,
+                    len: 4096
+                },
+                Work::Copy {
+                    offset: 28_672,
+                    len: 3328,
+                    data: vec![(0, 3328)]
+                },
+            ]
+        );
+        assert_eq!(planned, 4096 + 904 + 3328);
+        // The whole disk as one span is the same as `plan`.
+        let all = whole_windows(&[(0, size)], size, 4096);
+        let (p1, v1) = collect(&mut Fixed(extents.clone()), size, 4096);
+        let mut v2 = Vec::new();
+        let p2 = plan_windows(&mut Fixed(extents), &all, size, 4096, &mut |w| {
+            v2.push(w);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((p1, v1), (p2, v2));
     }
 
     #[test]

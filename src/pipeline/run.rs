@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::maps::ExtentList;
 use super::open::{Access, NbdConnection};
-use super::plan::{Work, plan};
+use super::plan::{Work, plan, plan_windows};
 use super::pool::BufferPool;
 use super::sink::Sink;
 use super::stats::{Snapshot, Stats};
@@ -33,6 +33,9 @@ pub struct PipelineConfig {
     pub requests: u32,
     pub chunk_bytes: u32,
     pub kind: EngineKind,
+    /// Plan only these whole-window spans ([`super::plan::plan_windows`]);
+    /// `None`: the whole disk.
+    pub spans: Option<Vec<(u64, u64)>>,
 }
 
 /// Where the workers put what they read.
@@ -131,10 +134,14 @@ impl Pipeline {
         // planner, which sleeps when the queue is full, must never leave the
         // workers waiting.
         let shared = Arc::new(Shared::new((slots * 64).max(QUEUE_ITEMS_MIN)));
+        let planned_bytes = match &cfg.spans {
+            Some(spans) => extents.data_bytes_within(spans),
+            None => extents.data_bytes(),
+        };
         shared
             .stats
             .bytes_planned
-            .store(extents.data_bytes(), std::sync::atomic::Ordering::Relaxed);
+            .store(planned_bytes, std::sync::atomic::Ordering::Relaxed);
         shared
             .stats
             .planning_done
@@ -172,9 +179,12 @@ impl Pipeline {
 
         let planner = {
             let shared = Arc::clone(&shared);
+            let spans = cfg.spans.clone();
             std::thread::Builder::new()
                 .name("planner".into())
-                .spawn(move || run_planner(extents, size_bytes, chunk_bytes, fresh_zero, &shared))
+                .spawn(move || {
+                    run_planner(extents, spans, size_bytes, chunk_bytes, fresh_zero, &shared)
+                })
                 .map_err(|e| CopyError::Internal(format!("spawning the planner: {e}")))?
         };
         let zero_max_bytes = match &dst_ios[0] {
@@ -305,6 +315,7 @@ impl Pipeline {
 
 fn run_planner(
     mut extents: ExtentList,
+    spans: Option<Vec<(u64, u64)>>,
     size_bytes: u64,
     chunk_bytes: u32,
     fresh_zero: bool,
@@ -338,7 +349,11 @@ fn run_planner(
             }
         }
     };
-    if let Err(e) = plan(&mut extents, size_bytes, chunk_bytes, &mut emit) {
+    let planned = match &spans {
+        Some(spans) => plan_windows(&mut extents, spans, size_bytes, chunk_bytes, &mut emit),
+        None => plan(&mut extents, size_bytes, chunk_bytes, &mut emit),
+    };
+    if let Err(e) = planned {
         shared.fail(e.into());
     }
     shared.set_planner_done();

@@ -20,7 +20,7 @@ use super::transport::{Transport, is_timeout};
 use crate::compress::{self, Compressors};
 use crate::wire::{
     Ack, ByteRange, Codec, Data, ErrorCode, ErrorFrame, Features, Frame, FrameDecoder, Hello,
-    ImageDigest, MAX_ACK_RANGES, Welcome, chunk_digest,
+    ImageDigest, MAX_ACK_RANGES, MAX_RESUME_RANGES, Welcome, chunk_digest,
 };
 
 /// A stream that receives nothing (not even a PING) for this long is
@@ -29,7 +29,7 @@ pub const IDLE_TIMEOUT_MS: u64 = 300_000;
 
 /// Features this receiver supports.
 pub const SUPPORTED_FEATURES: Features =
-    Features(Features::BLAKE3.0 | Features::LZ4.0 | Features::ZSTD.0);
+    Features(Features::BLAKE3.0 | Features::LZ4.0 | Features::ZSTD.0 | Features::RESUME.0);
 
 /// What every connection thread shares.
 #[derive(Debug)]
@@ -128,6 +128,7 @@ impl Session<'_> {
     fn finish(mut self, end: End) {
         let peer = self.peer;
         let stream = self.job_label();
+        self.settle_pending();
         match end {
             End::PeerClosed => debug!(%peer, stream, "connection closed by the sender"),
             End::Lost(why) => warn!(%peer, stream, "connection lost: {why}"),
@@ -160,6 +161,28 @@ impl Session<'_> {
         }
         self.io.close();
         // Dropping the attachment detaches the stream from its job.
+    }
+
+    /// What this stream wrote and was not acknowledged yet is flushed and
+    /// counted durable (it reaches the journal at the job's next
+    /// checkpoint, at the latest when its last stream leaves): a sender
+    /// that reconnects or resumes re-sends only what never arrived.
+    fn settle_pending(&mut self) {
+        let Some(a) = &self.attachment else {
+            return;
+        };
+        if self.pending.len() == 0 {
+            return;
+        }
+        match a.job.target.sync() {
+            Ok(()) => {
+                a.job
+                    .add_durable(self.pending.ranges().map(|r| (r.offset, r.len_bytes)));
+                self.pending = RangeSet::new();
+            }
+            Err(e) => warn!(peer = %self.peer, "flush at the end of a stream failed: {e}; \
+                            its unacknowledged data will be sent again"),
+        }
     }
 
     /// Receives and handles one frame.
@@ -204,6 +227,7 @@ impl Session<'_> {
         if let Some(failure) = self.job_failure() {
             return Err(End::Refuse(failure));
         }
+        self.check_current()?;
         if self.last_input.elapsed() > Duration::from_millis(IDLE_TIMEOUT_MS) {
             return Err(refuse(
                 ErrorCode::Timeout,
@@ -214,6 +238,16 @@ impl Session<'_> {
             ));
         }
         Ok(())
+    }
+
+    /// Ends a connection whose stream was taken over by a newer one.
+    fn check_current(&self) -> Result<(), End> {
+        match &self.attachment {
+            Some(a) if !a.is_current() => Err(End::Lost(
+                "the sender reconnected this stream; this older connection ends".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn job_failure(&self) -> Option<Refusal> {
@@ -248,6 +282,7 @@ impl Session<'_> {
         if let Some(failure) = self.job_failure() {
             return Err(End::Refuse(failure));
         }
+        self.check_current()?;
         match (self.phase, frame) {
             (Phase::Streaming, Frame::Data(data)) => self.on_data(data),
             (Phase::Streaming, Frame::Zero(range)) => self.on_zero(range),
@@ -292,11 +327,22 @@ impl Session<'_> {
         self.features = hello.features.intersect(SUPPORTED_FEATURES);
         debug!(peer = %self.peer, job = %attachment.job.id_hex(),
                stream = hello.stream_index, "stream attached");
+        // Every WELCOME lists what is durable now: a sender that believed
+        // more (acknowledged before this receiver restarted from an older
+        // checkpoint) sends the difference again.
+        let instance = attachment.job.instance;
+        let durable = attachment
+            .job
+            .durable_ranges(MAX_RESUME_RANGES as usize)
+            .into_iter()
+            .map(|(offset, len_bytes)| ByteRange { offset, len_bytes })
+            .collect();
         self.attachment = Some(attachment);
         self.phase = Phase::Streaming;
         self.send(&Frame::Welcome(Welcome {
             features: self.features,
-            durable: Vec::new(),
+            instance,
+            durable,
         }))
     }
 
@@ -439,7 +485,8 @@ impl Session<'_> {
             let message = format!("flushing {} failed: {e}", job.target.path().display());
             return Err(self.fail_job(ErrorCode::TargetIo, message));
         }
-        let bytes_durable_total = job.add_durable(&self.pending);
+        let bytes_durable_total =
+            job.add_durable(self.pending.ranges().map(|r| (r.offset, r.len_bytes)));
         // Ranges past the ACK bound stay pending and are reported by the
         // next ACK (they are durable already and counted in the total).
         let durable_added = self.pending.take_first(MAX_ACK_RANGES as usize);
@@ -465,6 +512,7 @@ impl Session<'_> {
         // HELLO and DONE themselves, so only the byte count is enforced.
         debug!(peer = %self.peer, frames_said = frames, frames_after_hello = self.frames,
                "stream sent DONE");
+        self.settle_pending();
         self.phase = Phase::Finished;
         let attachment = self.attachment()?;
         if attachment.job.stream_done(attachment.stream_index) {

@@ -1,14 +1,22 @@
 //! Jobs on the receiver and the registry the connection threads share.
 //!
-//! The first HELLO of a `job_id` resolves and opens the target and creates
-//! the [`Job`]; later HELLOs of the same job attach to it after checking
-//! they describe the same job. A target is written by one job at a time.
-//! A job leaves the registry when all its streams sent DONE (complete), or
-//! when its last stream disconnects before that (incomplete: without a
-//! journal nothing of it can be resumed yet, so a new HELLO starts over).
+//! The first HELLO of a `job_id` resolves the target, reads its journal
+//! (`--state-dir`) and decides ([`crate::journal::decide`]) between a fresh
+//! copy (the target is truncated, a new journal written first), a resume
+//! (the target is opened as it is; the durable ranges go back in WELCOME),
+//! "already complete", and a refusal (another source, a damaged journal:
+//! the sender must ask for `RESTART`). Later HELLOs of the same job attach
+//! to it after checking they describe the same job; a HELLO for a stream
+//! that is still attached takes the stream over (the sender reconnected
+//! after a stall the receiver did not notice). A target is written by one
+//! job at a time.
 //!
-//! [`Job::durable`] is the set of ranges known to be on stable storage;
-//! the resume journal will persist it.
+//! [`Job`] keeps the ranges known to be on stable storage (added only after
+//! a successful fdatasync) and checkpoints them into the journal at least
+//! every `--checkpoint-interval` or `--checkpoint-bytes` of new durable
+//! data, when its last stream leaves, and when it completes. A job leaves
+//! the registry when all its streams sent DONE or when its last stream
+//! disconnects; a later HELLO resumes from the journal.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,10 +24,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::ranges::RangeSet;
 use super::target::{Target, TargetError, resolve};
+use crate::journal::{
+    self, Checkpointer, Decision, Journal, JournalStore, RangeSet, RefuseReason, ResumeRequest,
+};
 use crate::wire::{ErrorCode, Hello};
 
 /// A refusal or a failure to report to the sender in an ERROR frame.
@@ -59,6 +69,26 @@ struct StreamBits {
     attached: u64,
     /// Streams that sent DONE.
     done: u64,
+    /// Per stream index, bumped by every HELLO: only the newest connection
+    /// of a stream is current.
+    generation: Vec<u64>,
+}
+
+/// Where and how often journals are written.
+#[derive(Debug, Clone)]
+pub struct JournalPolicy {
+    pub store: JournalStore,
+    pub interval: std::time::Duration,
+    pub bytes: u64,
+}
+
+/// The journal of a job as last written, and when to write it again.
+#[derive(Debug)]
+struct JournalState {
+    journal: Journal,
+    checkpointer: Checkpointer,
+    /// Durable bytes in the last journal written.
+    saved_bytes: u64,
 }
 
 /// One replication job: a target, its geometry and its progress.
@@ -75,6 +105,13 @@ pub struct Job {
     streams: Mutex<StreamBits>,
     /// Ranges flushed to stable storage (merged, all streams).
     durable: Mutex<RangeSet>,
+    /// How this job started: `resumed` with this many bytes already durable.
+    pub resumed_bytes: u64,
+    /// Random, told in every WELCOME: a sender seeing a new value knows
+    /// the receiver started this job again from its journal.
+    pub instance: u64,
+    journal: Mutex<JournalState>,
+    store: JournalStore,
     /// Raw DATA bytes written (not necessarily durable yet).
     pub bytes_written: AtomicU64,
     failed: AtomicBool,
@@ -112,18 +149,57 @@ impl Job {
         lock(&self.failure).clone()
     }
 
-    /// Records ranges made durable by a flush; returns the job's durable
-    /// byte total.
-    pub fn add_durable(&self, ranges: &RangeSet) -> u64 {
-        let mut durable = lock(&self.durable);
-        for r in ranges.ranges() {
-            durable.insert(r.offset, r.len_bytes);
+    /// Records ranges made durable by a flush (the caller flushed after
+    /// writing them); checkpoints the journal when one is due. Returns the
+    /// job's durable byte total.
+    pub fn add_durable(&self, ranges: impl Iterator<Item = (u64, u64)>) -> u64 {
+        let (added, total) = {
+            let mut durable = lock(&self.durable);
+            let added: u64 = ranges.map(|(o, l)| durable.insert(o, l)).sum();
+            (added, durable.covered_bytes())
+        };
+        let due = {
+            let mut j = lock(&self.journal);
+            j.checkpointer.note_written(added);
+            j.checkpointer.due(Instant::now())
+        };
+        if due {
+            self.checkpoint(false);
         }
-        durable.total_bytes()
+        total
     }
 
     pub fn bytes_durable_total(&self) -> u64 {
-        lock(&self.durable).total_bytes()
+        lock(&self.durable).covered_bytes()
+    }
+
+    /// The durable ranges (at most `max`, the largest, in order).
+    pub fn durable_ranges(&self, max: usize) -> Vec<(u64, u64)> {
+        lock(&self.durable).largest(max)
+    }
+
+    /// Writes the journal (atomically) with the durable ranges as they are
+    /// now. A failure is logged: the data stays safe, a later resume just
+    /// re-sends more.
+    pub fn checkpoint(&self, complete: bool) {
+        let durable = lock(&self.durable).clone();
+        let mut j = lock(&self.journal);
+        let covered = durable.covered_bytes();
+        if !complete && covered == j.saved_bytes && j.saved_bytes != 0 {
+            j.checkpointer.taken(Instant::now());
+            return;
+        }
+        j.journal.durable = durable;
+        j.journal.complete = complete;
+        j.journal.updated_unix_s = unix_now();
+        match self.store.save(&j.journal) {
+            Ok(()) => {
+                j.saved_bytes = covered;
+                j.checkpointer.taken(Instant::now());
+                debug!(job = %self.id_hex(), durable_bytes = covered, complete, "journal checkpoint");
+            }
+            Err(e) => warn!(job = %self.id_hex(), "journal checkpoint failed: {e}"),
+        }
     }
 
     /// Marks `stream_index` done; true when it was the last stream.
@@ -143,6 +219,7 @@ impl Job {
 pub struct Registry {
     root: PathBuf,
     allow: Vec<(String, PathBuf)>,
+    journals: JournalPolicy,
     inner: Mutex<Inner>,
 }
 
@@ -159,20 +236,31 @@ pub struct Attachment {
     registry: Arc<Registry>,
     pub job: Arc<Job>,
     pub stream_index: u16,
+    generation: u64,
+}
+
+impl Attachment {
+    /// False once a newer connection took this stream over.
+    pub fn is_current(&self) -> bool {
+        let bits = lock(&self.job.streams);
+        bits.generation.get(self.stream_index as usize) == Some(&self.generation)
+    }
 }
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        self.registry.detach(&self.job, self.stream_index);
+        self.registry
+            .detach(&self.job, self.stream_index, self.generation);
     }
 }
 
 impl Registry {
     /// `root` must be canonical.
-    pub fn new(root: PathBuf, allow: Vec<(String, PathBuf)>) -> Self {
+    pub fn new(root: PathBuf, allow: Vec<(String, PathBuf)>, journals: JournalPolicy) -> Self {
         Registry {
             root,
             allow,
+            journals,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -197,6 +285,15 @@ impl Registry {
             }
             None => {
                 let resolved = resolve(&hello.target, &self.root, &self.allow)?;
+                if resolved.path.starts_with(self.journals.store.dir()) {
+                    return Err(Refusal::new(
+                        ErrorCode::TargetNotAllowed,
+                        format!(
+                            "target {:?} is inside the receiver's state directory",
+                            hello.target
+                        ),
+                    ));
+                }
                 if let Some(other) = inner.targets.get(&resolved.path) {
                     return Err(Refusal::new(
                         ErrorCode::Busy,
@@ -207,19 +304,7 @@ impl Registry {
                         ),
                     ));
                 }
-                let target = Target::open_fresh(&resolved, hello.size_bytes)?;
-                let job = Arc::new(new_job(hello, target));
-                info!(
-                    job = %job.id_hex(),
-                    target = %hello.target,
-                    path = %resolved.path.display(),
-                    kind = ?job.target.kind(),
-                    source = %job.source_identity,
-                    size_bytes = hello.size_bytes,
-                    chunk_size_bytes = hello.chunk_size_bytes,
-                    streams = hello.stream_count,
-                    "job started"
-                );
+                let job = Arc::new(self.start_job(hello, &resolved)?);
                 inner.targets.insert(resolved.path, hello.job_id);
                 inner.jobs.insert(hello.job_id, Arc::clone(&job));
                 job
@@ -228,13 +313,11 @@ impl Registry {
         let bit = 1u64 << hello.stream_index;
         let mut bits = lock(&job.streams);
         if bits.attached & bit != 0 {
-            return Err(Refusal::new(
-                ErrorCode::BadRequest,
-                format!(
-                    "stream {} of this job is already connected",
-                    hello.stream_index
-                ),
-            ));
+            info!(
+                job = %job.id_hex(),
+                stream = hello.stream_index,
+                "stream reconnected while its old connection looked alive: the new one takes over"
+            );
         }
         if bits.done & bit != 0 {
             return Err(Refusal::new(
@@ -246,26 +329,178 @@ impl Registry {
             ));
         }
         bits.attached |= bit;
+        let index = usize::from(hello.stream_index);
+        if bits.generation.len() <= index {
+            bits.generation.resize(index + 1, 0);
+        }
+        bits.generation[index] += 1;
+        let generation = bits.generation[index];
         drop(bits);
         Ok(Attachment {
             registry: Arc::clone(self),
             job,
             stream_index: hello.stream_index,
+            generation,
         })
+    }
+
+    /// A job's first HELLO: read the journal, decide, open the target.
+    fn start_job(
+        &self,
+        hello: &Hello,
+        resolved: &super::target::ResolvedTarget,
+    ) -> Result<Job, Refusal> {
+        let store = &self.journals.store;
+        let restart = hello.flags.restart();
+        let existing = match store.load(&hello.target) {
+            Ok(j) => j,
+            Err(e) if restart => {
+                info!(target = %hello.target, "discarding the journal on RESTART: {e}");
+                None
+            }
+            Err(e) if e.is_damaged() => {
+                return Err(Refusal::new(
+                    ErrorCode::JournalDamaged,
+                    format!("refusing to resume target {:?}: {e}", hello.target),
+                ));
+            }
+            Err(e) => return Err(Refusal::new(ErrorCode::TargetIo, e.to_string())),
+        };
+        let request = ResumeRequest {
+            target_name: hello.target.clone(),
+            source_identity: hello.source_identity.clone(),
+            size_bytes: hello.size_bytes,
+            chunk_size_bytes: hello.chunk_size_bytes,
+            restart,
+        };
+        let hint = resolved.path.display().to_string();
+        let fresh_journal = || {
+            Journal::new(
+                &hello.target,
+                &hint,
+                &hello.source_identity,
+                hello.size_bytes,
+                hello.chunk_size_bytes,
+                hello.job_id,
+                unix_now(),
+            )
+        };
+        let (target, journal, durable, how) = match journal::decide(existing.as_ref(), &request) {
+            Decision::Fresh => {
+                // The new, empty journal replaces any old one before the
+                // target is truncated: a crash in between must never leave
+                // a journal that vouches for bytes no longer there.
+                let journal = fresh_journal();
+                store
+                    .save(&journal)
+                    .map_err(|e| Refusal::new(ErrorCode::TargetIo, e.to_string()))?;
+                let target = Target::open_fresh(resolved, hello.size_bytes)?;
+                (
+                    target,
+                    journal,
+                    RangeSet::new(),
+                    if restart { "restarted" } else { "fresh" },
+                )
+            }
+            Decision::Resume { durable } => {
+                let target = open_resumed(resolved, hello)?;
+                let mut journal = existing.clone().unwrap_or_else(fresh_journal);
+                journal.job_id = hello.job_id;
+                journal.chunk_size_bytes = hello.chunk_size_bytes;
+                (target, journal, durable, "resumed")
+            }
+            Decision::AlreadyComplete => {
+                let target = open_resumed(resolved, hello)?;
+                let journal = existing.clone().unwrap_or_else(fresh_journal);
+                let mut all = RangeSet::new();
+                all.insert(0, hello.size_bytes);
+                (target, journal, all, "already complete")
+            }
+            Decision::Refuse { reason, message } => {
+                let code = match reason {
+                    RefuseReason::TargetMismatch => ErrorCode::JournalDamaged,
+                    RefuseReason::SizeMismatch | RefuseReason::SourceIdentityMismatch => {
+                        ErrorCode::SourceMismatch
+                    }
+                };
+                return Err(Refusal::new(code, message));
+            }
+        };
+        let saved_bytes = journal.durable.covered_bytes();
+        let job = Job {
+            id: hello.job_id,
+            target_name: hello.target.clone(),
+            target,
+            size_bytes: hello.size_bytes,
+            chunk_size_bytes: hello.chunk_size_bytes,
+            stream_count: hello.stream_count,
+            source_identity: hello.source_identity.clone(),
+            started: Instant::now(),
+            streams: Mutex::new(StreamBits::default()),
+            resumed_bytes: durable.covered_bytes(),
+            instance: {
+                let mut b = [0u8; 8];
+                super::random_bytes(&mut b);
+                u64::from_le_bytes(b)
+            },
+            durable: Mutex::new(durable),
+            journal: Mutex::new(JournalState {
+                journal,
+                checkpointer: Checkpointer::new(self.journals.interval, self.journals.bytes),
+                saved_bytes,
+            }),
+            store: store.clone(),
+            bytes_written: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            complete: AtomicBool::new(false),
+        };
+        info!(
+            job = %job.id_hex(),
+            target = %hello.target,
+            path = %resolved.path.display(),
+            kind = ?job.target.kind(),
+            source = %job.source_identity,
+            size_bytes = hello.size_bytes,
+            durable_bytes = job.resumed_bytes,
+            chunk_size_bytes = hello.chunk_size_bytes,
+            streams = hello.stream_count,
+            "job started ({how})"
+        );
+        Ok(job)
     }
 
     /// Called once every stream sent DONE: the final flush, then the job
     /// leaves the registry (its target is free for the next job).
     pub fn complete(&self, job: &Job) -> Result<(), Refusal> {
-        let flushed = job.target.sync().map_err(|e| {
-            Refusal::new(
-                ErrorCode::TargetIo,
-                format!("final flush of {} failed: {e}", job.target.path().display()),
-            )
-        });
+        let flushed = job
+            .target
+            .sync()
+            .map_err(|e| {
+                Refusal::new(
+                    ErrorCode::TargetIo,
+                    format!("final flush of {} failed: {e}", job.target.path().display()),
+                )
+            })
+            .and_then(|()| {
+                let durable = job.bytes_durable_total();
+                if durable == job.size_bytes {
+                    Ok(())
+                } else {
+                    Err(Refusal::new(
+                        ErrorCode::Protocol,
+                        format!(
+                            "every stream sent DONE but only {durable} of {} bytes are durable: \
+                             the job is not complete (a sender bug); send it again",
+                            job.size_bytes
+                        ),
+                    ))
+                }
+            });
         if let Err(refusal) = &flushed {
             job.fail(refusal.clone());
         } else {
+            job.checkpoint(true);
             job.complete.store(true, Ordering::Release);
             let secs = job.started.elapsed().as_secs_f64();
             let bytes = job.bytes_written.load(Ordering::Relaxed);
@@ -283,9 +518,13 @@ impl Registry {
         flushed
     }
 
-    fn detach(&self, job: &Arc<Job>, stream_index: u16) {
+    fn detach(&self, job: &Arc<Job>, stream_index: u16, generation: u64) {
         let mut inner = lock(&self.inner);
         let mut bits = lock(&job.streams);
+        if bits.generation.get(usize::from(stream_index)) != Some(&generation) {
+            // A newer connection of this stream is attached.
+            return;
+        }
         bits.attached &= !(1u64 << stream_index);
         let orphaned = bits.attached == 0 && !job.is_complete();
         let done = bits.done.count_ones();
@@ -297,11 +536,11 @@ impl Registry {
                 target = %job.target_name,
                 streams_done = done,
                 streams = job.stream_count,
-                "job ended incomplete: every stream disconnected before all sent DONE; \
-                 the sender must send it again"
+                durable_bytes = job.bytes_durable_total(),
+                "job paused: every stream disconnected before all sent DONE; \
+                 what is durable is in the journal and a new HELLO resumes from it"
             );
-            // Data already written stays; a new HELLO starts the job over.
-            let _ = job.target.sync();
+            job.checkpoint(false);
             remove_locked(&mut inner, job);
         }
     }
@@ -322,23 +561,27 @@ fn remove_locked(inner: &mut Inner, job: &Job) {
     }
 }
 
-fn new_job(hello: &Hello, target: Target) -> Job {
-    Job {
-        id: hello.job_id,
-        target_name: hello.target.clone(),
-        target,
-        size_bytes: hello.size_bytes,
-        chunk_size_bytes: hello.chunk_size_bytes,
-        stream_count: hello.stream_count,
-        source_identity: hello.source_identity.clone(),
-        started: Instant::now(),
-        streams: Mutex::new(StreamBits::default()),
-        durable: Mutex::new(RangeSet::new()),
-        bytes_written: AtomicU64::new(0),
-        failed: AtomicBool::new(false),
-        failure: Mutex::new(None),
-        complete: AtomicBool::new(false),
-    }
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A resumed target must still be the one the journal describes.
+fn open_resumed(
+    resolved: &super::target::ResolvedTarget,
+    hello: &Hello,
+) -> Result<Target, Refusal> {
+    Target::open_existing(resolved, hello.size_bytes).map_err(|e| {
+        Refusal::new(
+            ErrorCode::JournalDamaged,
+            format!(
+                "refusing to resume target {:?}: the journal says part of it is durable, but {e}; \
+                 rerun with --restart to start a clean full copy",
+                hello.target
+            ),
+        )
+    })
 }
 
 /// A later HELLO of a job must describe the same job.

@@ -14,6 +14,22 @@ mod job;
 mod ranges;
 pub mod send;
 pub mod serve;
+mod source;
 pub mod stream;
 mod target;
 mod transport;
+
+/// Random bytes from the kernel; should that fail, a hash of the clock and
+/// the process id (unique enough for ids, never for keys).
+pub(crate) fn random_bytes(out: &mut [u8]) {
+    use std::io::Read;
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(out))
+        .is_ok();
+    if !ok {
+        let seed = format!("{:?}{}", std::time::Instant::now(), std::process::id());
+        let mut h = blake3::Hasher::new();
+        h.update(seed.as_bytes());
+        h.finalize_xof().fill(out);
+    }
+}

@@ -5,28 +5,66 @@
 //! sink. One sender thread per stream takes windows from the sink, chooses a
 //! codec per run (adaptive policy), frames them, waits for the shared rate
 //! limiter, and writes them into its TLS stream; then it hands the slot
-//! back. At the end every stream asks the receiver for a durability barrier
-//! and says DONE; `--verify` then compares whole-image digests.
+//! back.
+//!
+//! Resume and faults. The sender keeps the set of byte ranges the receiver
+//! has acknowledged as durable ([`Acked`]): seeded by the WELCOME of each
+//! connection (what the receiver's journal and flushes hold), grown by ACKs
+//! of the BARRIERs each stream sends every [`BARRIER_BYTES`] or
+//! [`BARRIER_INTERVAL`]. A job runs in *rounds*: each round plans the whole
+//! chunk windows that are not acknowledged yet, so a rerun after any
+//! interruption sends only what is missing, and a round after a stream
+//! failure sends again only what that stream had not had acknowledged. A
+//! stream that resets, or makes no progress for `--stall-timeout`,
+//! reconnects by itself with exponential back-off and jitter while the
+//! others go on; after `--retry-for` without success the job stops,
+//! resumable. A WELCOME from a new receiver instance (it restarted from its
+//! journal) replaces the acknowledged set, so anything acknowledged before
+//! but not journaled there is sent again.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
 
 use crate::compress::{self, Compressors, LinkState, Mode, Policy};
 use crate::engine::{self, EngineKind};
+use crate::journal::RangeSet;
 use crate::net::rate::RateLimiter;
 use crate::net::socket::SocketTuning;
 use crate::pipeline::CopyError;
 use crate::pipeline::open::open_source;
+use crate::pipeline::plan::whole_windows;
 use crate::pipeline::run::{DstPlan, Pipeline, PipelineConfig, TICK};
 use crate::pipeline::sink::{Sink, SinkChunk};
 use crate::pipeline::stats::{Snapshot, Stats};
 use crate::wire::{
-    self, ByteRange, DataHead, Features, Frame, FrameDecoder, Hello, HelloFlags, ImageDigest,
+    self, ByteRange, DataHead, ErrorCode, Features, Frame, FrameDecoder, Hello, HelloFlags,
+    ImageDigest,
 };
 
 use super::stream::{Dialer, Stream, StreamError, read_frame, unexpected, write_frame};
 use crate::net::socket::TuningReport;
+
+/// A stream asks for a durability barrier after this many bytes …
+const BARRIER_BYTES: u64 = 32 << 20;
+/// … or this long after its first unacknowledged frame.
+const BARRIER_INTERVAL: Duration = Duration::from_millis(1000);
+/// Barriers a stream may have unanswered before it waits for the oldest.
+const MAX_OUTSTANDING_BARRIERS: usize = 4;
+/// A stream with nothing to send for this long asks for its barrier.
+const IDLE_BARRIER: Duration = Duration::from_millis(20);
+/// An idle stream sends a PING this often (the receiver ends streams
+/// silent for minutes).
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// Reconnect back-off: first delay and cap (each try waits a random time
+/// between half the delay and the delay; the delay doubles).
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Rounds in a row that make no progress before the job gives up.
+const MAX_STUCK_ROUNDS: u32 = 5;
 
 /// What `diskferry send` was asked to do.
 #[derive(Debug, Clone)]
@@ -49,6 +87,40 @@ pub struct SendOptions {
     pub chunk_bytes: u32,
     pub threads: Option<u32>,
     pub engine: Option<EngineKind>,
+    /// Discard the receiver's journal for this target and copy everything.
+    pub restart: bool,
+    /// A stream with no progress for this long is reconnected.
+    pub stall_timeout: Duration,
+    /// How long to keep reconnecting before stopping (resumable).
+    pub retry_for: Duration,
+    /// Overrides the computed source identity (e.g. a snapshot id).
+    pub source_id: Option<String>,
+}
+
+impl SendOptions {
+    /// Options with the command line's defaults.
+    pub fn new(source: &str, to: &str, target: &str) -> Self {
+        SendOptions {
+            source: source.to_string(),
+            to: to.to_string(),
+            target: target.to_string(),
+            tls_dir: None,
+            insecure_plaintext: false,
+            streams: 4,
+            compress: Mode::Auto,
+            rate_bytes_per_s: None,
+            verify: false,
+            connections: 4,
+            requests: 4,
+            chunk_bytes: 2 << 20,
+            threads: None,
+            engine: None,
+            restart: false,
+            stall_timeout: Duration::from_secs(30),
+            retry_for: Duration::from_secs(600),
+            source_id: None,
+        }
+    }
 }
 
 /// The result of a successful send.
@@ -70,29 +142,268 @@ pub struct SendReport {
     pub image_digest: Option<String>,
     pub verified: bool,
     pub compression: compress::Stats,
+    /// Data bytes of the source the receiver already held when this run
+    /// started (not sent again).
+    pub bytes_resumed_skipped: u64,
+    /// Data bytes sent more than once in this run (after stream failures,
+    /// or acknowledged by a receiver instance that then lost them).
+    pub bytes_resent: u64,
+    /// The receiver had part of the job already.
+    pub resumed: bool,
+    /// Stream reconnections during the run.
+    pub reconnects: u64,
+    /// Planning rounds (1 without failures).
+    pub rounds: u32,
+    pub source_identity: String,
 }
 
-/// Counters of the sender threads.
-#[derive(Default)]
-struct WireStats {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the receiver has said is durable, and which receiver instance
+/// said it.
+#[derive(Debug, Default)]
+struct Acked {
+    ranges: RangeSet,
+    instance: Option<u64>,
+}
+
+/// State every stream of the job shares, across rounds.
+struct JobShared {
+    acked: Mutex<Acked>,
+    /// Data ranges sent at least once in this run.
+    sent: Mutex<RangeSet>,
+    bytes_resent: AtomicU64,
     bytes_on_wire: AtomicU64,
+    reconnects: AtomicU64,
+    /// DATA frames sent (for the test hook).
+    data_frames: AtomicU64,
+}
+
+impl JobShared {
+    /// A WELCOME: from a new receiver instance, its list replaces what we
+    /// believed; from the same one, it can only add.
+    fn apply_welcome(&self, instance: u64, durable: &[ByteRange]) {
+        let mut a = lock(&self.acked);
+        if a.instance != Some(instance) {
+            if a.instance.is_some() {
+                info!(
+                    "the receiver started the job again from its journal: {} bytes durable there",
+                    durable.iter().map(|r| r.len_bytes).sum::<u64>()
+                );
+            }
+            a.ranges = RangeSet::new();
+            a.instance = Some(instance);
+        }
+        for r in durable {
+            a.ranges.insert(r.offset, r.len_bytes);
+        }
+    }
+
+    /// An ACK on a connection to `instance`; false if that instance is no
+    /// longer current (its acknowledgements do not count).
+    fn apply_ack(&self, instance: u64, ranges: &[ByteRange]) -> bool {
+        let mut a = lock(&self.acked);
+        if a.instance != Some(instance) {
+            return false;
+        }
+        for r in ranges {
+            a.ranges.insert(r.offset, r.len_bytes);
+        }
+        true
+    }
+
+    fn missing(&self, size_bytes: u64) -> Vec<(u64, u64)> {
+        lock(&self.acked).ranges.missing(size_bytes)
+    }
+
+    fn covered(&self) -> u64 {
+        lock(&self.acked).ranges.covered_bytes()
+    }
+}
+
+/// How to (re)open stream `i`.
+struct Connector {
+    dialer: Dialer,
+    hello: Hello,
+    stall_timeout: Duration,
+    retry_for: Duration,
+    job: Arc<JobShared>,
+}
+
+/// One connected stream.
+struct Conn {
+    stream: Stream,
+    dec: FrameDecoder,
+    features: Features,
+    /// The receiver instance this connection talks to.
+    instance: u64,
+    report: TuningReport,
+    /// DATA payload bytes and frames on this connection (DONE says them).
+    payload_bytes: u64,
+    frames: u64,
+    next_seq: u64,
+    /// Barriers sent and not acknowledged: (seq, when).
+    outstanding: VecDeque<(u64, Instant)>,
+    /// Bytes written since the last barrier, and when the first was.
+    unbarriered_bytes: u64,
+    unbarriered_since: Option<Instant>,
+    last_write: Instant,
+}
+
+/// Why a connection ended.
+enum Broken {
+    /// Worth reconnecting.
+    Transient(String),
+    /// The job cannot go on.
+    Fatal(CopyError),
+}
+
+fn fatal_code(code: ErrorCode) -> bool {
+    !matches!(
+        code,
+        ErrorCode::Busy | ErrorCode::Cancelled | ErrorCode::Timeout
+    )
+}
+
+/// Classifies a stream error: network trouble is transient; a refusal
+/// with a code that will not change, a certificate problem or a protocol
+/// bug is fatal.
+fn classify(e: StreamError) -> Broken {
+    use crate::net::tls::TlsError as T;
+    match e {
+        StreamError::Refused { code, message } if fatal_code(code) => {
+            Broken::Fatal(refusal_error(code, &message))
+        }
+        StreamError::Refused { code, message } => {
+            Broken::Transient(format!("the receiver said {code:?}: {message}"))
+        }
+        StreamError::Tls(t @ (T::Timeout { .. } | T::Closed { .. } | T::Io(_) | T::Tls(_))) => {
+            Broken::Transient(t.to_string())
+        }
+        StreamError::Tls(t) => Broken::Fatal(fail_msg(t)),
+        StreamError::Wire(w) => Broken::Fatal(CopyError::Internal(w.to_string())),
+        StreamError::Unexpected(u) => Broken::Fatal(fail_msg(format!("unexpected frame: {u}"))),
+        other => Broken::Transient(other.to_string()),
+    }
+}
+
+fn refusal_error(code: ErrorCode, message: &str) -> CopyError {
+    CopyError::TargetWrite(format!(
+        "(replication): the receiver refused: {code:?}: {message}"
+    ))
 }
 
 fn fail_msg(e: impl std::fmt::Display) -> CopyError {
     CopyError::TargetWrite(format!("(replication): {e}"))
 }
 
-fn random_job_id() -> [u8; 16] {
-    use std::io::Read;
-    let mut id = [0u8; 16];
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut id))
-        .is_ok();
-    if !ok {
-        let seed = format!("{:?}{}", Instant::now(), std::process::id());
-        id.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..16]);
+impl Connector {
+    fn hello_for(&self, i: usize) -> Hello {
+        Hello {
+            stream_index: i as u16,
+            ..self.hello.clone()
+        }
     }
-    id
+
+    /// Dial, HELLO, WELCOME; the WELCOME's durable list is applied.
+    fn connect(&self, i: usize) -> Result<Conn, StreamError> {
+        let (mut stream, report) = self.dialer.dial()?;
+        let mut scratch = Vec::new();
+        write_frame(&mut stream, &Frame::Hello(self.hello_for(i)), &mut scratch)?;
+        stream.flush()?;
+        let mut dec = FrameDecoder::new();
+        let _ = stream.set_read_timeout(Some(self.stall_timeout));
+        let w = match read_frame(&mut stream, &mut dec)? {
+            Frame::Welcome(w) => w,
+            other => return Err(unexpected(other)),
+        };
+        if !w.features.contains(Features::BLAKE3) {
+            return Err(StreamError::Unexpected(
+                "the receiver does not check BLAKE3 digests".into(),
+            ));
+        }
+        // A write or read blocked this long is a stalled stream.
+        stream.tcp().set_write_timeout(Some(self.stall_timeout))?;
+        stream.tcp().set_read_timeout(Some(self.stall_timeout))?;
+        self.job.apply_welcome(w.instance, &w.durable);
+        Ok(Conn {
+            stream,
+            dec,
+            features: w.features,
+            instance: w.instance,
+            report,
+            payload_bytes: 0,
+            frames: 0,
+            next_seq: 1,
+            outstanding: VecDeque::new(),
+            unbarriered_bytes: 0,
+            unbarriered_since: None,
+            last_write: Instant::now(),
+        })
+    }
+
+    /// Connects with back-off until it works, a fatal refusal, `abort`,
+    /// or `--retry-for` after `since`.
+    fn reconnect(
+        &self,
+        i: usize,
+        since: Instant,
+        abort: &dyn Fn() -> bool,
+    ) -> Result<Conn, CopyError> {
+        let mut delay = BACKOFF_FIRST;
+        loop {
+            if abort() {
+                return Err(CopyError::Internal("aborted".into()));
+            }
+            match self.connect(i) {
+                Ok(c) => {
+                    info!(stream = i, "stream reconnected");
+                    return Ok(c);
+                }
+                Err(e) => match classify(e) {
+                    Broken::Fatal(e) => return Err(e),
+                    Broken::Transient(why) => {
+                        if since.elapsed() >= self.retry_for {
+                            return Err(CopyError::Interrupted(format!(
+                                "stream {i} could not reconnect for {:.0} s (--retry-for): {why}",
+                                self.retry_for.as_secs_f64()
+                            )));
+                        }
+                        let wait = jitter(delay);
+                        debug!(stream = i, "reconnect failed: {why}; next try in {wait:?}");
+                        let until = Instant::now() + wait;
+                        while Instant::now() < until && !abort() {
+                            std::thread::sleep(TICK);
+                        }
+                        delay = (delay * 2).min(BACKOFF_MAX);
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// A random duration in `[d/2, d]`.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    super::random_bytes(&mut b);
+    let frac = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX);
+    d.mul_f64(0.5 + 0.5 * frac)
+}
+
+/// Test hook: `DISKFERRY_TEST_CORRUPT_CHUNK=N` flips a bit in the N-th
+/// DATA payload (counted from 1) after its digest was taken and before it
+/// is sealed, as memory corruption would. The receiver's digest check
+/// must catch it.
+fn corrupt_chunk_at() -> Option<u64> {
+    static AT: OnceLock<Option<u64>> = OnceLock::new();
+    *AT.get_or_init(|| {
+        std::env::var("DISKFERRY_TEST_CORRUPT_CHUNK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
 }
 
 /// Run a send to completion (every byte durable on the receiver) or to
@@ -120,42 +431,60 @@ pub fn run(
     let tuning = SocketTuning::default();
     let dialer =
         Dialer::new(&opts.to, opts.tls_dir.as_deref(), tuning).map_err(CopyError::Usage)?;
-    let source = open_source(&opts.source, opts.connections)?;
+    let mut source = open_source(&opts.source, opts.connections)?;
     let size_bytes = source.size_bytes;
-    let job_id = random_job_id();
-    let hello = |i: u32| Hello {
-        job_id,
-        size_bytes,
-        chunk_size_bytes: opts.chunk_bytes,
-        features: Features(Features::LZ4.0 | Features::ZSTD.0 | Features::BLAKE3.0),
-        stream_index: i as u16,
-        stream_count: opts.streams as u16,
-        flags: HelloFlags(0),
-        target: opts.target.clone(),
-        source_identity: format!("size={size_bytes}"),
+    let identity = match &opts.source_id {
+        Some(id) => id.clone(),
+        None => super::source::identity(&mut source)?,
     };
-    // Stream 0 first (its WELCOME is authoritative), then the others at once.
-    let open = |i: u32| -> Result<(Stream, FrameDecoder, Features, TuningReport), CopyError> {
-        let (mut s, report) = dialer.dial().map_err(fail_msg)?;
-        let mut scratch = Vec::new();
-        write_frame(&mut s, &Frame::Hello(hello(i)), &mut scratch).map_err(fail_msg)?;
-        let mut dec = FrameDecoder::new();
-        match read_frame(&mut s, &mut dec).map_err(fail_msg)? {
-            Frame::Welcome(w) if w.features.contains(Features::BLAKE3) => {
-                Ok((s, dec, w.features, report))
-            }
-            Frame::Welcome(_) => Err(fail_msg("the receiver does not check BLAKE3 digests")),
-            other => Err(fail_msg(unexpected(other))),
-        }
-    };
-    let first = open(0)?;
-    let congestion = first.3.congestion.clone();
-    if let Some(why) = &first.3.congestion_fallback {
+    let mut job_id = [0u8; 16];
+    super::random_bytes(&mut job_id);
+    let job = Arc::new(JobShared {
+        acked: Mutex::new(Acked::default()),
+        sent: Mutex::new(RangeSet::new()),
+        bytes_resent: AtomicU64::new(0),
+        bytes_on_wire: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        data_frames: AtomicU64::new(0),
+    });
+    let connector = Arc::new(Connector {
+        dialer,
+        hello: Hello {
+            job_id,
+            size_bytes,
+            chunk_size_bytes: opts.chunk_bytes,
+            features: Features(
+                Features::LZ4.0 | Features::ZSTD.0 | Features::BLAKE3.0 | Features::RESUME.0,
+            ),
+            stream_index: 0,
+            stream_count: opts.streams as u16,
+            flags: HelloFlags(if opts.restart {
+                HelloFlags::RESTART.0
+            } else {
+                0
+            }),
+            target: opts.target.clone(),
+            source_identity: identity.clone(),
+        },
+        stall_timeout: opts.stall_timeout,
+        retry_for: opts.retry_for,
+        job: Arc::clone(&job),
+    });
+
+    // Stream 0 first (it creates or resumes the job on the receiver), then
+    // the others at once. A receiver still busy with this target (the
+    // previous run's connections not yet closed) is waited for.
+    let first = connect_first(&connector, 0)?;
+    let congestion = first.report.congestion.clone();
+    if let Some(why) = &first.report.congestion_fallback {
         tracing::info!("{why}");
     }
     let rest: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (1..opts.streams)
-            .map(|i| scope.spawn(move || open(i)))
+        let handles: Vec<_> = (1..opts.streams as usize)
+            .map(|i| {
+                let c = &connector;
+                scope.spawn(move || connect_first(c, i))
+            })
             .collect();
         handles
             .into_iter()
@@ -165,43 +494,27 @@ pub fn run(
             })
             .collect()
     });
-    let mut streams = vec![(first.0, first.1, first.2)];
+    let mut conns = vec![first];
     for r in rest {
-        let (s, dec, f, _) = r?;
-        streams.push((s, dec, f));
+        conns.push(r?);
     }
-    tracing::info!(
+    let n_streams = conns.len();
+    let resumed_bytes = job.covered();
+    let resumed = resumed_bytes > 0;
+    let data_bytes = source.extents.data_bytes();
+    info!(
         source = %source.display,
         to = %opts.to,
         target = %opts.target,
         size_bytes,
-        data_bytes = source.extents.data_bytes(),
-        streams = streams.len(),
+        data_bytes,
+        durable_on_receiver = resumed_bytes,
+        streams = n_streams,
         congestion = %congestion,
         engine = %kind,
         "send starting"
     );
 
-    let cfg = PipelineConfig {
-        threads: opts.threads,
-        connections: opts.connections.max(opts.streams),
-        requests: opts.requests,
-        chunk_bytes: opts.chunk_bytes,
-        kind,
-    };
-    let display = source.display.clone();
-    let child = source.child;
-    let mut pipe = Pipeline::start(
-        &cfg,
-        source.access,
-        source.extents,
-        size_bytes,
-        DstPlan::Sink {
-            window_digests: opts.verify,
-        },
-    )?;
-    let sink = pipe.sink().expect("sink pipeline");
-    let shared = Arc::clone(pipe.shared());
     let image = Arc::new(Mutex::new(
         ImageDigest::new(size_bytes, opts.chunk_bytes)
             .map_err(|e| CopyError::Internal(e.to_string()))?,
@@ -210,92 +523,165 @@ pub fn run(
         Some(r) => RateLimiter::with_rate(r),
         None => RateLimiter::unlimited(),
     });
-    let wire_stats = Arc::new(WireStats::default());
-    let n_streams = streams.len();
     let cpus = engine::pin::online_cpus().max(1) as f64;
-    let mut senders = Vec::new();
-    for (i, (stream, dec, features)) in streams.into_iter().enumerate() {
-        let ctx = SenderCtx {
-            index: i,
-            sink: Arc::clone(&sink),
-            shared: Arc::clone(&shared),
-            image: Arc::clone(&image),
-            limiter: Arc::clone(&limiter),
-            wire: Arc::clone(&wire_stats),
-            mode: allowed_mode(opts.compress, features),
-            chunk_bytes: opts.chunk_bytes,
-            verify: opts.verify,
-            // Compression shares the cores with reading, digests and TLS:
-            // count on half of each stream's share.
-            cores_per_stream: (cpus / n_streams as f64 / 2.0).max(0.1),
-            rate_per_stream: opts.rate_bytes_per_s.map(|r| r as f64 / n_streams as f64),
-        };
-        let h = std::thread::Builder::new()
-            .name(format!("sender-{i}"))
-            .spawn(move || sender_thread(ctx, stream, dec))
-            .map_err(|e| CopyError::Internal(format!("spawning sender {i}: {e}")))?;
-        senders.push(h);
-    }
-
-    // Control loop.
-    let mut last_report = Instant::now();
-    progress(&shared.stats.snapshot(), started.elapsed());
-    let mut producers_done = false;
-    while !senders.iter().all(|h| h.is_finished()) {
-        std::thread::sleep(TICK);
-        pipe.tick();
-        if !producers_done && pipe.finished() {
-            sink.set_producers_done();
-            producers_done = true;
-        }
-        if last_report.elapsed() >= Duration::from_secs(1) {
-            progress(&shared.stats.snapshot(), started.elapsed());
-            last_report = Instant::now();
-        }
-    }
-    sink.set_producers_done();
-    let mut finished = Vec::new();
+    let display = source.display.clone();
+    let mut totals = Snapshot::default();
     let mut comp_stats = compress::Stats::default();
-    for h in senders {
-        match h.join() {
-            Ok(Some((stream, dec, stats, done))) => {
-                comp_stats.add(&stats);
-                finished.push((stream, dec, done));
+    let mut rounds = 0u32;
+    let mut stuck = 0u32;
+    let mut bytes_resumed_skipped = 0;
+    let mut source = Some(source);
+    let mut last_report = Instant::now();
+    progress(&totals, started.elapsed());
+    loop {
+        let missing = job.missing(size_bytes);
+        if missing.is_empty() {
+            break;
+        }
+        let spans = whole_windows(&missing, size_bytes, opts.chunk_bytes);
+        let src = match source.take() {
+            Some(s) => s,
+            None => open_source(&opts.source, opts.connections)?,
+        };
+        if rounds == 0 {
+            bytes_resumed_skipped = data_bytes - src.extents.data_bytes_within(&spans);
+        }
+        let covered_before = job.covered();
+        rounds += 1;
+        if rounds > 1 {
+            info!(
+                round = rounds,
+                missing_bytes = missing.iter().map(|r| r.1).sum::<u64>(),
+                "sending what is not acknowledged yet"
+            );
+        }
+        let cfg = PipelineConfig {
+            threads: opts.threads,
+            connections: opts.connections.max(opts.streams),
+            requests: opts.requests,
+            chunk_bytes: opts.chunk_bytes,
+            kind,
+            spans: (covered_before > 0).then_some(spans),
+        };
+        let child = src.child;
+        let mut pipe = Pipeline::start(
+            &cfg,
+            src.access,
+            src.extents,
+            size_bytes,
+            DstPlan::Sink {
+                window_digests: opts.verify,
+            },
+        )?;
+        let sink = pipe.sink().expect("sink pipeline");
+        let shared = Arc::clone(pipe.shared());
+        let mut senders = Vec::new();
+        for (i, conn) in std::mem::take(&mut conns).into_iter().enumerate() {
+            let ctx = SenderCtx {
+                index: i,
+                sink: Arc::clone(&sink),
+                shared: Arc::clone(&shared),
+                image: Arc::clone(&image),
+                limiter: Arc::clone(&limiter),
+                job: Arc::clone(&job),
+                connector: Arc::clone(&connector),
+                mode: allowed_mode(opts.compress, conn.features),
+                chunk_bytes: opts.chunk_bytes,
+                verify: opts.verify,
+                // Compression shares the cores with reading, digests and
+                // TLS: count on half of each stream's share.
+                cores_per_stream: (cpus / n_streams as f64 / 2.0).max(0.1),
+                rate_per_stream: opts.rate_bytes_per_s.map(|r| r as f64 / n_streams as f64),
+            };
+            let h = std::thread::Builder::new()
+                .name(format!("sender-{i}"))
+                .spawn(move || sender_thread(ctx, conn))
+                .map_err(|e| CopyError::Internal(format!("spawning sender {i}: {e}")))?;
+            senders.push(h);
+        }
+        let mut producers_done = false;
+        while !senders.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(TICK);
+            pipe.tick();
+            if !producers_done && pipe.finished() {
+                sink.set_producers_done();
+                producers_done = true;
             }
-            Ok(None) => {}
-            Err(_) => shared.fail(CopyError::Internal("a sender thread panicked".into())),
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                progress(&add(&totals, &shared.stats.snapshot()), started.elapsed());
+                last_report = Instant::now();
+            }
+        }
+        sink.set_producers_done();
+        for h in senders {
+            match h.join() {
+                Ok(Some((conn, stats))) => {
+                    comp_stats.add(&stats);
+                    conns.push(conn);
+                }
+                Ok(None) => {}
+                Err(_) => shared.fail(CopyError::Internal("a sender thread panicked".into())),
+            }
+        }
+        let joined = pipe.join();
+        let snap = joined.result?;
+        drop(joined.keep);
+        drop(child);
+        if conns.len() != n_streams {
+            return Err(CopyError::Internal(
+                "a stream ended without its final acknowledgement".into(),
+            ));
+        }
+        totals = add(&totals, &snap);
+        if job.covered() <= covered_before {
+            stuck += 1;
+            if stuck >= MAX_STUCK_ROUNDS {
+                return Err(CopyError::Interrupted(format!(
+                    "{stuck} rounds in a row made no progress"
+                )));
+            }
+        } else {
+            stuck = 0;
         }
     }
-    let joined = pipe.join();
-    let snap = joined.result?;
-    if finished.len() != n_streams {
-        return Err(CopyError::Internal(
-            "a stream ended without its final acknowledgement".into(),
-        ));
-    }
-    drop(joined.keep);
-    drop(child);
 
     // Verify: the receiver reads the target back.
     let mut image_digest = None;
     let mut verified = false;
     if opts.verify {
-        let want = image
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut img = lock(&image);
+        if img.missing_windows() > 0 {
+            let mut src = match source.take() {
+                Some(s) => s,
+                None => open_source(&opts.source, 1)?,
+            };
+            let read = super::source::digest_missing_windows(&mut src, &mut img)?;
+            debug!(read, "digested the windows the receiver already had");
+        }
+        let want = img
             .finish()
             .map_err(|e| CopyError::Internal(e.to_string()))?;
-        let (stream, dec, _) = &mut finished[0];
+        drop(img);
+        let c = &mut conns[0];
         let mut scratch = Vec::new();
         write_frame(
-            stream,
+            &mut c.stream,
             &Frame::VerifyRequest {
                 window_bytes: opts.chunk_bytes,
             },
             &mut scratch,
         )
         .map_err(fail_msg)?;
-        match read_frame(stream, dec).map_err(fail_msg)? {
+        c.stream.flush().map_err(|e| fail_msg(StreamError::Io(e)))?;
+        // Reading a whole disk back takes a while: no stall timeout here.
+        let _ = c.stream.set_read_timeout(None);
+        let answer = loop {
+            match read_frame(&mut c.stream, &mut c.dec).map_err(fail_msg)? {
+                Frame::Ack(_) | Frame::Pong { .. } => continue,
+                f => break f,
+            }
+        };
+        match answer {
             Frame::VerifyResult { digest, bytes_read } => {
                 if digest != want {
                     return Err(CopyError::TargetWrite(format!(
@@ -310,39 +696,47 @@ pub fn run(
             other => return Err(fail_msg(unexpected(other))),
         }
     }
+    drop(source);
     // Every stream is durable (and verified): say DONE and close.
     let mut scratch = Vec::new();
-    for (s, dec, done) in &mut finished {
-        write_frame(s, done, &mut scratch).map_err(fail_msg)?;
-        s.flush().map_err(|e| fail_msg(StreamError::Io(e)))?;
+    for c in &mut conns {
+        let done = Frame::Done {
+            total_bytes_sent: c.payload_bytes,
+            frames: c.frames,
+        };
+        let s = &mut c.stream;
+        write_frame(s, &done, &mut scratch).map_err(fail_msg)?;
         // A PING after DONE: its PONG proves the receiver accepted DONE
         // (frames are handled in order; a refusal would be an ERROR).
         write_frame(s, &Frame::Ping { nonce: 0xD0_4E }, &mut scratch).map_err(fail_msg)?;
         s.flush().map_err(|e| fail_msg(StreamError::Io(e)))?;
         let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-        match read_frame(s, dec) {
-            Ok(Frame::Pong { .. }) | Err(StreamError::Closed) => {}
-            Ok(Frame::Error(e)) => {
-                return Err(fail_msg(format!(
-                    "the receiver refused DONE: {:?}: {}",
-                    e.code, e.message
-                )));
+        loop {
+            match read_frame(s, &mut c.dec) {
+                Ok(Frame::Pong { .. }) | Err(StreamError::Closed) => break,
+                Ok(Frame::Ack(_)) => continue,
+                Ok(Frame::Error(e)) => {
+                    return Err(fail_msg(format!(
+                        "the receiver refused DONE: {:?}: {}",
+                        e.code, e.message
+                    )));
+                }
+                Ok(other) => return Err(fail_msg(unexpected(other))),
+                Err(e) => return Err(fail_msg(format!("no answer to DONE: {e}"))),
             }
-            Ok(other) => return Err(fail_msg(unexpected(other))),
-            Err(e) => return Err(fail_msg(format!("no answer to DONE: {e}"))),
         }
         s.close();
     }
-    let on_wire = wire_stats.bytes_on_wire.load(Ordering::Relaxed);
-    progress(&snap, started.elapsed());
+    let on_wire = job.bytes_on_wire.load(Ordering::Relaxed);
+    progress(&totals, started.elapsed());
     Ok(SendReport {
         source: display,
         target: opts.target.clone(),
         size_bytes,
-        bytes_planned: snap.bytes_planned,
-        bytes_read: snap.bytes_read,
-        bytes_written: snap.bytes_written,
-        bytes_zeroed: snap.bytes_zeroed,
+        bytes_planned: totals.bytes_planned,
+        bytes_read: totals.bytes_read,
+        bytes_written: totals.bytes_written,
+        bytes_zeroed: totals.bytes_zeroed,
         bytes_on_wire: on_wire,
         compression_ratio: if comp_stats.payload_bytes > 0 {
             comp_stats.raw_bytes as f64 / comp_stats.payload_bytes as f64
@@ -356,7 +750,46 @@ pub fn run(
         image_digest,
         verified,
         compression: comp_stats,
+        bytes_resumed_skipped,
+        bytes_resent: job.bytes_resent.load(Ordering::Relaxed),
+        resumed,
+        reconnects: job.reconnects.load(Ordering::Relaxed),
+        rounds,
+        source_identity: identity,
     })
+}
+
+/// The first connection of stream `i`: refusals and network errors fail at
+/// once (a wrong address or certificate should not wait for minutes),
+/// except a receiver that is busy with this target or shutting down.
+fn connect_first(c: &Connector, i: usize) -> Result<Conn, CopyError> {
+    let since = Instant::now();
+    loop {
+        match c.connect(i) {
+            Ok(conn) => return Ok(conn),
+            Err(StreamError::Refused { code, message })
+                if !fatal_code(code) && since.elapsed() < c.retry_for =>
+            {
+                debug!(stream = i, "receiver busy ({code:?}: {message}); retrying");
+                std::thread::sleep(jitter(Duration::from_millis(200)));
+            }
+            Err(StreamError::Refused { code, message }) => {
+                return Err(refusal_error(code, &message));
+            }
+            Err(e) => return Err(fail_msg(e)),
+        }
+    }
+}
+
+fn add(a: &Snapshot, b: &Snapshot) -> Snapshot {
+    Snapshot {
+        bytes_planned: a.bytes_planned + b.bytes_planned,
+        planning_done: b.planning_done,
+        bytes_done: a.bytes_done + b.bytes_done,
+        bytes_read: a.bytes_read + b.bytes_read,
+        bytes_written: a.bytes_written + b.bytes_written,
+        bytes_zeroed: a.bytes_zeroed + b.bytes_zeroed,
+    }
 }
 
 /// Without the receiver's support for a codec, fall back to what it has.
@@ -382,7 +815,8 @@ struct SenderCtx {
     shared: Arc<crate::pipeline::Shared>,
     image: Arc<Mutex<ImageDigest>>,
     limiter: Arc<RateLimiter>,
-    wire: Arc<WireStats>,
+    job: Arc<JobShared>,
+    connector: Arc<Connector>,
     mode: Mode,
     chunk_bytes: u32,
     verify: bool,
@@ -390,13 +824,13 @@ struct SenderCtx {
     rate_per_stream: Option<f64>,
 }
 
-/// A stream whose data is all durable, with the DONE frame still to send.
-type Finished = Option<(Stream, FrameDecoder, compress::Stats, Frame)>;
-
-/// One stream's sender: takes lent windows from the sink until the workers
-/// are done, then a final barrier and DONE. On any failure the job fails
-/// and the thread keeps handing slots back so the workers can finish.
-fn sender_thread(ctx: SenderCtx, mut stream: Stream, mut dec: FrameDecoder) -> Finished {
+/// One stream's sender for one round: takes lent windows from the sink
+/// until the workers are done, then a final barrier. A broken connection
+/// is reconnected (what it had not had acknowledged is left for the next
+/// round); on a fatal error the job fails and the thread keeps handing
+/// slots back so the workers can finish. Returns the connection, all of
+/// its data acknowledged.
+fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compress::Stats)> {
     let mut s = StreamSender {
         policy: Policy::new(ctx.mode),
         comps: Compressors::new(),
@@ -405,18 +839,52 @@ fn sender_thread(ctx: SenderCtx, mut stream: Stream, mut dec: FrameDecoder) -> F
         link_bytes_per_s: None,
         last_sample: None,
         written_bytes: 0,
-        frames: 0,
-        payload_bytes: 0,
     };
+    let mut conn = Some(conn);
+    let mut broken_since: Option<Instant> = None;
     let mut failed = false;
     let mut idle = 0u32;
+    let mut idle_since: Option<Instant> = None;
+    let abort = || ctx.shared.aborted();
     loop {
+        if !failed && conn.is_none() {
+            let since = *broken_since.get_or_insert_with(Instant::now);
+            match ctx.connector.reconnect(ctx.index, since, &abort) {
+                Ok(c) => {
+                    conn = Some(c);
+                    broken_since = None;
+                    s.last_sample = None;
+                }
+                Err(e) => {
+                    failed = true;
+                    if !ctx.shared.aborted() {
+                        ctx.shared.fail(e);
+                    }
+                }
+            }
+        }
+        if let Some(c) = conn.as_mut()
+            && !failed
+            && let Err(b) = s.service(&ctx, c, false)
+        {
+            s.broken(&ctx, &mut conn, &mut failed, b);
+        }
         let Some(chunk) = ctx.sink.queue.pop() else {
             if ctx.sink.producers_done() && ctx.sink.queue.is_empty() {
                 break;
             }
             idle = idle.saturating_add(1);
+            let since = *idle_since.get_or_insert_with(Instant::now);
             if idle > 64 {
+                // Nothing to send for a while: ask for the barrier now
+                // rather than later, and keep an idle stream alive.
+                if let Some(c) = conn.as_mut()
+                    && !failed
+                    && since.elapsed() >= IDLE_BARRIER
+                    && let Err(b) = s.service(&ctx, c, true)
+                {
+                    s.broken(&ctx, &mut conn, &mut failed, b);
+                }
                 std::thread::sleep(Duration::from_micros(200));
             } else {
                 std::thread::yield_now();
@@ -424,50 +892,75 @@ fn sender_thread(ctx: SenderCtx, mut stream: Stream, mut dec: FrameDecoder) -> F
             continue;
         };
         idle = 0;
+        idle_since = None;
         let (worker, slot) = chunk.owner();
-        if !failed
-            && !ctx.shared.aborted()
-            && let Err(e) = s.send_chunk(&ctx, &mut stream, &chunk)
-        {
-            {
-                failed = true;
-                let msg = explain(e, &mut stream, &mut dec);
-                ctx.shared.fail(CopyError::TargetWrite(format!(
-                    "(stream {}): {msg}",
-                    ctx.index
-                )));
+        if !failed && !ctx.shared.aborted() {
+            match conn.as_mut() {
+                Some(c) => {
+                    if let Err(e) = s.send_chunk(&ctx, c, &chunk) {
+                        let b = explain(e, c);
+                        s.broken(&ctx, &mut conn, &mut failed, b);
+                    }
+                }
+                None => {
+                    // Reconnecting failed fatally; the job is failing.
+                }
             }
         }
         drop(chunk);
         ctx.sink.release(worker, slot);
     }
     if failed || ctx.shared.aborted() {
-        stream.close();
+        if let Some(mut c) = conn {
+            c.stream.close();
+        }
         return None;
     }
-    match s.finish(&mut stream, &mut dec) {
-        Ok(done) => Some((stream, dec, *s.policy.stats(), done)),
-        Err(e) => {
-            let msg = explain(e, &mut stream, &mut dec);
-            ctx.shared.fail(CopyError::TargetWrite(format!(
-                "(stream {}) at the final barrier: {msg}",
-                ctx.index
-            )));
-            stream.close();
-            None
+    // The round's end: everything this stream sent must be acknowledged.
+    loop {
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => {
+                let since = *broken_since.get_or_insert_with(Instant::now);
+                match ctx.connector.reconnect(ctx.index, since, &abort) {
+                    Ok(c) => {
+                        broken_since = None;
+                        c
+                    }
+                    Err(e) => {
+                        if !ctx.shared.aborted() {
+                            ctx.shared.fail(e);
+                        }
+                        return None;
+                    }
+                }
+            }
+        };
+        match s.final_barrier(&ctx, &mut c) {
+            Ok(()) => return Some((c, *s.policy.stats())),
+            Err(b) => {
+                conn = Some(c);
+                s.broken(&ctx, &mut conn, &mut failed, b);
+                if failed {
+                    return None;
+                }
+            }
         }
     }
 }
 
 /// After a write failed, the receiver may have said why: read it briefly.
-fn explain(e: StreamError, stream: &mut Stream, dec: &mut FrameDecoder) -> String {
+fn explain(e: StreamError, c: &mut Conn) -> Broken {
     if matches!(e, StreamError::Io(_)) {
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        if let Ok(Frame::Error(f)) = read_frame(stream, dec) {
-            return format!("the receiver refused: {:?}: {}", f.code, f.message);
+        let _ = c.stream.set_read_timeout(Some(Duration::from_millis(500)));
+        if let Ok(Frame::Error(f)) = read_frame(&mut c.stream, &mut c.dec) {
+            return classify(StreamError::Refused {
+                code: f.code,
+                message: f.message,
+            });
         }
     }
-    e.to_string()
+    classify(e)
 }
 
 struct StreamSender {
@@ -481,23 +974,136 @@ struct StreamSender {
     last_sample: Option<(Instant, u64, u64)>,
     /// Frame bytes written into this stream.
     written_bytes: u64,
-    frames: u64,
-    /// DATA payload bytes as sent (compressed size): DONE reports them.
-    payload_bytes: u64,
 }
 
 impl StreamSender {
+    /// A connection broke: log, count, and leave it for reconnection (or
+    /// fail the job).
+    fn broken(&mut self, ctx: &SenderCtx, conn: &mut Option<Conn>, failed: &mut bool, b: Broken) {
+        if let Some(mut c) = conn.take() {
+            c.stream.close();
+        }
+        match b {
+            Broken::Transient(why) => {
+                ctx.job.reconnects.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    stream = ctx.index,
+                    "stream lost: {why}; reconnecting (unacknowledged data will be sent again)"
+                );
+            }
+            Broken::Fatal(e) => {
+                *failed = true;
+                ctx.shared.fail(match e {
+                    CopyError::TargetWrite(m) => {
+                        CopyError::TargetWrite(format!("(stream {}) {m}", ctx.index))
+                    }
+                    other => other,
+                });
+            }
+        }
+    }
+
+    /// Reads what the receiver sent (ACKs, PONGs, an ERROR) without
+    /// blocking, sends a barrier when one is due (`idle`: due now if
+    /// anything is unacknowledged), keeps an idle stream alive, and
+    /// notices a receiver that stopped answering.
+    fn service(&mut self, ctx: &SenderCtx, c: &mut Conn, idle: bool) -> Result<(), Broken> {
+        self.poll(ctx, c, false)?;
+        let due = c.unbarriered_bytes > 0
+            && (idle
+                || c.unbarriered_bytes >= BARRIER_BYTES
+                || c.unbarriered_since
+                    .is_some_and(|t| t.elapsed() >= BARRIER_INTERVAL));
+        if due {
+            self.barrier(c).map_err(classify)?;
+        }
+        while c.outstanding.len() > MAX_OUTSTANDING_BARRIERS {
+            self.poll(ctx, c, true)?;
+        }
+        if let Some(&(seq, t)) = c.outstanding.front()
+            && t.elapsed() > ctx.connector.stall_timeout
+        {
+            return Err(Broken::Transient(format!(
+                "no acknowledgement of barrier {seq} for {:.1} s (--stall-timeout)",
+                t.elapsed().as_secs_f64()
+            )));
+        }
+        if idle && c.outstanding.is_empty() && c.last_write.elapsed() >= KEEPALIVE {
+            write_frame(&mut c.stream, &Frame::Ping { nonce: 1 }, &mut self.scratch)
+                .map_err(classify)?;
+            c.stream.flush().map_err(|e| classify(e.into()))?;
+            c.last_write = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn barrier(&mut self, c: &mut Conn) -> Result<(), StreamError> {
+        let seq = c.next_seq;
+        c.next_seq += 1;
+        write_frame(&mut c.stream, &Frame::Barrier { seq }, &mut self.scratch)?;
+        c.stream.flush()?;
+        c.outstanding.push_back((seq, Instant::now()));
+        c.unbarriered_bytes = 0;
+        c.unbarriered_since = None;
+        c.last_write = Instant::now();
+        Ok(())
+    }
+
+    /// Handles frames from the receiver: those already buffered, and more
+    /// if the socket has some; with `block`, waits (at most the stall
+    /// timeout) until at least one frame was handled.
+    fn poll(&mut self, ctx: &SenderCtx, c: &mut Conn, block: bool) -> Result<(), Broken> {
+        let mut handled = false;
+        loop {
+            match c.dec.next_frame() {
+                Ok(Some(frame)) => {
+                    handle_reply(ctx, c, frame)?;
+                    handled = true;
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(classify(StreamError::Wire(e))),
+            }
+            let ready = (block && !handled)
+                || plaintext_ready(&mut c.stream)
+                || crate::engine::tcpinfo::bytes_readable(c.stream.tcp()).is_ok_and(|n| n > 0);
+            if !ready {
+                return Ok(());
+            }
+            let buf = c.dec.buf_mut();
+            match std::io::Read::read(&mut c.stream, buf) {
+                Ok(0) => {
+                    return Err(Broken::Transient(
+                        "the receiver closed the connection".into(),
+                    ));
+                }
+                Ok(n) => c.dec.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(classify(StreamError::Io(e))),
+            }
+        }
+    }
+
+    /// Barrier for everything sent, then wait until it is acknowledged.
+    fn final_barrier(&mut self, ctx: &SenderCtx, c: &mut Conn) -> Result<(), Broken> {
+        self.barrier(c).map_err(classify)?;
+        while !c.outstanding.is_empty() {
+            self.poll(ctx, c, true)?;
+        }
+        Ok(())
+    }
+
     fn send_chunk(
         &mut self,
         ctx: &SenderCtx,
-        stream: &mut Stream,
+        c: &mut Conn,
         chunk: &SinkChunk,
     ) -> Result<(), StreamError> {
         match chunk {
             SinkChunk::Zero { offset, len, .. } => {
-                self.zero(ctx, stream, *offset, *len)?;
+                self.zero(ctx, c, *offset, *len)?;
                 if ctx.verify {
-                    let mut img = ctx.image.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut img = lock(&ctx.image);
                     let w = u64::from(ctx.chunk_bytes);
                     for i in offset / w..(offset + len).div_ceil(w) {
                         img.zero_window(i)?;
@@ -515,18 +1121,15 @@ impl StreamSender {
                 for r in runs {
                     let at = offset + u64::from(r.rel);
                     if r.zero {
-                        self.zero(ctx, stream, at, u64::from(r.len))?;
+                        self.zero(ctx, c, at, u64::from(r.len))?;
                         continue;
                     }
                     let raw = &bytes[r.rel as usize..(r.rel + r.len) as usize];
-                    self.data(ctx, stream, at, raw, r.digest)?;
+                    self.data(ctx, c, at, raw, r.digest)?;
                 }
                 if let Some(d) = window_digest {
                     let i = offset / u64::from(ctx.chunk_bytes);
-                    ctx.image
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .set_window(i, *d)?;
+                    lock(&ctx.image).set_window(i, *d)?;
                 }
             }
         }
@@ -536,26 +1139,26 @@ impl StreamSender {
     fn zero(
         &mut self,
         ctx: &SenderCtx,
-        stream: &mut Stream,
+        c: &mut Conn,
         offset: u64,
         len: u64,
     ) -> Result<(), StreamError> {
         let n = write_frame(
-            stream,
+            &mut c.stream,
             &Frame::Zero(ByteRange {
                 offset,
                 len_bytes: len,
             }),
             &mut self.scratch,
         )?;
-        self.account(ctx, n as u64);
+        self.account(ctx, c, n as u64);
         Ok(())
     }
 
     fn data(
         &mut self,
         ctx: &SenderCtx,
-        stream: &mut Stream,
+        c: &mut Conn,
         offset: u64,
         raw: &[u8],
         digest: [u8; 32],
@@ -569,7 +1172,18 @@ impl StreamSender {
         let choice = self.policy.choose(raw, &link);
         let mut codec = wire::Codec::None;
         let mut payload: &[u8] = raw;
-        if choice.codec != compress::Codec::None {
+        let frame_no = ctx.job.data_frames.fetch_add(1, Ordering::Relaxed) + 1;
+        let corrupted;
+        if corrupt_chunk_at() == Some(frame_no) {
+            warn!(
+                offset,
+                "test hook: corrupting this chunk after its digest was taken"
+            );
+            let mut bad = raw.to_vec();
+            bad[0] ^= 0x01;
+            corrupted = bad;
+            payload = &corrupted;
+        } else if choice.codec != compress::Codec::None {
             let t = Instant::now();
             let ok = self
                 .comps
@@ -605,8 +1219,8 @@ impl StreamSender {
         let header = wire::encode_data_header(&head, payload.len() as u32)?;
         let frame_bytes = (header.len() + payload.len()) as u64;
         ctx.limiter.acquire(frame_bytes);
-        stream.write_all(&header)?;
-        stream.write_all(payload)?;
+        c.stream.write_all(&header)?;
+        c.stream.write_all(payload)?;
         // How fast this stream drains: bytes the receiver acknowledged per
         // second, sampled only over intervals that began with a backlog in
         // flight (so an idle stream, waiting for the source, does not look
@@ -614,17 +1228,11 @@ impl StreamSender {
         // not look like a fast one).
         self.written_bytes += frame_bytes;
         let now = Instant::now();
-        if let Ok(acked) = crate::engine::tcpinfo::bytes_acked(stream.tcp()) {
+        if let Ok(acked) = crate::engine::tcpinfo::bytes_acked(c.stream.tcp()) {
             if let Some((t0, acked0, written0)) = self.last_sample {
                 let dt = now.duration_since(t0).as_secs_f64();
                 if written0.saturating_sub(acked0) >= BACKLOG_MIN_BYTES && dt >= 0.005 {
                     let rate = acked.saturating_sub(acked0) as f64 / dt;
-                    tracing::debug!(
-                        rate,
-                        dt,
-                        backlog = written0.saturating_sub(acked0),
-                        "link sample"
-                    );
                     self.link_bytes_per_s = Some(match self.link_bytes_per_s {
                         Some(old) => old * 0.7 + rate * 0.3,
                         None => rate,
@@ -632,42 +1240,58 @@ impl StreamSender {
                 }
             }
             self.last_sample = Some((now, acked, self.written_bytes));
-        } else {
-            tracing::debug!("no TCP_INFO");
         }
-        let payload_len = payload.len() as u64;
-        self.account(ctx, frame_bytes);
-        self.payload_bytes += payload_len;
-        Stats::add(&ctx.shared.stats.bytes_written, raw.len() as u64);
+        c.payload_bytes += payload.len() as u64;
+        self.account(ctx, c, frame_bytes);
+        let len = raw.len() as u64;
+        let new = lock(&ctx.job.sent).insert(offset, len);
+        if new < len {
+            ctx.job.bytes_resent.fetch_add(len - new, Ordering::Relaxed);
+        }
+        Stats::add(&ctx.shared.stats.bytes_written, len);
         Ok(())
     }
 
-    fn account(&mut self, ctx: &SenderCtx, n: u64) {
-        self.frames += 1;
-        ctx.wire.bytes_on_wire.fetch_add(n, Ordering::Relaxed);
+    fn account(&mut self, ctx: &SenderCtx, c: &mut Conn, n: u64) {
+        c.frames += 1;
+        c.unbarriered_bytes += n;
+        c.unbarriered_since.get_or_insert_with(Instant::now);
+        c.last_write = Instant::now();
+        ctx.job.bytes_on_wire.fetch_add(n, Ordering::Relaxed);
     }
+}
 
-    /// Final barrier: returns once everything sent on this stream is
-    /// durable; the DONE frame is returned for the coordinator to send.
-    fn finish(
-        &mut self,
-        stream: &mut Stream,
-        dec: &mut FrameDecoder,
-    ) -> Result<Frame, StreamError> {
-        let seq = 1;
-        write_frame(stream, &Frame::Barrier { seq }, &mut self.scratch)?;
-        stream.flush()?;
-        loop {
-            match read_frame(stream, dec)? {
-                Frame::Ack(a) if a.seq == seq => break,
-                Frame::Ack(_) | Frame::Pong { .. } => continue,
-                other => return Err(unexpected(other)),
+/// One frame from the receiver while sending.
+fn handle_reply(ctx: &SenderCtx, c: &mut Conn, frame: Frame) -> Result<(), Broken> {
+    match frame {
+        Frame::Ack(a) => {
+            while c.outstanding.front().is_some_and(|&(s, _)| s <= a.seq) {
+                c.outstanding.pop_front();
             }
+            if !ctx.job.apply_ack(c.instance, &a.durable_added) {
+                return Err(Broken::Transient(
+                    "acknowledgement from a receiver instance that has restarted since".into(),
+                ));
+            }
+            Ok(())
         }
-        Ok(Frame::Done {
-            total_bytes_sent: self.payload_bytes,
-            frames: self.frames,
-        })
+        Frame::Pong { .. } => Ok(()),
+        Frame::Error(e) => Err(classify(StreamError::Refused {
+            code: e.code,
+            message: e.message,
+        })),
+        other => Err(classify(unexpected(other))),
+    }
+}
+
+/// Plaintext rustls has decrypted but we have not read yet.
+fn plaintext_ready(s: &mut Stream) -> bool {
+    match s {
+        Stream::Tls(t) => t
+            .conn
+            .process_new_packets()
+            .is_ok_and(|st| st.plaintext_bytes_to_read() > 0),
+        Stream::Plain(_) => false,
     }
 }
 

@@ -16,8 +16,9 @@ use rustls::ServerConfig;
 use tracing::{debug, info, warn};
 
 use super::conn::{ConnContext, serve_connection};
-use super::job::Registry;
+use super::job::{JournalPolicy, Registry};
 use super::transport::{POLL_INTERVAL_MS, Transport, is_timeout};
+use crate::journal::JournalStore;
 use crate::net::{self, NetError, Role, SocketTuning, TlsDir, TlsError};
 
 /// Most connections served at once; more are closed on accept.
@@ -29,6 +30,8 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// After a stop, how long streams get to end by themselves before their
 /// sockets are shut down under them.
 pub const SHUTDOWN_GRACE_MS: u64 = 3_000;
+/// The state directory under the target root when none is given.
+pub const DEFAULT_STATE_DIR: &str = ".diskferry-state";
 /// First byte of a TLS ClientHello record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
@@ -42,8 +45,13 @@ pub struct ServeOptions {
     /// Directory written by `diskferry certs init` (ca.pem, server.pem,
     /// server.key); `None` only with `insecure_plaintext`.
     pub tls_dir: Option<PathBuf>,
-    /// Where job journals will live (resume); created if missing.
+    /// Where job journals live (resume); created if missing. Default:
+    /// `.diskferry-state` under the target root (never a writable target).
     pub state_dir: Option<PathBuf>,
+    /// Journal checkpoints: at least this often while data arrives …
+    pub checkpoint_interval: Duration,
+    /// … or after this many new durable bytes, whichever comes first.
+    pub checkpoint_bytes: u64,
     /// Plain TCP, no authentication, no encryption.
     pub insecure_plaintext: bool,
     /// `NAME=PATH`: target names that map to block devices or files
@@ -123,12 +131,29 @@ impl Server {
             });
         }
         check_allow(&opts.allow)?;
-        if let Some(dir) = &opts.state_dir {
-            std::fs::create_dir_all(dir).map_err(|source| ServeError::StateDir {
-                path: dir.clone(),
+        let state_dir = opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| root.join(DEFAULT_STATE_DIR));
+        let state_err = |e: crate::journal::JournalError| ServeError::StateDir {
+            path: state_dir.clone(),
+            source: io::Error::other(e.to_string()),
+        };
+        // Created first, then named canonically so that a target path can
+        // be checked against it.
+        JournalStore::open(&state_dir).map_err(state_err)?;
+        let canonical = state_dir
+            .canonicalize()
+            .map_err(|source| ServeError::StateDir {
+                path: state_dir.clone(),
                 source,
             })?;
-        }
+        let store = JournalStore::open(&canonical).map_err(state_err)?;
+        let journals = JournalPolicy {
+            store,
+            interval: opts.checkpoint_interval,
+            bytes: opts.checkpoint_bytes.max(1),
+        };
         let tuning = SocketTuning::default();
         let listener = net::listen_tuned(opts.listen, &tuning)?;
         let local_addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
@@ -142,7 +167,7 @@ impl Server {
             listener,
             local_addr,
             tls,
-            registry: Arc::new(Registry::new(root, opts.allow)),
+            registry: Arc::new(Registry::new(root, opts.allow, journals)),
             tuning,
         })
     }

@@ -184,8 +184,7 @@ impl Target {
     /// truncated and sized to `size_bytes` (all holes); a block device
     /// (allow-listed only) keeps its content and must hold `size_bytes`.
     ///
-    /// This is the one place that decides what a job starts from; resume
-    /// will open an existing target without truncating it.
+    /// A resumed job opens its target with [`Target::open_existing`].
     pub fn open_fresh(resolved: &ResolvedTarget, size_bytes: u64) -> Result<Target, TargetError> {
         if resolved.from_allow_list {
             return Self::open_allowed(&resolved.path, size_bytes);
@@ -231,6 +230,61 @@ impl Target {
             path: path.clone(),
             kind: FileKind::Regular,
             fresh_zero: true,
+            write_lock: Mutex::new(std::collections::VecDeque::new()),
+        })
+    }
+
+    /// Opens the target of a resumed job as it is: nothing is truncated or
+    /// resized. A regular file must exist and have exactly `size_bytes`
+    /// (the size it was given when the job started); an allow-listed block
+    /// device must still hold `size_bytes`.
+    pub fn open_existing(
+        resolved: &ResolvedTarget,
+        size_bytes: u64,
+    ) -> Result<Target, TargetError> {
+        if resolved.from_allow_list {
+            let mut t = Self::open_allowed(&resolved.path, size_bytes)?;
+            t.fresh_zero = false;
+            return Ok(t);
+        }
+        let path = &resolved.path;
+        let open_err = |source| TargetError::Open {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => TargetError::OutsideRoot {
+                    name: path.display().to_string(),
+                    why: "its last component is a symbolic link".into(),
+                },
+                _ => open_err(e),
+            })?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.file_type().is_file() {
+            return Err(TargetError::WrongKind {
+                path: path.clone(),
+                what: describe_file_type(meta.file_type()),
+            });
+        }
+        if meta.len() != size_bytes {
+            return Err(TargetError::Open {
+                path: path.clone(),
+                source: io::Error::other(format!(
+                    "it is {} bytes but the job being resumed wrote a {size_bytes}-byte target",
+                    meta.len()
+                )),
+            });
+        }
+        Ok(Target {
+            file,
+            path: path.clone(),
+            kind: FileKind::Regular,
+            fresh_zero: false,
             write_lock: Mutex::new(std::collections::VecDeque::new()),
         })
     }

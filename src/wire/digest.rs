@@ -134,6 +134,11 @@ impl ImageDigest {
         self.set_window(index, digest)
     }
 
+    /// Whether window `index` was supplied.
+    pub fn has_window(&self, index: u64) -> bool {
+        index < self.windows && self.present[index as usize / 64] & (1 << (index % 64)) != 0
+    }
+
     /// Windows not supplied yet.
     pub fn missing_windows(&self) -> u64 {
         let present: u64 = self.present.iter().map(|w| u64::from(w.count_ones())).sum();

@@ -38,8 +38,8 @@ const STRING_MAX_ON_WIRE: u32 = 2 + MAX_STRING_BYTES as u32;
 /// Fixed part of a Hello: job id, size, chunk size, features, stream index
 /// and count, flags, and two string length prefixes.
 pub(crate) const HELLO_MIN: u32 = 16 + 8 + 4 + 4 + 2 + 2 + 4 + 2 + 2;
-/// Fixed part of a Welcome: features and range count.
-pub(crate) const WELCOME_MIN: u32 = 4 + 4;
+/// Fixed part of a Welcome: features, instance and range count.
+pub(crate) const WELCOME_MIN: u32 = 4 + 8 + 4;
 /// Fixed part of an Ack: seq, durable total, range count.
 pub(crate) const ACK_MIN: u32 = 8 + 8 + 4;
 /// Fixed part of an Error: code and string length prefix.

@@ -56,6 +56,10 @@ pub struct Hello {
 pub struct Welcome {
     /// Features both sides use (a subset of those offered).
     pub features: Features,
+    /// Random per job instance on the receiver: a new value means the
+    /// receiver started the job again from its journal (after a restart),
+    /// so acknowledgements of an older instance no longer count.
+    pub instance: u64,
     /// Ranges already durable on the target for this job, sorted and
     /// disjoint; at most [`MAX_RESUME_RANGES`].
     pub durable: Vec<ByteRange>,
@@ -366,6 +370,7 @@ impl Frame {
             }
             Frame::Welcome(w) => {
                 out.extend_from_slice(&w.features.0.to_le_bytes());
+                out.extend_from_slice(&w.instance.to_le_bytes());
                 put_ranges(out, &w.durable);
             }
             Frame::Data(d) => {
@@ -421,6 +426,7 @@ impl Frame {
             }),
             FrameType::Welcome => Frame::Welcome(Welcome {
                 features: Features(r.u32("features")?),
+                instance: r.u64("instance")?,
                 durable: r.ranges("WELCOME durable", MAX_RESUME_RANGES)?,
             }),
             FrameType::Data => {

@@ -88,10 +88,13 @@ fn arb_hello() -> impl Strategy<Value = Frame> {
 fn arb_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         arb_hello(),
-        (any::<u32>(), arb_ranges(40)).prop_map(|(f, durable)| Frame::Welcome(Welcome {
-            features: Features(f),
-            durable
-        })),
+        (any::<u32>(), any::<u64>(), arb_ranges(40)).prop_map(|(f, instance, durable)| {
+            Frame::Welcome(Welcome {
+                features: Features(f),
+                instance,
+                durable,
+            })
+        }),
         arb_data(),
         (0u64..u64::MAX >> 1, 1u64..u64::MAX >> 1)
             .prop_map(|(offset, len_bytes)| Frame::Zero(ByteRange { offset, len_bytes })),

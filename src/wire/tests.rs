@@ -47,10 +47,12 @@ pub(super) fn sample_frames() -> Vec<Frame> {
         Frame::Hello(hello()),
         Frame::Welcome(Welcome {
             features: Features::BLAKE3,
+            instance: 7,
             durable: vec![],
         }),
         Frame::Welcome(Welcome {
             features: Features::KNOWN,
+            instance: u64::MAX,
             durable: ranges(5),
         }),
         data(vec![1, 2, 3, 4, 5], Codec::None, 5),
@@ -171,6 +173,7 @@ fn encoder_refuses_what_the_decoder_would_refuse() {
     ));
     let bad = Frame::Welcome(Welcome {
         features: Features::default(),
+        instance: 0,
         durable: vec![
             ByteRange {
                 offset: 10,
@@ -205,6 +208,7 @@ fn malformed_inputs_give_the_specific_error() {
     let hello_f = Frame::Hello(hello());
     let welcome = Frame::Welcome(Welcome {
         features: Features::KNOWN,
+        instance: 1,
         durable: ranges(2),
     });
     let raw = data(vec![0; 16], Codec::None, 16);
@@ -301,13 +305,13 @@ fn malformed_inputs_give_the_specific_error() {
         (
             "list count too big",
             corrupt(&welcome, |b| {
-                b[16..20].copy_from_slice(&(MAX_RESUME_RANGES + 1).to_le_bytes())
+                b[24..28].copy_from_slice(&(MAX_RESUME_RANGES + 1).to_le_bytes())
             }),
             |e| matches!(e, WireError::ListTooLong { count, .. } if *count == u64::from(MAX_RESUME_RANGES) + 1),
         ),
         (
             "list count past end",
-            corrupt(&welcome, |b| b[16] = 3),
+            corrupt(&welcome, |b| b[24] = 3),
             |e| {
                 matches!(
                     e,

@@ -48,6 +48,8 @@ impl Harness {
             target_root: root.clone(),
             tls_dir: (!plaintext).then(|| certs.clone()),
             state_dir: Some(dir.path().join("state")),
+            checkpoint_interval: diskferry::journal::CHECKPOINT_INTERVAL_DEFAULT,
+            checkpoint_bytes: diskferry::journal::CHECKPOINT_BYTES_DEFAULT,
             insecure_plaintext: plaintext,
             allow: Vec::new(),
         };

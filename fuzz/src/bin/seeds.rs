@@ -77,6 +77,7 @@ fn wire_frames() -> Vec<(&'static str, Frame)> {
             "welcome",
             Frame::Welcome(Welcome {
                 features: Features::BLAKE3.union(Features::RESUME),
+                instance: 0x1234_5678_9abc_def0,
                 durable: vec![
                     ByteRange {
                         offset: 0,
