@@ -33,6 +33,9 @@ pub struct PipelineConfig {
     pub requests: u32,
     pub chunk_bytes: u32,
     pub kind: EngineKind,
+    /// Retries of a source read that failed with an error that may pass
+    /// (default [`super::retry::READ_RETRIES_DEFAULT`]; 0: fail at once).
+    pub read_retries: u32,
 }
 
 /// Where the workers put what they read.
@@ -190,6 +193,7 @@ impl Pipeline {
                 index: i,
                 granule_bytes: zero::GRANULE_BYTES,
                 zero_max_bytes,
+                read_retries: cfg.read_retries,
             };
             let h = std::thread::Builder::new()
                 .name(format!("worker-{i}"))

@@ -188,6 +188,7 @@ pub fn run(
         requests: opts.requests,
         chunk_bytes: opts.chunk_bytes,
         kind,
+        read_retries: crate::pipeline::retry::READ_RETRIES_DEFAULT,
     };
     let display = source.display.clone();
     let child = source.child;
