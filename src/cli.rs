@@ -184,6 +184,9 @@ pub struct CopyArgs {
     /// block devices, page cache with streamed writeback for files), direct, cached.
     #[arg(long, value_enum, default_value = "auto")]
     pub write_mode: crate::pipeline::open::WriteMode,
+    /// Times a source read that failed with EIO (or a similar error that may pass) is retried, 0..=10.
+    #[arg(long, default_value_t = crate::pipeline::retry::READ_RETRIES_DEFAULT)]
+    pub read_retries: u32,
     /// Print newline-delimited JSON events on stdout instead of a progress bar.
     #[arg(long)]
     pub json: bool,
@@ -268,6 +271,7 @@ fn run_copy(a: CopyArgs) -> i32 {
         threads: a.threads,
         engine: a.io_engine,
         write_mode: a.write_mode,
+        read_retries: a.read_retries,
     };
     let mut progress = Progress::new(a.json, a.no_progress);
     let result = copy::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {

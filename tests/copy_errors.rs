@@ -29,11 +29,13 @@ fn source_read_errors_fail_the_copy() {
     );
     for e in ENGINES {
         let dst = d.path().join(format!("dst-{e}.img"));
+        // Retries off: the first error fails the job (with retries, a 50 %
+        // error rate lets most copies through).
         let out = copy(
             &srv.uri(),
             dst.to_str().unwrap(),
             e,
-            &["--json", "--chunk-size", "256k"],
+            &["--json", "--chunk-size", "256k", "--read-retries", "0"],
         );
         assert_eq!(out.status.code(), Some(3), "{e}: {}", stderr(&out));
         assert!(
@@ -41,6 +43,7 @@ fn source_read_errors_fail_the_copy() {
             "{}",
             stderr(&out)
         );
+        assert!(stderr(&out).contains("retries are off"), "{}", stderr(&out));
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             !stdout.contains("\"done\""),
@@ -56,6 +59,169 @@ fn source_read_errors_fail_the_copy() {
                 "block {i} holds bytes that are not the source's"
             );
         }
+    }
+}
+
+/// Every 64 KiB block of `target` is either zero (never written) or equal
+/// to the same block of `source`: nothing invented reached the target.
+fn assert_only_source_data(source: &std::path::Path, target: &std::path::Path) {
+    let s = std::fs::read(source).unwrap();
+    let t = std::fs::read(target).unwrap();
+    for (i, (a, b)) in s.chunks(65536).zip(t.chunks(65536)).enumerate() {
+        assert!(
+            b.iter().all(|&x| x == 0) || a == b,
+            "block {i} holds bytes that are not the source's"
+        );
+    }
+}
+
+#[test]
+fn source_reads_are_retried_until_they_pass() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    dense_file(&src, 4 * MIB as usize, 11);
+    // Every read fails with EIO on its first attempt and succeeds on the
+    // next: the retries are counted exactly.
+    let seen = d.path().join("seen");
+    std::fs::create_dir(&seen).unwrap();
+    let (s, m) = (src.to_str().unwrap(), seen.to_str().unwrap());
+    let pread = format!(
+        "pread=if [ -e {m}/$4 ]; then dd if={s} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none; \
+         else touch {m}/$4; echo EIO injected >&2; exit 1; fi"
+    );
+    let srv = nbdkit(
+        d.path(),
+        "once",
+        &["eval", &format!("get_size=echo {}", 4 * MIB), &pread],
+    );
+    for e in ENGINES {
+        for f in std::fs::read_dir(&seen).unwrap() {
+            std::fs::remove_file(f.unwrap().path()).unwrap();
+        }
+        let dst = d.path().join(format!("dst-{e}.img"));
+        let out = copy_ok(
+            &srv.uri(),
+            dst.to_str().unwrap(),
+            e,
+            &["--json", "--chunk-size", "256k"],
+        );
+        assert_same(&src, &dst);
+        let done = last_json(&out);
+        assert_eq!(done["event"], "done", "{done}");
+        assert_eq!(done["read_retries"], 16, "{e}: one retry per read: {done}");
+        assert!(
+            stderr(&out).contains("retry 1 of 3"),
+            "{e}: no retry was logged: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn flaky_source_reads_are_retried() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    dense_file(&src, 4 * MIB as usize, 12);
+    let srv = nbdkit(
+        d.path(),
+        "flaky",
+        &[
+            "--filter=error",
+            "file",
+            src.to_str().unwrap(),
+            "error-pread=EIO",
+            "error-pread-rate=20%",
+        ],
+    );
+    for e in ENGINES {
+        let dst = d.path().join(format!("dst-{e}.img"));
+        // 64 reads of 64 KiB: the chance that none fails is 0.8^64 (< 1e-6),
+        // that one fails 11 times in a row 64 × 0.2^11 (< 2e-6).
+        let out = copy_ok(
+            &srv.uri(),
+            dst.to_str().unwrap(),
+            e,
+            &["--json", "--chunk-size", "64k", "--read-retries", "10"],
+        );
+        assert_same(&src, &dst);
+        let done = last_json(&out);
+        assert_eq!(done["event"], "done", "{done}");
+        assert!(
+            done["read_retries"].as_u64().unwrap() > 0,
+            "{e}: no retries counted: {done}"
+        );
+    }
+}
+
+#[test]
+fn source_reads_that_keep_failing_fail_the_copy() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    dense_file(&src, 2 * MIB as usize, 13);
+    let srv = nbdkit(
+        d.path(),
+        "broken",
+        &[
+            "--filter=error",
+            "file",
+            src.to_str().unwrap(),
+            "error-pread=EIO",
+            "error-pread-rate=100%",
+        ],
+    );
+    for e in ENGINES {
+        let dst = d.path().join(format!("dst-{e}.img"));
+        let started = std::time::Instant::now();
+        let out = copy(
+            &srv.uri(),
+            dst.to_str().unwrap(),
+            e,
+            &["--json", "--chunk-size", "256k"],
+        );
+        assert_eq!(out.status.code(), Some(3), "{e}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("reading the source failed at offset"), "{err}");
+        assert!(err.contains("on all 4 attempts"), "{err}");
+        assert!(err.contains("EIO"), "{err}");
+        assert!(err.contains("retry 3 of 3"), "{err}");
+        // The backoff (50 + 200 + 800 ms) really was waited for.
+        assert!(started.elapsed() >= std::time::Duration::from_millis(1050));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains("\"done\""), "a done event: {stdout}");
+        // No read ever succeeded, so nothing at all was written.
+        assert!(
+            std::fs::read(&dst).unwrap().iter().all(|&b| b == 0),
+            "{e}: the target holds data although no read succeeded"
+        );
+        assert_eq!(allocated(&dst), 0, "{e}: blocks were written");
+    }
+}
+
+#[test]
+fn source_read_errors_that_will_not_pass_are_not_retried() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    dense_file(&src, 2 * MIB as usize, 14);
+    let srv = nbdkit(
+        d.path(),
+        "eperm",
+        &[
+            "--filter=error",
+            "file",
+            src.to_str().unwrap(),
+            "error-pread=EPERM",
+            "error-pread-rate=100%",
+        ],
+    );
+    for e in ENGINES {
+        let dst = d.path().join(format!("dst-{e}.img"));
+        let out = copy(&srv.uri(), dst.to_str().unwrap(), e, &[]);
+        assert_eq!(out.status.code(), Some(3), "{e}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("answered EPERM"), "{err}");
+        assert!(err.contains("not retried"), "{err}");
+        assert!(!err.contains("retry 1 of"), "{e}: EPERM was retried: {err}");
+        assert_only_source_data(&src, &dst);
     }
 }
 

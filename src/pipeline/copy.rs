@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::open::{Access, Source, Target, open_source, open_target};
+use super::retry::READ_RETRIES_MAX;
 use super::run::{DstFiles, DstPlan, Pipeline, PipelineConfig, TICK};
 use super::stats::Snapshot;
 use super::worker::{DstIo, SrcIo};
@@ -29,6 +30,9 @@ pub struct CopyOptions {
     pub threads: Option<u32>,
     pub engine: Option<EngineKind>,
     pub write_mode: super::open::WriteMode,
+    /// Retries of a source read that failed with an error that may pass
+    /// (`--read-retries`, 0..=[`READ_RETRIES_MAX`]).
+    pub read_retries: u32,
 }
 
 /// The result of a successful copy.
@@ -41,6 +45,8 @@ pub struct CopyReport {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub bytes_zeroed: u64,
+    /// Source reads issued again after a transient failure.
+    pub read_retries: u64,
     pub elapsed_s: f64,
     pub engine: EngineKind,
     pub workers: usize,
@@ -67,6 +73,12 @@ pub fn run(opts: &CopyOptions, progress: ProgressFn<'_>) -> Result<CopyReport, C
         return Err(CopyError::Usage(
             "--connections must be 1..=64 and --requests 1..=1024".into(),
         ));
+    }
+    if opts.read_retries > READ_RETRIES_MAX {
+        return Err(CopyError::Usage(format!(
+            "--read-retries must be 0..={READ_RETRIES_MAX}, not {}",
+            opts.read_retries
+        )));
     }
     let started = Instant::now();
     let (kind, why) = engine::choose(opts.engine).map_err(CopyError::Engine)?;
@@ -114,6 +126,7 @@ fn run_opened(
         chunk_bytes: opts.chunk_bytes,
         kind,
         spans: None,
+        read_retries: opts.read_retries,
     };
     let src_conn_count = conns_of(&source.access).unwrap_or(0);
     let dst_conn_count = conns_of(&target.access).unwrap_or(0);
@@ -169,6 +182,7 @@ fn run_opened(
         bytes_read: snap.bytes_read,
         bytes_written: snap.bytes_written,
         bytes_zeroed: snap.bytes_zeroed,
+        read_retries: snap.read_retries,
         elapsed_s: started.elapsed().as_secs_f64(),
         engine: kind,
         workers,

@@ -5,6 +5,7 @@
 //! * [`zero`]: zero detection.
 //! * [`worker`]: the pinned per-core state machine.
 //! * [`nbd_io`]: an NBD connection driven through an engine.
+//! * [`retry`]: bounded retries of source reads that failed.
 //! * [`copy`]: the coordinator behind `diskferry copy`.
 //! * [`open`]: turning SRC / DST into open sources and targets.
 
@@ -19,6 +20,7 @@ pub mod nbd_io;
 pub mod open;
 pub mod plan;
 pub mod pool;
+pub mod retry;
 pub mod run;
 pub mod sink;
 pub mod stats;

@@ -36,6 +36,9 @@ pub struct PipelineConfig {
     /// Plan only these whole-window spans ([`super::plan::plan_windows`]);
     /// `None`: the whole disk.
     pub spans: Option<Vec<(u64, u64)>>,
+    /// Retries of a source read that failed with an error that may pass
+    /// (default [`super::retry::READ_RETRIES_DEFAULT`]; 0: fail at once).
+    pub read_retries: u32,
 }
 
 /// Where the workers put what they read.
@@ -200,6 +203,7 @@ impl Pipeline {
                 index: i,
                 granule_bytes: zero::GRANULE_BYTES,
                 zero_max_bytes,
+                read_retries: cfg.read_retries,
             };
             let h = std::thread::Builder::new()
                 .name(format!("worker-{i}"))

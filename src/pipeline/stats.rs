@@ -18,6 +18,9 @@ pub struct Stats {
     /// Target bytes made zero without data: holes and zero runs, whether
     /// skipped (fresh target) or written as zeroes / punched.
     pub bytes_zeroed: AtomicU64,
+    /// Source reads issued again after a transient failure (see
+    /// [`super::retry`]).
+    pub read_retries: AtomicU64,
 }
 
 /// A copy of the counters at one instant.
@@ -29,6 +32,7 @@ pub struct Snapshot {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub bytes_zeroed: u64,
+    pub read_retries: u64,
 }
 
 impl Stats {
@@ -44,6 +48,7 @@ impl Stats {
             bytes_read: self.bytes_read.load(Relaxed),
             bytes_written: self.bytes_written.load(Relaxed),
             bytes_zeroed: self.bytes_zeroed.load(Relaxed),
+            read_retries: self.read_retries.load(Relaxed),
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::engine::{Completion, Engine, Op};
 use crate::nbd::NbdError;
@@ -14,6 +15,7 @@ use crate::nbd::conn::{Cmd, ReplyEvent};
 use super::nbd_io::NbdIo;
 use super::plan::Work;
 use super::pool::PoolShare;
+use super::retry::{self, Due, RetryQueue};
 use super::sink::{Sink, SinkChunk, SinkRun};
 use super::stats::Stats;
 use super::zero::{self, Run};
@@ -80,6 +82,9 @@ pub struct WorkerConfig {
     pub granule_bytes: usize,
     /// Largest single write-zeroes / punch request.
     pub zero_max_bytes: u64,
+    /// Times a source read that failed with an error that may pass is
+    /// issued again before the job fails (see [`retry`]); 0 turns retries off.
+    pub read_retries: u32,
 }
 
 // user_data layout: tag in the top 4 bits.
@@ -100,6 +105,9 @@ const TAG_WB_START: u64 = 10;
 const TAG_WB_WAIT: u64 = 11;
 /// Ranges whose writeback runs ahead before the oldest is waited for.
 const WRITEBACK_WINDOW: usize = 8;
+/// Longest the worker sleeps, while a read waits for its retry, before it
+/// looks at its engine and the work queue again.
+const RETRY_POLL_MAX: Duration = Duration::from_millis(1);
 const SUBOP_BITS: u32 = 24;
 
 fn ud(tag: u64, slot: usize, subop: usize) -> u64 {
@@ -138,6 +146,8 @@ struct SubOp {
     len: u32,
     /// Bytes already transferred (files: short reads/writes continue).
     done: u32,
+    /// Failed attempts of this read so far (see [`retry`]).
+    read_failures: u32,
 }
 
 struct Slot {
@@ -169,6 +179,11 @@ pub struct Worker {
     writeback: std::collections::VecDeque<(u64, u32)>,
     /// Ranges being waited for, by id (the id travels in user_data).
     writeback_waits: Vec<Option<(u64, u32)>>,
+    /// Reads that failed and wait to be issued again. Their slots stay in
+    /// [`Phase::Reading`] with the sub-op still counted in `pending`.
+    retries: RetryQueue,
+    /// Scratch for the retries due now.
+    retries_due: Vec<Due>,
 }
 
 impl Worker {
@@ -207,6 +222,8 @@ impl Worker {
             buffered_queue: std::collections::VecDeque::new(),
             writeback: std::collections::VecDeque::new(),
             writeback_waits: Vec::new(),
+            retries: RetryQueue::default(),
+            retries_due: Vec::new(),
         }
     }
 
@@ -240,6 +257,7 @@ impl Worker {
                 return Ok(());
             }
             self.fill_slots()?;
+            self.issue_due_retries()?;
             self.kick_sockets()?;
             if self.engine.in_flight() == 0 {
                 let all_idle = self.slots.iter().all(|s| s.phase == Phase::Idle);
@@ -256,6 +274,10 @@ impl Worker {
                     }
                     continue;
                 }
+                if !self.retries.is_empty() {
+                    self.sleep_until_retry();
+                    continue;
+                }
                 return Err(CopyError::Internal(format!(
                     "worker {} stalled: busy slots but no I/O in flight",
                     self.cfg.index
@@ -264,9 +286,17 @@ impl Worker {
             idle_spins = 0;
             self.completions.clear();
             let mut done = std::mem::take(&mut self.completions);
+            // With a retry scheduled, poll the engine instead of blocking in
+            // it, so the retry goes out on time even if nothing completes.
+            let min_complete = usize::from(self.retries.is_empty());
             self.engine
-                .wait(1, &mut done)
+                .wait(min_complete, &mut done)
                 .map_err(|e| CopyError::Engine(e.to_string()))?;
+            if done.is_empty() {
+                self.completions = done;
+                self.sleep_until_retry();
+                continue;
+            }
             let first_err = self.complete_all(&done);
             self.completions = done;
             if let Some(e) = first_err {
@@ -310,6 +340,88 @@ impl Worker {
             }
         }
         first
+    }
+
+    /// Issue again every read whose retry is due.
+    fn issue_due_retries(&mut self) -> Result<(), CopyError> {
+        if self.retries.is_empty() {
+            return Ok(());
+        }
+        let mut due = std::mem::take(&mut self.retries_due);
+        due.clear();
+        self.retries.take_due(Instant::now(), &mut due);
+        let mut out = Ok(());
+        for d in &due {
+            Stats::add(&self.shared.stats.read_retries, 1);
+            out = self.issue_read(d.slot, d.sub);
+            if out.is_err() {
+                break;
+            }
+        }
+        self.retries_due = due;
+        out
+    }
+
+    /// Nothing to do but wait for a scheduled retry: sleep until it is due,
+    /// but never longer than [`RETRY_POLL_MAX`], so completions and new
+    /// work are still picked up promptly.
+    fn sleep_until_retry(&self) {
+        if let Some(at) = self.retries.next_at() {
+            let left = at.saturating_duration_since(Instant::now());
+            std::thread::sleep(left.min(RETRY_POLL_MAX));
+        }
+    }
+
+    /// A read of sub-op `sub` of `slot` failed with `cause` (worded for a
+    /// message: "the NBD server answered EIO (…)"). If the error may pass
+    /// (`transient`) and retries are left, schedule the read again after
+    /// [`retry::backoff`]; the sub-op stays pending, so nothing of the window
+    /// is written meanwhile. Otherwise fail the job, naming the offset and
+    /// the attempts made.
+    fn read_failed(
+        &mut self,
+        slot: usize,
+        sub: usize,
+        cause: &str,
+        transient: bool,
+    ) -> Result<(), CopyError> {
+        let so = &mut self.slots[slot].subops[sub];
+        let (at, left) = (so.disk_off + u64::from(so.done), so.len - so.done);
+        let attempts = so.read_failures + 1;
+        if !transient {
+            let earlier = match so.read_failures {
+                0 => String::new(),
+                n => format!(" after {n} retries"),
+            };
+            return Err(CopyError::SourceRead(format!(
+                "at offset {at} ({left} bytes){earlier}: {cause} (an error that is not retried)"
+            )));
+        }
+        if attempts > self.cfg.read_retries {
+            let tries = match attempts {
+                1 => "on its only attempt (retries are off)".to_string(),
+                n => format!("on all {n} attempts (1 + {} retries)", n - 1),
+            };
+            return Err(CopyError::SourceRead(format!(
+                "at offset {at} ({left} bytes) {tries}; the last error: {cause}"
+            )));
+        }
+        so.read_failures = attempts;
+        let delay = retry::backoff(attempts);
+        tracing::warn!(
+            offset = at,
+            bytes = left,
+            error = cause,
+            "reading the source failed; retry {attempts} of {} in {} ms",
+            self.cfg.read_retries,
+            delay.as_millis()
+        );
+        self.retries.push(Due {
+            at: Instant::now() + delay,
+            slot,
+            sub,
+        });
+        Ok(())
     }
 
     fn fill_slots(&mut self) -> Result<(), CopyError> {
@@ -538,6 +650,7 @@ impl Worker {
                         disk_off: off,
                         len: 0,
                         done: 0,
+                        read_failures: 0,
                     });
                     let len32 = u32::try_from(n).expect("zero_max fits u32");
                     conn.request(
@@ -869,6 +982,10 @@ impl Worker {
         let at = so.disk_off + u64::from(so.done);
         if c.result < 0 {
             let err = std::io::Error::from_raw_os_error(-c.result);
+            if is_read && !self.shared.aborted() {
+                let transient = retry::os_error_is_transient(-c.result);
+                return self.read_failed(slot, sub, &err.to_string(), transient);
+            }
             return Err(if is_read {
                 CopyError::SourceRead(format!("at offset {at}: {err}"))
             } else {
@@ -944,27 +1061,24 @@ impl Worker {
                     // Draining after the first error: just account for it.
                     return self.subop_done(slot);
                 }
-                let so = self.slots[slot].subops[sub];
-                let what = if is_src {
-                    "reading the source"
+                let detail = if message.is_empty() {
+                    String::new()
                 } else {
-                    "writing the target"
+                    format!(" ({message})")
                 };
-                let msg = format!(
-                    "{what} at offset {} ({} bytes) failed on the NBD server: error {errno}{}",
-                    so.disk_off,
-                    so.len,
-                    if message.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({message})")
-                    }
-                );
-                Err(if is_src {
-                    CopyError::SourceRead(msg)
-                } else {
-                    CopyError::TargetWrite(msg)
-                })
+                if is_src {
+                    let cause = format!(
+                        "the NBD server answered {}{detail}",
+                        crate::nbd::proto::errno_name(errno)
+                    );
+                    let transient = retry::nbd_error_is_transient(errno);
+                    return self.read_failed(slot, sub, &cause, transient);
+                }
+                let so = self.slots[slot].subops[sub];
+                Err(CopyError::TargetWrite(format!(
+                    "writing the target at offset {} ({} bytes) failed on the NBD server: error {errno}{detail}",
+                    so.disk_off, so.len,
+                )))
             }
             ReplyEvent::BlockStatus { .. } => Err(side_err(
                 is_src,
@@ -1039,6 +1153,7 @@ fn push_split(subops: &mut Vec<SubOp>, offset: u64, rel: u32, len: u32, max_req:
             disk_off: offset + u64::from(rel + done),
             len: n,
             done: 0,
+            read_failures: 0,
         });
         done += n;
     }

@@ -562,6 +562,7 @@ pub fn run(
             chunk_bytes: opts.chunk_bytes,
             kind,
             spans: (covered_before > 0).then_some(spans),
+            read_retries: crate::pipeline::retry::READ_RETRIES_DEFAULT,
         };
         let child = src.child;
         let mut pipe = Pipeline::start(
@@ -789,6 +790,7 @@ fn add(a: &Snapshot, b: &Snapshot) -> Snapshot {
         bytes_read: a.bytes_read + b.bytes_read,
         bytes_written: a.bytes_written + b.bytes_written,
         bytes_zeroed: a.bytes_zeroed + b.bytes_zeroed,
+        read_retries: a.read_retries + b.read_retries,
     }
 }
 
