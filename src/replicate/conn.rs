@@ -73,6 +73,10 @@ struct Session<'a> {
     features: Features,
     /// Ranges written on this stream and not reported in an ACK yet.
     pending: RangeSet,
+    /// Ranges written on this stream and not flushed by it yet.
+    unsynced: RangeSet,
+    /// When this stream last flushed on its own (see [`Session::maybe_settle`]).
+    last_settle: Instant,
     last_seq: Option<u64>,
     /// DATA payload bytes (as sent) received on this stream.
     payload_bytes: u64,
@@ -104,6 +108,8 @@ pub fn serve_connection(io: Transport, peer: SocketAddr, ctx: &ConnContext) {
         attachment: None,
         features: Features::default(),
         pending: RangeSet::new(),
+        unsynced: RangeSet::new(),
+        last_settle: Instant::now(),
         last_seq: None,
         payload_bytes: 0,
         frames: 0,
@@ -171,14 +177,15 @@ impl Session<'_> {
         let Some(a) = &self.attachment else {
             return;
         };
-        if self.pending.len() == 0 {
+        self.last_settle = Instant::now();
+        if self.unsynced.len() == 0 {
             return;
         }
         match a.job.target.sync() {
             Ok(()) => {
                 a.job
-                    .add_durable(self.pending.ranges().map(|r| (r.offset, r.len_bytes)));
-                self.pending = RangeSet::new();
+                    .add_durable(self.unsynced.ranges().map(|r| (r.offset, r.len_bytes)));
+                self.unsynced = RangeSet::new();
             }
             Err(e) => warn!(peer = %self.peer, "flush at the end of a stream failed: {e}; \
                             its unacknowledged data will be sent again"),
@@ -448,9 +455,28 @@ impl Session<'_> {
             .fetch_add(u64::from(head.raw_len_bytes), Ordering::Relaxed);
         self.pending
             .insert(head.offset, u64::from(head.raw_len_bytes));
+        self.unsynced
+            .insert(head.offset, u64::from(head.raw_len_bytes));
         self.payload_bytes += data.payload.len() as u64;
         self.decoder.recycle(data.payload);
+        self.maybe_settle();
         Ok(())
+    }
+
+    /// The journal must not lag the data by more than a checkpoint
+    /// interval (or a share of the checkpoint bytes), whatever the
+    /// sender's barriers: flush and count durable what this stream wrote
+    /// when that much time or data has passed. ACKs still report it (from
+    /// `pending`).
+    fn maybe_settle(&mut self) {
+        let Some(a) = &self.attachment else {
+            return;
+        };
+        let (interval, bytes) = a.job.checkpoint_policy();
+        let share = bytes / u64::from(a.job.stream_count.max(1));
+        if self.last_settle.elapsed() >= interval || self.unsynced.total_bytes() >= share {
+            self.settle_pending();
+        }
     }
 
     fn on_zero(&mut self, range: ByteRange) -> Result<(), End> {
@@ -466,6 +492,8 @@ impl Session<'_> {
             return Err(self.fail_job(ErrorCode::TargetIo, message));
         }
         self.pending.insert(range.offset, range.len_bytes);
+        self.unsynced.insert(range.offset, range.len_bytes);
+        self.maybe_settle();
         Ok(())
     }
 
@@ -486,7 +514,9 @@ impl Session<'_> {
             return Err(self.fail_job(ErrorCode::TargetIo, message));
         }
         let bytes_durable_total =
-            job.add_durable(self.pending.ranges().map(|r| (r.offset, r.len_bytes)));
+            job.add_durable(self.unsynced.ranges().map(|r| (r.offset, r.len_bytes)));
+        self.unsynced = RangeSet::new();
+        self.last_settle = Instant::now();
         // Ranges past the ACK bound stay pending and are reported by the
         // next ACK (they are durable already and counted in the total).
         let durable_added = self.pending.take_first(MAX_ACK_RANGES as usize);

@@ -112,6 +112,8 @@ pub struct Job {
     pub instance: u64,
     journal: Mutex<JournalState>,
     store: JournalStore,
+    checkpoint_interval: std::time::Duration,
+    checkpoint_bytes: u64,
     /// Raw DATA bytes written (not necessarily durable yet).
     pub bytes_written: AtomicU64,
     failed: AtomicBool,
@@ -200,6 +202,11 @@ impl Job {
             }
             Err(e) => warn!(job = %self.id_hex(), "journal checkpoint failed: {e}"),
         }
+    }
+
+    /// (interval, bytes) of the journal checkpoints.
+    pub fn checkpoint_policy(&self) -> (std::time::Duration, u64) {
+        (self.checkpoint_interval, self.checkpoint_bytes)
     }
 
     /// Marks `stream_index` done; true when it was the last stream.
@@ -450,6 +457,8 @@ impl Registry {
                 saved_bytes,
             }),
             store: store.clone(),
+            checkpoint_interval: self.journals.interval,
+            checkpoint_bytes: self.journals.bytes,
             bytes_written: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),

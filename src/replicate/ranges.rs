@@ -54,7 +54,6 @@ impl RangeSet {
     }
 
     /// Bytes covered.
-    #[cfg(test)]
     pub(crate) fn total_bytes(&self) -> u64 {
         self.total_bytes
     }

@@ -529,7 +529,13 @@ pub fn run(
     let mut comp_stats = compress::Stats::default();
     let mut rounds = 0u32;
     let mut stuck = 0u32;
-    let mut bytes_resumed_skipped = 0;
+    // Data the receiver holds already (whole windows of it) is skipped.
+    let bytes_resumed_skipped = data_bytes
+        - source.extents.data_bytes_within(&whole_windows(
+            &job.missing(size_bytes),
+            size_bytes,
+            opts.chunk_bytes,
+        ));
     let mut source = Some(source);
     let mut last_report = Instant::now();
     progress(&totals, started.elapsed());
@@ -543,9 +549,6 @@ pub fn run(
             Some(s) => s,
             None => open_source(&opts.source, opts.connections)?,
         };
-        if rounds == 0 {
-            bytes_resumed_skipped = data_bytes - src.extents.data_bytes_within(&spans);
-        }
         let covered_before = job.covered();
         rounds += 1;
         if rounds > 1 {
