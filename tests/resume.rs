@@ -58,6 +58,16 @@ fn data_missing(regions: &[(u64, usize)], j: Option<&diskferry::journal::Journal
         .sum()
 }
 
+/// Kill points: `var` from the environment (`scripts/soak` raises them), or
+/// `default`.
+fn points(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .max(1)
+}
+
 fn count(hay: &str, needle: &str) -> usize {
     hay.matches(needle).count()
 }
@@ -84,8 +94,8 @@ fn sender_killed_at_seeded_points_resumes_and_resends_little() {
     let (src, regions) = source(d.path(), size, 11);
     let src_s = src.to_str().unwrap();
     let rx = Rx::start(d.path(), &[]);
-    let points = 10;
-    let mut paused = 0;
+    let points = points("DISKFERRY_KILL_POINTS", 10);
+    let mut paused = 0u64;
     let (mut total_skipped, mut total_kept) = (0u64, 0u64);
     for k in 0..points {
         let name = format!("p{k}.img");
@@ -150,7 +160,7 @@ fn receiver_killed_with_power_loss_is_repaired_while_the_sender_waits() {
     let (src, _) = source(d.path(), size, 12);
     let src_s = src.to_str().unwrap();
     let mut rx = Rx::start(d.path(), &["--checkpoint-interval", "200ms"]);
-    let points = 3;
+    let points = points("DISKFERRY_RX_KILL_POINTS", 3);
     for k in 0..points {
         let name = format!("r{k}.img");
         let kill_ms = rng.range(250, 700);
