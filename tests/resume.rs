@@ -104,7 +104,7 @@ fn sender_killed_at_seeded_points_resumes_and_resends_little() {
         std::thread::sleep(Duration::from_millis(kill_ms));
         let finished = !bg.running();
         bg.kill9();
-        if !finished && wait_paused(&rx, paused + 1, Duration::from_secs(5)) {
+        if !finished && wait_paused(&rx, paused as usize + 1, Duration::from_secs(5)) {
             paused += 1;
         }
         let j = rx.journal(&name);
