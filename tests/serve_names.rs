@@ -4,7 +4,7 @@
 
 mod serve_support;
 
-use diskferry::wire::{Codec, ErrorCode, Frame};
+use diskferry::wire::{ByteRange, Codec, ErrorCode, Frame};
 use serve_support::*;
 
 const MIB: u64 = 1 << 20;
@@ -86,6 +86,16 @@ fn allow_list_maps_a_name_outside_the_root() {
     c.welcome(&hello(1, "disk0", MIB, 0, 1));
     let raw = random_bytes(64 * 1024, 1);
     c.data(4096, &raw, Codec::None);
+    // Every byte must be covered before DONE completes the job.
+    c.send(&Frame::Zero(ByteRange {
+        offset: 0,
+        len_bytes: 4096,
+    }));
+    let end = 4096 + raw.len() as u64;
+    c.send(&Frame::Zero(ByteRange {
+        offset: end,
+        len_bytes: MIB - end,
+    }));
     c.barrier(1);
     c.done();
     let written = std::fs::read(&path).unwrap();

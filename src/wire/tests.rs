@@ -333,7 +333,7 @@ fn malformed_inputs_give_the_specific_error() {
         ),
         (
             "empty range",
-            corrupt(&welcome, |b| b[28..36].fill(0)),
+            corrupt(&welcome, |b| b[36..44].fill(0)),
             |e| {
                 matches!(
                     e,
