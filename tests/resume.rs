@@ -157,7 +157,8 @@ fn receiver_killed_with_power_loss_is_repaired_while_the_sender_waits() {
     let mut rng = Rng::from_env("receiver_killed_with_power_loss");
     let d = tempfile::tempdir().unwrap();
     let size = 96 * MIB;
-    let (src, _) = source(d.path(), size, 12);
+    let (src, regions) = source(d.path(), size, 12);
+    let data_total: u64 = regions.iter().map(|r| r.1 as u64).sum();
     let src_s = src.to_str().unwrap();
     let mut rx = Rx::start(d.path(), &["--checkpoint-interval", "200ms"]);
     let points = points("DISKFERRY_RX_KILL_POINTS", 3);
@@ -200,6 +201,21 @@ fn receiver_killed_with_power_loss_is_repaired_while_the_sender_waits() {
         );
         assert_eq!(v["verified"], true);
         assert!(v["reconnects"].as_u64().unwrap() >= 1, "{v}");
+        // Every data byte went out once, plus what was re-sent; and nothing
+        // the journal held at the crash was re-sent (only what the
+        // receiver had not journaled, rounded to whole windows).
+        let resent = v["bytes_resent"].as_u64().unwrap();
+        assert_eq!(
+            v["bytes_written"].as_u64().unwrap(),
+            data_total + resent,
+            "{v}"
+        );
+        let unjournaled = data_missing(&regions, j.as_ref());
+        let ranges = j.as_ref().map_or(0, |j| j.durable.len() as u64);
+        assert!(
+            resent <= unjournaled + 2 * CHUNK * (ranges + 1),
+            "point {k}: re-sent {resent} bytes but only {unjournaled} were not journaled"
+        );
         assert_same(&src, &rx.target(&name));
     }
 }
