@@ -179,6 +179,8 @@ struct JobShared {
     reconnects: AtomicU64,
     /// DATA frames sent (for the test hook).
     data_frames: AtomicU64,
+    /// The stall watchdog's view of each stream's current connection.
+    watches: Mutex<Vec<Option<Arc<Watch>>>>,
 }
 
 impl JobShared {
@@ -250,6 +252,84 @@ struct Conn {
     unbarriered_bytes: u64,
     unbarriered_since: Option<Instant>,
     last_write: Instant,
+    watch: Arc<Watch>,
+}
+
+/// What the stall watchdog knows of one connection. A socket timeout alone
+/// cannot see a stall: a blocked write that the kernel lets through 64 KiB
+/// at a time returns a short count before the timeout and starts over.
+/// So each blocking write or read marks the connection busy, and the
+/// round's control loop ([`Watch::check`]) cuts a connection that has been
+/// busy for `--stall-timeout` without the peer acknowledging a byte.
+struct Watch {
+    /// A clone of the connection's socket, to shut it down.
+    sock: std::net::TcpStream,
+    /// Milliseconds since `epoch` when the current blocking call began, or
+    /// when the peer last acknowledged bytes during it; 0 when idle.
+    busy_since_ms: AtomicU64,
+    /// `tcpi_bytes_acked` at the last check.
+    acked: AtomicU64,
+    epoch: Instant,
+}
+
+impl Watch {
+    fn new(sock: std::net::TcpStream) -> Watch {
+        Watch {
+            sock,
+            busy_since_ms: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Runs a blocking call with the connection marked busy.
+    fn busy<T>(&self, f: impl FnOnce() -> T) -> T {
+        if let Ok(a) = crate::engine::tcpinfo::bytes_acked(&self.sock) {
+            self.acked.store(a, Ordering::Relaxed);
+        }
+        self.busy_since_ms.store(self.now_ms(), Ordering::Relaxed);
+        let out = f();
+        self.busy_since_ms.store(0, Ordering::Relaxed);
+        out
+    }
+
+    /// Cuts the connection if it has been busy for `stall` with no byte
+    /// acknowledged by the peer; true if it did.
+    fn check(&self, stall: Duration, stream: usize) -> bool {
+        let since = self.busy_since_ms.load(Ordering::Relaxed);
+        if since == 0 {
+            return false;
+        }
+        if let Ok(a) = crate::engine::tcpinfo::bytes_acked(&self.sock)
+            && a != self.acked.swap(a, Ordering::Relaxed)
+        {
+            // Progress: the peer took bytes. Restart the clock (unless the
+            // call ended meanwhile).
+            let _ = self.busy_since_ms.compare_exchange(
+                since,
+                self.now_ms(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            return false;
+        }
+        let idle_ms = self.now_ms().saturating_sub(since);
+        if idle_ms < stall.as_millis() as u64 {
+            return false;
+        }
+        warn!(
+            stream,
+            "no progress for {:.1} s (--stall-timeout): cutting the connection",
+            idle_ms as f64 / 1000.0
+        );
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.busy_since_ms.store(0, Ordering::Relaxed);
+        true
+    }
 }
 
 /// Why a connection ended.
@@ -328,7 +408,10 @@ impl Connector {
         stream.tcp().set_write_timeout(Some(self.stall_timeout))?;
         stream.tcp().set_read_timeout(Some(self.stall_timeout))?;
         self.job.apply_welcome(w.instance, &w.durable);
+        let watch = Arc::new(Watch::new(stream.tcp().try_clone()?));
+        lock(&self.job.watches)[i] = Some(Arc::clone(&watch));
         Ok(Conn {
+            watch,
             stream,
             dec,
             features: w.features,
@@ -446,6 +529,7 @@ pub fn run(
         bytes_on_wire: AtomicU64::new(0),
         reconnects: AtomicU64::new(0),
         data_frames: AtomicU64::new(0),
+        watches: Mutex::new(vec![None; opts.streams as usize]),
     });
     let connector = Arc::new(Connector {
         dialer,
@@ -607,6 +691,11 @@ pub fn run(
         while !senders.iter().all(|h| h.is_finished()) {
             std::thread::sleep(TICK);
             pipe.tick();
+            for (i, w) in lock(&job.watches).iter().enumerate() {
+                if let Some(w) = w {
+                    w.check(opts.stall_timeout, i);
+                }
+            }
             if !producers_done && pipe.finished() {
                 sink.set_producers_done();
                 producers_done = true;
@@ -1045,8 +1134,12 @@ impl StreamSender {
     fn barrier(&mut self, c: &mut Conn) -> Result<(), StreamError> {
         let seq = c.next_seq;
         c.next_seq += 1;
-        write_frame(&mut c.stream, &Frame::Barrier { seq }, &mut self.scratch)?;
-        c.stream.flush()?;
+        let (stream, scratch) = (&mut c.stream, &mut self.scratch);
+        c.watch.busy(|| -> Result<(), StreamError> {
+            write_frame(stream, &Frame::Barrier { seq }, scratch)?;
+            stream.flush()?;
+            Ok(())
+        })?;
         c.outstanding.push_back((seq, Instant::now()));
         c.unbarriered_bytes = 0;
         c.unbarriered_since = None;
@@ -1075,8 +1168,9 @@ impl StreamSender {
             if !ready {
                 return Ok(());
             }
-            let buf = c.dec.buf_mut();
-            match std::io::Read::read(&mut c.stream, buf) {
+            let (stream, dec) = (&mut c.stream, &mut c.dec);
+            let read = c.watch.busy(|| std::io::Read::read(stream, dec.buf_mut()));
+            match read {
                 Ok(0) => {
                     return Err(Broken::Transient(
                         "the receiver closed the connection".into(),
@@ -1148,14 +1242,12 @@ impl StreamSender {
         offset: u64,
         len: u64,
     ) -> Result<(), StreamError> {
-        let n = write_frame(
-            &mut c.stream,
-            &Frame::Zero(ByteRange {
-                offset,
-                len_bytes: len,
-            }),
-            &mut self.scratch,
-        )?;
+        let (stream, scratch) = (&mut c.stream, &mut self.scratch);
+        let frame = Frame::Zero(ByteRange {
+            offset,
+            len_bytes: len,
+        });
+        let n = c.watch.busy(|| write_frame(stream, &frame, scratch))?;
         self.account(ctx, c, n as u64);
         Ok(())
     }
@@ -1224,8 +1316,11 @@ impl StreamSender {
         let header = wire::encode_data_header(&head, payload.len() as u32)?;
         let frame_bytes = (header.len() + payload.len()) as u64;
         ctx.limiter.acquire(frame_bytes);
-        c.stream.write_all(&header)?;
-        c.stream.write_all(payload)?;
+        let stream = &mut c.stream;
+        c.watch.busy(|| {
+            stream.write_all(&header)?;
+            stream.write_all(payload)
+        })?;
         // How fast this stream drains: bytes the receiver acknowledged per
         // second, sampled only over intervals that began with a backlog in
         // flight (so an idle stream, waiting for the source, does not look
