@@ -202,27 +202,7 @@ impl Target {
                 what: describe_file_type(meta.file_type()),
             });
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => TargetError::OutsideRoot {
-                    name: path.display().to_string(),
-                    why: "its last component is a symbolic link".into(),
-                },
-                _ => open_err(e),
-            })?;
-        // The path may have been swapped between the check and the open.
-        let file_type = file.metadata().map_err(open_err)?.file_type();
-        if !file_type.is_file() {
-            return Err(TargetError::WrongKind {
-                path: path.clone(),
-                what: describe_file_type(file_type),
-            });
-        }
+        let file = open_regular(path, true)?;
         file.set_len(0).map_err(open_err)?;
         file.set_len(size_bytes).map_err(open_err)?;
         Ok(Target {
@@ -252,25 +232,8 @@ impl Target {
             path: path.clone(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => TargetError::OutsideRoot {
-                    name: path.display().to_string(),
-                    why: "its last component is a symbolic link".into(),
-                },
-                _ => open_err(e),
-            })?;
+        let file = open_regular(path, false)?;
         let meta = file.metadata().map_err(open_err)?;
-        if !meta.file_type().is_file() {
-            return Err(TargetError::WrongKind {
-                path: path.clone(),
-                what: describe_file_type(meta.file_type()),
-            });
-        }
         if meta.len() != size_bytes {
             return Err(TargetError::Open {
                 path: path.clone(),
@@ -409,6 +372,38 @@ impl Target {
     pub fn data_extents(&self, offset: u64, len: u64, out: &mut Vec<(u64, u64)>) -> io::Result<()> {
         crate::endpoint::file::data_extents(&self.file, offset, len, out)
     }
+}
+
+/// Opens (with `create`, creating) the regular file at `path` for reading
+/// and writing, refusing a symbolic link as the last component and
+/// anything that is not a regular file once open (the path may have been
+/// swapped between a check and the open).
+fn open_regular(path: &Path, create: bool) -> Result<File, TargetError> {
+    let open_err = |source| TargetError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => TargetError::OutsideRoot {
+                name: path.display().to_string(),
+                why: "its last component is a symbolic link".into(),
+            },
+            _ => open_err(e),
+        })?;
+    let file_type = file.metadata().map_err(open_err)?.file_type();
+    if !file_type.is_file() {
+        return Err(TargetError::WrongKind {
+            path: path.to_path_buf(),
+            what: describe_file_type(file_type),
+        });
+    }
+    Ok(file)
 }
 
 /// `sync_file_range(2)` over the range with `flags`.
