@@ -73,10 +73,15 @@ struct Session<'a> {
     features: Features,
     /// Ranges written on this stream and not reported in an ACK yet.
     pending: RangeSet,
-    /// Ranges written on this stream and not flushed by it yet.
+    /// Ranges written on this stream and not flushed by it yet, and the
+    /// DATA bytes among them.
     unsynced: RangeSet,
+    unsynced_data_bytes: u64,
     /// When this stream last flushed on its own (see [`Session::maybe_settle`]).
     last_settle: Instant,
+    /// The flush that covers this stream's writes so far
+    /// ([`super::target::Target::sync_point`]).
+    sync_need: u64,
     last_seq: Option<u64>,
     /// DATA payload bytes (as sent) received on this stream.
     payload_bytes: u64,
@@ -109,7 +114,9 @@ pub fn serve_connection(io: Transport, peer: SocketAddr, ctx: &ConnContext) {
         features: Features::default(),
         pending: RangeSet::new(),
         unsynced: RangeSet::new(),
+        unsynced_data_bytes: 0,
         last_settle: Instant::now(),
+        sync_need: 0,
         last_seq: None,
         payload_bytes: 0,
         frames: 0,
@@ -181,11 +188,14 @@ impl Session<'_> {
         if self.unsynced.len() == 0 {
             return;
         }
-        match a.job.target.sync() {
+        match a.job.target.sync_covering(self.sync_need) {
             Ok(()) => {
-                a.job
-                    .add_durable(self.unsynced.ranges().map(|r| (r.offset, r.len_bytes)));
+                a.job.add_durable(
+                    self.unsynced.ranges().map(|r| (r.offset, r.len_bytes)),
+                    self.unsynced_data_bytes,
+                );
                 self.unsynced = RangeSet::new();
+                self.unsynced_data_bytes = 0;
             }
             Err(e) => warn!(peer = %self.peer, "flush at the end of a stream failed: {e}; \
                             its unacknowledged data will be sent again"),
@@ -453,10 +463,12 @@ impl Session<'_> {
         }
         job.bytes_written
             .fetch_add(u64::from(head.raw_len_bytes), Ordering::Relaxed);
+        self.sync_need = job.target.sync_point();
         self.pending
             .insert(head.offset, u64::from(head.raw_len_bytes));
         self.unsynced
             .insert(head.offset, u64::from(head.raw_len_bytes));
+        self.unsynced_data_bytes += u64::from(head.raw_len_bytes);
         self.payload_bytes += data.payload.len() as u64;
         self.decoder.recycle(data.payload);
         self.maybe_settle();
@@ -474,7 +486,7 @@ impl Session<'_> {
         };
         let (interval, bytes) = a.job.checkpoint_policy();
         let share = bytes / u64::from(a.job.stream_count.max(1));
-        if self.last_settle.elapsed() >= interval || self.unsynced.total_bytes() >= share {
+        if self.last_settle.elapsed() >= interval || self.unsynced_data_bytes >= share {
             self.settle_pending();
         }
     }
@@ -491,6 +503,7 @@ impl Session<'_> {
             );
             return Err(self.fail_job(ErrorCode::TargetIo, message));
         }
+        self.sync_need = job.target.sync_point();
         self.pending.insert(range.offset, range.len_bytes);
         self.unsynced.insert(range.offset, range.len_bytes);
         self.maybe_settle();
@@ -509,13 +522,16 @@ impl Session<'_> {
         }
         self.last_seq = Some(seq);
         let job = &self.attachment()?.job;
-        if let Err(e) = job.target.sync() {
+        if let Err(e) = job.target.sync_covering(self.sync_need) {
             let message = format!("flushing {} failed: {e}", job.target.path().display());
             return Err(self.fail_job(ErrorCode::TargetIo, message));
         }
-        let bytes_durable_total =
-            job.add_durable(self.unsynced.ranges().map(|r| (r.offset, r.len_bytes)));
+        let bytes_durable_total = job.add_durable(
+            self.unsynced.ranges().map(|r| (r.offset, r.len_bytes)),
+            self.unsynced_data_bytes,
+        );
         self.unsynced = RangeSet::new();
+        self.unsynced_data_bytes = 0;
         self.last_settle = Instant::now();
         // Ranges past the ACK bound stay pending and are reported by the
         // next ACK (they are durable already and counted in the total).

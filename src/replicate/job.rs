@@ -152,17 +152,21 @@ impl Job {
     }
 
     /// Records ranges made durable by a flush (the caller flushed after
-    /// writing them); checkpoints the journal when one is due. Returns the
-    /// job's durable byte total.
-    pub fn add_durable(&self, ranges: impl Iterator<Item = (u64, u64)>) -> u64 {
-        let (added, total) = {
+    /// writing them), `data_bytes` of them DATA (the rest zero ranges);
+    /// checkpoints the journal when one is due (zero ranges cost nothing to
+    /// send again, so only data counts towards `--checkpoint-bytes`).
+    /// Returns the job's durable byte total.
+    pub fn add_durable(&self, ranges: impl Iterator<Item = (u64, u64)>, data_bytes: u64) -> u64 {
+        let total = {
             let mut durable = lock(&self.durable);
-            let added: u64 = ranges.map(|(o, l)| durable.insert(o, l)).sum();
-            (added, durable.covered_bytes())
+            for (o, l) in ranges {
+                durable.insert(o, l);
+            }
+            durable.covered_bytes()
         };
         let due = {
             let mut j = lock(&self.journal);
-            j.checkpointer.note_written(added);
+            j.checkpointer.note_written(data_bytes);
             j.checkpointer.due(Instant::now())
         };
         if due {

@@ -54,6 +54,7 @@ impl RangeSet {
     }
 
     /// Bytes covered.
+    #[cfg(test)]
     pub(crate) fn total_bytes(&self) -> u64 {
         self.total_bytes
     }

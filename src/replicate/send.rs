@@ -49,13 +49,14 @@ use super::stream::{Dialer, Stream, StreamError, read_frame, unexpected, write_f
 use crate::net::socket::TuningReport;
 
 /// A stream asks for a durability barrier after this many bytes …
-const BARRIER_BYTES: u64 = 32 << 20;
+const BARRIER_BYTES: u64 = 64 << 20;
 /// … or this long after its first unacknowledged frame.
 const BARRIER_INTERVAL: Duration = Duration::from_millis(1000);
 /// Barriers a stream may have unanswered before it waits for the oldest.
 const MAX_OUTSTANDING_BARRIERS: usize = 4;
-/// A stream with nothing to send for this long asks for its barrier.
-const IDLE_BARRIER: Duration = Duration::from_millis(20);
+/// A stream with nothing to send looks at what the receiver sent (and
+/// whether a barrier or a keepalive is due) this often.
+const IDLE_SERVICE: Duration = Duration::from_millis(50);
 /// An idle stream sends a PING this often (the receiver ends streams
 /// silent for minutes).
 const KEEPALIVE: Duration = Duration::from_secs(10);
@@ -267,7 +268,8 @@ struct Watch {
     /// Milliseconds since `epoch` when the current blocking call began, or
     /// when the peer last acknowledged bytes during it; 0 when idle.
     busy_since_ms: AtomicU64,
-    /// `tcpi_bytes_acked` at the last check.
+    /// `tcpi_bytes_acked` at the last check (a change between two checks
+    /// is progress).
     acked: AtomicU64,
     epoch: Instant,
 }
@@ -286,11 +288,9 @@ impl Watch {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    /// Runs a blocking call with the connection marked busy.
+    /// Runs a blocking call with the connection marked busy (two atomic
+    /// stores: this is on the path of every frame).
     fn busy<T>(&self, f: impl FnOnce() -> T) -> T {
-        if let Ok(a) = crate::engine::tcpinfo::bytes_acked(&self.sock) {
-            self.acked.store(a, Ordering::Relaxed);
-        }
         self.busy_since_ms.store(self.now_ms(), Ordering::Relaxed);
         let out = f();
         self.busy_since_ms.store(0, Ordering::Relaxed);
@@ -515,11 +515,13 @@ pub fn run(
     let dialer =
         Dialer::new(&opts.to, opts.tls_dir.as_deref(), tuning).map_err(CopyError::Usage)?;
     let mut source = open_source(&opts.source, opts.connections)?;
+    debug!(elapsed = ?started.elapsed(), "source open and mapped");
     let size_bytes = source.size_bytes;
     let identity = match &opts.source_id {
         Some(id) => id.clone(),
         None => super::source::identity(&mut source)?,
     };
+    debug!(elapsed = ?started.elapsed(), %identity, "source identity");
     let mut job_id = [0u8; 16];
     super::random_bytes(&mut job_id);
     let job = Arc::new(JobShared {
@@ -559,6 +561,7 @@ pub fn run(
     // the others at once. A receiver still busy with this target (the
     // previous run's connections not yet closed) is waited for.
     let first = connect_first(&connector, 0)?;
+    debug!(elapsed = ?started.elapsed(), "stream 0 connected");
     let congestion = first.report.congestion.clone();
     if let Some(why) = &first.report.congestion_fallback {
         tracing::info!("{why}");
@@ -938,7 +941,7 @@ fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compress::Stats)> 
     let mut broken_since: Option<Instant> = None;
     let mut failed = false;
     let mut idle = 0u32;
-    let mut idle_since: Option<Instant> = None;
+    let mut last_service = Instant::now();
     let abort = || ctx.shared.aborted();
     loop {
         if !failed && conn.is_none() {
@@ -968,16 +971,17 @@ fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compress::Stats)> 
                 break;
             }
             idle = idle.saturating_add(1);
-            let since = *idle_since.get_or_insert_with(Instant::now);
             if idle > 64 {
-                // Nothing to send for a while: ask for the barrier now
-                // rather than later, and keep an idle stream alive.
-                if let Some(c) = conn.as_mut()
-                    && !failed
-                    && since.elapsed() >= IDLE_BARRIER
-                    && let Err(b) = s.service(&ctx, c, true)
-                {
-                    s.broken(&ctx, &mut conn, &mut failed, b);
+                // Nothing to send: now and then read ACKs, send a barrier
+                // that came due, keep an idle stream alive.
+                if last_service.elapsed() >= IDLE_SERVICE {
+                    last_service = Instant::now();
+                    if let Some(c) = conn.as_mut()
+                        && !failed
+                        && let Err(b) = s.service(&ctx, c, true)
+                    {
+                        s.broken(&ctx, &mut conn, &mut failed, b);
+                    }
                 }
                 std::thread::sleep(Duration::from_micros(200));
             } else {
@@ -986,7 +990,6 @@ fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compress::Stats)> 
             continue;
         };
         idle = 0;
-        idle_since = None;
         let (worker, slot) = chunk.owner();
         if !failed && !ctx.shared.aborted() {
             match conn.as_mut() {
@@ -1098,15 +1101,13 @@ impl StreamSender {
     }
 
     /// Reads what the receiver sent (ACKs, PONGs, an ERROR) without
-    /// blocking, sends a barrier when one is due (`idle`: due now if
-    /// anything is unacknowledged), keeps an idle stream alive, and
-    /// notices a receiver that stopped answering.
+    /// blocking, sends a barrier when one is due, keeps an `idle` stream
+    /// alive, and notices a receiver that stopped answering.
     fn service(&mut self, ctx: &SenderCtx, c: &mut Conn, idle: bool) -> Result<(), Broken> {
         self.poll(ctx, c, false)?;
-        let due = c.unbarriered_bytes > 0
-            && (idle
-                || c.unbarriered_bytes >= BARRIER_BYTES
-                || c.unbarriered_since
+        let due = c.unbarriered_bytes >= BARRIER_BYTES
+            || (c.unbarriered_bytes > 0
+                && c.unbarriered_since
                     .is_some_and(|t| t.elapsed() >= BARRIER_INTERVAL));
         if due {
             self.barrier(c).map_err(classify)?;

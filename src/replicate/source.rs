@@ -10,8 +10,13 @@ use crate::pipeline::CopyError;
 use crate::pipeline::open::{Access, Source};
 use crate::wire::ImageDigest;
 
-/// Blocks sampled for the identity (4 KiB each, spread over the disk).
-const SAMPLES: u64 = 32;
+/// What the identity reads: the first [`HEAD_BYTES`] (partition table,
+/// boot sector, the first file system's superblock and its UUID) and
+/// [`SAMPLES`] blocks of [`SAMPLE_BYTES`] spread over the data, read in
+/// parallel over the source's connections (a cold O_DIRECT read costs
+/// milliseconds: these are the job's only reads before it starts).
+const HEAD_BYTES: u64 = 1 << 20;
+const SAMPLES: u64 = 15;
 const SAMPLE_BYTES: u64 = 4096;
 
 /// Runs `f` with a reader over the source's first connection (or file),
@@ -44,8 +49,9 @@ fn with_reader<T>(
 }
 
 /// The identity a receiver's journal is checked against on resume: the
-/// size, a digest of the allocation map, a digest of 32 sampled blocks
-/// and, for a regular file, its inode and modification time. Another
+/// size, a digest of the allocation map, a digest of the first MiB and 15
+/// blocks spread over the data and, for a regular file, its inode and
+/// modification time. Another
 /// source, or this one changed, gives another identity (a change inside
 /// an unsampled data block of an NBD source is not seen: pass
 /// `--source-id` with a snapshot id when the source can change).
@@ -71,34 +77,104 @@ pub fn identity(source: &mut Source) -> Result<String, CopyError> {
         }
         _ => String::new(),
     };
-    let extents = source.extents.extents().to_vec();
-    let sample = with_reader(source, |read| {
-        let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; SAMPLE_BYTES as usize];
-        for i in 0..SAMPLES {
-            let at = (size / SAMPLES * i) / SAMPLE_BYTES * SAMPLE_BYTES;
-            let len = (size.saturating_sub(at)).min(SAMPLE_BYTES) as usize;
-            if len == 0 {
-                continue;
-            }
-            // Only data is read: holes are known zero and cost nothing.
-            let data = extents
-                .iter()
-                .any(|&(o, l)| o < at + len as u64 && at < o + l);
-            let b = &mut buf[..len];
-            b.fill(0);
-            if data {
-                read(at, b)?;
-            }
-            h.update(b);
-        }
-        Ok(h.finalize())
-    })?;
+    let data = source.extents.extents().to_vec();
+    let sample = read_samples(source, &sample_ranges(&data, size))?;
     Ok(format!(
         "v1;size={size};map={};sample={}{file_part}",
         &map.finalize().to_hex()[..16],
         &sample.to_hex()[..16]
     ))
+}
+
+/// The ranges the identity reads: the head of the disk, then blocks at
+/// evenly spread positions of the data (holes read as zero: skipped).
+fn sample_ranges(data: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let head_end = HEAD_BYTES.min(size);
+    for &(o, l) in data {
+        if o >= head_end {
+            break;
+        }
+        out.push((o, (o + l).min(head_end) - o));
+    }
+    let total: u64 = data.iter().map(|&(_, l)| l).sum();
+    for i in 1..=SAMPLES {
+        // The i-th position in the data, counted in data bytes.
+        let mut at = total / (SAMPLES + 1) * i;
+        for &(o, l) in data {
+            if at < l {
+                let start = (o + at) / SAMPLE_BYTES * SAMPLE_BYTES;
+                let start = start.max(o);
+                if start >= head_end {
+                    out.push((start, SAMPLE_BYTES.min(o + l - start)));
+                }
+                break;
+            }
+            at -= l;
+        }
+    }
+    out
+}
+
+/// Reads `ranges` (over up to 4 of the source's connections at once) and
+/// hashes them in order.
+fn read_samples(source: &mut Source, ranges: &[(u64, u64)]) -> Result<blake3::Hash, CopyError> {
+    let mut bufs: Vec<Vec<u8>> = ranges.iter().map(|&(_, l)| vec![0u8; l as usize]).collect();
+    match &mut source.access {
+        Access::File { file, .. } => {
+            for (&(o, _), b) in ranges.iter().zip(&mut bufs) {
+                file.read_exact_at(b, o)
+                    .map_err(|e| CopyError::SourceRead(format!("at offset {o}: {e}")))?;
+            }
+        }
+        Access::Nbd { conns } => {
+            let lanes = conns.len().clamp(1, 4);
+            let mut clients: Vec<Client<NbdStream>> = conns
+                .drain(..lanes)
+                .map(|(stream, info)| Client::from_negotiated(stream, info))
+                .collect();
+            let mut jobs: Vec<Vec<(u64, &mut Vec<u8>)>> = (0..lanes).map(|_| Vec::new()).collect();
+            for (i, (&(o, _), b)) in ranges.iter().zip(&mut bufs).enumerate() {
+                jobs[i % lanes].push((o, b));
+            }
+            let results: Vec<Result<(), CopyError>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = clients
+                    .iter_mut()
+                    .zip(jobs)
+                    .map(|(client, job)| {
+                        scope.spawn(move || {
+                            for (o, b) in job {
+                                client.read(o, b).map_err(|e| CopyError::source(o, e))?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(CopyError::Internal("a sampling thread panicked".into()))
+                        })
+                    })
+                    .collect()
+            });
+            for (i, client) in clients.into_iter().enumerate() {
+                let (stream, _, info) = client.into_parts();
+                conns.insert(i, (stream, info));
+            }
+            for r in results {
+                r?;
+            }
+        }
+    }
+    let mut h = blake3::Hasher::new();
+    for (&(o, l), b) in ranges.iter().zip(&bufs) {
+        h.update(&o.to_le_bytes());
+        h.update(&l.to_le_bytes());
+        h.update(b);
+    }
+    Ok(h.finalize())
 }
 
 /// Fills the windows of `image` that no round supplied (they were durable

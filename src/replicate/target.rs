@@ -173,6 +173,17 @@ pub struct Target {
     /// Serialises buffered writes to the inode (see the module doc) and
     /// holds the ranges whose writeback was started, oldest first.
     write_lock: Mutex<std::collections::VecDeque<(u64, u64)>>,
+    /// Flushes started and the number of the last one finished (see
+    /// [`Target::sync_point`]).
+    syncs: Mutex<SyncCount>,
+    /// One flush at a time: the streams' barriers share them.
+    sync_lock: Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct SyncCount {
+    started: u64,
+    done: u64,
 }
 
 /// Ranges in writeback before the oldest is waited for and dropped from
@@ -211,6 +222,8 @@ impl Target {
             kind: FileKind::Regular,
             fresh_zero: true,
             write_lock: Mutex::new(std::collections::VecDeque::new()),
+            syncs: Mutex::default(),
+            sync_lock: Mutex::new(()),
         })
     }
 
@@ -249,6 +262,8 @@ impl Target {
             kind: FileKind::Regular,
             fresh_zero: false,
             write_lock: Mutex::new(std::collections::VecDeque::new()),
+            syncs: Mutex::default(),
+            sync_lock: Mutex::new(()),
         })
     }
 
@@ -282,6 +297,8 @@ impl Target {
             kind: raw.kind,
             fresh_zero,
             write_lock: Mutex::new(std::collections::VecDeque::new()),
+            syncs: Mutex::default(),
+            sync_lock: Mutex::new(()),
         })
     }
 
@@ -359,7 +376,38 @@ impl Target {
     /// fdatasync: everything written so far (by any stream) is on stable
     /// storage when this returns.
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.sync_covering(self.sync_point())
+    }
+
+    /// Call after a write completed: the number of the first flush that
+    /// will cover it (one that starts after now).
+    pub fn sync_point(&self) -> u64 {
+        self.syncs.lock().unwrap_or_else(|p| p.into_inner()).started + 1
+    }
+
+    /// Makes durable every write whose [`Target::sync_point`] was `need`
+    /// or less: returns at once if such a flush already finished, else
+    /// waits for the flush in progress and flushes again only if that one
+    /// started too early. Streams asking for barriers together share one
+    /// fdatasync instead of queueing one each.
+    pub fn sync_covering(&self, need: u64) -> io::Result<()> {
+        let done = |s: &Self| s.syncs.lock().unwrap_or_else(|p| p.into_inner()).done;
+        if done(self) >= need {
+            return Ok(());
+        }
+        let _one = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if done(self) >= need {
+            return Ok(());
+        }
+        let mine = {
+            let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+            s.started += 1;
+            s.started
+        };
+        self.file.sync_data()?;
+        let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+        s.done = s.done.max(mine);
+        Ok(())
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`.
