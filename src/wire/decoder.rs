@@ -163,13 +163,15 @@ impl FrameDecoder {
     /// the next DATA frame reuses it instead of allocating. Only one spare
     /// is kept (the larger); give back only buffers this decoder handed out,
     /// or the one-frame memory bound no longer holds.
-    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+    pub fn recycle(&mut self, buf: Vec<u8>) {
         let keep = self
             .spare
             .as_ref()
             .is_none_or(|s| s.capacity() < buf.capacity());
         if keep {
-            buf.clear();
+            // Kept at its length: the next payload of that size or less
+            // reuses the bytes without zeroing them again (they are all
+            // overwritten by the payload before the frame is handed out).
             self.spare = Some(buf);
         }
     }
@@ -218,6 +220,10 @@ impl FrameDecoder {
         if self.body.capacity() < len {
             // alloc_zeroed: pages the peer never sends are never touched.
             self.body = vec![0u8; len];
+        } else if self.body.len() >= len {
+            // No memset of a reused buffer: `len` bytes are read into it
+            // before anything looks at it.
+            self.body.truncate(len);
         } else {
             self.body.resize(len, 0);
         }
