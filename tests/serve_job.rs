@@ -157,3 +157,36 @@ fn hellos_of_one_job_must_agree_and_targets_are_exclusive() {
     }
     assert!(!h.root.join("other.img").exists());
 }
+
+#[test]
+fn xxh3_chunk_digests_are_checked_when_negotiated() {
+    use diskferry::wire::ChunkDigest;
+    let h = Harness::start(false);
+    let mut offer = hello(7, "x.img", MIB, 0, 1);
+    offer.features = Features(Features::BLAKE3.0 | Features::XXH3.0);
+    let mut c = h.connect();
+    assert!(c.welcome(&offer).contains(Features::XXH3));
+    let raw = random_bytes(64 * 1024, 7);
+    let xxh3 = ChunkDigest::Xxh3.digest(&raw);
+    assert_ne!(xxh3, ChunkDigest::Blake3.digest(&raw));
+    assert_eq!(&xxh3[16..], &[0u8; 16], "XXH3-128 fills 16 of the 32 bytes");
+    c.data_raw(0, raw.len() as u32, Codec::None, xxh3, &raw);
+    c.send(&Frame::Zero(range(
+        raw.len() as u64,
+        MIB - raw.len() as u64,
+    )));
+    c.barrier(1);
+    // A BLAKE3 digest on an XXH3 stream is a mismatch: nothing written.
+    let other = random_bytes(4096, 8);
+    c.data_raw(
+        MIB - 4096,
+        4096,
+        Codec::None,
+        ChunkDigest::Blake3.digest(&other),
+        &other,
+    );
+    assert_eq!(c.expect_error().0, ErrorCode::DigestMismatch);
+    let written = std::fs::read(h.root.join("x.img")).unwrap();
+    assert_eq!(&written[..raw.len()], &raw[..]);
+    assert!(written[MIB as usize - 4096..].iter().all(|&b| b == 0));
+}

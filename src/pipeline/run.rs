@@ -46,7 +46,10 @@ pub enum DstPlan {
     /// Write to a file, block device or NBD export.
     Access { access: Access, fresh_zero: bool },
     /// Lend chunks to other threads (network senders).
-    Sink { window_digests: bool },
+    Sink {
+        window_digests: bool,
+        run_digest: crate::wire::ChunkDigest,
+    },
 }
 
 /// What must stay alive until every user of the data buffers is gone.
@@ -159,7 +162,10 @@ impl Pipeline {
                 let (ios, files) = split_dst(access, fresh_zero, workers);
                 (ios, files, fresh_zero, None)
             }
-            DstPlan::Sink { window_digests } => {
+            DstPlan::Sink {
+                window_digests,
+                run_digest,
+            } => {
                 let per: Vec<usize> = shares.iter().map(|s| s.slots()).collect();
                 let (sink, rx) =
                     Sink::new(&per).map_err(|e| CopyError::Internal(format!("sink: {e}")))?;
@@ -174,6 +180,7 @@ impl Pipeline {
                         Arc::clone(&sink),
                         r,
                         window_digests,
+                        run_digest,
                     )));
                 }
                 (ios, None, false, Some(sink))

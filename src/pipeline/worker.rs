@@ -50,6 +50,8 @@ pub struct SinkIo {
     pub doorbell: std::os::unix::net::UnixStream,
     /// Also take a digest of every whole window (for `--verify`).
     pub window_digests: bool,
+    /// The digest of every data run.
+    pub run_digest: crate::wire::ChunkDigest,
     bell_buf: Box<[u8; 64]>,
     armed: bool,
     /// Slots lent and not yet returned.
@@ -61,11 +63,13 @@ impl SinkIo {
         sink: Arc<Sink>,
         doorbell: std::os::unix::net::UnixStream,
         window_digests: bool,
+        run_digest: crate::wire::ChunkDigest,
     ) -> Self {
         Self {
             sink,
             doorbell,
             window_digests,
+            run_digest,
             bell_buf: Box::new([0; 64]),
             armed: false,
             lent: 0,
@@ -737,7 +741,7 @@ impl Worker {
             let digest = if r.zero {
                 [0; 32]
             } else {
-                *blake3::hash(&window[r.offset..r.offset + r.len]).as_bytes()
+                io.run_digest.digest(&window[r.offset..r.offset + r.len])
             };
             runs.push(SinkRun {
                 rel: r.offset as u32,
@@ -746,8 +750,11 @@ impl Worker {
                 digest,
             });
         }
+        // The image digest is BLAKE3 of each window: a whole-window run's
+        // digest serves when runs are BLAKE3 too.
+        let blake3_runs = io.run_digest == crate::wire::ChunkDigest::Blake3;
         let window_digest = io.window_digests.then(|| match runs.as_slice() {
-            [only] if !only.zero && only.len as usize == len => only.digest,
+            [only] if blake3_runs && !only.zero && only.len as usize == len => only.digest,
             _ => *blake3::hash(window).as_bytes(),
         });
         let lease = self.pool.lease(slot, 0, len);

@@ -19,8 +19,8 @@ use super::ranges::RangeSet;
 use super::transport::{Transport, is_timeout};
 use crate::compress::{self, Compressors};
 use crate::wire::{
-    Ack, ByteRange, Codec, Data, ErrorCode, ErrorFrame, Features, Frame, FrameDecoder, Hello,
-    ImageDigest, MAX_ACK_RANGES, MAX_RESUME_RANGES, Welcome, chunk_digest,
+    Ack, ByteRange, ChunkDigest, Codec, Data, ErrorCode, ErrorFrame, Features, Frame, FrameDecoder,
+    Hello, ImageDigest, MAX_ACK_RANGES, MAX_RESUME_RANGES, Welcome,
 };
 
 /// A stream that receives nothing (not even a PING) for this long is
@@ -28,8 +28,9 @@ use crate::wire::{
 pub const IDLE_TIMEOUT_MS: u64 = 300_000;
 
 /// Features this receiver supports.
-pub const SUPPORTED_FEATURES: Features =
-    Features(Features::BLAKE3.0 | Features::LZ4.0 | Features::ZSTD.0 | Features::RESUME.0);
+pub const SUPPORTED_FEATURES: Features = Features(
+    Features::BLAKE3.0 | Features::LZ4.0 | Features::ZSTD.0 | Features::RESUME.0 | Features::XXH3.0,
+);
 
 /// What every connection thread shares.
 #[derive(Debug)]
@@ -442,13 +443,15 @@ impl Session<'_> {
             Codec::None => &data.payload,
             _ => &self.raw[..raw_len],
         };
-        if chunk_digest(raw) != head.raw_digest {
+        let kind = ChunkDigest::for_features(self.features);
+        if kind.digest(raw) != head.raw_digest {
             return Err(self.fail_job(
                 ErrorCode::DigestMismatch,
                 format!(
-                    "chunk at offset {} ({raw_len} bytes) does not match its BLAKE3 digest: it was \
+                    "chunk at offset {} ({raw_len} bytes) does not match its {} digest: it was \
                      corrupted in flight or in the sender's memory; nothing was written for it",
-                    head.offset
+                    head.offset,
+                    kind.name()
                 ),
             ));
         }

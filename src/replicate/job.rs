@@ -544,6 +544,8 @@ impl Registry {
         drop(bits);
         let registered = inner.jobs.get(&job.id).is_some_and(|j| Arc::ptr_eq(j, job));
         if orphaned && registered {
+            // The journal first: the log line says it is written.
+            job.checkpoint(false);
             warn!(
                 job = %job.id_hex(),
                 target = %job.target_name,
@@ -553,7 +555,6 @@ impl Registry {
                 "job paused: every stream disconnected before all sent DONE; \
                  what is durable is in the journal and a new HELLO resumes from it"
             );
-            job.checkpoint(false);
             remove_locked(&mut inner, job);
         }
     }

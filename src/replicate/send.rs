@@ -540,7 +540,11 @@ pub fn run(
             size_bytes,
             chunk_size_bytes: opts.chunk_bytes,
             features: Features(
-                Features::LZ4.0 | Features::ZSTD.0 | Features::BLAKE3.0 | Features::RESUME.0,
+                Features::LZ4.0
+                    | Features::ZSTD.0
+                    | Features::BLAKE3.0
+                    | Features::RESUME.0
+                    | Features::XXH3.0,
             ),
             stream_index: 0,
             stream_count: opts.streams as u16,
@@ -586,6 +590,8 @@ pub fn run(
         conns.push(r?);
     }
     let n_streams = conns.len();
+    // Every stream of a job gets the same answer; stream 0's decides.
+    let run_digest = crate::wire::ChunkDigest::for_features(conns[0].features);
     let resumed_bytes = job.covered();
     let resumed = resumed_bytes > 0;
     let data_bytes = source.extents.data_bytes();
@@ -598,6 +604,7 @@ pub fn run(
         durable_on_receiver = resumed_bytes,
         streams = n_streams,
         congestion = %congestion,
+        chunk_digest = run_digest.name(),
         engine = %kind,
         "send starting"
     );
@@ -662,6 +669,7 @@ pub fn run(
             size_bytes,
             DstPlan::Sink {
                 window_digests: opts.verify,
+                run_digest,
             },
         )?;
         let sink = pipe.sink().expect("sink pipeline");

@@ -21,6 +21,45 @@ pub fn chunk_digest(bytes: &[u8]) -> [u8; 32] {
     *blake3::hash(bytes).as_bytes()
 }
 
+/// Which digest DATA frames carry (negotiated: [`super::Features::XXH3`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChunkDigest {
+    #[default]
+    Blake3,
+    /// XXH3-128, little endian, in the first 16 of the 32 bytes.
+    Xxh3,
+}
+
+impl ChunkDigest {
+    /// The kind a stream with these accepted features uses.
+    pub fn for_features(f: super::Features) -> Self {
+        if f.contains(super::Features::XXH3) {
+            ChunkDigest::Xxh3
+        } else {
+            ChunkDigest::Blake3
+        }
+    }
+
+    /// The 32-byte `raw_digest` of `bytes`.
+    pub fn digest(self, bytes: &[u8]) -> [u8; 32] {
+        match self {
+            ChunkDigest::Blake3 => chunk_digest(bytes),
+            ChunkDigest::Xxh3 => {
+                let mut out = [0u8; 32];
+                out[..16].copy_from_slice(&twox_hash::XxHash3_128::oneshot(bytes).to_le_bytes());
+                out
+            }
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkDigest::Blake3 => "BLAKE3",
+            ChunkDigest::Xxh3 => "XXH3-128",
+        }
+    }
+}
+
 /// Digest of `len_bytes` zero bytes, without allocating them.
 fn zeros_digest(len_bytes: u64) -> [u8; 32] {
     static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
