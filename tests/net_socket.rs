@@ -54,7 +54,10 @@ fn default_tuning_is_applied_and_reported_on_both_ends() {
             );
         }
         assert!(report.nodelay);
-        assert_eq!(report.notsent_lowat_bytes, 128 * 1024);
+        assert_eq!(
+            report.notsent_lowat_bytes,
+            diskferry::net::socket::NOTSENT_LOWAT_BYTES
+        );
         // Either the kernel doubled the 4 MiB request or a note names the cap.
         assert!(
             report.send_buffer_bytes >= 8 * 1024 * 1024

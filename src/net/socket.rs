@@ -36,14 +36,20 @@ pub struct SocketTuning {
     pub nodelay: bool,
 }
 
+/// Default `TCP_NOTSENT_LOWAT`. 1 MiB is 10 ms of a 100 MB/s link, so
+/// control frames still wait little, while a sender blocked on a full socket
+/// is woken once per MiB drained instead of once per 128 KiB: on loopback
+/// that took a quarter off the sender's system time (docs/benchmarks.md).
+pub const NOTSENT_LOWAT_BYTES: u32 = 1024 * 1024;
+
 impl Default for SocketTuning {
-    /// BBR, 4 MiB buffers, 128 KiB `TCP_NOTSENT_LOWAT`, no Nagle.
+    /// BBR, 4 MiB buffers, 1 MiB `TCP_NOTSENT_LOWAT`, no Nagle.
     fn default() -> Self {
         SocketTuning {
             congestion: Some("bbr".into()),
             send_buffer_bytes: Some(4 * 1024 * 1024),
             recv_buffer_bytes: Some(4 * 1024 * 1024),
-            notsent_lowat_bytes: Some(128 * 1024),
+            notsent_lowat_bytes: Some(NOTSENT_LOWAT_BYTES),
             nodelay: true,
         }
     }
@@ -84,7 +90,7 @@ pub struct TuningReport {
 
 impl TuningReport {
     /// One line for the log, e.g.
-    /// `congestion=bbr sndbuf=8388608 rcvbuf=8388608 notsent_lowat=131072 nodelay=true`.
+    /// `congestion=bbr sndbuf=8388608 rcvbuf=8388608 notsent_lowat=1048576 nodelay=true`.
     pub fn summary(&self) -> String {
         let mut line = format!(
             "congestion={} sndbuf={} rcvbuf={} notsent_lowat={} nodelay={}",

@@ -3,16 +3,19 @@
 //! freed only when the [`BufferPool`] is dropped, after every worker has been
 //! joined, so no buffer can be freed while the kernel still owns it.
 
-use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ptr::NonNull;
 
 /// Alignment of every slot (enough for O_DIRECT on any common device).
 pub const SLOT_ALIGN_BYTES: usize = 4096;
 
-/// Owner of all data buffers of one job.
+/// Owner of all data buffers of one job: one anonymous mapping. Its pages
+/// are zero by definition and appear on first touch, in the worker that
+/// uses them; an allocator's `alloc_zeroed` with page alignment would
+/// instead memset the whole pool up front (64 MiB by default: 0.1–0.2 s
+/// of page faults on the main thread before the first read).
 pub struct BufferPool {
     base: NonNull<u8>,
-    layout: Layout,
+    total_bytes: usize,
     slot_bytes: usize,
     slots: usize,
 }
@@ -31,19 +34,31 @@ impl BufferPool {
             .checked_mul(slot_bytes)
             .filter(|&t| t > 0)
             .ok_or_else(|| std::io::Error::other("buffer pool size is zero or overflows"))?;
-        let layout =
-            Layout::from_size_align(total, SLOT_ALIGN_BYTES).map_err(std::io::Error::other)?;
-        // SAFETY: layout has a non-zero size (checked above).
-        let ptr = unsafe { alloc_zeroed(layout) };
-        let base = NonNull::new(ptr).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::OutOfMemory,
-                format!("cannot allocate a {total}-byte buffer pool"),
+        // SAFETY: a fresh private anonymous mapping (no address hint, no
+        // fd); `total` is non-zero (checked above). The result is checked
+        // against MAP_FAILED before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
             )
-        })?;
+        };
+        if ptr == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!("cannot allocate a {total}-byte buffer pool: {e}"),
+            ));
+        }
+        let base = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| std::io::Error::other("mmap returned a null buffer pool"))?;
         Ok(Self {
             base,
-            layout,
+            total_bytes: total,
             slot_bytes,
             slots,
         })
@@ -77,10 +92,11 @@ impl BufferPool {
 
 impl Drop for BufferPool {
     fn drop(&mut self) {
-        // SAFETY: allocated in new() with this exact layout; shares borrow
-        // `&mut self` only to be created and the job joins every worker before
-        // dropping the pool, so no share (and no in-flight op) outlives it.
-        unsafe { dealloc(self.base.as_ptr(), self.layout) }
+        // SAFETY: mapped in new() with exactly this address and length;
+        // shares borrow `&mut self` only to be created and the job joins
+        // every worker before dropping the pool, so no share (and no
+        // in-flight op) outlives it.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.total_bytes) };
     }
 }
 

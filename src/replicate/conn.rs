@@ -20,7 +20,7 @@ use super::transport::{Transport, is_timeout};
 use crate::compress::{self, Compressors};
 use crate::wire::{
     Ack, ByteRange, ChunkDigest, Codec, Data, ErrorCode, ErrorFrame, Features, Frame, FrameDecoder,
-    Hello, ImageDigest, MAX_ACK_RANGES, MAX_RESUME_RANGES, Welcome,
+    Hello, ImageDigest, MAX_ACK_RANGES, MAX_RESUME_RANGES, StreamingChunkDigest, Welcome,
 };
 
 /// A stream that receives nothing (not even a PING) for this long is
@@ -65,6 +65,10 @@ struct Session<'a> {
     peer: SocketAddr,
     io: Transport,
     decoder: FrameDecoder,
+    /// XXH3 of the raw DATA payload being received, taken read by read while
+    /// the bytes are still in cache; used instead of a second pass over the
+    /// chunk when it covers the whole payload.
+    hot_digest: StreamingChunkDigest,
     compressors: Compressors,
     /// Decompressed chunk (at most the job's chunk size).
     raw: Vec<u8>,
@@ -107,6 +111,7 @@ pub fn serve_connection(io: Transport, peer: SocketAddr, ctx: &ConnContext) {
         peer,
         io,
         decoder: FrameDecoder::new(),
+        hot_digest: StreamingChunkDigest::new(),
         compressors: Compressors::new(),
         raw: Vec::new(),
         out: Vec::new(),
@@ -219,9 +224,24 @@ impl Session<'_> {
             if self.ctx.stop.load(Ordering::Relaxed) {
                 return Err(End::Stopped);
             }
-            match self.io.read(self.decoder.buf_mut()) {
+            // Hash raw DATA payloads as they arrive (XXH3 streams; BLAKE3
+            // chunks are hashed whole in on_data).
+            let hot = match self.decoder.data_payload_progress() {
+                Some((Codec::None, got)) if self.features.contains(Features::XXH3) => {
+                    if got == 0 {
+                        self.hot_digest.reset();
+                    }
+                    true
+                }
+                _ => false,
+            };
+            let buf = self.decoder.buf_mut();
+            match self.io.read(buf) {
                 Ok(0) => return Err(self.eof()),
                 Ok(n) => {
+                    if hot && let Some(read) = buf.get(..n) {
+                        self.hot_digest.update(read);
+                    }
                     self.decoder.advance(n);
                     self.last_input = Instant::now();
                 }
@@ -444,7 +464,18 @@ impl Session<'_> {
             _ => &self.raw[..raw_len],
         };
         let kind = ChunkDigest::for_features(self.features);
-        if kind.digest(raw) != head.raw_digest {
+        // The streamed digest counts only if it saw exactly this payload:
+        // it restarts at the first payload byte of every raw DATA frame.
+        let hot = head.codec == Codec::None
+            && kind == ChunkDigest::Xxh3
+            && self.hot_digest.len_bytes() == raw.len();
+        let digest = if hot {
+            self.hot_digest.finish()
+        } else {
+            kind.digest(raw)
+        };
+        self.hot_digest.reset();
+        if digest != head.raw_digest {
             return Err(self.fail_job(
                 ErrorCode::DigestMismatch,
                 format!(

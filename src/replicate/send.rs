@@ -390,6 +390,10 @@ impl Connector {
     /// Dial, HELLO, WELCOME; the WELCOME's durable list is applied.
     fn connect(&self, i: usize) -> Result<Conn, StreamError> {
         let (mut stream, report) = self.dialer.dial()?;
+        if let Stream::Tls(s) = &mut stream {
+            s.conn
+                .set_buffer_limit(Some(super::stream::TLS_BUFFER_LIMIT_BYTES));
+        }
         let mut scratch = Vec::new();
         write_frame(&mut stream, &Frame::Hello(self.hello_for(i)), &mut scratch)?;
         stream.flush()?;
@@ -1326,10 +1330,7 @@ impl StreamSender {
         let frame_bytes = (header.len() + payload.len()) as u64;
         ctx.limiter.acquire(frame_bytes);
         let stream = &mut c.stream;
-        c.watch.busy(|| {
-            stream.write_all(&header)?;
-            stream.write_all(payload)
-        })?;
+        c.watch.busy(|| stream.write_parts(&[&header, payload]))?;
         // How fast this stream drains: bytes the receiver acknowledged per
         // second, sampled only over intervals that began with a backlog in
         // flight (so an idle stream, waiting for the source, does not look

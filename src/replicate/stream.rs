@@ -109,6 +109,36 @@ impl Stream {
         self.tcp().set_read_timeout(t)
     }
 
+    /// Write the parts of one frame back to back and flush them. Over TLS
+    /// the plaintext is sealed in pieces of [`SEAL_BATCH_BYTES`], each
+    /// batch's records leaving in one `writev`: a frame header shares its
+    /// record and syscall with the payload instead of taking its own, and a
+    /// 2 MiB payload takes 8 syscalls, not 32, while the records are still
+    /// in cache when the kernel copies them.
+    pub fn write_parts(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => write_all_vectored(s, parts),
+            Stream::Tls(s) => {
+                let rustls::StreamOwned { conn, sock } = &mut **s;
+                let mut batch = 0usize;
+                for part in parts {
+                    let mut rest = *part;
+                    while !rest.is_empty() {
+                        let take = rest.len().min(SEAL_BATCH_BYTES - batch);
+                        let n = conn.writer().write(&rest[..take])?;
+                        rest = &rest[n..];
+                        batch += n;
+                        if batch >= SEAL_BATCH_BYTES || n == 0 {
+                            flush_tls(conn, sock)?;
+                            batch = 0;
+                        }
+                    }
+                }
+                flush_tls(conn, sock)
+            }
+        }
+    }
+
     /// Send a TLS close_notify (best effort) and shut the socket down.
     pub fn close(&mut self) {
         if let Stream::Tls(s) = self {
@@ -147,6 +177,45 @@ impl Write for Stream {
             Stream::Plain(s) => s.flush(),
         }
     }
+}
+
+/// Plaintext sealed into TLS records before they are written out; the
+/// connection's buffer limit ([`TLS_BUFFER_LIMIT_BYTES`]) leaves room for it.
+pub const SEAL_BATCH_BYTES: usize = 256 * 1024;
+
+/// rustls buffer limit for a data stream: one seal batch plus record
+/// overhead (rustls' default, 64 KiB, would cut every batch in four).
+pub const TLS_BUFFER_LIMIT_BYTES: usize = 2 * SEAL_BATCH_BYTES;
+
+fn flush_tls(conn: &mut rustls::ClientConnection, sock: &mut TcpStream) -> std::io::Result<()> {
+    while conn.wants_write() {
+        conn.write_tls(sock)?;
+    }
+    Ok(())
+}
+
+/// `write_all` over several buffers, with one `writev` where the socket
+/// takes everything.
+fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < parts.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&parts[idx][off..])
+            .chain(parts[idx + 1..].iter().copied())
+            .map(std::io::IoSlice::new)
+            .collect();
+        let mut n = w.write_vectored(&slices)?;
+        if n == 0 && slices.iter().any(|s| !s.is_empty()) {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while idx < parts.len() && n >= parts[idx].len() - off {
+            n -= parts[idx].len() - off;
+            idx += 1;
+            off = 0;
+        }
+        off += n;
+    }
+    Ok(())
 }
 
 /// Read one whole frame.

@@ -90,6 +90,20 @@ impl FrameDecoder {
         )
     }
 
+    /// While the payload of a DATA frame is being received: its codec and
+    /// how many payload bytes arrived so far (the next bytes read into
+    /// [`Self::buf_mut`] continue from there).
+    pub fn data_payload_progress(&self) -> Option<(super::Codec, usize)> {
+        match &self.stage {
+            Stage::Payload {
+                data: Some(head),
+                got,
+                ..
+            } => Some((head.codec, *got)),
+            _ => None,
+        }
+    }
+
     /// Where the next received bytes go; its length is [`Self::need`].
     pub fn buf_mut(&mut self) -> &mut [u8] {
         match &self.stage {

@@ -30,6 +30,53 @@ pub enum ChunkDigest {
     Xxh3,
 }
 
+/// A chunk digest taken piece by piece, as bytes arrive (the receiver
+/// hashes each read while it is still in cache). Only XXH3 streams here;
+/// BLAKE3 chunks are hashed whole.
+pub struct StreamingChunkDigest {
+    state: twox_hash::XxHash3_128,
+    bytes: usize,
+}
+
+impl Default for StreamingChunkDigest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StreamingChunkDigest {
+    pub fn new() -> Self {
+        Self {
+            state: twox_hash::XxHash3_128::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Start over for a new chunk.
+    pub fn reset(&mut self) {
+        self.state = twox_hash::XxHash3_128::new();
+        self.bytes = 0;
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.state.write(bytes);
+        self.bytes += bytes.len();
+    }
+
+    /// Bytes hashed since the last reset.
+    pub fn len_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The digest of everything since the last reset, laid out as
+    /// [`ChunkDigest::Xxh3`] lays it out.
+    pub fn finish(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out[..16].copy_from_slice(&self.state.finish_128().to_le_bytes());
+        out
+    }
+}
+
 impl ChunkDigest {
     /// The kind a stream with these accepted features uses.
     pub fn for_features(f: super::Features) -> Self {

@@ -26,7 +26,7 @@ mod proptests;
 mod tests;
 
 pub use decoder::FrameDecoder;
-pub use digest::{ChunkDigest, ImageDigest, chunk_digest};
+pub use digest::{ChunkDigest, ImageDigest, StreamingChunkDigest, chunk_digest};
 pub use header::{FrameType, HEADER_LEN, Header, MAGIC, PROTOCOL_VERSION};
 pub use msg::{
     Ack, ByteRange, Codec, DATA_HEAD_LEN, DATA_HEADER_LEN, Data, DataHead, ErrorCode, ErrorFrame,

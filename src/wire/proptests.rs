@@ -263,3 +263,68 @@ proptest! {
         prop_assert_eq!(d.buffered_capacity_bytes(), 0);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// The receiver hashes raw DATA payloads read by read: any cut of the
+    /// bytes gives the one-shot digest, and a reset forgets the last chunk.
+    #[test]
+    fn streaming_xxh3_matches_one_shot_for_any_cut(
+        bytes in vec(any::<u8>(), 0..20_000),
+        cuts in vec(0usize..20_000, 0..12),
+        stale in vec(any::<u8>(), 0..300),
+    ) {
+        let mut s = StreamingChunkDigest::new();
+        s.update(&stale);
+        s.reset();
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut at = 0;
+        for c in cuts.into_iter().chain(std::iter::once(bytes.len())) {
+            s.update(&bytes[at..c]);
+            at = c;
+        }
+        prop_assert_eq!(s.len_bytes(), bytes.len());
+        prop_assert_eq!(s.finish(), ChunkDigest::Xxh3.digest(&bytes));
+    }
+
+    /// While a DATA payload arrives, the decoder says which codec it has and
+    /// how much of it came, and the bytes go where it says.
+    #[test]
+    fn data_payload_progress_tracks_the_payload(
+        payload in vec(any::<u8>(), 1..5000),
+        step in 1usize..700,
+    ) {
+        let data = Data {
+            head: DataHead {
+                offset: 4096,
+                raw_len_bytes: payload.len() as u32,
+                codec: Codec::None,
+                raw_digest: ChunkDigest::Xxh3.digest(&payload),
+            },
+            payload: payload.clone(),
+        };
+        let mut bytes = Vec::new();
+        Frame::Data(data.clone()).encode(&mut bytes).unwrap();
+        let mut dec = FrameDecoder::new();
+        let mut seen = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let progress = dec.data_payload_progress();
+            let buf = dec.buf_mut();
+            let n = buf.len().min(step).min(bytes.len() - at);
+            buf[..n].copy_from_slice(&bytes[at..at + n]);
+            if let Some((codec, got)) = progress {
+                prop_assert_eq!(codec, Codec::None);
+                prop_assert_eq!(got, seen.len());
+                seen.extend_from_slice(&bytes[at..at + n]);
+            }
+            dec.advance(n);
+            at += n;
+        }
+        prop_assert_eq!(&seen, &payload);
+        prop_assert_eq!(dec.data_payload_progress(), None);
+        prop_assert_eq!(dec.next_frame().unwrap(), Some(Frame::Data(data)));
+    }
+}
