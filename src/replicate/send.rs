@@ -594,6 +594,10 @@ pub fn run(
         conns.push(r?);
     }
     let n_streams = conns.len();
+    let loopback = connector.dialer.addr.ip().is_loopback();
+    if loopback && matches!(opts.compress, Mode::Auto) && opts.rate_bytes_per_s.is_none() {
+        info!("the receiver is on this host: --compress auto sends chunks raw");
+    }
     // Every stream of a job gets the same answer; stream 0's decides.
     let run_digest = crate::wire::ChunkDigest::for_features(conns[0].features);
     let resumed_bytes = job.covered();
@@ -695,6 +699,7 @@ pub fn run(
                 // TLS: count on half of each stream's share.
                 cores_per_stream: (cpus / n_streams as f64 / 2.0).max(0.1),
                 rate_per_stream: opts.rate_bytes_per_s.map(|r| r as f64 / n_streams as f64),
+                loopback,
             };
             let h = std::thread::Builder::new()
                 .name(format!("sender-{i}"))
@@ -931,6 +936,10 @@ struct SenderCtx {
     verify: bool,
     cores_per_stream: f64,
     rate_per_stream: Option<f64>,
+    /// The receiver is on this host (a loopback address): compressing
+    /// saves no bandwidth there and takes CPU from the receiver, so `auto`
+    /// does not treat a slow drain as a slow link.
+    loopback: bool,
 }
 
 /// One stream's sender for one round: takes lent windows from the sink
@@ -1276,7 +1285,9 @@ impl StreamSender {
         // Until a backlog shows the link's rate, the link counts as fast
         // (raw); a slow link shows itself after the first frame or two.
         let link = LinkState {
-            link_bytes_per_s: ctx.rate_per_stream.or(self.link_bytes_per_s),
+            link_bytes_per_s: ctx
+                .rate_per_stream
+                .or(self.link_bytes_per_s.filter(|_| !ctx.loopback)),
             cores_for_compression: ctx.cores_per_stream,
         };
         let choice = self.policy.choose(raw, &link);
