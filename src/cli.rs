@@ -174,7 +174,9 @@ pub struct CopyArgs {
     #[arg(long, default_value = "256k", value_parser = parse_chunk)]
     pub chunk_size: u32,
     /// Worker threads (default: one per online CPU; half of them when an
-    /// NBD server on this machine, reached by a Unix socket, shares the cores).
+    /// NBD server on this machine, reached by a Unix socket, shares the cores
+    /// and the target is not a file: each worker is one write chain into a
+    /// file target).
     #[arg(long)]
     pub threads: Option<u32>,
     /// I/O engine (default: io_uring when the kernel allows it, else threads).
