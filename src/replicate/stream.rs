@@ -197,23 +197,17 @@ fn flush_tls(conn: &mut rustls::ClientConnection, sock: &mut TcpStream) -> std::
 /// `write_all` over several buffers, with one `writev` where the socket
 /// takes everything.
 fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> std::io::Result<()> {
-    let mut idx = 0;
-    let mut off = 0;
-    while idx < parts.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&parts[idx][off..])
-            .chain(parts[idx + 1..].iter().copied())
-            .map(std::io::IoSlice::new)
-            .collect();
-        let mut n = w.write_vectored(&slices)?;
-        if n == 0 && slices.iter().any(|s| !s.is_empty()) {
-            return Err(std::io::ErrorKind::WriteZero.into());
+    let mut slices: Vec<std::io::IoSlice<'_>> =
+        parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+    let mut bufs = &mut slices[..];
+    std::io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        while idx < parts.len() && n >= parts[idx].len() - off {
-            n -= parts[idx].len() - off;
-            idx += 1;
-            off = 0;
-        }
-        off += n;
     }
     Ok(())
 }
