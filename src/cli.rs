@@ -125,11 +125,12 @@ pub struct SendArgs {
     /// NBD connections to the source.
     #[arg(long, default_value_t = 4)]
     pub connections: u32,
-    /// Requests in flight per source connection.
-    #[arg(long, default_value_t = 4)]
-    pub requests: u32,
+    /// Requests in flight per source connection (default: 2 when the source
+    /// is on this host — a file, a Unix socket, a loopback address — else 16).
+    #[arg(long)]
+    pub requests: Option<u32>,
     /// Bytes per chunk (power of two, 4KiB..32MiB).
-    #[arg(long, default_value = "2M", value_parser = parse_chunk)]
+    #[arg(long, default_value = "512k", value_parser = parse_chunk)]
     pub chunk_size: u32,
     /// Worker threads (default: one per online CPU).
     #[arg(long)]
@@ -167,9 +168,10 @@ pub struct CopyArgs {
     /// NBD connections per side, when the server allows several (multi-conn).
     #[arg(long, default_value_t = 4)]
     pub connections: u32,
-    /// Requests in flight per connection.
-    #[arg(long, default_value_t = 64)]
-    pub requests: u32,
+    /// Requests in flight per connection (default: 2 when both ends are on
+    /// this host — files, Unix sockets, loopback addresses — else 64).
+    #[arg(long)]
+    pub requests: Option<u32>,
     /// Bytes per request (power of two, 4KiB..32MiB; k/M suffixes are binary).
     #[arg(long, default_value = "256k", value_parser = parse_chunk)]
     pub chunk_size: u32,

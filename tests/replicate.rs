@@ -548,3 +548,68 @@ fn auto_compression_beats_raw_on_a_slow_link() {
         "auto ({t_auto:.1}s) is not 1.8x faster than none ({t_none:.1}s)"
     );
 }
+
+/// `diskferry copy` picks its queue depth by where the source is: 2
+/// requests per connection on this host (cache-resident buffers), 64 from a
+/// server across a network (here qemu-nbd in another namespace, over veth);
+/// `--requests` overrides both. Each copy is checked byte for byte.
+#[test]
+fn copy_queue_depth_follows_where_the_source_is() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    sparse_file(&src, 24 * MIB, &[(MIB, 5 * MIB as usize)], 11);
+    let depth = |out: &std::process::Output, dst: &Path| {
+        assert!(
+            out.status.success(),
+            "copy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_same(&src, dst);
+        last_json(out)["requests_per_connection"].as_u64().unwrap()
+    };
+
+    let local = qemu_nbd(d.path(), "near", &src, "raw", true, &[]);
+    let dst = d.path().join("near.img");
+    let out = copy(&local.uri(), dst.to_str().unwrap(), "uring", &["--json"]);
+    assert_eq!(depth(&out, &dst), 2);
+    std::fs::remove_file(&dst).unwrap();
+    let out = copy(
+        &local.uri(),
+        dst.to_str().unwrap(),
+        "uring",
+        &["--json", "--requests", "5"],
+    );
+    assert_eq!(depth(&out, &dst), 5);
+
+    let Some(ns) = Netns::new("q", None) else {
+        return;
+    };
+    let pid = d.path().join("far.pid");
+    let st = Command::new("ip")
+        .args(["netns", "exec", &ns.a, "qemu-nbd", "-r", "-t", "-e", "8"])
+        .args(["-f", "raw", "-b", "10.213.7.1", "-p", "10811", "--fork"])
+        .arg("--pid-file")
+        .arg(&pid)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-nbd in {} did not start", ns.a);
+    struct Kill(PathBuf);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            if let Ok(p) = std::fs::read_to_string(&self.0) {
+                let _ = Command::new("kill").arg(p.trim()).status();
+            }
+        }
+    }
+    let _kill = Kill(pid);
+    let dst = d.path().join("far.img");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.b, env!("CARGO_BIN_EXE_diskferry")])
+        .args(["copy", "nbd://10.213.7.1:10811", dst.to_str().unwrap()])
+        .args(["--json", "--no-progress"])
+        .output()
+        .unwrap();
+    assert_eq!(depth(&out, &dst), 64);
+}

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::open::{Access, Source, Target, open_source, open_target};
 use super::retry::READ_RETRIES_MAX;
-use super::run::{DstFiles, DstPlan, Pipeline, PipelineConfig, TICK};
+use super::run::{DstFiles, DstPlan, Pipeline, PipelineConfig, Requests, TICK};
 use super::stats::Snapshot;
 use super::worker::{DstIo, SrcIo};
 use super::{CopyError, nbd_io::NbdIo};
@@ -16,6 +16,14 @@ use crate::nbd::conn::Cmd;
 /// Largest request the NBD protocol lets diskferry use.
 pub const CHUNK_MAX_BYTES: u32 = 32 * 1024 * 1024;
 
+/// Requests in flight per connection when every end is on this host
+/// (see [`Requests::Auto`]): 4 connections of 2 requests of 256 KiB, 2 MiB
+/// of buffers in all.
+pub const REQUESTS_NEAR: u32 = 2;
+/// Requests in flight per connection to a server across a network, as
+/// nbdcopy's default: 16 MiB per connection of 256 KiB requests.
+pub const REQUESTS_FAR: u32 = 64;
+
 /// What `diskferry copy` was asked to do.
 #[derive(Debug, Clone)]
 pub struct CopyOptions {
@@ -23,8 +31,9 @@ pub struct CopyOptions {
     pub target: String,
     /// NBD connections per side (when the server allows multi-conn).
     pub connections: u32,
-    /// Requests in flight per connection.
-    pub requests: u32,
+    /// Requests in flight per connection (`None`: [`REQUESTS_NEAR`] or
+    /// [`REQUESTS_FAR`], by where the ends are).
+    pub requests: Option<u32>,
     pub chunk_bytes: u32,
     /// Worker threads (default: online CPUs).
     pub threads: Option<u32>,
@@ -52,6 +61,9 @@ pub struct CopyReport {
     pub workers: usize,
     pub source_connections: usize,
     pub target_connections: usize,
+    /// Requests in flight per connection (`--requests`, or the depth chosen
+    /// for where the ends are).
+    pub requests_per_connection: u32,
 }
 
 /// Called about every `interval` with the counters, and once at the start.
@@ -68,7 +80,9 @@ pub fn run(opts: &CopyOptions, progress: ProgressFn<'_>) -> Result<CopyReport, C
             opts.chunk_bytes
         )));
     }
-    if opts.connections == 0 || opts.connections > 64 || opts.requests == 0 || opts.requests > 1024
+    if opts.connections == 0
+        || opts.connections > 64
+        || opts.requests.is_some_and(|r| r == 0 || r > 1024)
     {
         return Err(CopyError::Usage(
             "--connections must be 1..=64 and --requests 1..=1024".into(),
@@ -122,7 +136,13 @@ fn run_opened(
     let cfg = PipelineConfig {
         threads: opts.threads,
         connections: opts.connections,
-        requests: opts.requests,
+        requests: opts.requests.map_or(
+            Requests::Auto {
+                near: REQUESTS_NEAR,
+                far: REQUESTS_FAR,
+            },
+            Requests::Fixed,
+        ),
         chunk_bytes: opts.chunk_bytes,
         kind,
         spans: None,
@@ -166,6 +186,7 @@ fn run_opened(
         }
     }
     let workers = pipe.workers();
+    let requests_per_connection = pipe.requests();
     let mut joined = pipe.join();
     let snap = joined.result?;
     flush_target(&joined.keep.dst_files, &mut joined.dst_back)?;
@@ -188,6 +209,7 @@ fn run_opened(
         workers,
         source_connections: src_conn_count,
         target_connections: dst_conn_count,
+        requests_per_connection,
     })
 }
 

@@ -30,7 +30,7 @@ pub struct PipelineConfig {
     pub threads: Option<u32>,
     /// NBD connections per side (also sizes the pool with `requests`).
     pub connections: u32,
-    pub requests: u32,
+    pub requests: Requests,
     pub chunk_bytes: u32,
     pub kind: EngineKind,
     /// Plan only these whole-window spans ([`super::plan::plan_windows`]);
@@ -39,6 +39,63 @@ pub struct PipelineConfig {
     /// Retries of a source read that failed with an error that may pass
     /// (default [`super::retry::READ_RETRIES_DEFAULT`]; 0: fail at once).
     pub read_retries: u32,
+}
+
+/// Requests in flight per connection: how deep the source's queue is, and
+/// with the chunk size how many bytes of buffers are in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requests {
+    /// As the user asked (`--requests N`).
+    Fixed(u32),
+    /// `near` when every end is on this host (a file, an NBD server on a
+    /// Unix socket or on a loopback address), `far` otherwise.
+    ///
+    /// A queue only has to cover the source's latency. On this host that
+    /// is microseconds, and a shallow queue keeps the buffers in the
+    /// cores' L2 caches while a chunk is read, scanned, hashed and written:
+    /// on the 2-core bench machine (2 MiB of L2 per core) 8 requests of
+    /// 256 KiB in flight beat 16, 32 and 256 in every same-run A/B
+    /// (docs/benchmarks.md, session 4), and shallow queues keep the
+    /// target's writeback steady instead of bursty. A server across a
+    /// network needs a queue as deep as its bandwidth-delay product.
+    Auto { near: u32, far: u32 },
+}
+
+impl Requests {
+    /// Requests per connection for these ends.
+    pub fn resolve(self, src: &Access, dst: &DstPlan) -> u32 {
+        match self {
+            Requests::Fixed(n) => n,
+            Requests::Auto { near, far } => {
+                let dst_near = match dst {
+                    DstPlan::Access { access, .. } => is_near(access),
+                    // The network senders hold a chunk only until it is in
+                    // the socket: the link's depth is the socket buffers'.
+                    DstPlan::Sink { .. } => true,
+                };
+                if is_near(src) && dst_near { near } else { far }
+            }
+        }
+    }
+}
+
+/// Whether an endpoint answers with this host's latency.
+fn is_near(access: &Access) -> bool {
+    match access {
+        Access::File { .. } => true,
+        Access::Nbd { conns } => conns
+            .first()
+            .is_none_or(|(stream, _)| stream_is_near(stream)),
+    }
+}
+
+fn stream_is_near(stream: &crate::nbd::uri::NbdStream) -> bool {
+    match stream {
+        crate::nbd::uri::NbdStream::Unix(_) => true,
+        crate::nbd::uri::NbdStream::Tcp(t) => t
+            .peer_addr()
+            .is_ok_and(|a| a.ip().to_canonical().is_loopback()),
+    }
 }
 
 /// Where the workers put what they read.
@@ -83,6 +140,7 @@ pub struct Pipeline {
     sink: Option<Arc<Sink>>,
     keep: Keep,
     abort_seen: Option<Instant>,
+    requests: u32,
 }
 
 fn is_local_nbd(access: &Access) -> bool {
@@ -144,7 +202,9 @@ impl Pipeline {
             .unwrap_or(0)
             .max(dst_conns.unwrap_or(0))
             .max(cfg.connections as usize);
-        let slots = (conns_max * cfg.requests as usize).max(workers);
+        let requests = cfg.requests.resolve(&src_access, &dst);
+        tracing::debug!(requests, workers, "requests in flight per connection");
+        let slots = (conns_max * requests as usize).max(workers);
         let chunk_bytes = cfg.chunk_bytes;
         let mut pool = BufferPool::new(slots, chunk_bytes as usize)
             .map_err(|e| CopyError::Engine(e.to_string()))?;
@@ -258,6 +318,7 @@ impl Pipeline {
                 dst_files,
             },
             abort_seen: None,
+            requests,
         })
     }
 
@@ -271,6 +332,11 @@ impl Pipeline {
 
     pub fn workers(&self) -> usize {
         self.handles.len()
+    }
+
+    /// Requests in flight per connection, as resolved for these ends.
+    pub fn requests(&self) -> u32 {
+        self.requests
     }
 
     /// True once every worker has stopped.
@@ -453,5 +519,62 @@ fn split_dst(access: Access, fresh_zero: bool, workers: usize) -> (Vec<DstIo>, O
                 .collect(),
             None,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::uri::NbdStream;
+
+    const AUTO: Requests = Requests::Auto { near: 2, far: 64 };
+
+    fn nbd(stream: NbdStream) -> Access {
+        Access::Nbd {
+            conns: vec![(stream, Default::default())],
+        }
+    }
+
+    fn sink() -> DstPlan {
+        DstPlan::Sink {
+            window_digests: false,
+            run_digest: crate::wire::ChunkDigest::Xxh3,
+        }
+    }
+
+    #[test]
+    fn unix_sockets_files_and_loopback_are_near() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(AUTO.resolve(&nbd(NbdStream::Unix(a)), &sink()), 2);
+
+        for host in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(l) = std::net::TcpListener::bind(host) else {
+                continue; // no IPv6 here
+            };
+            let t = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            assert!(stream_is_near(&NbdStream::Tcp(t.try_clone().unwrap())));
+            assert_eq!(AUTO.resolve(&nbd(NbdStream::Tcp(t)), &sink()), 2, "{host}");
+        }
+
+        let f = tempfile::tempfile().unwrap();
+        let file = || Access::File {
+            file: f.try_clone().unwrap(),
+            kind: crate::endpoint::FileKind::Regular,
+            direct: None,
+        };
+        let to_file = DstPlan::Access {
+            access: file(),
+            fresh_zero: true,
+        };
+        assert_eq!(AUTO.resolve(&file(), &to_file), 2);
+    }
+
+    #[test]
+    fn a_fixed_depth_is_kept() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(
+            Requests::Fixed(7).resolve(&nbd(NbdStream::Unix(a)), &sink()),
+            7
+        );
     }
 }

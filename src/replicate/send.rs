@@ -37,7 +37,7 @@ use crate::net::socket::SocketTuning;
 use crate::pipeline::CopyError;
 use crate::pipeline::open::open_source;
 use crate::pipeline::plan::whole_windows;
-use crate::pipeline::run::{DstPlan, Pipeline, PipelineConfig, TICK};
+use crate::pipeline::run::{DstPlan, Pipeline, PipelineConfig, Requests, TICK};
 use crate::pipeline::sink::{Sink, SinkChunk};
 use crate::pipeline::stats::{Snapshot, Stats};
 use crate::wire::{
@@ -50,6 +50,19 @@ use crate::net::socket::TuningReport;
 
 /// A stream asks for a durability barrier after this many bytes …
 const BARRIER_BYTES: u64 = 64 << 20;
+
+/// Bytes per chunk (`--chunk-size`): the unit read, hashed, compressed and
+/// framed. With [`REQUESTS_NEAR`] and 4 connections, 4 MiB of buffers are in
+/// flight, which stay in the cores' L2 caches from the read to the socket;
+/// 2 MiB chunks (32 MiB in flight) cost the receiver a quarter more CPU and
+/// every image 10–25 % more time (docs/benchmarks.md, session 4).
+pub const CHUNK_BYTES_DEFAULT: u32 = 512 << 10;
+/// Requests in flight per source connection when the source is on this
+/// host (see [`crate::pipeline::run::Requests::Auto`]).
+pub const REQUESTS_NEAR: u32 = 2;
+/// Requests in flight per connection to a source across a network: 8 MiB
+/// per connection.
+pub const REQUESTS_FAR: u32 = 16;
 /// … or this long after its first unacknowledged frame.
 const BARRIER_INTERVAL: Duration = Duration::from_millis(1000);
 /// Barriers a stream may have unanswered before it waits for the oldest.
@@ -84,7 +97,9 @@ pub struct SendOptions {
     pub verify: bool,
     /// NBD connections to the source.
     pub connections: u32,
-    pub requests: u32,
+    /// Requests in flight per source connection (`None`:
+    /// [`REQUESTS_NEAR`] or [`REQUESTS_FAR`], by where the source is).
+    pub requests: Option<u32>,
     pub chunk_bytes: u32,
     pub threads: Option<u32>,
     pub engine: Option<EngineKind>,
@@ -112,8 +127,8 @@ impl SendOptions {
             rate_bytes_per_s: None,
             verify: false,
             connections: 4,
-            requests: 4,
-            chunk_bytes: 2 << 20,
+            requests: None,
+            chunk_bytes: CHUNK_BYTES_DEFAULT,
             threads: None,
             engine: None,
             restart: false,
@@ -511,6 +526,14 @@ pub fn run(
             wire::MAX_STREAMS
         )));
     }
+    if opts.connections == 0
+        || opts.connections > 64
+        || opts.requests.is_some_and(|r| r == 0 || r > 1024)
+    {
+        return Err(CopyError::Usage(
+            "--connections must be 1..=64 and --requests 1..=1024".into(),
+        ));
+    }
     let (kind, why) = engine::choose(opts.engine).map_err(CopyError::Engine)?;
     if let Some(why) = why {
         tracing::warn!("{why}");
@@ -663,7 +686,13 @@ pub fn run(
         let cfg = PipelineConfig {
             threads: opts.threads,
             connections: opts.connections.max(opts.streams),
-            requests: opts.requests,
+            requests: opts.requests.map_or(
+                Requests::Auto {
+                    near: REQUESTS_NEAR,
+                    far: REQUESTS_FAR,
+                },
+                Requests::Fixed,
+            ),
             chunk_bytes: opts.chunk_bytes,
             kind,
             spans: (covered_before > 0).then_some(spans),
