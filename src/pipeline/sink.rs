@@ -5,7 +5,9 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 
@@ -54,8 +56,16 @@ impl SinkChunk {
 }
 
 /// Shared between workers (producers) and senders (consumers).
+///
+/// A sender with nothing to send parks on a condition variable
+/// ([`Sink::wait`]) instead of spinning: on a machine with as many busy
+/// threads as cores, a spinning sender takes CPU from the source server and
+/// the workers that feed it. A worker rings only when a sender is parked.
 pub struct Sink {
-    pub queue: ArrayQueue<SinkChunk>,
+    queue: ArrayQueue<SinkChunk>,
+    park: Mutex<()>,
+    wake: Condvar,
+    parked: AtomicUsize,
     returns: Vec<ArrayQueue<usize>>,
     doorbells: Vec<UnixStream>,
     /// Set when every worker has finished: senders stop once the queue is empty.
@@ -83,12 +93,52 @@ impl Sink {
         Ok((
             Sink {
                 queue: ArrayQueue::new(total.max(1)),
+                park: Mutex::new(()),
+                wake: Condvar::new(),
+                parked: AtomicUsize::new(0),
                 returns,
                 doorbells,
                 producers_done: AtomicBool::new(false),
             },
             rx,
         ))
+    }
+
+    /// Hand a chunk to the senders; wakes one if any is parked. Fails
+    /// (giving the chunk back) only if the queue is full, which the sizing
+    /// in [`Sink::new`] rules out.
+    pub fn push(&self, chunk: SinkChunk) -> Result<(), SinkChunk> {
+        self.queue.push(chunk)?;
+        // Pairs with the fence in `wait`: either this load sees the parked
+        // sender, or that sender's emptiness check sees this chunk.
+        fence(Ordering::SeqCst);
+        if self.parked.load(Ordering::Relaxed) > 0 {
+            let _g = self.park.lock().unwrap_or_else(PoisonError::into_inner);
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The next chunk to send, if any.
+    pub fn pop(&self) -> Option<SinkChunk> {
+        self.queue.pop()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Park until a chunk may be there, the producers are done, or
+    /// `timeout` passes (the caller's own duties: ACKs, barriers, aborts).
+    pub fn wait(&self, timeout: Duration) {
+        let g = self.park.lock().unwrap_or_else(PoisonError::into_inner);
+        self.parked.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if self.queue.is_empty() && !self.producers_done() {
+            // Spurious wake-ups and timeouts are both fine: the caller looks again.
+            let _ = self.wake.wait_timeout(g, timeout);
+        }
+        self.parked.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Give a slot back to its worker and wake it.
@@ -108,6 +158,8 @@ impl Sink {
 
     pub fn set_producers_done(&self) {
         self.producers_done.store(true, Ordering::Release);
+        let _g = self.park.lock().unwrap_or_else(PoisonError::into_inner);
+        self.wake.notify_all();
     }
 
     pub fn producers_done(&self) -> bool {

@@ -603,7 +603,7 @@ impl Worker {
                 offset,
                 len,
             };
-            if io.sink.queue.push(chunk).is_err() {
+            if io.sink.push(chunk).is_err() {
                 return Err(CopyError::Internal("sink queue overflow".into()));
             }
             io.lent += 1;
@@ -766,7 +766,7 @@ impl Worker {
             runs,
             window_digest,
         };
-        if io.sink.queue.push(chunk).is_err() {
+        if io.sink.push(chunk).is_err() {
             return Err(CopyError::Internal("sink queue overflow".into()));
         }
         io.lent += 1;

@@ -70,6 +70,10 @@ const MAX_OUTSTANDING_BARRIERS: usize = 4;
 /// A stream with nothing to send looks at what the receiver sent (and
 /// whether a barrier or a keepalive is due) this often.
 const IDLE_SERVICE: Duration = Duration::from_millis(50);
+
+/// Longest a sender with nothing to send stays parked before it looks at
+/// its connection and the job again (an abort is seen within this).
+const PARK_MAX: Duration = Duration::from_millis(5);
 /// An idle stream sends a PING this often (the receiver ends streams
 /// silent for minutes).
 const KEEPALIVE: Duration = Duration::from_secs(10);
@@ -990,7 +994,6 @@ fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compress::Stats)> 
     let mut conn = Some(conn);
     let mut broken_since: Option<Instant> = None;
     let mut failed = false;
-    let mut idle = 0u32;
     let mut last_service = Instant::now();
     let abort = || ctx.shared.aborted();
     loop {
@@ -1016,30 +1019,25 @@ fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compress::Stats)> 
         {
             s.broken(&ctx, &mut conn, &mut failed, b);
         }
-        let Some(chunk) = ctx.sink.queue.pop() else {
-            if ctx.sink.producers_done() && ctx.sink.queue.is_empty() {
+        let Some(chunk) = ctx.sink.pop() else {
+            if ctx.sink.producers_done() && ctx.sink.is_empty() {
                 break;
             }
-            idle = idle.saturating_add(1);
-            if idle > 64 {
-                // Nothing to send: now and then read ACKs, send a barrier
-                // that came due, keep an idle stream alive.
-                if last_service.elapsed() >= IDLE_SERVICE {
-                    last_service = Instant::now();
-                    if let Some(c) = conn.as_mut()
-                        && !failed
-                        && let Err(b) = s.service(&ctx, c, true)
-                    {
-                        s.broken(&ctx, &mut conn, &mut failed, b);
-                    }
+            // Nothing to send: now and then read ACKs, send a barrier
+            // that came due, keep an idle stream alive; otherwise park
+            // until a worker hands over a chunk.
+            if last_service.elapsed() >= IDLE_SERVICE {
+                last_service = Instant::now();
+                if let Some(c) = conn.as_mut()
+                    && !failed
+                    && let Err(b) = s.service(&ctx, c, true)
+                {
+                    s.broken(&ctx, &mut conn, &mut failed, b);
                 }
-                std::thread::sleep(Duration::from_micros(200));
-            } else {
-                std::thread::yield_now();
             }
+            ctx.sink.wait(PARK_MAX);
             continue;
         };
-        idle = 0;
         let (worker, slot) = chunk.owner();
         if !failed && !ctx.shared.aborted() {
             match conn.as_mut() {
