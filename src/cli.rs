@@ -126,7 +126,8 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 4)]
     pub connections: u32,
     /// Requests in flight per source connection (default: 2 when the source
-    /// is on this host — a file, a Unix socket, a loopback address — else 16).
+    /// is on this host — a file, a Unix socket, a loopback address —
+    /// deepening up to 16 if it proves slow; 16 across a network). Sets a fixed depth.
     #[arg(long)]
     pub requests: Option<u32>,
     /// Bytes per chunk (power of two, 4KiB..32MiB).
@@ -169,7 +170,8 @@ pub struct CopyArgs {
     #[arg(long, default_value_t = 4)]
     pub connections: u32,
     /// Requests in flight per connection (default: 2 when both ends are on
-    /// this host — files, Unix sockets, loopback addresses — else 64).
+    /// this host — files, Unix sockets, loopback addresses — deepening up to
+    /// 64 if the source proves slow; 64 across a network). Sets a fixed depth.
     #[arg(long)]
     pub requests: Option<u32>,
     /// Bytes per request (power of two, 4KiB..32MiB; k/M suffixes are binary).

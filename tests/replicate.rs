@@ -613,3 +613,42 @@ fn copy_queue_depth_follows_where_the_source_is() {
         .unwrap();
     assert_eq!(depth(&out, &dst), 64);
 }
+
+/// A slow server behind a local socket (nbdkit's delay filter: 5 ms per
+/// read, as a plugin fetching from a remote hypervisor would be) starts at
+/// the shallow local depth, and the workers deepen their queues because
+/// the reads do not wait for each other. `--requests` pins the depth.
+#[test]
+fn a_slow_local_source_gets_a_deeper_queue() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let slow = nbdkit(
+        d.path(),
+        "slow",
+        &["--filter=delay", "pattern", "size=96M", "delay-read=5ms"],
+    );
+    let reference = d.path().join("ref.img");
+    nbd_to_file(&slow.uri(), &reference);
+    let run = |extra: &[&str]| {
+        let dst = d.path().join("out.img");
+        let _ = std::fs::remove_file(&dst);
+        let mut args = vec!["--json"];
+        args.extend_from_slice(extra);
+        let out = copy(&slow.uri(), dst.to_str().unwrap(), "uring", &args);
+        assert!(
+            out.status.success(),
+            "copy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_same(&reference, &dst);
+        let done = last_json(&out);
+        let start = done["requests_per_connection"].as_u64().unwrap()
+            * done["source_connections"].as_u64().unwrap();
+        (start, done["chunks_in_flight_peak"].as_u64().unwrap())
+    };
+    let (start, peak) = run(&[]);
+    assert_eq!(start, 8, "4 connections × 2 requests on this host");
+    assert!(peak >= 2 * start, "the queue did not deepen: peak {peak}");
+    let (start, peak) = run(&["--requests", "2"]);
+    assert_eq!((start, peak), (8, 8));
+}

@@ -21,7 +21,8 @@ pub const CHUNK_MAX_BYTES: u32 = 32 * 1024 * 1024;
 /// of buffers in all.
 pub const REQUESTS_NEAR: u32 = 2;
 /// Requests in flight per connection to a server across a network, as
-/// nbdcopy's default: 16 MiB per connection of 256 KiB requests.
+/// nbdcopy's default (16 MiB per connection of 256 KiB requests), and the
+/// most a slow server on this host grows to.
 pub const REQUESTS_FAR: u32 = 64;
 
 /// What `diskferry copy` was asked to do.
@@ -64,6 +65,10 @@ pub struct CopyReport {
     /// Requests in flight per connection (`--requests`, or the depth chosen
     /// for where the ends are).
     pub requests_per_connection: u32,
+    /// The most chunks in flight at once, summed over the workers: above
+    /// `connections × requests_per_connection` when a slow source on this
+    /// host made the workers deepen their queues.
+    pub chunks_in_flight_peak: usize,
 }
 
 /// Called about every `interval` with the counters, and once at the start.
@@ -187,6 +192,7 @@ fn run_opened(
     }
     let workers = pipe.workers();
     let requests_per_connection = pipe.requests();
+    let shared = pipe.shared().clone();
     let mut joined = pipe.join();
     let snap = joined.result?;
     flush_target(&joined.keep.dst_files, &mut joined.dst_back)?;
@@ -210,6 +216,8 @@ fn run_opened(
         source_connections: src_conn_count,
         target_connections: dst_conn_count,
         requests_per_connection,
+        // Every worker has finished and added its peak.
+        chunks_in_flight_peak: shared.depth_peak.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
 

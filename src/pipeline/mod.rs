@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crossbeam_queue::ArrayQueue;
 
 pub mod copy;
+pub mod depth;
 pub mod maps;
 pub mod nbd_io;
 pub mod open;
@@ -69,6 +70,9 @@ pub struct Shared {
     abort: AtomicBool,
     error: Mutex<Option<CopyError>>,
     pub stats: stats::Stats,
+    /// Sum of each worker's largest window (see [`depth::DepthCtl`]),
+    /// added as each worker finishes.
+    pub depth_peak: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -79,6 +83,7 @@ impl Shared {
             abort: AtomicBool::new(false),
             error: Mutex::new(None),
             stats: stats::Stats::default(),
+            depth_peak: std::sync::atomic::AtomicUsize::new(0),
         }
     }
     /// Record the first error and make everyone stop.

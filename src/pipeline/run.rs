@@ -47,8 +47,11 @@ pub struct PipelineConfig {
 pub enum Requests {
     /// As the user asked (`--requests N`).
     Fixed(u32),
-    /// `near` when every end is on this host (a file, an NBD server on a
-    /// Unix socket or on a loopback address), `far` otherwise.
+    /// Start at `near` when every end is on this host (a file, an NBD
+    /// server on a Unix socket or on a loopback address) and let each
+    /// worker deepen towards `far` while its reads show no queueing
+    /// ([`super::depth::DepthCtl`]: a slow server behind a local socket);
+    /// `far` from the start otherwise.
     ///
     /// A queue only has to cover the source's latency. On this host that
     /// is microseconds, and a shallow queue keeps the buffers in the
@@ -62,10 +65,11 @@ pub enum Requests {
 }
 
 impl Requests {
-    /// Requests per connection for these ends.
-    pub fn resolve(self, src: &Access, dst: &DstPlan) -> u32 {
+    /// Requests per connection for these ends: where each worker starts,
+    /// and the most it may grow to.
+    pub fn resolve(self, src: &Access, dst: &DstPlan) -> (u32, u32) {
         match self {
-            Requests::Fixed(n) => n,
+            Requests::Fixed(n) => (n, n),
             Requests::Auto { near, far } => {
                 let dst_near = match dst {
                     DstPlan::Access { access, .. } => is_near(access),
@@ -73,7 +77,11 @@ impl Requests {
                     // the socket: the link's depth is the socket buffers'.
                     DstPlan::Sink { .. } => true,
                 };
-                if is_near(src) && dst_near { near } else { far }
+                if is_near(src) && dst_near {
+                    (near.min(far), far)
+                } else {
+                    (far, far)
+                }
             }
         }
     }
@@ -202,9 +210,16 @@ impl Pipeline {
             .unwrap_or(0)
             .max(dst_conns.unwrap_or(0))
             .max(cfg.connections as usize);
-        let requests = cfg.requests.resolve(&src_access, &dst);
-        tracing::debug!(requests, workers, "requests in flight per connection");
-        let slots = (conns_max * requests as usize).max(workers);
+        let (requests, requests_max) = cfg.requests.resolve(&src_access, &dst);
+        tracing::debug!(
+            requests,
+            requests_max,
+            workers,
+            "requests in flight per connection"
+        );
+        // The pool is sized for the deepest queue; its pages are touched
+        // only as slots are used, and workers use their lowest slots first.
+        let slots = (conns_max * requests_max as usize).max(workers);
         let chunk_bytes = cfg.chunk_bytes;
         let mut pool = BufferPool::new(slots, chunk_bytes as usize)
             .map_err(|e| CopyError::Engine(e.to_string()))?;
@@ -279,7 +294,9 @@ impl Pipeline {
         for (i, ((share, src), dst)) in shares.into_iter().zip(src_ios).zip(dst_ios).enumerate() {
             let shared = Arc::clone(&shared);
             let max_in_flight = (share.slots() as u32) * 8 + 64;
+            let depth_start = (share.slots() * requests as usize).div_ceil(requests_max as usize);
             let wcfg = WorkerConfig {
+                depth_start,
                 index: i,
                 granule_bytes: zero::GRANULE_BYTES,
                 zero_max_bytes,
@@ -334,7 +351,8 @@ impl Pipeline {
         self.handles.len()
     }
 
-    /// Requests in flight per connection, as resolved for these ends.
+    /// Requests in flight per connection at the start, as resolved for
+    /// these ends.
     pub fn requests(&self) -> u32 {
         self.requests
     }
@@ -545,7 +563,7 @@ mod tests {
     #[test]
     fn unix_sockets_files_and_loopback_are_near() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert_eq!(AUTO.resolve(&nbd(NbdStream::Unix(a)), &sink()), 2);
+        assert_eq!(AUTO.resolve(&nbd(NbdStream::Unix(a)), &sink()), (2, 64));
 
         for host in ["127.0.0.1:0", "[::1]:0"] {
             let Ok(l) = std::net::TcpListener::bind(host) else {
@@ -553,7 +571,11 @@ mod tests {
             };
             let t = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
             assert!(stream_is_near(&NbdStream::Tcp(t.try_clone().unwrap())));
-            assert_eq!(AUTO.resolve(&nbd(NbdStream::Tcp(t)), &sink()), 2, "{host}");
+            assert_eq!(
+                AUTO.resolve(&nbd(NbdStream::Tcp(t)), &sink()),
+                (2, 64),
+                "{host}"
+            );
         }
 
         let f = tempfile::tempfile().unwrap();
@@ -566,7 +588,7 @@ mod tests {
             access: file(),
             fresh_zero: true,
         };
-        assert_eq!(AUTO.resolve(&file(), &to_file), 2);
+        assert_eq!(AUTO.resolve(&file(), &to_file), (2, 64));
     }
 
     #[test]
@@ -574,7 +596,7 @@ mod tests {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         assert_eq!(
             Requests::Fixed(7).resolve(&nbd(NbdStream::Unix(a)), &sink()),
-            7
+            (7, 7)
         );
     }
 }

@@ -12,6 +12,7 @@ use crate::engine::{Completion, Engine, Op};
 use crate::nbd::NbdError;
 use crate::nbd::conn::{Cmd, ReplyEvent};
 
+use super::depth::DepthCtl;
 use super::nbd_io::NbdIo;
 use super::plan::Work;
 use super::pool::PoolShare;
@@ -82,6 +83,8 @@ pub const DIRECT_ALIGN_BYTES: u64 = 4096;
 
 /// Settings of one worker.
 pub struct WorkerConfig {
+    /// Slots busy at the start; [`DepthCtl`] may grow this to every slot.
+    pub depth_start: usize,
     pub index: usize,
     pub granule_bytes: usize,
     /// Largest single write-zeroes / punch request.
@@ -162,6 +165,8 @@ struct Slot {
     pending: u32,
     subops: Vec<SubOp>,
     runs: Vec<Run>,
+    /// When the slot's reads went out (a latency sample for [`DepthCtl`]).
+    issued: Option<std::time::Instant>,
 }
 
 /// Everything one worker owns.
@@ -188,6 +193,8 @@ pub struct Worker {
     retries: RetryQueue,
     /// Scratch for the retries due now.
     retries_due: Vec<Due>,
+    /// How many slots may be busy.
+    depth: DepthCtl,
 }
 
 impl Worker {
@@ -208,8 +215,10 @@ impl Worker {
                 pending: 0,
                 subops: Vec::new(),
                 runs: Vec::new(),
+                issued: None,
             })
             .collect();
+        let depth = DepthCtl::new(cfg.depth_start, pool.slots());
         Self {
             cfg,
             shared,
@@ -228,6 +237,7 @@ impl Worker {
             writeback_waits: Vec::new(),
             retries: RetryQueue::default(),
             retries_due: Vec::new(),
+            depth,
         }
     }
 
@@ -237,6 +247,9 @@ impl Worker {
         if let Err(e) = self.event_loop() {
             self.shared.fail(e);
         }
+        self.shared
+            .depth_peak
+            .fetch_add(self.depth.peak(), std::sync::atomic::Ordering::Relaxed);
         if self.shared.aborted() {
             // Let the servers answer what was asked (some servers misbehave
             // when a client vanishes with requests outstanding), then close.
@@ -429,10 +442,17 @@ impl Worker {
     }
 
     fn fill_slots(&mut self) -> Result<(), CopyError> {
+        let mut busy = self.slots.iter().filter(|s| s.phase != Phase::Idle).count();
+        // Lowest slots first: a shallow window keeps reusing the same,
+        // cache-warm buffers.
         for slot in 0..self.slots.len() {
+            if busy >= self.depth.window() {
+                break;
+            }
             if self.slots[slot].phase != Phase::Idle {
                 continue;
             }
+            busy += 1;
             let Some(work) = self.shared.queue.pop() else {
                 break;
             };
@@ -482,6 +502,7 @@ impl Worker {
         if s.pending == 0 {
             return self.start_write(slot);
         }
+        s.issued = Some(std::time::Instant::now());
         for i in 0..self.slots[slot].subops.len() {
             self.issue_read(slot, i)?;
         }
@@ -523,6 +544,9 @@ impl Worker {
 
     /// Reads done: find zero runs and write the rest.
     fn start_write(&mut self, slot: usize) -> Result<(), CopyError> {
+        if let Some(t) = self.slots[slot].issued.take() {
+            self.depth.sample(t.elapsed());
+        }
         let len = self.slots[slot].len as usize;
         let mut runs = std::mem::take(&mut self.slots[slot].runs);
         zero::runs(

@@ -60,8 +60,8 @@ pub const CHUNK_BYTES_DEFAULT: u32 = 512 << 10;
 /// Requests in flight per source connection when the source is on this
 /// host (see [`crate::pipeline::run::Requests::Auto`]).
 pub const REQUESTS_NEAR: u32 = 2;
-/// Requests in flight per connection to a source across a network: 8 MiB
-/// per connection.
+/// Requests in flight per connection to a source across a network (8 MiB
+/// per connection), and the most a slow source on this host grows to.
 pub const REQUESTS_FAR: u32 = 16;
 /// … or this long after its first unacknowledged frame.
 const BARRIER_INTERVAL: Duration = Duration::from_millis(1000);
