@@ -85,14 +85,7 @@ pub fn run(opts: &CopyOptions, progress: ProgressFn<'_>) -> Result<CopyReport, C
             opts.chunk_bytes
         )));
     }
-    if opts.connections == 0
-        || opts.connections > 64
-        || opts.requests.is_some_and(|r| r == 0 || r > 1024)
-    {
-        return Err(CopyError::Usage(
-            "--connections must be 1..=64 and --requests 1..=1024".into(),
-        ));
-    }
+    Requests::check_flags(opts.connections, opts.requests)?;
     if opts.read_retries > READ_RETRIES_MAX {
         return Err(CopyError::Usage(format!(
             "--read-retries must be 0..={READ_RETRIES_MAX}, not {}",
@@ -141,13 +134,7 @@ fn run_opened(
     let cfg = PipelineConfig {
         threads: opts.threads,
         connections: opts.connections,
-        requests: opts.requests.map_or(
-            Requests::Auto {
-                near: REQUESTS_NEAR,
-                far: REQUESTS_FAR,
-            },
-            Requests::Fixed,
-        ),
+        requests: Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
         chunk_bytes: opts.chunk_bytes,
         kind,
         spans: None,

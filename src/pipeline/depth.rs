@@ -16,11 +16,11 @@
 //!   steadier against a remote source's jitter.
 //!
 //! Below [`GROW_BELOW`] in two epochs running: reads do not wait for each
-//! other, the source is latency-bound, half as many slots again. Above [`SHRINK_ABOVE`]: the extra depth
-//! only queues, one slot less. A source that serves one read at a time
-//! shows `waiting = (w − 1) / (w + 1)` at window `w`: 0.6 at the usual
-//! start of 4 slots per worker, so it never grows. The window never leaves
-//! `[start, max]`.
+//! other, the source is latency-bound, half as many slots again. Above
+//! [`SHRINK_ABOVE`]: the extra depth only queues, one slot less. A source
+//! that serves one read at a time shows `waiting = (w − 1) / (w + 1)` at
+//! window `w`: 0.6 at the usual start of 4 slots per worker, so it never
+//! grows. The window never leaves `[start, max]`.
 
 use std::time::Duration;
 

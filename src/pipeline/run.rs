@@ -65,6 +65,21 @@ pub enum Requests {
 }
 
 impl Requests {
+    /// `--requests N` as given, or [`Requests::Auto`] when it was not.
+    pub fn from_flag(requests: Option<u32>, near: u32, far: u32) -> Self {
+        requests.map_or(Requests::Auto { near, far }, Requests::Fixed)
+    }
+
+    /// Refuse `--connections` and `--requests` out of range.
+    pub fn check_flags(connections: u32, requests: Option<u32>) -> Result<(), CopyError> {
+        if connections == 0 || connections > 64 || requests.is_some_and(|r| r == 0 || r > 1024) {
+            return Err(CopyError::Usage(
+                "--connections must be 1..=64 and --requests 1..=1024".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Requests per connection for these ends: where each worker starts,
     /// and the most it may grow to.
     pub fn resolve(self, src: &Access, dst: &DstPlan) -> (u32, u32) {

@@ -50,6 +50,10 @@ use crate::net::socket::TuningReport;
 
 /// A stream asks for a durability barrier after this many bytes …
 const BARRIER_BYTES: u64 = 64 << 20;
+/// … or this long after its first unacknowledged frame.
+const BARRIER_INTERVAL: Duration = Duration::from_millis(1000);
+/// Barriers a stream may have unanswered before it waits for the oldest.
+const MAX_OUTSTANDING_BARRIERS: usize = 4;
 
 /// Bytes per chunk (`--chunk-size`): the unit read, hashed, compressed and
 /// framed. With [`REQUESTS_NEAR`] and 4 connections, 4 MiB of buffers are in
@@ -63,10 +67,7 @@ pub const REQUESTS_NEAR: u32 = 2;
 /// Requests in flight per connection to a source across a network (8 MiB
 /// per connection), and the most a slow source on this host grows to.
 pub const REQUESTS_FAR: u32 = 16;
-/// … or this long after its first unacknowledged frame.
-const BARRIER_INTERVAL: Duration = Duration::from_millis(1000);
-/// Barriers a stream may have unanswered before it waits for the oldest.
-const MAX_OUTSTANDING_BARRIERS: usize = 4;
+
 /// A stream with nothing to send looks at what the receiver sent (and
 /// whether a barrier or a keepalive is due) this often.
 const IDLE_SERVICE: Duration = Duration::from_millis(50);
@@ -530,14 +531,7 @@ pub fn run(
             wire::MAX_STREAMS
         )));
     }
-    if opts.connections == 0
-        || opts.connections > 64
-        || opts.requests.is_some_and(|r| r == 0 || r > 1024)
-    {
-        return Err(CopyError::Usage(
-            "--connections must be 1..=64 and --requests 1..=1024".into(),
-        ));
-    }
+    Requests::check_flags(opts.connections, opts.requests)?;
     let (kind, why) = engine::choose(opts.engine).map_err(CopyError::Engine)?;
     if let Some(why) = why {
         tracing::warn!("{why}");
@@ -690,13 +684,7 @@ pub fn run(
         let cfg = PipelineConfig {
             threads: opts.threads,
             connections: opts.connections.max(opts.streams),
-            requests: opts.requests.map_or(
-                Requests::Auto {
-                    near: REQUESTS_NEAR,
-                    far: REQUESTS_FAR,
-                },
-                Requests::Fixed,
-            ),
+            requests: Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
             chunk_bytes: opts.chunk_bytes,
             kind,
             spans: (covered_before > 0).then_some(spans),
