@@ -169,8 +169,7 @@ fn run_opened(
     let report_every = Duration::from_secs(1);
     let mut last_report = Instant::now();
     progress(&pipe.shared().stats.snapshot(), started.elapsed());
-    while !pipe.finished() {
-        std::thread::sleep(TICK);
+    while !pipe.wait_finished(TICK) {
         pipe.tick();
         if last_report.elapsed() >= report_every {
             progress(&pipe.shared().stats.snapshot(), started.elapsed());

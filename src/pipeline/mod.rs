@@ -6,6 +6,7 @@
 //! * [`worker`]: the pinned per-core state machine.
 //! * [`nbd_io`]: an NBD connection driven through an engine.
 //! * [`retry`]: bounded retries of source reads that failed.
+//! * [`exits`]: waking a control loop as soon as a group of threads stopped.
 //! * [`copy`]: the coordinator behind `diskferry copy`.
 //! * [`open`]: turning SRC / DST into open sources and targets.
 
@@ -16,6 +17,7 @@ use crossbeam_queue::ArrayQueue;
 
 pub mod copy;
 pub mod depth;
+pub mod exits;
 pub mod maps;
 pub mod nbd_io;
 pub mod open;

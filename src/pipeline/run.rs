@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::exits::{ExitGuard, Exits};
 use super::maps::ExtentList;
 use super::open::{Access, NbdConnection};
 use super::plan::{Work, plan, plan_windows};
@@ -157,6 +158,8 @@ pub struct Joined {
 pub struct Pipeline {
     shared: Arc<Shared>,
     handles: Vec<JoinHandle<(SrcIo, DstIo)>>,
+    /// Counts the workers out (see [`Self::wait_finished`]).
+    exits: Arc<Exits>,
     planner: JoinHandle<()>,
     emergency: Vec<crate::nbd::uri::NbdStream>,
     doorbells: Vec<UnixStream>,
@@ -306,8 +309,15 @@ impl Pipeline {
         };
         let kind = cfg.kind;
         let mut handles = Vec::with_capacity(workers);
+        // The last worker out tells the senders (if any) that nothing more
+        // will reach the sink, without waiting for a control-loop tick.
+        let exits = Exits::new(
+            sink.clone()
+                .map(|s| Box::new(move || s.set_producers_done()) as Box<dyn Fn() + Send + Sync>),
+        );
         for (i, ((share, src), dst)) in shares.into_iter().zip(src_ios).zip(dst_ios).enumerate() {
             let shared = Arc::clone(&shared);
+            let exit: ExitGuard = exits.enter();
             let max_in_flight = (share.slots() as u32) * 8 + 64;
             let depth_start = (share.slots() * requests as usize).div_ceil(requests_max as usize);
             let wcfg = WorkerConfig {
@@ -320,6 +330,7 @@ impl Pipeline {
             let h = std::thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .spawn(move || {
+                    let _exit = exit;
                     if let Err(e) = engine::pin::pin_current_thread(i % cpus) {
                         tracing::debug!("could not pin worker {i}: {e}");
                     }
@@ -340,6 +351,7 @@ impl Pipeline {
         Ok(Self {
             shared,
             handles,
+            exits,
             planner,
             emergency,
             doorbells,
@@ -375,6 +387,12 @@ impl Pipeline {
     /// True once every worker has stopped.
     pub fn finished(&self) -> bool {
         self.handles.iter().all(|h| h.is_finished())
+    }
+
+    /// Like [`Self::finished`], but waits up to `timeout` for the last
+    /// worker to stop, and returns as soon as it did.
+    pub fn wait_finished(&self, timeout: Duration) -> bool {
+        self.exits.wait_all(timeout) || self.finished()
     }
 
     /// Call from the control loop: cuts off workers that cannot drain

@@ -35,6 +35,7 @@ use crate::journal::RangeSet;
 use crate::net::rate::RateLimiter;
 use crate::net::socket::SocketTuning;
 use crate::pipeline::CopyError;
+use crate::pipeline::exits::Exits;
 use crate::pipeline::open::open_source;
 use crate::pipeline::plan::whole_windows;
 use crate::pipeline::run::{DstPlan, Pipeline, PipelineConfig, Requests, TICK};
@@ -704,6 +705,7 @@ pub fn run(
         let sink = pipe.sink().expect("sink pipeline");
         let shared = Arc::clone(pipe.shared());
         let mut senders = Vec::new();
+        let sender_exits = Exits::new(None);
         for (i, conn) in std::mem::take(&mut conns).into_iter().enumerate() {
             let ctx = SenderCtx {
                 index: i,
@@ -722,15 +724,20 @@ pub fn run(
                 rate_per_stream: opts.rate_bytes_per_s.map(|r| r as f64 / n_streams as f64),
                 loopback,
             };
+            let exit = sender_exits.enter();
             let h = std::thread::Builder::new()
                 .name(format!("sender-{i}"))
-                .spawn(move || sender_thread(ctx, conn))
+                .spawn(move || {
+                    let _exit = exit;
+                    sender_thread(ctx, conn)
+                })
                 .map_err(|e| CopyError::Internal(format!("spawning sender {i}: {e}")))?;
             senders.push(h);
         }
+        // The pipeline's last worker tells the sink that production ended
+        // (see `Pipeline::start`); the check below is the fallback.
         let mut producers_done = false;
-        while !senders.iter().all(|h| h.is_finished()) {
-            std::thread::sleep(TICK);
+        while !sender_exits.wait_all(TICK) && !senders.iter().all(|h| h.is_finished()) {
             pipe.tick();
             for (i, w) in lock(&job.watches).iter().enumerate() {
                 if let Some(w) = w {
