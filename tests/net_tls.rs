@@ -91,6 +91,11 @@ fn mutual_tls_carries_bytes_both_ways_by_ip_and_by_name() {
             stream.conn.protocol_version(),
             Some(rustls::ProtocolVersion::TLSv1_3)
         );
+        assert_eq!(
+            stream.conn.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(tls::PREFERRED_SUITE),
+            "a diskferry pair agrees on AES-128-GCM"
+        );
         assert_eq!(ping_pong(stream), b"pong", "connecting as {name}");
         assert_eq!(
             server.join().expect("join").expect("server handshake"),
@@ -283,6 +288,44 @@ fn tls12_only_sender_is_refused() {
         matches!(client_err, TlsError::ProtocolVersion { .. }),
         "{client_err:?}"
     );
+}
+
+/// A sender configured with only AES-256-GCM (or only ChaCha20) still
+/// gets through: the receiver prefers AES-128-GCM but accepts the others.
+#[test]
+fn a_sender_offering_only_another_tls13_suite_still_connects() {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_dir(dir.path(), &[]);
+    for suite in [
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+    ] {
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = vec![suite];
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("versions")
+            .with_root_certificates(roots(&dir.path().join("ca.pem")))
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(dir.path().join("client.pem"))
+                    .expect("pem")
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("certs"),
+                rustls::pki_types::PrivateKeyDer::from_pem_file(dir.path().join("client.key"))
+                    .expect("key"),
+            )
+            .expect("client auth");
+        cfg.alpn_protocols = vec![tls::ALPN_PROTOCOL.to_vec()];
+        let (addr, server) = serve_one(dir.path(), TIMEOUT_MS);
+        let stream = connect(addr, Arc::new(cfg), "127.0.0.1").expect("client handshake");
+        assert_eq!(
+            stream.conn.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(suite.suite())
+        );
+        assert_eq!(ping_pong(stream), b"pong");
+        assert_eq!(server.join().expect("join").expect("server"), b"ping");
+    }
 }
 
 #[test]

@@ -223,9 +223,24 @@ fn pem_error(path: &Path, err: pem::Error) -> TlsError {
     }
 }
 
+/// ring's provider with AES-128-GCM first. Both ends list it first, so it
+/// is what a diskferry pair negotiates; AES-256-GCM and ChaCha20-Poly1305
+/// stay for peers that ask for them. AES-128 runs 10 rounds to AES-256's
+/// 14, and sealing and opening every byte on both ends is most of the CPU
+/// a TLS stream costs (docs/benchmarks.md, session 5).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
 }
+
+/// The TLS 1.3 cipher suite a diskferry sender and receiver agree on.
+pub const PREFERRED_SUITE: rustls::CipherSuite = rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
 
 /// Receiver configuration: TLS 1.3 only, client certificate signed by the CA
 /// required, ALPN `diskferry/1`, no session tickets.
