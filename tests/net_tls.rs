@@ -79,6 +79,30 @@ fn ring() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A sender configuration built by hand (not by `tls::client_config`): the
+/// client certificate of `dir`, its CA, ALPN, and the given provider and
+/// protocol version.
+fn custom_client_cfg(
+    dir: &Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> rustls::ClientConfig {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[version])
+        .expect("versions")
+        .with_root_certificates(roots(&dir.join("ca.pem")))
+        .with_client_auth_cert(
+            CertificateDer::pem_file_iter(dir.join("client.pem"))
+                .expect("pem")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("certs"),
+            rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("client.key")).expect("key"),
+        )
+        .expect("client auth");
+    cfg.alpn_protocols = vec![tls::ALPN_PROTOCOL.to_vec()];
+    cfg
+}
+
 #[test]
 fn mutual_tls_carries_bytes_both_ways_by_ip_and_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -258,20 +282,7 @@ fn tls12_only_sender_is_refused() {
     init_dir(dir.path(), &[]);
     let client_files = TlsDir::load(dir.path(), Role::Client).expect("files");
     drop(client_files);
-    let mut cfg = rustls::ClientConfig::builder_with_provider(ring())
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .expect("versions")
-        .with_root_certificates(roots(&dir.path().join("ca.pem")))
-        .with_client_auth_cert(
-            CertificateDer::pem_file_iter(dir.path().join("client.pem"))
-                .expect("pem")
-                .collect::<Result<Vec<_>, _>>()
-                .expect("certs"),
-            rustls::pki_types::PrivateKeyDer::from_pem_file(dir.path().join("client.key"))
-                .expect("key"),
-        )
-        .expect("client auth");
-    cfg.alpn_protocols = vec![tls::ALPN_PROTOCOL.to_vec()];
+    let cfg = custom_client_cfg(dir.path(), ring(), &rustls::version::TLS12);
     let (addr, server) = serve_one(dir.path(), TIMEOUT_MS);
     let client_err = connect(addr, Arc::new(cfg), "127.0.0.1").unwrap_err();
     let server_err = server.join().expect("join").unwrap_err();
@@ -303,20 +314,7 @@ fn a_sender_offering_only_another_tls13_suite_still_connects() {
     ] {
         let mut provider = rustls::crypto::ring::default_provider();
         provider.cipher_suites = vec![suite];
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("versions")
-            .with_root_certificates(roots(&dir.path().join("ca.pem")))
-            .with_client_auth_cert(
-                CertificateDer::pem_file_iter(dir.path().join("client.pem"))
-                    .expect("pem")
-                    .collect::<Result<Vec<_>, _>>()
-                    .expect("certs"),
-                rustls::pki_types::PrivateKeyDer::from_pem_file(dir.path().join("client.key"))
-                    .expect("key"),
-            )
-            .expect("client auth");
-        cfg.alpn_protocols = vec![tls::ALPN_PROTOCOL.to_vec()];
+        let cfg = custom_client_cfg(dir.path(), Arc::new(provider), &rustls::version::TLS13);
         let (addr, server) = serve_one(dir.path(), TIMEOUT_MS);
         let stream = connect(addr, Arc::new(cfg), "127.0.0.1").expect("client handshake");
         assert_eq!(
