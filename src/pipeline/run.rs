@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::exits::{ExitGuard, Exits};
+use super::exits::Exits;
 use super::maps::ExtentList;
 use super::open::{Access, NbdConnection};
 use super::plan::{Work, plan, plan_windows};
@@ -317,7 +317,7 @@ impl Pipeline {
         );
         for (i, ((share, src), dst)) in shares.into_iter().zip(src_ios).zip(dst_ios).enumerate() {
             let shared = Arc::clone(&shared);
-            let exit: ExitGuard = exits.enter();
+            let exit = exits.enter();
             let max_in_flight = (share.slots() as u32) * 8 + 64;
             let depth_start = (share.slots() * requests as usize).div_ceil(requests_max as usize);
             let wcfg = WorkerConfig {
@@ -384,15 +384,10 @@ impl Pipeline {
         self.requests
     }
 
-    /// True once every worker has stopped.
-    pub fn finished(&self) -> bool {
-        self.handles.iter().all(|h| h.is_finished())
-    }
-
-    /// Like [`Self::finished`], but waits up to `timeout` for the last
-    /// worker to stop, and returns as soon as it did.
+    /// True once every worker has stopped, waiting up to `timeout` for the
+    /// last one and returning as soon as it did.
     pub fn wait_finished(&self, timeout: Duration) -> bool {
-        self.exits.wait_all(timeout) || self.finished()
+        self.exits.wait_all(timeout)
     }
 
     /// Call from the control loop: cuts off workers that cannot drain

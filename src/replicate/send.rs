@@ -735,18 +735,13 @@ pub fn run(
             senders.push(h);
         }
         // The pipeline's last worker tells the sink that production ended
-        // (see `Pipeline::start`); the check below is the fallback.
-        let mut producers_done = false;
-        while !sender_exits.wait_all(TICK) && !senders.iter().all(|h| h.is_finished()) {
+        // (see `Pipeline::start`).
+        while !sender_exits.wait_all(TICK) {
             pipe.tick();
             for (i, w) in lock(&job.watches).iter().enumerate() {
                 if let Some(w) = w {
                     w.check(opts.stall_timeout, i);
                 }
-            }
-            if !producers_done && pipe.finished() {
-                sink.set_producers_done();
-                producers_done = true;
             }
             if last_report.elapsed() >= Duration::from_secs(1) {
                 progress(&add(&totals, &shared.stats.snapshot()), started.elapsed());
