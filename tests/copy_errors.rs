@@ -378,3 +378,38 @@ fn server_that_dies_mid_copy_fails_cleanly() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
 }
+
+#[test]
+fn a_full_target_file_system_fails_the_copy_and_a_rerun_after_growing_it_completes() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    dense_file(&src, 64 * MIB as usize, 9);
+    // The target lives on a 16 MiB tmpfs: a quarter of the source fits.
+    let fs = Tmpfs::mount(&d.path().join("small"), "16m")
+        .unwrap_or_else(|why| panic!("cannot mount a tmpfs ({why}); the tests run as root"));
+    for e in ENGINES {
+        let dst = d.path().join("small").join(format!("dst-{e}.img"));
+        let out = copy(src.to_str().unwrap(), dst.to_str().unwrap(), e, &["--json"]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(4), "{e}: {err}");
+        assert!(
+            err.to_lowercase().contains("no space"),
+            "{e}: the message does not say the target is full: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{e}: not one line: {err}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !stdout.contains("\"done\""),
+            "{e}: a done event was printed: {stdout}"
+        );
+        assert_only_source_data(&src, &dst);
+        std::fs::remove_file(&dst).unwrap();
+    }
+    fs.resize("128m");
+    for e in ENGINES {
+        let dst = d.path().join("small").join(format!("dst-{e}.img"));
+        copy_ok(src.to_str().unwrap(), dst.to_str().unwrap(), e, &[]);
+        assert_same(&src, &dst);
+        std::fs::remove_file(&dst).unwrap();
+    }
+}
