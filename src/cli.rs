@@ -133,7 +133,9 @@ pub struct SendArgs {
     /// Bytes per chunk (power of two, 4KiB..32MiB).
     #[arg(long, default_value = "512k", value_parser = parse_chunk)]
     pub chunk_size: u32,
-    /// Worker threads (default: one per online CPU).
+    /// Worker threads (default: one per online CPU; half of them when the
+    /// source is an NBD server on this machine, which needs cores too, as
+    /// the TLS senders do).
     #[arg(long)]
     pub threads: Option<u32>,
     /// I/O engine for the source side.
@@ -177,10 +179,7 @@ pub struct CopyArgs {
     /// Bytes per request (power of two, 4KiB..32MiB; k/M suffixes are binary).
     #[arg(long, default_value = "256k", value_parser = parse_chunk)]
     pub chunk_size: u32,
-    /// Worker threads (default: one per online CPU; half of them when an
-    /// NBD server on this machine, reached by a Unix socket, shares the cores
-    /// and the target is not a file: each worker is one write chain into a
-    /// file target).
+    /// Worker threads (default: one per online CPU).
     #[arg(long)]
     pub threads: Option<u32>,
     /// I/O engine (default: io_uring when the kernel allows it, else threads).

@@ -257,3 +257,38 @@ fn falls_back_to_threads_when_io_uring_is_unavailable() {
     assert_eq!(last_json(&out)["engine"], "threads");
     assert_same(&src, &dst);
 }
+
+#[test]
+fn a_copy_between_two_nbd_servers_on_this_machine_uses_every_core() {
+    let d = tempfile::tempdir().unwrap();
+    let size = "96M";
+    let src = nbdkit(
+        d.path(),
+        "src",
+        &[
+            "sparse-random",
+            &format!("size={size}"),
+            "seed=7",
+            "percent=40",
+            "random-content=true",
+        ],
+    );
+    let reference = d.path().join("ref.img");
+    nbd_to_file(&src.uri(), &reference);
+    // Every core, up to one worker per connection (4 by default).
+    let cores = diskferry::engine::pin::online_cpus().clamp(1, 4);
+    for e in ENGINES {
+        let mem = nbdkit(d.path(), "mem", &["memory", &format!("size={size}")]);
+        let out = copy_ok(&src.uri(), &mem.uri(), e, &["--json"]);
+        let done = last_json(&out);
+        assert_eq!(done["event"], "done", "{e}: {done}");
+        assert_eq!(
+            done["workers"].as_u64(),
+            Some(cores as u64),
+            "{e}: a local NBD-to-NBD copy did not use every core: {done}"
+        );
+        let back = d.path().join(format!("back-{e}.img"));
+        nbd_to_file(&mem.uri(), &back);
+        assert_same(&reference, &back);
+    }
+}

@@ -190,27 +190,24 @@ impl Pipeline {
         dst: DstPlan,
     ) -> Result<Self, CopyError> {
         let cpus = engine::pin::online_cpus().max(1);
-        // A server on this machine (an NBD Unix socket: qemu-nbd, nbdkit, our
-        // own qemu-nbd child) needs cores too: by default leave it half —
-        // except when the target is a file. Each worker keeps one buffered
-        // write in flight (see `Worker::issue_write`), so workers are the
-        // target's parallel write chains, as nbdcopy's threads are; with one
-        // chain a slow writeback stalls the whole copy. Same-run A/B on
-        // 2 cores (docs/benchmarks.md): 2 workers instead of 1 took 7 % off
-        // ext4, 18 % off sparse and 15 % / −2 % off dense.
+        // One worker per core for a copy. `send` with an NBD server on this
+        // machine (a Unix socket: qemu-nbd, nbdkit, our own qemu-nbd child)
+        // leaves that server and its TLS senders half the cores.
+        //
+        // A copy used to leave the half too unless the target was a file.
+        // Each worker is one chain of reads and writes (it keeps one
+        // buffered write in flight, see `Worker::issue_write`), and with one
+        // chain a 2-core copy waited on it. Same-run A/Bs on 2 cores, 2
+        // workers against 1 (docs/benchmarks.md, sessions 4 and 6): into
+        // files 7 % off ext4, 18 % off sparse; into NBD targets on this
+        // machine 20 % off nbdkit sparse-random to null, 5–10 % off dense,
+        // sparse and ext4 to an nbdkit memory target, and a tie (±2 %) to a
+        // qemu-nbd target on the same disk.
         let local_server = is_local_nbd(&src_access)
             || matches!(&dst, DstPlan::Access { access, .. } if is_local_nbd(access));
-        let file_target = matches!(
-            &dst,
-            DstPlan::Access {
-                access: Access::File { .. },
-                ..
-            }
-        );
-        let default_threads = if local_server && !file_target {
-            (cpus / 2).max(1)
-        } else {
-            cpus
+        let default_threads = match dst {
+            DstPlan::Sink { .. } if local_server => (cpus / 2).max(1),
+            _ => cpus,
         };
         let threads = cfg.threads.map_or(default_threads, |t| t.max(1) as usize);
         let src_conns = conns_of(&src_access);
