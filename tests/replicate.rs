@@ -536,9 +536,15 @@ fn auto_compression_beats_raw_on_a_slow_link() {
         "200mbit link: none {t_none:.1}s, auto {t_auto:.1}s (ratio {}), {done}",
         done["compression_ratio"]
     );
+    // On a 200 Mbit/s link the time follows the bytes on the wire: auto
+    // must have compressed, and the copy must show it. Seen: ratio
+    // 2.0–2.3, speed-up 1.79–2.1; the speed-up bound leaves room for
+    // start-up and the link's burst.
+    let ratio = done["compression_ratio"].as_f64().unwrap_or(0.0);
+    assert!(ratio >= 1.6, "auto compressed only {ratio:.2}x: {done}");
     assert!(
-        t_none >= 1.8 * t_auto,
-        "auto ({t_auto:.1}s) is not 1.8x faster than none ({t_none:.1}s)"
+        t_none >= 1.4 * t_auto,
+        "auto ({t_auto:.1}s) is not 1.4x faster than none ({t_none:.1}s)"
     );
 }
 
