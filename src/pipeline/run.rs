@@ -200,9 +200,9 @@ impl Pipeline {
         // chain a 2-core copy waited on it. Same-run A/Bs on 2 cores, 2
         // workers against 1 (docs/benchmarks.md, sessions 4 and 6): into
         // files 7 % off ext4, 18 % off sparse; into NBD targets on this
-        // machine 20 % off nbdkit sparse-random to null, 5–10 % off dense,
-        // sparse and ext4 to an nbdkit memory target, and a tie (±2 %) to a
-        // qemu-nbd target on the same disk.
+        // machine 20 % off nbdkit sparse-random to null, 3–10 % off dense
+        // and sparse to an nbdkit memory target, ext4 there −5 % and +1.5 %
+        // in two A/Bs, and a tie (±2 %) to a qemu-nbd target on the same disk.
         let local_server = is_local_nbd(&src_access)
             || matches!(&dst, DstPlan::Access { access, .. } if is_local_nbd(access));
         let default_threads = match dst {
