@@ -346,3 +346,39 @@ fn a_copy_into_a_file_does_not_fill_the_page_cache_with_it() {
         assert_same(&src, &dst);
     }
 }
+
+/// Into an NBD target the control thread may deepen every worker's queue
+/// while that reads faster (`src/pipeline/probe.rs`); `--requests` still
+/// fixes the depth, for the whole copy.
+#[test]
+fn requests_pins_the_depth_into_an_nbd_target() {
+    let d = tempfile::tempdir().unwrap();
+    // 20 ms per read: at 8 reads in flight, 96 MiB takes about a second,
+    // long enough for the probe's first epochs.
+    let src = nbdkit(
+        d.path(),
+        "slow",
+        &["--filter=delay", "pattern", "size=96M", "delay-read=20ms"],
+    );
+    let reference = d.path().join("ref.img");
+    nbd_to_file(&src.uri(), &reference);
+    let mem = nbdkit(d.path(), "mem", &["memory", "size=96M"]);
+    let out = copy_ok(
+        &src.uri(),
+        &mem.uri(),
+        "uring",
+        &["--json", "--requests", "2"],
+    );
+    let done = last_json(&out);
+    let start = done["requests_per_connection"].as_u64().unwrap()
+        * done["source_connections"].as_u64().unwrap();
+    assert_eq!(start, 8, "{done}");
+    assert_eq!(done["chunks_in_flight_peak"].as_u64(), Some(8), "{done}");
+    assert!(
+        done["elapsed_s"].as_f64().unwrap() > 0.6,
+        "too quick for the probe to have had a chance: {done}"
+    );
+    let back = d.path().join("back.img");
+    nbd_to_file(&mem.uri(), &back);
+    assert_same(&reference, &back);
+}

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::open::{Access, Source, Target, open_source, open_target};
+use super::probe::{self, DepthProbe};
 use super::retry::READ_RETRIES_MAX;
 use super::run::{DstFiles, DstPlan, Pipeline, PipelineConfig, Requests, TICK};
 use super::stats::Snapshot;
@@ -156,6 +157,7 @@ fn run_opened(
         display: dst_display,
         ..
     } = target;
+    let file_target = matches!(dst_access, Access::File { .. });
     let mut pipe = Pipeline::start(
         &cfg,
         src_access,
@@ -168,9 +170,19 @@ fn run_opened(
     )?;
     let report_every = Duration::from_secs(1);
     let mut last_report = Instant::now();
+    // `--requests N` fixes the depth. Into a file, whose writes share this
+    // machine's page cache and disk with the reads, a deeper read queue was
+    // slower in every A/B, and each probe costs its two epochs (sparse 8 GiB:
+    // four failed probes, 2 % slower; docs/benchmarks.md, session 6).
+    // Into an NBD target, probe whether deeper reads faster.
+    let mut probe =
+        (matches!(cfg.requests, Requests::Auto { .. }) && !file_target).then(ProbeClock::new);
     progress(&pipe.shared().stats.snapshot(), started.elapsed());
     while !pipe.wait_finished(TICK) {
         pipe.tick();
+        if let Some(p) = &mut probe {
+            p.tick(pipe.shared());
+        }
         if last_report.elapsed() >= report_every {
             progress(&pipe.shared().stats.snapshot(), started.elapsed());
             last_report = Instant::now();
@@ -249,5 +261,34 @@ pub fn disconnect(src: &mut [SrcIo], dst: &mut [DstIo]) {
         if let DstIo::Nbd(conns) = d {
             conns.iter_mut().for_each(&mut bye);
         }
+    }
+}
+
+/// Feeds [`DepthProbe`] one epoch's read rate at a time.
+struct ProbeClock {
+    probe: DepthProbe,
+    since: Instant,
+    bytes: u64,
+}
+
+impl ProbeClock {
+    fn new() -> Self {
+        Self {
+            probe: DepthProbe::default(),
+            since: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    fn tick(&mut self, shared: &super::Shared) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let elapsed = self.since.elapsed();
+        if elapsed < probe::EPOCH {
+            return;
+        }
+        let bytes = shared.stats.bytes_read.load(Relaxed);
+        let rate = bytes.saturating_sub(self.bytes) as f64 / elapsed.as_secs_f64();
+        (self.since, self.bytes) = (Instant::now(), bytes);
+        shared.depth_scale.store(self.probe.epoch(rate), Relaxed);
     }
 }

@@ -7,6 +7,7 @@
 //! * [`nbd_io`]: an NBD connection driven through an engine.
 //! * [`retry`]: bounded retries of source reads that failed.
 //! * [`exits`]: waking a control loop as soon as a group of threads stopped.
+//! * [`probe`]: deepening every worker's queue while that reads faster.
 //! * [`copy`]: the coordinator behind `diskferry copy`.
 //! * [`open`]: turning SRC / DST into open sources and targets.
 
@@ -23,6 +24,7 @@ pub mod nbd_io;
 pub mod open;
 pub mod plan;
 pub mod pool;
+pub mod probe;
 pub mod retry;
 pub mod run;
 pub mod sink;
@@ -75,6 +77,9 @@ pub struct Shared {
     /// Sum of each worker's largest window (see [`depth::DepthCtl`]),
     /// added as each worker finishes.
     pub depth_peak: std::sync::atomic::AtomicUsize,
+    /// Multiple of every worker's window, set by the control thread's
+    /// [`probe::DepthProbe`] (1 when it does not run).
+    pub depth_scale: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -86,6 +91,7 @@ impl Shared {
             error: Mutex::new(None),
             stats: stats::Stats::default(),
             depth_peak: std::sync::atomic::AtomicUsize::new(0),
+            depth_scale: std::sync::atomic::AtomicUsize::new(1),
         }
     }
     /// Record the first error and make everyone stop.

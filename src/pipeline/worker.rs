@@ -195,6 +195,8 @@ pub struct Worker {
     retries_due: Vec<Due>,
     /// How many slots may be busy.
     depth: DepthCtl,
+    /// The largest window used, with the control thread's scale.
+    window_peak: usize,
 }
 
 impl Worker {
@@ -238,6 +240,7 @@ impl Worker {
             retries: RetryQueue::default(),
             retries_due: Vec::new(),
             depth,
+            window_peak: 0,
         }
     }
 
@@ -249,7 +252,7 @@ impl Worker {
         }
         self.shared
             .depth_peak
-            .fetch_add(self.depth.peak(), std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(self.window_peak, std::sync::atomic::Ordering::Relaxed);
         if self.shared.aborted() {
             // Let the servers answer what was asked (some servers misbehave
             // when a client vanishes with requests outstanding), then close.
@@ -445,8 +448,14 @@ impl Worker {
         let mut busy = self.slots.iter().filter(|s| s.phase != Phase::Idle).count();
         // Lowest slots first: a shallow window keeps reusing the same,
         // cache-warm buffers.
+        let scale = self
+            .shared
+            .depth_scale
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let window = (self.depth.window() * scale.max(1)).min(self.slots.len());
+        self.window_peak = self.window_peak.max(window);
         for slot in 0..self.slots.len() {
-            if busy >= self.depth.window() {
+            if busy >= window {
                 break;
             }
             if self.slots[slot].phase != Phase::Idle {
