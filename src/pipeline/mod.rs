@@ -74,8 +74,8 @@ pub struct Shared {
     abort: AtomicBool,
     error: Mutex<Option<CopyError>>,
     pub stats: stats::Stats,
-    /// Sum of each worker's largest window (see [`depth::DepthCtl`]),
-    /// added as each worker finishes.
+    /// Sum of each worker's largest window (its [`depth::DepthCtl`] window
+    /// times `depth_scale`), added as each worker finishes.
     pub depth_peak: std::sync::atomic::AtomicUsize,
     /// Multiple of every worker's window, set by the control thread's
     /// [`probe::DepthProbe`] (1 when it does not run).

@@ -446,14 +446,14 @@ impl Worker {
 
     fn fill_slots(&mut self) -> Result<(), CopyError> {
         let mut busy = self.slots.iter().filter(|s| s.phase != Phase::Idle).count();
-        // Lowest slots first: a shallow window keeps reusing the same,
-        // cache-warm buffers.
         let scale = self
             .shared
             .depth_scale
             .load(std::sync::atomic::Ordering::Relaxed);
         let window = (self.depth.window() * scale.max(1)).min(self.slots.len());
         self.window_peak = self.window_peak.max(window);
+        // Lowest slots first: a shallow window keeps reusing the same,
+        // cache-warm buffers.
         for slot in 0..self.slots.len() {
             if busy >= window {
                 break;
