@@ -347,6 +347,65 @@ fn a_copy_into_a_file_does_not_fill_the_page_cache_with_it() {
     }
 }
 
+/// nbdkit's `pattern` plugin: every 8-byte word holds its own offset, big
+/// endian. Check a few words spread over `path`.
+fn assert_pattern(path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let size = f.metadata().unwrap().len();
+    for i in 0..64u64 {
+        let at = (size / 64 * i + 4096 * i) / 8 * 8 % size;
+        let mut word = [0u8; 8];
+        f.read_exact_at(&mut word, at).unwrap();
+        assert_eq!(
+            u64::from_be_bytes(word),
+            at,
+            "word at {at} of {}",
+            path.display()
+        );
+    }
+}
+
+/// Into a file too, the control thread tries deeper queues (measured as
+/// bytes that reached the target's storage): a target on faster storage
+/// than the source's reads faster deeper. `--requests` turns it off.
+#[test]
+fn a_copy_into_a_file_probes_deeper_queues_unless_requests_fixes_the_depth() {
+    let d = tempfile::tempdir().unwrap();
+    // 30 ms per read: the copy lasts about 2 s whatever the depth the
+    // workers' own latency rule reaches, past the first probe (which
+    // starts at the sixth 150 ms epoch and is judged two epochs later).
+    let src = nbdkit(
+        d.path(),
+        "slow",
+        &["--filter=delay", "pattern", "size=640M", "delay-read=30ms"],
+    );
+    let out_path = d.path().join("out.img");
+    let out_s = out_path.to_str().unwrap();
+    let auto = last_json(&copy_ok(&src.uri(), out_s, "uring", &["--json"]));
+    assert!(
+        auto["depth_probes"].as_u64().unwrap() >= 1,
+        "no probe into a file: {auto}"
+    );
+    assert_pattern(&out_path);
+    std::fs::remove_file(&out_path).unwrap();
+
+    let fixed = last_json(&copy_ok(
+        &src.uri(),
+        out_s,
+        "uring",
+        &["--json", "--requests", "4"],
+    ));
+    assert_eq!(fixed["depth_probes"].as_u64(), Some(0), "{fixed}");
+    // 4 connections of 4 requests: 16 chunks in flight, never more.
+    assert_eq!(fixed["chunks_in_flight_peak"].as_u64(), Some(16), "{fixed}");
+    assert!(
+        fixed["elapsed_s"].as_f64().unwrap() > 1.5,
+        "too quick for a probe to have had a chance: {fixed}"
+    );
+    assert_pattern(&out_path);
+}
+
 /// Into an NBD target the control thread may deepen every worker's queue
 /// while that reads faster (`src/pipeline/probe.rs`); `--requests` still
 /// fixes the depth, for the whole copy.
@@ -374,6 +433,7 @@ fn requests_pins_the_depth_into_an_nbd_target() {
         * done["source_connections"].as_u64().unwrap();
     assert_eq!(start, 8, "{done}");
     assert_eq!(done["chunks_in_flight_peak"].as_u64(), Some(8), "{done}");
+    assert_eq!(done["depth_probes"].as_u64(), Some(0), "{done}");
     assert!(
         done["elapsed_s"].as_f64().unwrap() > 1.0,
         "too quick for the probe to have had a chance: {done}"

@@ -70,6 +70,9 @@ pub struct CopyReport {
     /// `connections × requests_per_connection` when a slow source on this
     /// host made the workers deepen their queues.
     pub chunks_in_flight_peak: usize,
+    /// Times the control thread tried a deeper queue (see
+    /// [`super::probe`]); 0 when `--requests` fixed the depth.
+    pub depth_probes: usize,
 }
 
 /// Called about every `interval` with the counters, and once at the start.
@@ -170,13 +173,15 @@ fn run_opened(
     )?;
     let report_every = Duration::from_secs(1);
     let mut last_report = Instant::now();
-    // `--requests N` fixes the depth. Into a file, whose writes share this
-    // machine's page cache and disk with the reads, a deeper read queue was
-    // slower in every A/B, and each probe costs its two epochs (sparse 8 GiB:
-    // four failed probes, 2 % slower; docs/benchmarks.md, session 6).
-    // Into an NBD target, probe whether deeper reads faster.
+    // `--requests N` fixes the depth. Otherwise probe whether a deeper
+    // queue moves more: into a file, measured as bytes that reached the
+    // target's storage, not the page cache. Where the target shares the
+    // source's disk, deeper reads only delay the writes and the probes fail
+    // (dense 2 GiB: 1 % slower than not probing, 16 rounds); into a file on
+    // faster storage the shallow start read 15 % slower than nbdcopy
+    // (docs/benchmarks.md, session 7).
     let mut probe =
-        (matches!(cfg.requests, Requests::Auto { .. }) && !file_target).then(ProbeClock::new);
+        matches!(cfg.requests, Requests::Auto { .. }).then(|| ProbeClock::new(file_target));
     progress(&pipe.shared().stats.snapshot(), started.elapsed());
     while !pipe.wait_finished(TICK) {
         pipe.tick();
@@ -216,6 +221,7 @@ fn run_opened(
         requests_per_connection,
         // Every worker has finished and added its peak.
         chunks_in_flight_peak: shared.depth_peak.load(std::sync::atomic::Ordering::Relaxed),
+        depth_probes: probe.map_or(0, |p| p.probe.probes()),
     })
 }
 
@@ -264,19 +270,22 @@ pub fn disconnect(src: &mut [SrcIo], dst: &mut [DstIo]) {
     }
 }
 
-/// Feeds [`DepthProbe`] one epoch's read rate at a time.
+/// Feeds [`DepthProbe`] one epoch's rate at a time: bytes read, or for a
+/// file target bytes landed ([`super::stats::Stats::bytes_landed`]).
 struct ProbeClock {
     probe: DepthProbe,
     since: Instant,
     bytes: u64,
+    landed: bool,
 }
 
 impl ProbeClock {
-    fn new() -> Self {
+    fn new(landed: bool) -> Self {
         Self {
             probe: DepthProbe::default(),
             since: Instant::now(),
             bytes: 0,
+            landed,
         }
     }
 
@@ -286,7 +295,12 @@ impl ProbeClock {
         if elapsed < probe::EPOCH {
             return;
         }
-        let bytes = shared.stats.bytes_read.load(Relaxed);
+        let counter = if self.landed {
+            &shared.stats.bytes_landed
+        } else {
+            &shared.stats.bytes_read
+        };
+        let bytes = counter.load(Relaxed);
         let rate = bytes.saturating_sub(self.bytes) as f64 / elapsed.as_secs_f64();
         (self.since, self.bytes) = (Instant::now(), bytes);
         shared.depth_scale.store(self.probe.epoch(rate), Relaxed);

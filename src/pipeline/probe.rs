@@ -50,6 +50,8 @@ pub struct DepthProbe {
     backoff: usize,
     /// The last two epochs' rates at the current scale.
     recent: [f64; 2],
+    /// Probes judged so far.
+    probes: usize,
 }
 
 impl Default for DepthProbe {
@@ -61,6 +63,7 @@ impl Default for DepthProbe {
             },
             backoff: 1,
             recent: [0.0; 2],
+            probes: 0,
         }
     }
 }
@@ -69,6 +72,11 @@ impl DepthProbe {
     /// The multiple of every worker's window in force now.
     pub fn scale(&self) -> usize {
         self.scale
+    }
+
+    /// Probes judged so far, kept or not.
+    pub fn probes(&self) -> usize {
+        self.probes
     }
 
     /// An epoch ended having read `rate` bytes per second; returns the
@@ -91,6 +99,7 @@ impl DepthProbe {
             }
             State::Settling { before } => State::Judging { before },
             State::Judging { before } => {
+                self.probes += 1;
                 let kept = rate >= before * GAIN;
                 tracing::debug!(
                     scale = self.scale,
@@ -150,6 +159,13 @@ mod tests {
             "{deep} epochs deeper than 1 in 200: {scales:?}"
         );
         assert!(scales.iter().all(|&s| s <= 2), "{scales:?}");
+        // Every stretch at scale 2 was one probe, judged.
+        let stretches = scales
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| **s == 2 && (*i == 0 || scales[i - 1] == 1))
+            .count();
+        assert_eq!(p.probes(), stretches, "{scales:?}");
         let last_probes: Vec<usize> = scales
             .iter()
             .enumerate()

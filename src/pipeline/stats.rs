@@ -18,6 +18,10 @@ pub struct Stats {
     /// Target bytes made zero without data: holes and zero runs, whether
     /// skipped (fresh target) or written as zeroes / punched.
     pub bytes_zeroed: AtomicU64,
+    /// Data bytes a file target holds on its storage, not just in the page
+    /// cache: written with O_DIRECT, or written back (the throughput probe's
+    /// measure when reads and writes may share a disk).
+    pub bytes_landed: AtomicU64,
     /// Source reads issued again after a transient failure (see
     /// [`super::retry`]).
     pub read_retries: AtomicU64,

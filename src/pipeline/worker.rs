@@ -909,6 +909,7 @@ impl Worker {
                 "writing back offset {offset}: {err}"
             )));
         }
+        Stats::add(&self.shared.stats.bytes_landed, u64::from(len));
         if let DstIo::File { fd, .. } = &self.dst {
             let op = Op::Fadvise {
                 fd: *fd,
@@ -1048,6 +1049,10 @@ impl Worker {
             &self.shared.stats.bytes_written
         };
         Stats::add(stat, u64::from(n));
+        if ud_tag(c.user_data) == TAG_FILE_WRITE {
+            // O_DIRECT: on the device already.
+            Stats::add(&self.shared.stats.bytes_landed, u64::from(n));
+        }
         let so = &mut self.slots[slot].subops[sub];
         so.done += n;
         if so.done < so.len {
