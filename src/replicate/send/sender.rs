@@ -1,0 +1,463 @@
+//! The sender threads: one per stream, taking windows from the sink,
+//! framing and compressing them, asking for barriers and reading the
+//! receiver's replies.
+
+use super::link::{classify, explain};
+use super::*;
+
+/// One stream's sender for one round: takes lent windows from the sink
+/// until the workers are done, then a final barrier. A broken connection
+/// is reconnected (what it had not had acknowledged is left for the next
+/// round); on a fatal error the job fails and the thread keeps handing
+/// slots back so the workers can finish. Returns the connection, all of
+/// its data acknowledged.
+pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compress::Stats)> {
+    let mut s = StreamSender {
+        policy: Policy::new(ctx.mode),
+        comps: Compressors::new(),
+        out: Vec::with_capacity(ctx.chunk_bytes as usize + 4096),
+        scratch: Vec::with_capacity(64),
+        link_bytes_per_s: None,
+        last_sample: None,
+        written_bytes: 0,
+    };
+    let mut conn = Some(conn);
+    let mut broken_since: Option<Instant> = None;
+    let mut failed = false;
+    let mut last_service = Instant::now();
+    let abort = || ctx.shared.aborted();
+    loop {
+        if !failed && conn.is_none() {
+            let since = *broken_since.get_or_insert_with(Instant::now);
+            match ctx.connector.reconnect(ctx.index, since, &abort) {
+                Ok(c) => {
+                    conn = Some(c);
+                    broken_since = None;
+                    s.last_sample = None;
+                }
+                Err(e) => {
+                    failed = true;
+                    if !ctx.shared.aborted() {
+                        ctx.shared.fail(e);
+                    }
+                }
+            }
+        }
+        if let Some(c) = conn.as_mut()
+            && !failed
+            && let Err(b) = s.service(&ctx, c, false)
+        {
+            s.broken(&ctx, &mut conn, &mut failed, b);
+        }
+        let Some(chunk) = ctx.sink.pop() else {
+            if ctx.sink.producers_done() && ctx.sink.is_empty() {
+                break;
+            }
+            // Nothing to send: now and then read ACKs, send a barrier
+            // that came due, keep an idle stream alive; otherwise park
+            // until a worker hands over a chunk.
+            if last_service.elapsed() >= IDLE_SERVICE {
+                last_service = Instant::now();
+                if let Some(c) = conn.as_mut()
+                    && !failed
+                    && let Err(b) = s.service(&ctx, c, true)
+                {
+                    s.broken(&ctx, &mut conn, &mut failed, b);
+                }
+            }
+            ctx.sink.wait(PARK_MAX);
+            continue;
+        };
+        let (worker, slot) = chunk.owner();
+        if !failed && !ctx.shared.aborted() {
+            match conn.as_mut() {
+                Some(c) => {
+                    if let Err(e) = s.send_chunk(&ctx, c, &chunk) {
+                        let b = explain(e, c);
+                        s.broken(&ctx, &mut conn, &mut failed, b);
+                    }
+                }
+                None => {
+                    // Reconnecting failed fatally; the job is failing.
+                }
+            }
+        }
+        drop(chunk);
+        ctx.sink.release(worker, slot);
+    }
+    if failed || ctx.shared.aborted() {
+        if let Some(mut c) = conn {
+            c.stream.close();
+        }
+        return None;
+    }
+    // The round's end: everything this stream sent must be acknowledged.
+    loop {
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => {
+                let since = *broken_since.get_or_insert_with(Instant::now);
+                match ctx.connector.reconnect(ctx.index, since, &abort) {
+                    Ok(c) => {
+                        broken_since = None;
+                        c
+                    }
+                    Err(e) => {
+                        if !ctx.shared.aborted() {
+                            ctx.shared.fail(e);
+                        }
+                        return None;
+                    }
+                }
+            }
+        };
+        match s.final_barrier(&ctx, &mut c) {
+            Ok(()) => return Some((c, *s.policy.stats())),
+            Err(b) => {
+                conn = Some(c);
+                s.broken(&ctx, &mut conn, &mut failed, b);
+                if failed {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+impl StreamSender {
+    /// A connection broke: log, count, and leave it for reconnection (or
+    /// fail the job).
+    pub(super) fn broken(
+        &mut self,
+        ctx: &SenderCtx,
+        conn: &mut Option<Conn>,
+        failed: &mut bool,
+        b: Broken,
+    ) {
+        if let Some(mut c) = conn.take() {
+            c.stream.close();
+        }
+        match b {
+            Broken::Transient(why) => {
+                ctx.job.reconnects.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    stream = ctx.index,
+                    "stream lost: {why}; reconnecting (unacknowledged data will be sent again)"
+                );
+            }
+            Broken::Fatal(e) => {
+                *failed = true;
+                ctx.shared.fail(match e {
+                    CopyError::TargetWrite(m) => {
+                        CopyError::TargetWrite(format!("(stream {}) {m}", ctx.index))
+                    }
+                    other => other,
+                });
+            }
+        }
+    }
+
+    /// Reads what the receiver sent (ACKs, PONGs, an ERROR) without
+    /// blocking, sends a barrier when one is due, keeps an `idle` stream
+    /// alive, and notices a receiver that stopped answering.
+    pub(super) fn service(
+        &mut self,
+        ctx: &SenderCtx,
+        c: &mut Conn,
+        idle: bool,
+    ) -> Result<(), Broken> {
+        self.poll(ctx, c, false)?;
+        let due = c.unbarriered_bytes >= BARRIER_BYTES
+            || (c.unbarriered_bytes > 0
+                && c.unbarriered_since
+                    .is_some_and(|t| t.elapsed() >= BARRIER_INTERVAL));
+        if due {
+            self.barrier(c).map_err(classify)?;
+        }
+        while c.outstanding.len() > MAX_OUTSTANDING_BARRIERS {
+            self.poll(ctx, c, true)?;
+        }
+        if let Some(&(seq, t)) = c.outstanding.front()
+            && t.elapsed() > ctx.connector.stall_timeout
+        {
+            return Err(Broken::Transient(format!(
+                "no acknowledgement of barrier {seq} for {:.1} s (--stall-timeout)",
+                t.elapsed().as_secs_f64()
+            )));
+        }
+        if idle && c.outstanding.is_empty() && c.last_write.elapsed() >= KEEPALIVE {
+            write_frame(&mut c.stream, &Frame::Ping { nonce: 1 }, &mut self.scratch)
+                .map_err(classify)?;
+            c.stream.flush().map_err(|e| classify(e.into()))?;
+            c.last_write = Instant::now();
+        }
+        Ok(())
+    }
+
+    pub(super) fn barrier(&mut self, c: &mut Conn) -> Result<(), StreamError> {
+        let seq = c.next_seq;
+        c.next_seq += 1;
+        let (stream, scratch) = (&mut c.stream, &mut self.scratch);
+        c.watch.busy(|| -> Result<(), StreamError> {
+            write_frame(stream, &Frame::Barrier { seq }, scratch)?;
+            stream.flush()?;
+            Ok(())
+        })?;
+        c.outstanding.push_back((seq, Instant::now()));
+        c.unbarriered_bytes = 0;
+        c.unbarriered_since = None;
+        c.last_write = Instant::now();
+        Ok(())
+    }
+
+    /// Handles frames from the receiver: those already buffered, and more
+    /// if the socket has some; with `block`, waits (at most the stall
+    /// timeout) until at least one frame was handled.
+    pub(super) fn poll(
+        &mut self,
+        ctx: &SenderCtx,
+        c: &mut Conn,
+        block: bool,
+    ) -> Result<(), Broken> {
+        let mut handled = false;
+        loop {
+            match c.dec.next_frame() {
+                Ok(Some(frame)) => {
+                    handle_reply(ctx, c, frame)?;
+                    handled = true;
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(classify(StreamError::Wire(e))),
+            }
+            let ready = (block && !handled)
+                || plaintext_ready(&mut c.stream)
+                || crate::engine::tcpinfo::bytes_readable(c.stream.tcp()).is_ok_and(|n| n > 0);
+            if !ready {
+                return Ok(());
+            }
+            let (stream, dec) = (&mut c.stream, &mut c.dec);
+            let read = c.watch.busy(|| std::io::Read::read(stream, dec.buf_mut()));
+            match read {
+                Ok(0) => {
+                    return Err(Broken::Transient(
+                        "the receiver closed the connection".into(),
+                    ));
+                }
+                Ok(n) => c.dec.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(classify(StreamError::Io(e))),
+            }
+        }
+    }
+
+    /// Barrier for everything sent, then wait until it is acknowledged.
+    pub(super) fn final_barrier(&mut self, ctx: &SenderCtx, c: &mut Conn) -> Result<(), Broken> {
+        self.barrier(c).map_err(classify)?;
+        while !c.outstanding.is_empty() {
+            self.poll(ctx, c, true)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn send_chunk(
+        &mut self,
+        ctx: &SenderCtx,
+        c: &mut Conn,
+        chunk: &SinkChunk,
+    ) -> Result<(), StreamError> {
+        match chunk {
+            SinkChunk::Zero { offset, len, .. } => {
+                self.zero(ctx, c, *offset, *len)?;
+                if ctx.verify {
+                    let mut img = lock(&ctx.image);
+                    let w = u64::from(ctx.chunk_bytes);
+                    for i in offset / w..(offset + len).div_ceil(w) {
+                        img.zero_window(i)?;
+                    }
+                }
+            }
+            SinkChunk::Data {
+                offset,
+                lease,
+                runs,
+                window_digest,
+                ..
+            } => {
+                let bytes = lease.bytes();
+                for r in runs {
+                    let at = offset + u64::from(r.rel);
+                    if r.zero {
+                        self.zero(ctx, c, at, u64::from(r.len))?;
+                        continue;
+                    }
+                    let raw = &bytes[r.rel as usize..(r.rel + r.len) as usize];
+                    self.data(ctx, c, at, raw, r.digest)?;
+                }
+                if let Some(d) = window_digest {
+                    let i = offset / u64::from(ctx.chunk_bytes);
+                    lock(&ctx.image).set_window(i, *d)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn zero(
+        &mut self,
+        ctx: &SenderCtx,
+        c: &mut Conn,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), StreamError> {
+        let (stream, scratch) = (&mut c.stream, &mut self.scratch);
+        let frame = Frame::Zero(ByteRange {
+            offset,
+            len_bytes: len,
+        });
+        let n = c.watch.busy(|| write_frame(stream, &frame, scratch))?;
+        self.account(ctx, c, n as u64);
+        Ok(())
+    }
+
+    pub(super) fn data(
+        &mut self,
+        ctx: &SenderCtx,
+        c: &mut Conn,
+        offset: u64,
+        raw: &[u8],
+        digest: [u8; 32],
+    ) -> Result<(), StreamError> {
+        // Until a backlog shows the link's rate, the link counts as fast
+        // (raw); a slow link shows itself after the first frame or two.
+        let link = LinkState {
+            link_bytes_per_s: ctx
+                .rate_per_stream
+                .or(self.link_bytes_per_s.filter(|_| !ctx.loopback)),
+            cores_for_compression: ctx.cores_per_stream,
+        };
+        let choice = self.policy.choose(raw, &link);
+        let mut codec = wire::Codec::None;
+        let mut payload: &[u8] = raw;
+        let frame_no = ctx.job.data_frames.fetch_add(1, Ordering::Relaxed) + 1;
+        let corrupted;
+        if corrupt_chunk_at() == Some(frame_no) {
+            warn!(
+                offset,
+                "test hook: corrupting this chunk after its digest was taken"
+            );
+            let mut bad = raw.to_vec();
+            bad[0] ^= 0x01;
+            corrupted = bad;
+            payload = &corrupted;
+        } else if choice.codec != compress::Codec::None {
+            let t = Instant::now();
+            let ok = self
+                .comps
+                .compress(choice.codec, choice.level, raw, &mut self.out)
+                .is_ok();
+            let used = ok && !self.out.is_empty() && self.out.len() < raw.len();
+            self.policy.record(
+                if used {
+                    choice.codec
+                } else {
+                    compress::Codec::None
+                },
+                choice.level,
+                raw.len(),
+                if used { self.out.len() } else { raw.len() },
+                t.elapsed(),
+            );
+            if used {
+                codec = match choice.codec {
+                    compress::Codec::Lz4 => wire::Codec::Lz4,
+                    compress::Codec::Zstd => wire::Codec::Zstd,
+                    compress::Codec::None => wire::Codec::None,
+                };
+                payload = &self.out;
+            }
+        }
+        let head = DataHead {
+            offset,
+            raw_len_bytes: raw.len() as u32,
+            codec,
+            raw_digest: digest,
+        };
+        let header = wire::encode_data_header(&head, payload.len() as u32)?;
+        let frame_bytes = (header.len() + payload.len()) as u64;
+        ctx.limiter.acquire(frame_bytes);
+        let stream = &mut c.stream;
+        c.watch.busy(|| stream.write_parts(&[&header, payload]))?;
+        // How fast this stream drains: bytes the receiver acknowledged per
+        // second, sampled only over intervals that began with a backlog in
+        // flight (so an idle stream, waiting for the source, does not look
+        // like a slow link; and a large socket buffer swallowing a write does
+        // not look like a fast one).
+        self.written_bytes += frame_bytes;
+        let now = Instant::now();
+        if let Ok(acked) = crate::engine::tcpinfo::bytes_acked(c.stream.tcp()) {
+            if let Some((t0, acked0, written0)) = self.last_sample {
+                let dt = now.duration_since(t0).as_secs_f64();
+                if written0.saturating_sub(acked0) >= BACKLOG_MIN_BYTES && dt >= 0.005 {
+                    let rate = acked.saturating_sub(acked0) as f64 / dt;
+                    self.link_bytes_per_s = Some(match self.link_bytes_per_s {
+                        Some(old) => old * 0.7 + rate * 0.3,
+                        None => rate,
+                    });
+                }
+            }
+            self.last_sample = Some((now, acked, self.written_bytes));
+        }
+        c.payload_bytes += payload.len() as u64;
+        self.account(ctx, c, frame_bytes);
+        let len = raw.len() as u64;
+        let new = lock(&ctx.job.sent).insert(offset, len);
+        if new < len {
+            ctx.job.bytes_resent.fetch_add(len - new, Ordering::Relaxed);
+        }
+        Stats::add(&ctx.shared.stats.bytes_written, len);
+        Ok(())
+    }
+
+    pub(super) fn account(&mut self, ctx: &SenderCtx, c: &mut Conn, n: u64) {
+        c.frames += 1;
+        c.unbarriered_bytes += n;
+        c.unbarriered_since.get_or_insert_with(Instant::now);
+        c.last_write = Instant::now();
+        ctx.job.bytes_on_wire.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// One frame from the receiver while sending.
+pub(super) fn handle_reply(ctx: &SenderCtx, c: &mut Conn, frame: Frame) -> Result<(), Broken> {
+    match frame {
+        Frame::Ack(a) => {
+            while c.outstanding.front().is_some_and(|&(s, _)| s <= a.seq) {
+                c.outstanding.pop_front();
+            }
+            if !ctx.job.apply_ack(c.instance, &a.durable_added) {
+                return Err(Broken::Transient(
+                    "acknowledgement from a receiver instance that has restarted since".into(),
+                ));
+            }
+            Ok(())
+        }
+        Frame::Pong { .. } => Ok(()),
+        Frame::Error(e) => Err(classify(StreamError::Refused {
+            code: e.code,
+            message: e.message,
+        })),
+        other => Err(classify(unexpected(other))),
+    }
+}
+
+/// Plaintext rustls has decrypted but we have not read yet.
+pub(super) fn plaintext_ready(s: &mut Stream) -> bool {
+    match s {
+        Stream::Tls(t) => t
+            .conn
+            .process_new_packets()
+            .is_ok_and(|st| st.plaintext_bytes_to_read() > 0),
+        Stream::Plain(_) => false,
+    }
+}
