@@ -403,33 +403,11 @@ pub fn run(
         job: Arc::clone(&job),
     });
 
-    // Stream 0 first (it creates or resumes the job on the receiver), then
-    // the others at once. A receiver still busy with this target (the
-    // previous run's connections not yet closed) is waited for.
-    let first = connect_first(&connector, 0)?;
-    debug!(elapsed = ?started.elapsed(), "stream 0 connected");
-    let congestion = first.report.congestion.clone();
-    if let Some(why) = &first.report.congestion_fallback {
+    let mut conns = connect_all(&connector, opts.streams as usize)?;
+    debug!(elapsed = ?started.elapsed(), "streams connected");
+    let congestion = conns[0].report.congestion.clone();
+    if let Some(why) = &conns[0].report.congestion_fallback {
         tracing::info!("{why}");
-    }
-    let rest: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (1..opts.streams as usize)
-            .map(|i| {
-                let c = &connector;
-                scope.spawn(move || connect_first(c, i))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(CopyError::Internal("a dial thread panicked".into())))
-            })
-            .collect()
-    });
-    let mut conns = vec![first];
-    for r in rest {
-        conns.push(r?);
     }
     let n_streams = conns.len();
     let loopback = connector.dialer.addr.ip().is_loopback();
@@ -598,87 +576,15 @@ pub fn run(
     }
 
     // Verify: the receiver reads the target back.
-    let mut image_digest = None;
-    let mut verified = false;
-    if opts.verify {
-        let mut img = lock(&image);
-        if img.missing_windows() > 0 {
-            let mut src = match source.take() {
-                Some(s) => s,
-                None => open_source(&opts.source, 1)?,
-            };
-            let read = super::source::digest_missing_windows(&mut src, &mut img)?;
-            debug!(read, "digested the windows the receiver already had");
-        }
-        let want = img
-            .finish()
-            .map_err(|e| CopyError::Internal(e.to_string()))?;
-        drop(img);
-        let c = &mut conns[0];
-        let mut scratch = Vec::new();
-        write_frame(
-            &mut c.stream,
-            &Frame::VerifyRequest {
-                window_bytes: opts.chunk_bytes,
-            },
-            &mut scratch,
-        )
-        .map_err(fail_msg)?;
-        c.stream.flush().map_err(|e| fail_msg(StreamError::Io(e)))?;
-        // Reading a whole disk back takes a while: no stall timeout here.
-        let _ = c.stream.set_read_timeout(None);
-        let answer = loop {
-            match read_frame(&mut c.stream, &mut c.dec).map_err(fail_msg)? {
-                Frame::Ack(_) | Frame::Pong { .. } => continue,
-                f => break f,
-            }
-        };
-        match answer {
-            Frame::VerifyResult { digest, bytes_read } => {
-                if digest != want {
-                    return Err(CopyError::TargetWrite(format!(
-                        "(verify): the target's digest {} differs from the source's {} after reading {bytes_read} bytes",
-                        hex(&digest),
-                        hex(&want)
-                    )));
-                }
-                verified = true;
-                image_digest = Some(hex(&want));
-            }
-            other => return Err(fail_msg(unexpected(other))),
-        }
-    }
+    let image_digest = if opts.verify {
+        Some(verify_target(opts, &image, &mut source, &mut conns[0])?)
+    } else {
+        None
+    };
+    let verified = image_digest.is_some();
     drop(source);
     // Every stream is durable (and verified): say DONE and close.
-    let mut scratch = Vec::new();
-    for c in &mut conns {
-        let done = Frame::Done {
-            total_bytes_sent: c.payload_bytes,
-            frames: c.frames,
-        };
-        let s = &mut c.stream;
-        write_frame(s, &done, &mut scratch).map_err(fail_msg)?;
-        // A PING after DONE: its PONG proves the receiver accepted DONE
-        // (frames are handled in order; a refusal would be an ERROR).
-        write_frame(s, &Frame::Ping { nonce: 0xD0_4E }, &mut scratch).map_err(fail_msg)?;
-        s.flush().map_err(|e| fail_msg(StreamError::Io(e)))?;
-        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-        loop {
-            match read_frame(s, &mut c.dec) {
-                Ok(Frame::Pong { .. }) | Err(StreamError::Closed) => break,
-                Ok(Frame::Ack(_)) => continue,
-                Ok(Frame::Error(e)) => {
-                    return Err(fail_msg(format!(
-                        "the receiver refused DONE: {:?}: {}",
-                        e.code, e.message
-                    )));
-                }
-                Ok(other) => return Err(fail_msg(unexpected(other))),
-                Err(e) => return Err(fail_msg(format!("no answer to DONE: {e}"))),
-            }
-        }
-        s.close();
-    }
+    close_streams(&mut conns)?;
     let on_wire = job.bytes_on_wire.load(Ordering::Relaxed);
     progress(&totals, started.elapsed());
     Ok(SendReport {
@@ -709,6 +615,119 @@ pub fn run(
         rounds,
         source_identity: identity,
     })
+}
+
+/// Stream 0 first (it creates or resumes the job on the receiver), then
+/// the others at once. A receiver still busy with this target (the
+/// previous run's connections not yet closed) is waited for.
+fn connect_all(connector: &Connector, streams: usize) -> Result<Vec<Conn>, CopyError> {
+    let first = connect_first(connector, 0)?;
+    let rest: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..streams)
+            .map(|i| scope.spawn(move || connect_first(connector, i)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(CopyError::Internal("a dial thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut conns = vec![first];
+    for r in rest {
+        conns.push(r?);
+    }
+    Ok(conns)
+}
+
+/// Ask the receiver, on `c`, to read the whole target back and compare its
+/// digest with the source's (windows the receiver already held before this
+/// run are read from the source first). The digest, in hex, if they match.
+fn verify_target(
+    opts: &SendOptions,
+    image: &Mutex<ImageDigest>,
+    source: &mut Option<crate::pipeline::open::Source>,
+    c: &mut Conn,
+) -> Result<String, CopyError> {
+    let mut img = lock(image);
+    if img.missing_windows() > 0 {
+        let mut src = match source.take() {
+            Some(s) => s,
+            None => open_source(&opts.source, 1)?,
+        };
+        let read = super::source::digest_missing_windows(&mut src, &mut img)?;
+        debug!(read, "digested the windows the receiver already had");
+    }
+    let want = img
+        .finish()
+        .map_err(|e| CopyError::Internal(e.to_string()))?;
+    drop(img);
+    let mut scratch = Vec::new();
+    write_frame(
+        &mut c.stream,
+        &Frame::VerifyRequest {
+            window_bytes: opts.chunk_bytes,
+        },
+        &mut scratch,
+    )
+    .map_err(fail_msg)?;
+    c.stream.flush().map_err(|e| fail_msg(StreamError::Io(e)))?;
+    // Reading a whole disk back takes a while: no stall timeout here.
+    let _ = c.stream.set_read_timeout(None);
+    let answer = loop {
+        match read_frame(&mut c.stream, &mut c.dec).map_err(fail_msg)? {
+            Frame::Ack(_) | Frame::Pong { .. } => continue,
+            f => break f,
+        }
+    };
+    match answer {
+        Frame::VerifyResult { digest, bytes_read } => {
+            if digest != want {
+                return Err(CopyError::TargetWrite(format!(
+                    "(verify): the target's digest {} differs from the source's {} after reading {bytes_read} bytes",
+                    hex(&digest),
+                    hex(&want)
+                )));
+            }
+            Ok(hex(&want))
+        }
+        other => Err(fail_msg(unexpected(other))),
+    }
+}
+
+/// Say DONE on every stream, wait for the receiver to accept it, and close.
+fn close_streams(conns: &mut [Conn]) -> Result<(), CopyError> {
+    let mut scratch = Vec::new();
+    for c in conns {
+        let done = Frame::Done {
+            total_bytes_sent: c.payload_bytes,
+            frames: c.frames,
+        };
+        let s = &mut c.stream;
+        write_frame(s, &done, &mut scratch).map_err(fail_msg)?;
+        // A PING after DONE: its PONG proves the receiver accepted DONE
+        // (frames are handled in order; a refusal would be an ERROR).
+        write_frame(s, &Frame::Ping { nonce: 0xD0_4E }, &mut scratch).map_err(fail_msg)?;
+        s.flush().map_err(|e| fail_msg(StreamError::Io(e)))?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        loop {
+            match read_frame(s, &mut c.dec) {
+                Ok(Frame::Pong { .. }) | Err(StreamError::Closed) => break,
+                Ok(Frame::Ack(_)) => continue,
+                Ok(Frame::Error(e)) => {
+                    return Err(fail_msg(format!(
+                        "the receiver refused DONE: {:?}: {}",
+                        e.code, e.message
+                    )));
+                }
+                Ok(other) => return Err(fail_msg(unexpected(other))),
+                Err(e) => return Err(fail_msg(format!("no answer to DONE: {e}"))),
+            }
+        }
+        s.close();
+    }
+    Ok(())
 }
 
 fn add(a: &Snapshot, b: &Snapshot) -> Snapshot {
