@@ -87,7 +87,10 @@ impl DepthProbe {
                 self.recent = [self.recent[1], rate];
                 if wait > 0 {
                     State::Steady { wait: wait - 1 }
-                } else if self.scale >= SCALE_MAX {
+                } else if self.scale >= SCALE_MAX || self.recent.contains(&0.0) {
+                    // At the deepest scale, or nothing moved in one of the
+                    // last two epochs (a stretch of holes, a stalled
+                    // source): no rate to beat, so no probe.
                     State::Steady { wait: 0 }
                 } else {
                     // The mean of two epochs: one quick epoch does not set
@@ -177,6 +180,16 @@ mod tests {
             gaps.windows(2).all(|g| g[1] >= g[0]),
             "probes did not back off: {gaps:?}"
         );
+    }
+
+    #[test]
+    fn epochs_that_move_nothing_never_probe() {
+        let mut p = DepthProbe::default();
+        // Nothing measured (a stalled source, or a counter that never
+        // moves): 0 >= 0 × GAIN must not pass for a gain.
+        let scales = run(&mut p, 50, |_| 0.0);
+        assert!(scales.iter().all(|&s| s == 1), "{scales:?}");
+        assert_eq!(p.probes(), 0);
     }
 
     #[test]
