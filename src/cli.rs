@@ -172,8 +172,9 @@ pub struct CopyArgs {
     #[arg(long, default_value_t = 4)]
     pub connections: u32,
     /// Requests in flight per connection (default: 2 when both ends are on
-    /// this host — files, Unix sockets, loopback addresses — deepening up to
-    /// 64 if the source proves slow; 64 across a network). Sets a fixed depth.
+    /// this host — files, Unix sockets, loopback addresses — deepening if
+    /// the source proves slow or a deeper queue moves more; 64 across a
+    /// network). Sets a fixed depth.
     #[arg(long)]
     pub requests: Option<u32>,
     /// Bytes per request (power of two, 4KiB..32MiB; k/M suffixes are binary).
