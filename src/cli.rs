@@ -150,6 +150,11 @@ pub struct SendArgs {
     /// Keep reconnecting for this long before stopping (exit 6, resumable by running again).
     #[arg(long, default_value = "10m", value_parser = crate::size::parse_duration)]
     pub retry_for: std::time::Duration,
+    /// Regions of the disk read side by side, one request from each in
+    /// turn, so the requests in flight spread over the disk (1: in
+    /// ascending order).
+    #[arg(long, default_value_t = crate::pipeline::lanes::LANES_DEFAULT)]
+    pub lanes: u32,
     /// Identity of the source the receiver checks a resume against (default:
     /// size, allocation map, sampled blocks, and inode+mtime for files).
     #[arg(long)]
@@ -190,6 +195,11 @@ pub struct CopyArgs {
     /// block devices, page cache with streamed writeback for files), direct, cached.
     #[arg(long, value_enum, default_value = "auto")]
     pub write_mode: crate::pipeline::open::WriteMode,
+    /// Regions of the disk copied side by side, one request from each in
+    /// turn, so the requests in flight spread over the disk (1: in
+    /// ascending order).
+    #[arg(long, default_value_t = crate::pipeline::lanes::LANES_DEFAULT)]
+    pub lanes: u32,
     /// Times a source read that failed with EIO (or a similar error that may pass) is retried, 0..=10.
     #[arg(long, default_value_t = crate::pipeline::retry::READ_RETRIES_DEFAULT)]
     pub read_retries: u32,
@@ -278,6 +288,7 @@ fn run_copy(a: CopyArgs) -> i32 {
         engine: a.io_engine,
         write_mode: a.write_mode,
         read_retries: a.read_retries,
+        lanes: a.lanes,
     };
     let mut progress = Progress::new(a.json, a.no_progress);
     let result = copy::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {
@@ -353,6 +364,7 @@ fn run_send(a: SendArgs) -> i32 {
         stall_timeout: a.stall_timeout,
         retry_for: a.retry_for,
         source_id: a.source_id,
+        lanes: a.lanes,
     };
     let mut progress = Progress::new(a.json, a.no_progress);
     let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {

@@ -44,6 +44,8 @@ pub struct CopyOptions {
     /// Retries of a source read that failed with an error that may pass
     /// (`--read-retries`, 0..=[`READ_RETRIES_MAX`]).
     pub read_retries: u32,
+    /// Regions of the disk copied side by side ([`super::lanes`]).
+    pub lanes: u32,
 }
 
 /// The result of a successful copy.
@@ -89,7 +91,7 @@ pub fn run(opts: &CopyOptions, progress: ProgressFn<'_>) -> Result<CopyReport, C
             opts.chunk_bytes
         )));
     }
-    Requests::check_flags(opts.connections, opts.requests)?;
+    Requests::check_flags(opts.connections, opts.requests, opts.lanes)?;
     if opts.read_retries > READ_RETRIES_MAX {
         return Err(CopyError::Usage(format!(
             "--read-retries must be 0..={READ_RETRIES_MAX}, not {}",
@@ -143,6 +145,7 @@ fn run_opened(
         kind,
         spans: None,
         read_retries: opts.read_retries,
+        lanes: opts.lanes,
     };
     let src_conn_count = conns_of(&source.access).unwrap_or(0);
     let dst_conn_count = conns_of(&target.access).unwrap_or(0);

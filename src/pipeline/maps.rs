@@ -154,6 +154,12 @@ impl ExtentList {
         total
     }
 
+    /// The first data byte at or after `offset`, if any.
+    pub fn next_data(&self, offset: u64) -> Option<u64> {
+        let i = self.data.partition_point(|&(o, l)| o + l <= offset);
+        self.data.get(i).map(|&(o, _)| o.max(offset))
+    }
+
     /// The data extents, sorted and merged.
     pub fn extents(&self) -> &[(u64, u64)] {
         &self.data

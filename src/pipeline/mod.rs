@@ -19,6 +19,7 @@ use crossbeam_queue::ArrayQueue;
 pub mod copy;
 pub mod depth;
 pub mod exits;
+pub mod lanes;
 pub mod maps;
 pub mod nbd_io;
 pub mod open;

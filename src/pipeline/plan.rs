@@ -133,7 +133,7 @@ pub fn whole_windows(ranges: &[(u64, u64)], size_bytes: u64, chunk_bytes: u32) -
 
 /// Plans `[start, end)` of a disk of `size_bytes`; `start` is on a window
 /// boundary.
-fn plan_span(
+pub(super) fn plan_span(
     map: &mut dyn ExtentMap,
     start: u64,
     end: u64,
@@ -194,7 +194,7 @@ struct Builder {
     planned: u64,
 }
 
-type Emit<'a> = &'a mut dyn FnMut(Work) -> Result<(), PlanError>;
+pub(super) type Emit<'a> = &'a mut dyn FnMut(Work) -> Result<(), PlanError>;
 
 impl Builder {
     fn add_data(&mut self, mut offset: u64, len: u64, emit: Emit<'_>) -> Result<(), PlanError> {

@@ -9,9 +9,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::exits::Exits;
+use super::lanes::plan_lanes;
 use super::maps::ExtentList;
 use super::open::{Access, NbdConnection};
-use super::plan::{Work, plan, plan_windows};
+use super::plan::Work;
 use super::pool::BufferPool;
 use super::sink::Sink;
 use super::stats::{Snapshot, Stats};
@@ -40,6 +41,9 @@ pub struct PipelineConfig {
     /// Retries of a source read that failed with an error that may pass
     /// (default [`super::retry::READ_RETRIES_DEFAULT`]; 0: fail at once).
     pub read_retries: u32,
+    /// Regions of the disk planned side by side ([`super::lanes`]); 1 plans
+    /// in ascending order.
+    pub lanes: u32,
 }
 
 /// Requests in flight per connection: how deep the source's queue is, and
@@ -72,11 +76,21 @@ impl Requests {
     }
 
     /// Refuse `--connections` and `--requests` out of range.
-    pub fn check_flags(connections: u32, requests: Option<u32>) -> Result<(), CopyError> {
+    pub fn check_flags(
+        connections: u32,
+        requests: Option<u32>,
+        lanes: u32,
+    ) -> Result<(), CopyError> {
         if connections == 0 || connections > 64 || requests.is_some_and(|r| r == 0 || r > 1024) {
             return Err(CopyError::Usage(
                 "--connections must be 1..=64 and --requests 1..=1024".into(),
             ));
+        }
+        if !(1..=super::lanes::LANES_MAX).contains(&lanes) {
+            return Err(CopyError::Usage(format!(
+                "--lanes must be 1..={}",
+                super::lanes::LANES_MAX
+            )));
         }
         Ok(())
     }
@@ -293,10 +307,19 @@ impl Pipeline {
         let planner = {
             let shared = Arc::clone(&shared);
             let spans = cfg.spans.clone();
+            let lanes = cfg.lanes;
             std::thread::Builder::new()
                 .name("planner".into())
                 .spawn(move || {
-                    run_planner(extents, spans, size_bytes, chunk_bytes, fresh_zero, &shared)
+                    run_planner(
+                        extents,
+                        spans,
+                        size_bytes,
+                        chunk_bytes,
+                        lanes,
+                        fresh_zero,
+                        &shared,
+                    )
                 })
                 .map_err(|e| CopyError::Internal(format!("spawning the planner: {e}")))?
         };
@@ -451,6 +474,7 @@ fn run_planner(
     spans: Option<Vec<(u64, u64)>>,
     size_bytes: u64,
     chunk_bytes: u32,
+    lanes: u32,
     fresh_zero: bool,
     shared: &Shared,
 ) {
@@ -482,10 +506,16 @@ fn run_planner(
             }
         }
     };
-    let planned = match &spans {
-        Some(spans) => plan_windows(&mut extents, spans, size_bytes, chunk_bytes, &mut emit),
-        None => plan(&mut extents, size_bytes, chunk_bytes, &mut emit),
-    };
+    let whole = [(0, size_bytes)];
+    let spans = spans.as_deref().unwrap_or(&whole);
+    let planned = plan_lanes(
+        &mut extents,
+        spans,
+        size_bytes,
+        chunk_bytes,
+        lanes,
+        &mut emit,
+    );
     if let Err(e) = planned {
         shared.fail(e.into());
     }

@@ -127,6 +127,8 @@ pub struct SendOptions {
     pub retry_for: Duration,
     /// Overrides the computed source identity (e.g. a snapshot id).
     pub source_id: Option<String>,
+    /// Regions of the disk read side by side ([`crate::pipeline::lanes`]).
+    pub lanes: u32,
 }
 
 impl SendOptions {
@@ -151,6 +153,7 @@ impl SendOptions {
             stall_timeout: Duration::from_secs(30),
             retry_for: Duration::from_secs(600),
             source_id: None,
+            lanes: crate::pipeline::lanes::LANES_DEFAULT,
         }
     }
 }
@@ -348,7 +351,7 @@ pub fn run(
             wire::MAX_STREAMS
         )));
     }
-    Requests::check_flags(opts.connections, opts.requests)?;
+    Requests::check_flags(opts.connections, opts.requests, opts.lanes)?;
     let (kind, why) = engine::choose(opts.engine).map_err(CopyError::Engine)?;
     if let Some(why) = why {
         tracing::warn!("{why}");
@@ -484,6 +487,7 @@ pub fn run(
             kind,
             spans: (covered_before > 0).then_some(spans),
             read_retries: crate::pipeline::retry::READ_RETRIES_DEFAULT,
+            lanes: opts.lanes,
         };
         let child = src.child;
         let mut pipe = Pipeline::start(
