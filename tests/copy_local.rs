@@ -447,3 +447,84 @@ fn requests_pins_the_depth_into_an_nbd_target() {
     nbd_to_file(&mem.uri(), &back);
     assert_same(&reference, &back);
 }
+
+/// Reads of one copy as nbdkit's log filter saw them: (offset, count) in
+/// the order they arrived.
+fn logged_reads(log: &Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(log).unwrap();
+    let hex = |line: &str, key: &str| {
+        let v = line.split(key).nth(1)?.split_whitespace().next()?;
+        u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()
+    };
+    text.lines()
+        .filter(|l| l.contains(" Read id="))
+        .map(|l| (hex(l, "offset=").unwrap(), hex(l, "count=").unwrap()))
+        .collect()
+}
+
+/// The planner hands out work from several regions of the disk side by
+/// side (`src/pipeline/lanes.rs`): the first requests in flight spread
+/// over the whole disk, yet every byte is still read exactly once.
+/// `--lanes 1` reads in ascending order.
+#[test]
+fn lanes_spread_the_first_reads_over_the_disk_and_read_every_byte_once() {
+    const MIB: u64 = 1 << 20;
+    let d = tempfile::tempdir().unwrap();
+    let out_path = d.path().join("out.img");
+    let out_s = out_path.to_str().unwrap();
+    for (lanes, flag) in [(4u64, Some("4")), (1, Some("1")), (8, None)] {
+        let log = d.path().join(format!("reads-{lanes}.log"));
+        let logfile = format!("logfile={}", log.display());
+        let src = nbdkit(
+            d.path(),
+            "logged",
+            &["--filter=log", "pattern", "size=64M", &logfile],
+        );
+        let mut extra = vec!["--json"];
+        if let Some(n) = flag {
+            extra.extend(["--lanes", n]);
+        }
+        let done = last_json(&copy_ok(&src.uri(), out_s, "uring", &extra));
+        drop(src);
+        assert_eq!(done["lanes"].as_u64(), Some(lanes), "{done}");
+        assert_pattern(&out_path);
+
+        let reads = logged_reads(&log);
+        let mut sorted = reads.clone();
+        sorted.sort();
+        let mut at = 0;
+        for &(o, n) in &sorted {
+            assert_eq!(o, at, "a gap or a second read at {o} with {lanes} lanes");
+            at = o + n;
+        }
+        assert_eq!(at, 64 * MIB, "not every byte was read with {lanes} lanes");
+
+        // The planner hands out one window from each lane (64 MiB / lanes
+        // each) before any lane gets a second. Requests arrive out of that
+        // order by at most the 8 in flight, so the first 16 to arrive
+        // include every lane.
+        let first: Vec<u64> = reads.iter().take(16).map(|&(o, _)| o).collect();
+        let mut regions: Vec<u64> = first.iter().map(|o| o / (64 * MIB / lanes)).collect();
+        regions.sort();
+        regions.dedup();
+        assert_eq!(
+            regions.len() as u64,
+            lanes,
+            "first reads {first:?} with {lanes} lanes"
+        );
+        if lanes == 1 {
+            assert!(first.iter().all(|&o| o < 8 * MIB), "{first:?}");
+        }
+        std::fs::remove_file(&out_path).unwrap();
+    }
+
+    let d2 = tempfile::tempdir().unwrap();
+    let src = nbdkit(d2.path(), "p", &["pattern", "size=1M"]);
+    let bad = copy(&src.uri(), out_s, "uring", &["--lanes", "0"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--lanes must be"),
+        "{bad:?}"
+    );
+    assert!(!out_path.exists(), "a refused copy created its target");
+}

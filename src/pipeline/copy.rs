@@ -75,6 +75,9 @@ pub struct CopyReport {
     /// Times the control thread tried a deeper queue (see
     /// [`super::probe`]); 0 when `--requests` fixed the depth.
     pub depth_probes: usize,
+    /// Regions of the disk copied side by side (`--lanes`, see
+    /// [`super::lanes`]).
+    pub lanes: u32,
 }
 
 /// Called about every `interval` with the counters, and once at the start.
@@ -225,6 +228,7 @@ fn run_opened(
         // Every worker has finished and added its peak.
         chunks_in_flight_peak: shared.depth_peak.load(std::sync::atomic::Ordering::Relaxed),
         depth_probes: probe.map_or(0, |p| p.probe.probes()),
+        lanes: opts.lanes,
     })
 }
 

@@ -124,8 +124,10 @@ fn split(
                     break;
                 }
                 let (a, b) = (o.max(s), (o + l).min(e));
-                while k < n && seen + (b - a) >= data * k / n {
-                    let at = a + (data * k / n - seen);
+                // The (data × k / lanes)-th byte, without overflow.
+                let share = |k: u64| (u128::from(data) * u128::from(k) / u128::from(n)) as u64;
+                while k < n && seen + (b - a) >= share(k) {
+                    let at = a + (share(k) - seen);
                     let cut = at.div_ceil(chunk).saturating_mul(chunk).min(size_bytes);
                     if cuts.last() != Some(&cut) {
                         cuts.push(cut);
