@@ -162,48 +162,12 @@ fn split(
 
 #[cfg(test)]
 mod tests {
-    use super::super::plan::{Extent, ExtentMap, Work, plan_windows};
+    use super::super::plan::{Work, plan_windows};
     use super::*;
     use proptest::prelude::*;
 
-    /// A map from data extents (sorted, disjoint).
-    struct Fixed(Vec<(u64, u64)>, u64);
-    impl ExtentMap for Fixed {
-        fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), PlanError> {
-            let end = (offset + len).min(self.1);
-            let mut pos = offset;
-            for &(o, l) in &self.0 {
-                let (a, b) = (o.max(pos), (o + l).min(end));
-                if a >= b {
-                    continue;
-                }
-                if a > pos {
-                    out.push(Extent {
-                        offset: pos,
-                        len: a - pos,
-                        data: false,
-                    });
-                }
-                out.push(Extent {
-                    offset: a,
-                    len: b - a,
-                    data: true,
-                });
-                pos = b;
-            }
-            if pos < end {
-                out.push(Extent {
-                    offset: pos,
-                    len: end - pos,
-                    data: false,
-                });
-            }
-            Ok(())
-        }
-    }
-
     fn list(data: &[(u64, u64)], size: u64) -> ExtentList {
-        ExtentList::collect(&mut Fixed(data.to_vec(), size), size).unwrap()
+        ExtentList::from_data(data.to_vec(), size)
     }
 
     fn lanes_of(

@@ -133,6 +133,12 @@ impl ExtentList {
         Ok(Self { data, size_bytes })
     }
 
+    /// A list of these data extents (sorted, disjoint, inside the disk).
+    #[cfg(test)]
+    pub fn from_data(data: Vec<(u64, u64)>, size_bytes: u64) -> Self {
+        Self { data, size_bytes }
+    }
+
     /// Bytes of data.
     pub fn data_bytes(&self) -> u64 {
         self.data.iter().map(|&(_, l)| l).sum()
