@@ -75,7 +75,7 @@ impl Requests {
         requests.map_or(Requests::Auto { near, far }, Requests::Fixed)
     }
 
-    /// Refuse `--connections` and `--requests` out of range.
+    /// Refuse `--connections`, `--requests` and `--lanes` out of range.
     pub fn check_flags(
         connections: u32,
         requests: Option<u32>,
