@@ -120,6 +120,24 @@ fn zeros_digest(len_bytes: u64) -> [u8; 32] {
     *hasher.finalize().as_bytes()
 }
 
+/// The number of windows of an image digest, once its geometry is known
+/// to be usable (windows of 4 KiB ..= 32 MiB, at most [`MAX_IMAGE_WINDOWS`]).
+fn check_geometry(size_bytes: u64, window_bytes: u32) -> Result<u64, WireError> {
+    let geometry = |why| WireError::DigestGeometry {
+        size_bytes,
+        window_bytes,
+        why,
+    };
+    if !(MIN_WINDOW_BYTES..=MAX_CHUNK_BYTES).contains(&window_bytes) {
+        return Err(geometry("the window must be 4 KiB ..= 32 MiB"));
+    }
+    let windows = size_bytes.div_ceil(u64::from(window_bytes));
+    if windows > MAX_IMAGE_WINDOWS {
+        return Err(geometry("too many windows: use a larger window"));
+    }
+    Ok(windows)
+}
+
 /// Whole-image digest accumulated from per-window digests in any order.
 /// Memory: 32 bytes (plus one bit) per window.
 #[derive(Debug, Clone)]
@@ -137,18 +155,7 @@ impl ImageDigest {
     /// A digest of an image of `size_bytes` cut in `window_bytes` windows
     /// (4 KiB ..= 32 MiB; at most [`MAX_IMAGE_WINDOWS`] windows).
     pub fn new(size_bytes: u64, window_bytes: u32) -> Result<Self, WireError> {
-        let geometry = |why| WireError::DigestGeometry {
-            size_bytes,
-            window_bytes,
-            why,
-        };
-        if !(MIN_WINDOW_BYTES..=MAX_CHUNK_BYTES).contains(&window_bytes) {
-            return Err(geometry("the window must be 4 KiB ..= 32 MiB"));
-        }
-        let windows = size_bytes.div_ceil(u64::from(window_bytes));
-        if windows > MAX_IMAGE_WINDOWS {
-            return Err(geometry("too many windows: use a larger window"));
-        }
+        let windows = check_geometry(size_bytes, window_bytes)?;
         let count = windows as usize;
         Ok(ImageDigest {
             size_bytes,
@@ -253,5 +260,130 @@ impl ImageDigest {
             });
         }
         Ok(())
+    }
+}
+
+/// The same image digest as [`ImageDigest`], taken front to back in
+/// constant memory: the bytes of each window are fed in pieces of any
+/// size, in order. The receiver's verify pass uses it, so a peer's
+/// `window_bytes` never sizes an allocation there.
+#[derive(Debug, Clone)]
+pub struct ImageDigestStream {
+    size_bytes: u64,
+    window_bytes: u32,
+    windows: u64,
+    /// The window being fed.
+    index: u64,
+    /// BLAKE3 of the current window's bytes so far, and how many.
+    window: blake3::Hasher,
+    window_fed_bytes: u64,
+    image: blake3::Hasher,
+    zero_full: Option<[u8; 32]>,
+}
+
+impl ImageDigestStream {
+    /// As [`ImageDigest::new`] (same bounds), without the per-window table.
+    pub fn new(size_bytes: u64, window_bytes: u32) -> Result<Self, WireError> {
+        let windows = check_geometry(size_bytes, window_bytes)?;
+        let mut image = blake3::Hasher::new_derive_key(IMAGE_DIGEST_CONTEXT);
+        image.update(&size_bytes.to_le_bytes());
+        image.update(&window_bytes.to_le_bytes());
+        Ok(ImageDigestStream {
+            size_bytes,
+            window_bytes,
+            windows,
+            index: 0,
+            window: blake3::Hasher::new(),
+            window_fed_bytes: 0,
+            image,
+            zero_full: None,
+        })
+    }
+
+    /// The window to feed next, as `(offset, len_bytes)`; `None` once
+    /// every window is in.
+    pub fn next_window(&self) -> Option<(u64, u32)> {
+        if self.index >= self.windows {
+            return None;
+        }
+        let offset = self.index * u64::from(self.window_bytes);
+        let len = (self.size_bytes - offset).min(u64::from(self.window_bytes));
+        Some((offset, len as u32))
+    }
+
+    fn current(&self) -> Result<u32, WireError> {
+        self.next_window()
+            .map(|(_, len)| len)
+            .ok_or(WireError::WindowOutOfRange {
+                index: self.index,
+                windows: self.windows,
+            })
+    }
+
+    /// Feeds the next bytes of the current window.
+    pub fn update(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        let want_bytes = self.current()?;
+        let fed = self.window_fed_bytes + bytes.len() as u64;
+        if fed > u64::from(want_bytes) {
+            return Err(WireError::WindowLength {
+                index: self.index,
+                want_bytes,
+                got_bytes: usize::try_from(fed).unwrap_or(usize::MAX),
+            });
+        }
+        self.window.update(bytes);
+        self.window_fed_bytes = fed;
+        Ok(())
+    }
+
+    /// Ends the current window, which must have been fed exactly its length.
+    pub fn end_window(&mut self) -> Result<(), WireError> {
+        let want_bytes = self.current()?;
+        if self.window_fed_bytes != u64::from(want_bytes) {
+            return Err(WireError::WindowLength {
+                index: self.index,
+                want_bytes,
+                got_bytes: self.window_fed_bytes as usize,
+            });
+        }
+        let digest = *self.window.finalize().as_bytes();
+        self.push(digest);
+        Ok(())
+    }
+
+    /// The current window (nothing fed of it) is entirely zero: a hole.
+    pub fn zero_window(&mut self) -> Result<(), WireError> {
+        let len = self.current()?;
+        if self.window_fed_bytes != 0 {
+            return Err(WireError::WindowLength {
+                index: self.index,
+                want_bytes: len,
+                got_bytes: self.window_fed_bytes as usize,
+            });
+        }
+        let digest = if len == self.window_bytes {
+            *self
+                .zero_full
+                .get_or_insert_with(|| zeros_digest(u64::from(len)))
+        } else {
+            zeros_digest(u64::from(len))
+        };
+        self.push(digest);
+        Ok(())
+    }
+
+    fn push(&mut self, digest: [u8; 32]) {
+        self.image.update(&digest);
+        self.window.reset();
+        self.window_fed_bytes = 0;
+        self.index += 1;
+    }
+
+    /// The image digest; fails naming the first window not ended.
+    pub fn finish(&self) -> Result<[u8; 32], WireError> {
+        if self.index < self.windows {
+            return Err(WireError::WindowMissing { index: self.index });
+        }
+        Ok(*self.image.finalize().as_bytes())
     }
 }

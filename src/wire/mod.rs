@@ -10,7 +10,8 @@
 //! * [`decoder`]: [`FrameDecoder`], the incremental decoder a driver feeds
 //!   (or lets read straight into its buffer).
 //! * [`digest`]: [`chunk_digest`] and [`ImageDigest`], the whole-image
-//!   digest both sides compute for the verify pass.
+//!   digest both sides compute for the verify pass ([`ImageDigestStream`]:
+//!   the same, front to back in constant memory).
 //!
 //! [`decode_any`] is the one-call entry point for fuzz targets.
 #![forbid(unsafe_code)]
@@ -21,12 +22,14 @@ pub mod header;
 pub mod msg;
 
 #[cfg(test)]
+mod digest_tests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;
 
 pub use decoder::FrameDecoder;
-pub use digest::{ChunkDigest, ImageDigest, StreamingChunkDigest, chunk_digest};
+pub use digest::{ChunkDigest, ImageDigest, ImageDigestStream, StreamingChunkDigest, chunk_digest};
 pub use header::{FrameType, HEADER_LEN, Header, MAGIC, PROTOCOL_VERSION};
 pub use msg::{
     Ack, ByteRange, Codec, DATA_HEAD_LEN, DATA_HEADER_LEN, Data, DataHead, ErrorCode, ErrorFrame,
