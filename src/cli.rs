@@ -82,6 +82,14 @@ pub struct ServeArgs {
     /// Allow target NAME to be PATH (a block device or a file outside the root); repeatable.
     #[arg(long = "allow", value_parser = parse_allow)]
     pub allow: Vec<(String, std::path::PathBuf)>,
+    /// Connections one address (IPv6: one /64) may have open before they authenticate; more are closed at once.
+    #[arg(long, default_value_t = crate::replicate::limits::HANDSHAKES_PER_ADDRESS_DEFAULT as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes_per_address: u32,
+    /// Separate byte ranges one job may hold in memory; a sender that scatters more is refused.
+    #[arg(long, default_value_t = crate::replicate::limits::RANGES_PER_JOB_DEFAULT as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_ranges_per_job: u32,
 }
 
 fn parse_allow(s: &str) -> Result<(String, std::path::PathBuf), String> {
@@ -395,6 +403,10 @@ fn run_serve(a: ServeArgs) -> i32 {
         checkpoint_bytes: a.checkpoint_bytes,
         insecure_plaintext: a.insecure_plaintext,
         allow: a.allow,
+        limits: crate::replicate::limits::PeerLimits {
+            max_handshakes_per_address: a.max_handshakes_per_address as usize,
+            max_ranges_per_job: a.max_ranges_per_job as usize,
+        },
     };
     let stop = install_stop_signals();
     let server = match Server::bind(opts) {

@@ -101,20 +101,42 @@ fn two_streams_write_the_image_sparse_and_exact() {
 #[test]
 fn verify_returns_the_image_digest() {
     let h = Harness::start(false);
-    let (mut s0, expected) = run_two_stream_job(&h, "vm1/verify.img");
-    for window_bytes in [MIB as u32, 64 * 1024] {
-        s0.send(&Frame::VerifyRequest { window_bytes });
-        match s0.recv() {
+    let target = "vm1/verify.img";
+    let (mut s0, expected) = run_two_stream_job(&h, target);
+    let verify = |c: &mut Client, window_bytes: u32| {
+        c.send(&Frame::VerifyRequest { window_bytes });
+        match c.recv() {
             Some(Frame::VerifyResult { digest, bytes_read }) => {
                 assert_eq!(bytes_read, SIZE_BYTES);
                 assert_eq!(digest, image_digest(&expected, window_bytes));
             }
             other => panic!("expected VERIFY_RESULT, got {other:?}"),
         }
-    }
+    };
+    verify(&mut s0, MIB as u32);
+    // One verify pass per stream.
+    s0.send(&Frame::VerifyRequest {
+        window_bytes: MIB as u32,
+    });
+    let (code, message) = s0.expect_error();
+    assert_eq!(code, ErrorCode::Protocol, "{message}");
+    assert!(message.contains("one verify pass per stream"), "{message}");
+    // The job is complete: a new stream of it goes straight to DONE and
+    // may verify, in other windows.
+    let again = |h: &Harness| {
+        let mut c = h.connect();
+        match c.hello(&hello(1, target, SIZE_BYTES, 0, 2)) {
+            Frame::Welcome(w) => assert_eq!(w.durable, vec![range(0, SIZE_BYTES)]),
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+        c.done();
+        c
+    };
+    verify(&mut again(&h), 64 * 1024);
     // A window below the digest's minimum is refused, not a panic.
-    s0.send(&Frame::VerifyRequest { window_bytes: 512 });
-    assert_eq!(s0.expect_error().0, ErrorCode::BadRequest);
+    let mut c = again(&h);
+    c.send(&Frame::VerifyRequest { window_bytes: 512 });
+    assert_eq!(c.expect_error().0, ErrorCode::BadRequest);
 }
 
 #[test]

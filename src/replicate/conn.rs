@@ -3,8 +3,9 @@
 //!
 //! Memory per connection is bounded by the protocol: the decoder holds at
 //! most one frame (plus one recycled DATA buffer), the decompression buffer
-//! grows to at most the job's chunk size, and a verify pass holds one
-//! window (≤ 32 MiB) while it runs.
+//! grows to at most the job's chunk size, the written ranges are capped
+//! (`written`), and a verify pass (only after DONE, once per stream) holds
+//! one 1 MiB read buffer (`verify`).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
@@ -12,15 +13,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::job::{Attachment, Refusal, Registry};
-use super::ranges::RangeSet;
 use super::transport::{Transport, is_timeout};
-use crate::compress::{self, Compressors};
+use super::unpack::{UnpackError, Unpacker};
+use super::verify::{self, VerifyError, VerifyingTargets};
+use super::written::{SettleError, Written};
 use crate::wire::{
-    Ack, ByteRange, ChunkDigest, Codec, Data, ErrorCode, ErrorFrame, Features, Frame, FrameDecoder,
-    Hello, ImageDigest, MAX_ACK_RANGES, MAX_RESUME_RANGES, StreamingChunkDigest, Welcome,
+    Ack, ByteRange, Codec, Data, ErrorCode, ErrorFrame, Features, Frame, FrameDecoder, Hello,
+    MAX_RESUME_RANGES, Welcome,
 };
 
 /// A stream that receives nothing (not even a PING) for this long is
@@ -37,6 +39,10 @@ pub const SUPPORTED_FEATURES: Features = Features(
 pub struct ConnContext {
     pub registry: Arc<Registry>,
     pub stop: Arc<AtomicBool>,
+    /// [`super::limits::PeerLimits::max_ranges_per_job`].
+    pub max_ranges_per_job: usize,
+    /// Targets a verify pass is reading (one pass per target at a time).
+    pub verifying: VerifyingTargets,
 }
 
 /// How a stream ended.
@@ -56,7 +62,7 @@ enum End {
 enum Phase {
     AwaitHello,
     Streaming,
-    /// DONE received: only VERIFY_REQUEST and PING may follow.
+    /// DONE received: only VERIFY_REQUEST (once) and PING may follow.
     Finished,
 }
 
@@ -65,28 +71,15 @@ struct Session<'a> {
     peer: SocketAddr,
     io: Transport,
     decoder: FrameDecoder,
-    /// XXH3 of the raw DATA payload being received, taken read by read while
-    /// the bytes are still in cache; used instead of a second pass over the
-    /// chunk when it covers the whole payload.
-    hot_digest: StreamingChunkDigest,
-    compressors: Compressors,
-    /// Decompressed chunk (at most the job's chunk size).
-    raw: Vec<u8>,
+    unpacker: Unpacker,
     out: Vec<u8>,
     phase: Phase,
     attachment: Option<Attachment>,
     features: Features,
-    /// Ranges written on this stream and not reported in an ACK yet.
-    pending: RangeSet,
-    /// Ranges written on this stream and not flushed by it yet, and the
-    /// DATA bytes among them.
-    unsynced: RangeSet,
-    unsynced_data_bytes: u64,
-    /// When this stream last flushed on its own (see [`Session::maybe_settle`]).
-    last_settle: Instant,
-    /// The flush that covers this stream's writes so far
-    /// ([`super::target::Target::sync_point`]).
-    sync_need: u64,
+    /// What this stream wrote, not yet acknowledged or not yet flushed.
+    written: Written,
+    /// A verify pass was asked for on this stream (one is allowed).
+    verify_asked: bool,
     last_seq: Option<u64>,
     /// DATA payload bytes (as sent) received on this stream.
     payload_bytes: u64,
@@ -111,18 +104,13 @@ pub fn serve_connection(io: Transport, peer: SocketAddr, ctx: &ConnContext) {
         peer,
         io,
         decoder: FrameDecoder::new(),
-        hot_digest: StreamingChunkDigest::new(),
-        compressors: Compressors::new(),
-        raw: Vec::new(),
+        unpacker: Unpacker::new(),
         out: Vec::new(),
         phase: Phase::AwaitHello,
         attachment: None,
         features: Features::default(),
-        pending: RangeSet::new(),
-        unsynced: RangeSet::new(),
-        unsynced_data_bytes: 0,
-        last_settle: Instant::now(),
-        sync_need: 0,
+        written: Written::new(ctx.max_ranges_per_job),
+        verify_asked: false,
         last_seq: None,
         payload_bytes: 0,
         frames: 0,
@@ -190,21 +178,12 @@ impl Session<'_> {
         let Some(a) = &self.attachment else {
             return;
         };
-        self.last_settle = Instant::now();
-        if self.unsynced.len() == 0 {
+        if !self.written.has_unsynced() {
             return;
         }
-        match a.job.target.sync_covering(self.sync_need) {
-            Ok(()) => {
-                a.job.add_durable(
-                    self.unsynced.ranges().map(|r| (r.offset, r.len_bytes)),
-                    self.unsynced_data_bytes,
-                );
-                self.unsynced = RangeSet::new();
-                self.unsynced_data_bytes = 0;
-            }
-            Err(e) => warn!(peer = %self.peer, "flush at the end of a stream failed: {e}; \
-                            its unacknowledged data will be sent again"),
+        if let Err(e) = self.written.settle(&a.job) {
+            warn!(peer = %self.peer, "flush at the end of a stream failed: {e}; \
+                  its unacknowledged data will be sent again");
         }
     }
 
@@ -227,20 +206,17 @@ impl Session<'_> {
             // Hash raw DATA payloads as they arrive (XXH3 streams; BLAKE3
             // chunks are hashed whole in on_data).
             let hot = match self.decoder.data_payload_progress() {
-                Some((Codec::None, got)) if self.features.contains(Features::XXH3) => {
-                    if got == 0 {
-                        self.hot_digest.reset();
-                    }
-                    true
-                }
-                _ => false,
+                Some((Codec::None, got)) if self.features.contains(Features::XXH3) => Some(got),
+                _ => None,
             };
             let buf = self.decoder.buf_mut();
             match self.io.read(buf) {
                 Ok(0) => return Err(self.eof()),
                 Ok(n) => {
-                    if hot && let Some(read) = buf.get(..n) {
-                        self.hot_digest.update(read);
+                    if let Some(got) = hot
+                        && let Some(read) = buf.get(..n)
+                    {
+                        self.unpacker.hash_arriving(got, read);
                     }
                     self.decoder.advance(n);
                     self.last_input = Instant::now();
@@ -332,7 +308,13 @@ impl Session<'_> {
                     frames,
                 },
             ) => self.on_done(total_bytes_sent, frames),
-            (_, Frame::VerifyRequest { window_bytes }) => self.on_verify(window_bytes),
+            (Phase::Finished, Frame::VerifyRequest { window_bytes }) => {
+                self.on_verify(window_bytes)
+            }
+            (Phase::Streaming, Frame::VerifyRequest { .. }) => Err(refuse(
+                ErrorCode::Protocol,
+                "VERIFY_REQUEST before DONE: a stream asks for a verify pass only after its DONE",
+            )),
             (_, Frame::Ping { nonce }) => self.send(&Frame::Pong { nonce }),
             (_, Frame::Pong { .. }) => Ok(()),
             (_, Frame::Error(e)) => Err(End::Lost(format!(
@@ -416,112 +398,69 @@ impl Session<'_> {
 
     fn on_data(&mut self, data: Data) -> Result<(), End> {
         let head = data.head;
-        let raw_len = head.raw_len_bytes as usize;
         self.check_range(head.offset, u64::from(head.raw_len_bytes), "data")?;
-        let chunk_size_bytes = self.attachment()?.job.chunk_size_bytes;
-        if head.raw_len_bytes > chunk_size_bytes {
-            return Err(refuse(
-                ErrorCode::BadRequest,
-                format!(
-                    "DATA chunk of {} bytes is larger than the job's chunk size {chunk_size_bytes}",
-                    head.raw_len_bytes
-                ),
-            ));
-        }
-        let negotiated = match head.codec {
-            Codec::None => true,
-            Codec::Lz4 => self.features.contains(Features::LZ4),
-            Codec::Zstd => self.features.contains(Features::ZSTD),
-        };
-        if !negotiated {
-            return Err(refuse(
-                ErrorCode::Protocol,
-                format!(
-                    "DATA uses codec {:?}, which was not negotiated in WELCOME",
-                    head.codec
-                ),
-            ));
-        }
-        if head.codec != Codec::None {
-            let codec = compress::Codec::from_u8(head.codec as u8)
-                .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))?;
-            self.raw.resize(raw_len, 0);
-            if let Err(e) =
-                self.compressors
-                    .decompress(codec, &data.payload, raw_len, &mut self.raw[..raw_len])
-            {
-                return Err(self.fail_job(
-                    ErrorCode::DigestMismatch,
-                    format!(
-                        "chunk at offset {}: {e}; nothing was written for it",
-                        head.offset
-                    ),
-                ));
+        let job = Arc::clone(&self.attachment()?.job);
+        let raw = match self
+            .unpacker
+            .unpack(&data, self.features, job.chunk_size_bytes)
+        {
+            Ok(raw) => raw,
+            Err(UnpackError::Refuse(refusal)) => return Err(End::Refuse(refusal)),
+            Err(UnpackError::Damaged(refusal)) => {
+                return Err(self.fail_job(refusal.code, refusal.message));
             }
-        }
-        let raw: &[u8] = match head.codec {
-            Codec::None => &data.payload,
-            _ => &self.raw[..raw_len],
         };
-        let kind = ChunkDigest::for_features(self.features);
-        // The streamed digest counts only if it saw exactly this payload:
-        // it restarts at the first payload byte of every raw DATA frame.
-        let hot = head.codec == Codec::None
-            && kind == ChunkDigest::Xxh3
-            && self.hot_digest.len_bytes() == raw.len();
-        let digest = if hot {
-            self.hot_digest.finish()
-        } else {
-            kind.digest(raw)
-        };
-        self.hot_digest.reset();
-        if digest != head.raw_digest {
-            return Err(self.fail_job(
-                ErrorCode::DigestMismatch,
-                format!(
-                    "chunk at offset {} ({raw_len} bytes) does not match its {} digest: it was \
-                     corrupted in flight or in the sender's memory; nothing was written for it",
-                    head.offset,
-                    kind.name()
-                ),
-            ));
-        }
-        let job = &self.attachment()?.job;
         if let Err(e) = job.target.write_at(raw, head.offset) {
             let message = format!(
-                "writing {raw_len} bytes at offset {} of {} failed: {e}",
-                head.offset,
-                job.target.path().display()
+                "writing {} bytes at offset {} of target {:?} failed: {e}",
+                head.raw_len_bytes, head.offset, job.target_name
             );
             return Err(self.fail_job(ErrorCode::TargetIo, message));
         }
+        let raw_len_bytes = u64::from(head.raw_len_bytes);
         job.bytes_written
-            .fetch_add(u64::from(head.raw_len_bytes), Ordering::Relaxed);
-        self.sync_need = job.target.sync_point();
-        self.pending
-            .insert(head.offset, u64::from(head.raw_len_bytes));
-        self.unsynced
-            .insert(head.offset, u64::from(head.raw_len_bytes));
-        self.unsynced_data_bytes += u64::from(head.raw_len_bytes);
+            .fetch_add(raw_len_bytes, Ordering::Relaxed);
+        let noted = self.written.note(
+            head.offset,
+            raw_len_bytes,
+            raw_len_bytes,
+            job.target.sync_point(),
+        );
         self.payload_bytes += data.payload.len() as u64;
         self.decoder.recycle(data.payload);
-        self.maybe_settle();
-        Ok(())
+        if let Err(e) = noted {
+            return Err(self.fail_job(ErrorCode::Protocol, e.to_string()));
+        }
+        self.maybe_settle()
     }
 
-    /// The journal must not lag the data by more than a checkpoint
-    /// interval (or a share of the checkpoint bytes), whatever the
-    /// sender's barriers: flush and count durable what this stream wrote
-    /// when that much time or data has passed. ACKs still report it (from
-    /// `pending`).
-    fn maybe_settle(&mut self) {
+    /// Flushes and counts durable what this stream wrote when a settle is
+    /// due ([`Written::settle_due`]). ACKs still report it.
+    fn maybe_settle(&mut self) -> Result<(), End> {
         let Some(a) = &self.attachment else {
-            return;
+            return Ok(());
         };
-        let (interval, bytes) = a.job.checkpoint_policy();
-        let share = bytes / u64::from(a.job.stream_count.max(1));
-        if self.last_settle.elapsed() >= interval || self.unsynced_data_bytes >= share {
-            self.settle_pending();
+        if !self.written.settle_due(&a.job) || !self.written.has_unsynced() {
+            return Ok(());
+        }
+        match self.written.settle(&a.job) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.settle_failed(e)),
+        }
+    }
+
+    /// A failed settle fails the job: a flush error is the target's, a
+    /// cap passed is the sender's.
+    fn settle_failed(&self, e: SettleError) -> End {
+        let Some(a) = &self.attachment else {
+            return refuse(ErrorCode::Internal, "stream has no job after HELLO");
+        };
+        match e {
+            SettleError::Flush(e) => {
+                let message = format!("flushing target {:?} failed: {e}", a.job.target_name);
+                self.fail_job(ErrorCode::TargetIo, message)
+            }
+            SettleError::Cap(e) => self.fail_job(ErrorCode::Protocol, e.to_string()),
         }
     }
 
@@ -530,18 +469,18 @@ impl Session<'_> {
         let job = &self.attachment()?.job;
         if let Err(e) = job.target.zero_range(range.offset, range.len_bytes) {
             let message = format!(
-                "zeroing {} bytes at offset {} of {} failed: {e}",
-                range.len_bytes,
-                range.offset,
-                job.target.path().display()
+                "zeroing {} bytes at offset {} of target {:?} failed: {e}",
+                range.len_bytes, range.offset, job.target_name
             );
             return Err(self.fail_job(ErrorCode::TargetIo, message));
         }
-        self.sync_need = job.target.sync_point();
-        self.pending.insert(range.offset, range.len_bytes);
-        self.unsynced.insert(range.offset, range.len_bytes);
-        self.maybe_settle();
-        Ok(())
+        let noted = self
+            .written
+            .note(range.offset, range.len_bytes, 0, job.target.sync_point());
+        if let Err(e) = noted {
+            return Err(self.fail_job(ErrorCode::Protocol, e.to_string()));
+        }
+        self.maybe_settle()
     }
 
     fn on_barrier(&mut self, seq: u64) -> Result<(), End> {
@@ -555,21 +494,12 @@ impl Session<'_> {
             ));
         }
         self.last_seq = Some(seq);
-        let job = &self.attachment()?.job;
-        if let Err(e) = job.target.sync_covering(self.sync_need) {
-            let message = format!("flushing {} failed: {e}", job.target.path().display());
-            return Err(self.fail_job(ErrorCode::TargetIo, message));
-        }
-        let bytes_durable_total = job.add_durable(
-            self.unsynced.ranges().map(|r| (r.offset, r.len_bytes)),
-            self.unsynced_data_bytes,
-        );
-        self.unsynced = RangeSet::new();
-        self.unsynced_data_bytes = 0;
-        self.last_settle = Instant::now();
-        // Ranges past the ACK bound stay pending and are reported by the
-        // next ACK (they are durable already and counted in the total).
-        let durable_added = self.pending.take_first(MAX_ACK_RANGES as usize);
+        let job = Arc::clone(&self.attachment()?.job);
+        let bytes_durable_total = self
+            .written
+            .settle(&job)
+            .map_err(|e| self.settle_failed(e))?;
+        let durable_added = self.written.take_acked();
         self.send(&Frame::Ack(Ack {
             seq,
             bytes_durable_total,
@@ -605,59 +535,23 @@ impl Session<'_> {
     }
 
     fn on_verify(&mut self, window_bytes: u32) -> Result<(), End> {
-        let started = Instant::now();
-        let job = Arc::clone(&self.attachment()?.job);
-        let mut digest = ImageDigest::new(job.size_bytes, window_bytes).map_err(|e| {
-            refuse(
-                ErrorCode::BadRequest,
-                format!("VERIFY_REQUEST refused: {e}"),
-            )
-        })?;
-        let mut window = Vec::new();
-        let mut extents = Vec::new();
-        let mut bytes_read = 0u64;
-        let target_io = |what: &str, e: std::io::Error| {
-            refuse(
-                ErrorCode::TargetIo,
-                format!("verify: {what} {} failed: {e}", job.target.path().display()),
-            )
-        };
-        for index in 0..digest.windows() {
-            if self.ctx.stop.load(Ordering::Relaxed) {
-                return Err(End::Stopped);
-            }
-            let offset = index * u64::from(window_bytes);
-            let len = digest.window_len_bytes(index).map_err(internal)?;
-            job.target
-                .data_extents(offset, u64::from(len), &mut extents)
-                .map_err(|e| target_io("mapping", e))?;
-            if extents.is_empty() {
-                digest.zero_window(index).map_err(internal)?;
-            } else {
-                window.resize(len as usize, 0);
-                job.target
-                    .read_at(&mut window[..len as usize], offset)
-                    .map_err(|e| target_io("reading", e))?;
-                digest
-                    .hash_window(index, &window[..len as usize])
-                    .map_err(internal)?;
-            }
-            bytes_read += u64::from(len);
+        if self.verify_asked {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                "a second VERIFY_REQUEST on this stream: one verify pass per stream",
+            ));
         }
-        let digest = digest.finish().map_err(internal)?;
-        info!(
-            job = %job.id_hex(),
-            target = %job.target_name,
-            bytes_read,
-            duration_s = format!("{:.3}", started.elapsed().as_secs_f64()),
-            "verify pass done"
-        );
+        self.verify_asked = true;
+        let job = Arc::clone(&self.attachment()?.job);
+        let (digest, bytes_read) =
+            verify::read_back(&job, window_bytes, &self.ctx.verifying, &self.ctx.stop).map_err(
+                |e| match e {
+                    VerifyError::Stopped => End::Stopped,
+                    VerifyError::Refused(refusal) => End::Refuse(refusal),
+                },
+            )?;
         self.send(&Frame::VerifyResult { digest, bytes_read })
     }
-}
-
-fn internal(e: crate::wire::WireError) -> End {
-    refuse(ErrorCode::Internal, format!("verify: {e}"))
 }
 
 /// Error messages are bounded by the wire's string limit.

@@ -179,6 +179,11 @@ impl Job {
         lock(&self.durable).covered_bytes()
     }
 
+    /// Separate ranges in the durable set (the receiver caps them per job).
+    pub fn durable_range_count(&self) -> usize {
+        lock(&self.durable).len()
+    }
+
     /// The durable ranges (at most `max`, the largest, in order).
     pub fn durable_ranges(&self, max: usize) -> Vec<(u64, u64)> {
         lock(&self.durable).largest(max)

@@ -5,12 +5,14 @@
 //! Sender: [`send`] the coordinator and per-stream sender threads,
 //! [`stream`] one TLS / TCP stream and frame I/O.
 //! Receiver: [`serve`] accept loop and options, `conn` one stream's
-//! protocol driver, `job` jobs and their registry, `target` target names,
-//! opening and I/O, `ranges` merged byte-range sets, `transport` the
-//! TLS / TCP byte stream.
+//! protocol driver, `unpack` its DATA checks and decompression, `written` its written ranges and their flushes,
+//! `verify` the read-back pass, `job` jobs and their registry, `target`
+//! target names, opening and I/O, `ranges` merged byte-range sets,
+//! [`limits`] the caps on peers, `transport` the TLS / TCP byte stream.
 
 mod conn;
 mod job;
+pub mod limits;
 mod ranges;
 pub mod send;
 pub mod serve;
@@ -18,6 +20,9 @@ mod source;
 pub mod stream;
 mod target;
 mod transport;
+mod unpack;
+mod verify;
+mod written;
 
 /// Random bytes from the kernel; should that fail, a hash of the clock and
 /// the process id (unique enough for ids, never for keys).

@@ -2,6 +2,12 @@
 //! listens; [`Server::run`] accepts connections until a stop flag is set,
 //! each on its own thread (TLS 1.3 with client certificates, or plain TCP
 //! behind `--insecure-plaintext`), then lets every stream end cleanly.
+//!
+//! Before a peer is authenticated it is bounded three ways: at most
+//! [`MAX_CONNECTIONS`] connections in all, at most
+//! [`PeerLimits::max_handshakes_per_address`] still in their handshake per
+//! source address (more are closed at once), and [`HANDSHAKE_TIMEOUT_MS`]
+//! for the handshake (plaintext: for the first byte).
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind};
@@ -17,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use super::conn::{ConnContext, serve_connection};
 use super::job::{JournalPolicy, Registry};
+use super::limits::{HandshakeGate, HandshakeSlot, PeerLimits, RateLimitedLog};
 use super::transport::{POLL_INTERVAL_MS, Transport, is_timeout};
 use crate::journal::JournalStore;
 use crate::net::{self, NetError, Role, SocketTuning, TlsDir, TlsError};
@@ -25,8 +32,10 @@ use crate::net::{self, NetError, Role, SocketTuning, TlsDir, TlsError};
 pub const MAX_CONNECTIONS: usize = 256;
 /// How often the accept loop looks at the stop flag.
 pub const ACCEPT_POLL_MS: u64 = 50;
-/// Bound on a TLS handshake (or, in plaintext mode, on the first byte).
-pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Bound on a TLS handshake (or, in plaintext mode, on the first byte): a
+/// TLS 1.3 handshake is two round trips, so this leaves room for slow
+/// links while a connection that says nothing gives its slot back soon.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// After a stop, how long streams get to end by themselves before their
 /// sockets are shut down under them.
 pub const SHUTDOWN_GRACE_MS: u64 = 3_000;
@@ -57,6 +66,8 @@ pub struct ServeOptions {
     /// `NAME=PATH`: target names that map to block devices or files
     /// outside the root.
     pub allow: Vec<(String, PathBuf)>,
+    /// Caps on what one peer may hold (handshakes per address, ranges per job).
+    pub limits: PeerLimits,
 }
 
 /// Why the receiver cannot start.
@@ -107,6 +118,7 @@ pub struct Server {
     tls: Option<Arc<ServerConfig>>,
     registry: Arc<Registry>,
     tuning: SocketTuning,
+    limits: PeerLimits,
 }
 
 impl Server {
@@ -169,6 +181,7 @@ impl Server {
             tls,
             registry: Arc::new(Registry::new(root, opts.allow, journals)),
             tuning,
+            limits: opts.limits,
         })
     }
 
@@ -192,7 +205,12 @@ impl Server {
         let ctx = Arc::new(ConnContext {
             registry: Arc::clone(&self.registry),
             stop: Arc::clone(&stop),
+            max_ranges_per_job: self.limits.max_ranges_per_job,
+            verifying: Default::default(),
         });
+        let gate = HandshakeGate::new(self.limits.max_handshakes_per_address);
+        let full_log = RateLimitedLog::new();
+        let gate_log = RateLimitedLog::new();
         let sockets: Arc<Mutex<Sockets>> = Arc::default();
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut next_id = 0u64;
@@ -209,11 +227,26 @@ impl Server {
             };
             reap(&mut threads);
             if threads.len() >= MAX_CONNECTIONS {
-                warn!(%peer, "refusing connection: {MAX_CONNECTIONS} connections are open already");
+                full_log.warn(|| {
+                    format!(
+                        "refusing connection from {peer}: {MAX_CONNECTIONS} connections are open \
+                         already"
+                    )
+                });
                 continue;
             }
+            let Some(slot) = gate.enter(peer.ip()) else {
+                gate_log.warn(|| {
+                    format!(
+                        "refusing connection from {peer}: {} connections from its address are \
+                         not authenticated yet (a flood, or raise --max-handshakes-per-address)",
+                        gate.max_per_address()
+                    )
+                });
+                continue;
+            };
             next_id += 1;
-            match self.spawn_connection(tcp, peer, next_id, &ctx, &sockets) {
+            match self.spawn_connection(tcp, peer, next_id, slot, &ctx, &sockets) {
                 Ok(handle) => threads.push(handle),
                 Err(e) => warn!(%peer, "cannot start a connection thread: {e}; closing it"),
             }
@@ -253,6 +286,7 @@ impl Server {
         tcp: TcpStream,
         peer: SocketAddr,
         id: u64,
+        slot: HandshakeSlot,
         ctx: &Arc<ConnContext>,
         sockets: &Arc<Mutex<Sockets>>,
     ) -> io::Result<JoinHandle<()>> {
@@ -267,7 +301,10 @@ impl Server {
             .spawn(move || {
                 let report = net::tune_accepted(&tcp, &tuning);
                 debug!(%peer, "connection accepted: {}", report.summary());
-                if let Some(transport) = open_transport(tcp, peer, tls, &ctx.stop) {
+                let transport = open_transport(tcp, peer, tls, &ctx.stop);
+                // Authenticated or refused: no longer a handshake of its address.
+                drop(slot);
+                if let Some(transport) = transport {
                     if let Some(entry) = lock(&sockets_for_thread).get_mut(&id) {
                         entry.1 = true;
                     }

@@ -579,7 +579,9 @@ pub fn run(
         }
     }
 
-    // Verify: the receiver reads the target back.
+    // Every stream is durable: say DONE (the receiver completes the job).
+    say_done(&mut conns)?;
+    // Verify (the receiver allows it only after DONE): it reads the target back.
     let image_digest = if opts.verify {
         Some(verify_target(opts, &image, &mut source, &mut conns[0])?)
     } else {
@@ -587,8 +589,9 @@ pub fn run(
     };
     let verified = image_digest.is_some();
     drop(source);
-    // Every stream is durable (and verified): say DONE and close.
-    close_streams(&mut conns)?;
+    for c in &mut conns {
+        c.stream.close();
+    }
     let on_wire = job.bytes_on_wire.load(Ordering::Relaxed);
     progress(&totals, started.elapsed());
     Ok(SendReport {
@@ -700,8 +703,9 @@ fn verify_target(
     }
 }
 
-/// Say DONE on every stream, wait for the receiver to accept it, and close.
-fn close_streams(conns: &mut [Conn]) -> Result<(), CopyError> {
+/// Say DONE on every stream and wait for the receiver to accept it; the
+/// streams stay open (for the verify pass).
+fn say_done(conns: &mut [Conn]) -> Result<(), CopyError> {
     let mut scratch = Vec::new();
     for c in conns {
         let done = Frame::Done {
@@ -729,7 +733,6 @@ fn close_streams(conns: &mut [Conn]) -> Result<(), CopyError> {
                 Err(e) => return Err(fail_msg(format!("no answer to DONE: {e}"))),
             }
         }
-        s.close();
     }
     Ok(())
 }
