@@ -199,4 +199,12 @@ fn a_flood_from_one_address_does_not_keep_a_real_sender_out() {
         refusals <= intervals + 1,
         "{refusals} refusal lines in {flood_lasted:?} of flood: the log is not rate-limited"
     );
+    let handshakes_refused = log
+        .lines()
+        .filter(|l| l.contains("refused connection from"))
+        .count();
+    assert!(
+        handshakes_refused <= intervals + 1,
+        "{handshakes_refused} lines of refused handshakes: the log is not rate-limited"
+    );
 }

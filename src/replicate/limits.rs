@@ -11,7 +11,7 @@
 //! [`RateLimitedLog`], so a flood does not flood the log too.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -61,13 +61,16 @@ impl Default for PeerLimits {
     }
 }
 
-/// Counts unauthenticated connections per source address.
+/// Counts unauthenticated connections per source address, and logs their
+/// refusals rate-limited (a flood of them must not flood the log).
 #[derive(Debug)]
 pub struct HandshakeGate {
     max_per_address: usize,
     /// Only addresses with a connection in its handshake: at most one
     /// entry per open connection.
     counts: Mutex<HashMap<IpAddr, usize>>,
+    over_cap_log: RateLimitedLog,
+    refused_log: RateLimitedLog,
 }
 
 /// One connection's place in the [`HandshakeGate`]; gives it back when
@@ -83,16 +86,27 @@ impl HandshakeGate {
         Arc::new(HandshakeGate {
             max_per_address: max_per_address.max(1),
             counts: Mutex::default(),
+            over_cap_log: RateLimitedLog::new(),
+            refused_log: RateLimitedLog::new(),
         })
     }
 
-    /// A slot for a connection from `ip`, or `None` when that address has
+    /// A slot for a connection from `peer`, or `None` (logged,
+    /// rate-limited) when its address has
     /// [`PeerLimits::max_handshakes_per_address`] handshakes running.
-    pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<HandshakeSlot> {
-        let key = address_key(ip);
+    pub fn enter(self: &Arc<Self>, peer: SocketAddr) -> Option<HandshakeSlot> {
+        let key = address_key(peer.ip());
         let mut counts = lock(&self.counts);
         let count = counts.entry(key).or_insert(0);
         if *count >= self.max_per_address {
+            drop(counts);
+            self.over_cap_log.warn(|| {
+                format!(
+                    "refusing connection from {peer}: {} connections from its address are not \
+                     authenticated yet (a flood, or raise --max-handshakes-per-address)",
+                    self.max_per_address
+                )
+            });
             return None;
         }
         *count += 1;
@@ -112,6 +126,13 @@ impl HandshakeGate {
 
     pub fn max_per_address(&self) -> usize {
         self.max_per_address
+    }
+}
+
+impl HandshakeSlot {
+    /// Logs (rate-limited) why this connection's handshake was refused.
+    pub fn refused(&self, message: impl FnOnce() -> String) {
+        self.gate.refused_log.warn(message);
     }
 }
 
@@ -169,26 +190,31 @@ impl RateLimitedLog {
         }
     }
 
-    /// Logs `message` unless one was logged less than the interval ago.
-    pub fn warn(&self, message: impl FnOnce() -> String) {
+    /// At `now`: `Some(lines left out since the last one)` if a line may
+    /// be logged, else `None` (and it is counted as left out).
+    fn admit(&self, now: Instant) -> Option<u64> {
         let mut s = lock(&self.state);
-        let now = Instant::now();
         let interval = Duration::from_millis(REFUSAL_LOG_INTERVAL_MS);
         if s.last
-            .is_some_and(|last| now.duration_since(last) < interval)
+            .is_some_and(|last| now.saturating_duration_since(last) < interval)
         {
             s.suppressed += 1;
-            return;
+            return None;
         }
-        let suppressed = std::mem::take(&mut s.suppressed);
         s.last = Some(now);
-        drop(s);
+        Some(std::mem::take(&mut s.suppressed))
+    }
+
+    /// Logs `message` unless one was logged less than the interval ago.
+    pub fn warn(&self, message: impl FnOnce() -> String) {
+        let Some(suppressed) = self.admit(Instant::now()) else {
+            return;
+        };
         if suppressed > 0 {
             warn!(
                 suppressed,
-                "{} ({suppressed} more like it in the last {} s not logged)",
-                message(),
-                REFUSAL_LOG_INTERVAL_MS / 1000
+                "{} ({suppressed} more like it since the last such line, not logged)",
+                message()
             );
         } else {
             warn!("{}", message());
@@ -207,8 +233,8 @@ mod tests {
     #[test]
     fn gate_caps_each_address_and_gives_slots_back() {
         let gate = HandshakeGate::new(2);
-        let a: IpAddr = "127.0.0.2".parse().unwrap();
-        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let a: SocketAddr = "127.0.0.2:1000".parse().unwrap();
+        let b: SocketAddr = "127.0.0.3:1000".parse().unwrap();
         let a1 = gate.enter(a).unwrap();
         let _a2 = gate.enter(a).unwrap();
         assert!(
@@ -217,7 +243,7 @@ mod tests {
         );
         let _b1 = gate.enter(b).expect("another address is not affected");
         drop(a1);
-        assert_eq!(gate.in_progress(a), 1);
+        assert_eq!(gate.in_progress(a.ip()), 1);
         let _a3 = gate.enter(a).expect("a slot given back can be taken again");
         assert!(gate.enter(a).is_none());
     }
@@ -225,22 +251,34 @@ mod tests {
     #[test]
     fn mapped_ipv4_is_ipv4_and_ipv6_counts_per_64() {
         let gate = HandshakeGate::new(1);
-        let _v4 = gate.enter("192.0.2.1".parse().unwrap()).unwrap();
-        assert!(gate.enter("::ffff:192.0.2.1".parse().unwrap()).is_none());
-        assert!(gate.enter("::ffff:192.0.2.2".parse().unwrap()).is_some());
-        let _v6 = gate.enter("2001:db8:1:2::1".parse().unwrap()).unwrap();
-        assert!(
-            gate.enter("2001:db8:1:2:ffff::9".parse().unwrap())
-                .is_none()
-        );
-        assert!(gate.enter("2001:db8:1:3::1".parse().unwrap()).is_some());
+        let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 1000);
+        let _v4 = gate.enter(at("192.0.2.1")).unwrap();
+        assert!(gate.enter(at("::ffff:192.0.2.1")).is_none());
+        assert!(gate.enter(at("::ffff:192.0.2.2")).is_some());
+        let _v6 = gate.enter(at("2001:db8:1:2::1")).unwrap();
+        assert!(gate.enter(at("2001:db8:1:2:ffff::9")).is_none());
+        assert!(gate.enter(at("2001:db8:1:3::1")).is_some());
+    }
+
+    #[test]
+    fn the_log_admits_one_line_per_interval_and_counts_the_rest() {
+        let log = RateLimitedLog::new();
+        let t0 = Instant::now();
+        let interval = Duration::from_millis(REFUSAL_LOG_INTERVAL_MS);
+        assert_eq!(log.admit(t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(log.admit(t0 + interval / 10 * i), None);
+        }
+        assert_eq!(log.admit(t0 + interval), Some(5));
+        assert_eq!(log.admit(t0 + interval + interval / 2), None);
+        assert_eq!(log.admit(t0 + interval * 3), Some(1));
     }
 
     #[test]
     fn slots_are_dropped_from_the_map() {
         let gate = HandshakeGate::new(3);
         for i in 0..100u8 {
-            let _slot = gate.enter(IpAddr::from([10, 0, 0, i])).unwrap();
+            let _slot = gate.enter(SocketAddr::from(([10, 0, 0, i], 1000))).unwrap();
         }
         assert!(lock(&gate.counts).is_empty());
     }

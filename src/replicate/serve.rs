@@ -210,7 +210,6 @@ impl Server {
         });
         let gate = HandshakeGate::new(self.limits.max_handshakes_per_address);
         let full_log = RateLimitedLog::new();
-        let gate_log = RateLimitedLog::new();
         let sockets: Arc<Mutex<Sockets>> = Arc::default();
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut next_id = 0u64;
@@ -235,14 +234,7 @@ impl Server {
                 });
                 continue;
             }
-            let Some(slot) = gate.enter(peer.ip()) else {
-                gate_log.warn(|| {
-                    format!(
-                        "refusing connection from {peer}: {} connections from its address are \
-                         not authenticated yet (a flood, or raise --max-handshakes-per-address)",
-                        gate.max_per_address()
-                    )
-                });
+            let Some(slot) = gate.enter(peer) else {
                 continue;
             };
             next_id += 1;
@@ -301,7 +293,7 @@ impl Server {
             .spawn(move || {
                 let report = net::tune_accepted(&tcp, &tuning);
                 debug!(%peer, "connection accepted: {}", report.summary());
-                let transport = open_transport(tcp, peer, tls, &ctx.stop);
+                let transport = open_transport(tcp, peer, tls, &slot, &ctx.stop);
                 // Authenticated or refused: no longer a handshake of its address.
                 drop(slot);
                 if let Some(transport) = transport {
@@ -359,29 +351,34 @@ fn check_allow(allow: &[(String, PathBuf)]) -> Result<(), ServeError> {
 }
 
 /// The TLS handshake (client certificate required), or in plaintext mode a
-/// check that the peer is not trying TLS. `None`: refused (logged).
+/// check that the peer is not trying TLS. `None`: refused (logged, at most
+/// once per [`super::limits::REFUSAL_LOG_INTERVAL_MS`]: an unauthenticated
+/// peer can repeat a refusal at will).
 fn open_transport(
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<Arc<ServerConfig>>,
+    slot: &HandshakeSlot,
     stop: &AtomicBool,
 ) -> Option<Transport> {
     if let Some(cfg) = tls {
         return match net::accept(tcp, cfg, HANDSHAKE_TIMEOUT_MS) {
             Ok(stream) => Some(Transport::Tls(Box::new(stream))),
             Err(e) => {
-                warn!(%peer, "refused connection: {e}");
+                slot.refused(|| format!("refused connection from {peer}: {e}"));
                 None
             }
         };
     }
     match first_byte(&tcp, stop) {
         Ok(Some(TLS_HANDSHAKE_RECORD)) => {
-            warn!(
-                %peer,
-                "refused connection: the peer started a TLS handshake, but this receiver runs \
-                 with --insecure-plaintext; run both sides with TLS (--tls-dir) or both plaintext"
-            );
+            slot.refused(|| {
+                format!(
+                    "refused connection from {peer}: the peer started a TLS handshake, but this \
+                     receiver runs with --insecure-plaintext; run both sides with TLS \
+                     (--tls-dir) or both plaintext"
+                )
+            });
             None
         }
         Ok(Some(_)) => Some(Transport::Plain(tcp)),
@@ -390,7 +387,7 @@ fn open_transport(
             None
         }
         Err(e) => {
-            warn!(%peer, "refused connection: {e}");
+            slot.refused(|| format!("refused connection from {peer}: {e}"));
             None
         }
     }
