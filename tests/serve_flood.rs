@@ -9,14 +9,17 @@
 mod rx;
 mod serve_support;
 
-use std::io::{ErrorKind, Read};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use diskferry::replicate::limits::{HANDSHAKES_PER_ADDRESS_DEFAULT, REFUSAL_LOG_INTERVAL_MS};
+use diskferry::replicate::limits::{
+    HANDSHAKES_PER_ADDRESS_DEFAULT, HELLO_TIMEOUT_MS, REFUSAL_LOG_INTERVAL_MS,
+};
 use diskferry::replicate::serve::{HANDSHAKE_TIMEOUT_MS, MAX_CONNECTIONS};
+use diskferry::wire::{ErrorCode, Frame};
 use serve_support::Harness;
 
 const FLOOD_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -108,6 +111,97 @@ fn tls_handshakes_are_capped_per_address_and_idle_ones_dropped_at_the_deadline()
 #[test]
 fn plaintext_first_bytes_are_capped_per_address_and_idle_ones_dropped_at_the_deadline() {
     check_cap_and_deadline(true);
+}
+
+#[test]
+fn plaintext_peers_count_against_their_address_until_their_hello() {
+    let h = Harness::start(true);
+    let cap = HANDSHAKES_PER_ADDRESS_DEFAULT;
+    let mut hello_bytes = Vec::new();
+    Frame::Hello(serve_support::hello(1, "trickle.img", 1 << 20, 0, 1))
+        .encode(&mut hello_bytes)
+        .unwrap();
+    // `cap` peers that trickle a HELLO a byte at a time and never finish it.
+    let mut conns: Vec<TcpStream> = (0..cap).map(|_| idle_connection(h.addr)).collect();
+    let opened = Instant::now();
+    for c in &mut conns {
+        c.write_all(&hello_bytes[..1]).unwrap();
+    }
+    // Past its first byte a plaintext peer still counts against its
+    // address: one more is closed at once, though it spoke.
+    let mut extra = idle_connection(h.addr);
+    extra.write_all(&hello_bytes[..1]).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    // (Closed with our byte unread, so a reset rather than a FIN.)
+    let got = extra.read(&mut byte);
+    assert!(
+        matches!(&got, Ok(0)) || matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "a connection over the cap must be closed at once, without an answer: {got:?}"
+    );
+    let deadline = Duration::from_millis(HELLO_TIMEOUT_MS);
+    let mut sent = 1;
+    while opened.elapsed() < deadline - Duration::from_millis(1000) {
+        std::thread::sleep(Duration::from_millis(200));
+        for c in &mut conns {
+            c.write_all(&hello_bytes[sent..sent + 1]).unwrap();
+        }
+        sent += 1;
+    }
+    assert!(
+        sent < hello_bytes.len(),
+        "the trickle must not finish the HELLO"
+    );
+    for c in conns {
+        let tcp = c.try_clone().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut client = serve_support::Client::new(Box::new(c), tcp);
+        let (code, message) = client.expect_error();
+        let after = opened.elapsed();
+        assert_eq!(code, ErrorCode::Timeout, "{message}");
+        assert!(message.contains("no HELLO"), "{message}");
+        assert!(
+            after >= deadline - Duration::from_millis(500)
+                && after <= deadline + Duration::from_secs(3),
+            "a HELLO never finished was ended after {after:?}, the deadline is {deadline:?}"
+        );
+    }
+    // The slots were given back: a peer from that address that says HELLO
+    // at once is served.
+    let tcp = idle_connection(h.addr);
+    let clone = tcp.try_clone().unwrap();
+    clone
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut c = serve_support::Client::new(Box::new(tcp), clone);
+    c.welcome(&serve_support::hello(2, "prompt.img", 1 << 20, 0, 1));
+}
+
+fn check_many_streams_from_one_address(plaintext: bool) {
+    let h = Harness::start(plaintext);
+    let streams = 3 * HANDSHAKES_PER_ADDRESS_DEFAULT as u16;
+    // All open at once, from 127.0.0.1: the cap is on connections not yet
+    // authenticated (plaintext: not past HELLO), not on a sender's streams.
+    let conns: Vec<_> = (0..streams)
+        .map(|i| {
+            let mut c = h.connect();
+            c.welcome(&serve_support::hello(9, "wide.img", 1 << 20, i, streams));
+            c
+        })
+        .collect();
+    assert_eq!(conns.len(), usize::from(streams));
+}
+
+#[test]
+fn many_tls_streams_from_one_address_are_served() {
+    check_many_streams_from_one_address(false);
+}
+
+#[test]
+fn many_plaintext_streams_from_one_address_are_served() {
+    check_many_streams_from_one_address(true);
 }
 
 /// Keeps `count` idle connections from `FLOOD_ADDR` open to `to`,

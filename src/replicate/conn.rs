@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::job::{Attachment, Refusal, Registry};
+use super::limits::{HELLO_TIMEOUT_MS, HandshakeSlot};
 use super::transport::{Transport, is_timeout};
 use super::unpack::{UnpackError, Unpacker};
 use super::verify::{self, VerifyError, VerifyingTargets};
@@ -86,6 +87,11 @@ struct Session<'a> {
     /// Frames received after HELLO.
     frames: u64,
     last_input: Instant,
+    /// When the stream started, for [`HELLO_TIMEOUT_MS`].
+    started: Instant,
+    /// A plaintext stream's place among its address's unauthenticated
+    /// connections, given back at HELLO.
+    unauthenticated: Option<HandshakeSlot>,
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> End {
@@ -94,7 +100,14 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> End {
 
 /// Runs the protocol on an accepted, authenticated connection until it
 /// ends; never panics on peer input.
-pub fn serve_connection(io: Transport, peer: SocketAddr, ctx: &ConnContext) {
+/// `unauthenticated`: the slot of a plaintext connection, kept until its
+/// HELLO.
+pub fn serve_connection(
+    io: Transport,
+    peer: SocketAddr,
+    unauthenticated: Option<HandshakeSlot>,
+    ctx: &ConnContext,
+) {
     if let Err(e) = io.set_timeouts() {
         warn!(%peer, "cannot set socket timeouts: {e}; closing the connection");
         return;
@@ -115,6 +128,8 @@ pub fn serve_connection(io: Transport, peer: SocketAddr, ctx: &ConnContext) {
         payload_bytes: 0,
         frames: 0,
         last_input: Instant::now(),
+        started: Instant::now(),
+        unauthenticated,
     };
     let end = loop {
         if let Err(end) = s.step() {
@@ -140,7 +155,14 @@ impl Session<'_> {
             End::PeerClosed => debug!(%peer, stream, "connection closed by the sender"),
             End::Lost(why) => warn!(%peer, stream, "connection lost: {why}"),
             End::Refuse(refusal) => {
-                warn!(%peer, stream, code = ?refusal.code, "ending the stream: {}", refusal.message);
+                // Before HELLO on plaintext, anyone can repeat this at will.
+                match &self.unauthenticated {
+                    Some(slot) => {
+                        slot.refused(|| format!("ending a stream from {peer}: {}", refusal.message))
+                    }
+                    None => warn!(%peer, stream, code = ?refusal.code,
+                                  "ending the stream: {}", refusal.message),
+                }
                 let _ = self.send(&Frame::Error(ErrorFrame {
                     code: refusal.code,
                     message: truncate(refusal.message),
@@ -202,6 +224,14 @@ impl Session<'_> {
             }
             if self.ctx.stop.load(Ordering::Relaxed) {
                 return Err(End::Stopped);
+            }
+            if self.phase == Phase::AwaitHello
+                && self.started.elapsed() > Duration::from_millis(HELLO_TIMEOUT_MS)
+            {
+                return Err(refuse(
+                    ErrorCode::Timeout,
+                    format!("no HELLO within {HELLO_TIMEOUT_MS} ms of connecting"),
+                ));
             }
             // Hash raw DATA payloads as they arrive (XXH3 streams; BLAKE3
             // chunks are hashed whole in on_data).
@@ -359,6 +389,7 @@ impl Session<'_> {
             .collect();
         self.attachment = Some(attachment);
         self.phase = Phase::Streaming;
+        self.unauthenticated = None;
         self.send(&Frame::Welcome(Welcome {
             features: self.features,
             instance,

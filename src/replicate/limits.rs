@@ -31,6 +31,10 @@ pub const RANGES_PER_JOB_DEFAULT: usize = 1 << 20;
 /// windows at the smallest chunk size (4 KiB); a window and the holes
 /// next to it merge into one range, so only a broken sender reaches this.
 pub const RANGES_PER_STREAM_MAX: usize = MAX_ACK_RANGES as usize;
+/// A stream whose HELLO has not arrived this long after its handshake (a
+/// plaintext stream: after its first byte) is ended with ERROR(TIMEOUT):
+/// a sender says HELLO at once.
+pub const HELLO_TIMEOUT_MS: u64 = 5_000;
 /// A refusal a peer can repeat is logged at most once per this interval
 /// (with the number left out since).
 pub const REFUSAL_LOG_INTERVAL_MS: u64 = 10_000;

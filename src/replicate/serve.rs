@@ -7,7 +7,9 @@
 //! [`MAX_CONNECTIONS`] connections in all, at most
 //! [`PeerLimits::max_handshakes_per_address`] still in their handshake per
 //! source address (more are closed at once), and [`HANDSHAKE_TIMEOUT_MS`]
-//! for the handshake (plaintext: for the first byte).
+//! for the handshake (plaintext: for the first byte, and then
+//! [`super::limits::HELLO_TIMEOUT_MS`] for the HELLO, still counted against
+//! the address until it came).
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind};
@@ -294,13 +296,20 @@ impl Server {
                 let report = net::tune_accepted(&tcp, &tuning);
                 debug!(%peer, "connection accepted: {}", report.summary());
                 let transport = open_transport(tcp, peer, tls, &slot, &ctx.stop);
-                // Authenticated or refused: no longer a handshake of its address.
-                drop(slot);
+                // A TLS peer is authenticated now; a plaintext one counts
+                // against its address until its HELLO.
+                let unauthenticated = match &transport {
+                    Some(Transport::Plain(_)) => Some(slot),
+                    _ => {
+                        drop(slot);
+                        None
+                    }
+                };
                 if let Some(transport) = transport {
                     if let Some(entry) = lock(&sockets_for_thread).get_mut(&id) {
                         entry.1 = true;
                     }
-                    serve_connection(transport, peer, &ctx);
+                    serve_connection(transport, peer, unauthenticated, &ctx);
                 }
                 lock(&sockets_for_thread).remove(&id);
             });
