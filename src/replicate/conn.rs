@@ -204,8 +204,8 @@ impl Session<'_> {
             return;
         }
         if let Err(e) = self.written.settle(&a.job) {
-            warn!(peer = %self.peer, "flush at the end of a stream failed: {e}; \
-                  its unacknowledged data will be sent again");
+            warn!(peer = %self.peer, "what this stream wrote last is not counted durable: {e}; \
+                  it will be sent again");
         }
     }
 
