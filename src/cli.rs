@@ -82,6 +82,18 @@ pub struct ServeArgs {
     /// Allow target NAME to be PATH (a block device or a file outside the root); repeatable.
     #[arg(long = "allow", value_parser = parse_allow)]
     pub allow: Vec<(String, std::path::PathBuf)>,
+    /// Permission bits (octal, e.g. 0640) of the target files the receiver creates.
+    #[arg(long, default_value = "0600", value_parser = parse_mode)]
+    pub target_mode: u32,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "{s}: expected octal permission bits from 0 to 0777, e.g. 0640"
+        )),
+    }
 }
 
 fn parse_allow(s: &str) -> Result<(String, std::path::PathBuf), String> {
@@ -144,6 +156,9 @@ pub struct SendArgs {
     /// Discard what the receiver holds for this target (its journal) and copy everything again.
     #[arg(long)]
     pub restart: bool,
+    /// Let a fresh copy replace an existing, non-empty target file the receiver has no journal for.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Reconnect a stream that makes no progress for this long (e.g. 30s, 500ms).
     #[arg(long, default_value = "30s", value_parser = crate::size::parse_duration)]
     pub stall_timeout: std::time::Duration,
@@ -361,6 +376,7 @@ fn run_send(a: SendArgs) -> i32 {
         threads: a.threads,
         engine: a.io_engine,
         restart: a.restart,
+        overwrite: a.overwrite,
         stall_timeout: a.stall_timeout,
         retry_for: a.retry_for,
         source_id: a.source_id,
@@ -395,6 +411,7 @@ fn run_serve(a: ServeArgs) -> i32 {
         checkpoint_bytes: a.checkpoint_bytes,
         insecure_plaintext: a.insecure_plaintext,
         allow: a.allow,
+        target_mode: a.target_mode,
     };
     let stop = install_stop_signals();
     let server = match Server::bind(opts) {

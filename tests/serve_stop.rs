@@ -43,6 +43,7 @@ fn bind_checks_its_options() {
         checkpoint_bytes: diskferry::journal::CHECKPOINT_BYTES_DEFAULT,
         insecure_plaintext: plain,
         allow: Vec::new(),
+        target_mode: diskferry::replicate::serve::TARGET_MODE_DEFAULT,
     };
     std::fs::create_dir(dir.path().join("root")).unwrap();
     assert!(matches!(

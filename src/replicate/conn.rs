@@ -491,7 +491,7 @@ impl Session<'_> {
             let message = format!(
                 "writing {raw_len} bytes at offset {} of {} failed: {e}",
                 head.offset,
-                job.target.path().display()
+                job.target.describe()
             );
             return Err(self.fail_job(ErrorCode::TargetIo, message));
         }
@@ -533,7 +533,7 @@ impl Session<'_> {
                 "zeroing {} bytes at offset {} of {} failed: {e}",
                 range.len_bytes,
                 range.offset,
-                job.target.path().display()
+                job.target.describe()
             );
             return Err(self.fail_job(ErrorCode::TargetIo, message));
         }
@@ -557,7 +557,7 @@ impl Session<'_> {
         self.last_seq = Some(seq);
         let job = &self.attachment()?.job;
         if let Err(e) = job.target.sync_covering(self.sync_need) {
-            let message = format!("flushing {} failed: {e}", job.target.path().display());
+            let message = format!("flushing {} failed: {e}", job.target.describe());
             return Err(self.fail_job(ErrorCode::TargetIo, message));
         }
         let bytes_durable_total = job.add_durable(
@@ -619,7 +619,7 @@ impl Session<'_> {
         let target_io = |what: &str, e: std::io::Error| {
             refuse(
                 ErrorCode::TargetIo,
-                format!("verify: {what} {} failed: {e}", job.target.path().display()),
+                format!("verify: {what} {} failed: {e}", job.target.describe()),
             )
         };
         for index in 0..digest.windows() {

@@ -5,13 +5,14 @@
 //! Sender: [`send`] the coordinator and per-stream sender threads,
 //! [`stream`] one TLS / TCP stream and frame I/O.
 //! Receiver: [`serve`] accept loop and options, `conn` one stream's
-//! protocol driver, `job` jobs and their registry, `target` target names,
+//! protocol driver, `job` jobs, `registry` the jobs in progress and their targets, `target` target names,
 //! opening and I/O, `ranges` merged byte-range sets, `transport` the
 //! TLS / TCP byte stream.
 
 mod conn;
 mod job;
 mod ranges;
+mod registry;
 pub mod send;
 pub mod serve;
 mod source;

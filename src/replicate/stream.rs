@@ -248,10 +248,27 @@ pub fn write_frame(
 /// unexpected into [`StreamError::Unexpected`].
 pub fn unexpected(f: Frame) -> StreamError {
     match f {
-        Frame::Error(e) => StreamError::Refused {
-            code: e.code,
-            message: e.message,
-        },
+        Frame::Error(e) => refused(e),
         other => StreamError::Unexpected(format!("{:?}", other.frame_type())),
     }
+}
+
+/// An ERROR frame from the receiver as a refusal, its text made
+/// [`printable`]: every message a peer sends reaches the sender's
+/// terminal and log only through here.
+pub fn refused(e: crate::wire::ErrorFrame) -> StreamError {
+    StreamError::Refused {
+        code: e.code,
+        message: printable(&e.message),
+    }
+}
+
+/// Text a peer sent, safe to print or log: every control character (C0
+/// including newline and tab, DEL, C1) becomes U+FFFD, so a peer cannot
+/// move the cursor, rewrite the screen or forge log lines. Everything else
+/// is kept as it is.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .collect()
 }

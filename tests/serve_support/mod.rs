@@ -52,6 +52,7 @@ impl Harness {
             checkpoint_bytes: diskferry::journal::CHECKPOINT_BYTES_DEFAULT,
             insecure_plaintext: plaintext,
             allow: Vec::new(),
+            target_mode: diskferry::replicate::serve::TARGET_MODE_DEFAULT,
         };
         adjust(&mut opts);
         let server = Server::bind(opts).unwrap();

@@ -50,7 +50,9 @@ use crate::wire::{
     ImageDigest,
 };
 
-use super::stream::{Dialer, Stream, StreamError, read_frame, unexpected, write_frame};
+use super::stream::{
+    Dialer, Stream, StreamError, printable, read_frame, refused, unexpected, write_frame,
+};
 use crate::net::socket::TuningReport;
 
 mod link;
@@ -121,6 +123,9 @@ pub struct SendOptions {
     pub engine: Option<EngineKind>,
     /// Discard the receiver's journal for this target and copy everything.
     pub restart: bool,
+    /// Let a fresh copy replace an existing, non-empty target file the
+    /// receiver has no journal for (HELLO flag `OVERWRITE`).
+    pub overwrite: bool,
     /// A stream with no progress for this long is reconnected.
     pub stall_timeout: Duration,
     /// How long to keep reconnecting before stopping (resumable).
@@ -150,6 +155,7 @@ impl SendOptions {
             threads: None,
             engine: None,
             restart: false,
+            overwrite: false,
             stall_timeout: Duration::from_secs(30),
             retry_for: Duration::from_secs(600),
             source_id: None,
@@ -316,6 +322,18 @@ enum Broken {
     Fatal(CopyError),
 }
 
+/// The HELLO flags `opts` ask for.
+fn hello_flags(opts: &SendOptions) -> HelloFlags {
+    let mut bits = 0;
+    if opts.restart {
+        bits |= HelloFlags::RESTART.0;
+    }
+    if opts.overwrite {
+        bits |= HelloFlags::OVERWRITE.0;
+    }
+    HelloFlags(bits)
+}
+
 fn fail_msg(e: impl std::fmt::Display) -> CopyError {
     CopyError::TargetWrite(format!("(replication): {e}"))
 }
@@ -393,11 +411,7 @@ pub fn run(
             ),
             stream_index: 0,
             stream_count: opts.streams as u16,
-            flags: HelloFlags(if opts.restart {
-                HelloFlags::RESTART.0
-            } else {
-                0
-            }),
+            flags: hello_flags(opts),
             target: opts.target.clone(),
             source_identity: identity.clone(),
         },
@@ -722,7 +736,8 @@ fn close_streams(conns: &mut [Conn]) -> Result<(), CopyError> {
                 Ok(Frame::Error(e)) => {
                     return Err(fail_msg(format!(
                         "the receiver refused DONE: {:?}: {}",
-                        e.code, e.message
+                        e.code,
+                        printable(&e.message)
                     )));
                 }
                 Ok(other) => return Err(fail_msg(unexpected(other))),

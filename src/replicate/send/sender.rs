@@ -443,10 +443,7 @@ pub(super) fn handle_reply(ctx: &SenderCtx, c: &mut Conn, frame: Frame) -> Resul
             Ok(())
         }
         Frame::Pong { .. } => Ok(()),
-        Frame::Error(e) => Err(classify(StreamError::Refused {
-            code: e.code,
-            message: e.message,
-        })),
+        Frame::Error(e) => Err(classify(refused(e))),
         other => Err(classify(unexpected(other))),
     }
 }
