@@ -307,7 +307,8 @@ impl Registry {
             return Ok(());
         }
         if hello.flags.overwrite() {
-            info!(
+            // At default verbosity: data that was there is being replaced.
+            warn!(
                 target = %opened.name,
                 path = %opened.path.display(),
                 len_bytes = opened.len_bytes,

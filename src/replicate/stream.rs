@@ -272,3 +272,34 @@ pub fn printable(text: &str) -> String {
         .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_replaces_every_control_character() {
+        let hostile = "refused\x1b[2J\x1b]0;owned\x07\r\nWARN fake\tline\x7f\u{85}\u{9b}31m";
+        let shown = printable(hostile);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert_eq!(
+            shown,
+            "refused\u{FFFD}[2J\u{FFFD}]0;owned\u{FFFD}\u{FFFD}\u{FFFD}WARN fake\u{FFFD}line\
+             \u{FFFD}\u{FFFD}\u{FFFD}31m"
+        );
+        let plain = "target \"vm1/disk.img\" — déjà vu ✓";
+        assert_eq!(printable(plain), plain);
+    }
+
+    #[test]
+    fn refusals_from_the_receiver_are_made_printable() {
+        let frame = crate::wire::ErrorFrame {
+            code: crate::wire::ErrorCode::TargetNotAllowed,
+            message: "no\x1b[1Away".into(),
+        };
+        match unexpected(Frame::Error(frame)) {
+            StreamError::Refused { message, .. } => assert_eq!(message, "no\u{FFFD}[1Away"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
