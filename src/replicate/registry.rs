@@ -144,8 +144,10 @@ impl Registry {
         }
         inner.jobs.insert(id, Slot::Starting);
         drop(inner);
+        let reservation = Reservation { registry: self, id };
         let started = self.start_job(hello);
         let mut inner = lock(&self.inner);
+        std::mem::forget(reservation);
         self.changed.notify_all();
         match started {
             Ok(job) => {
@@ -154,8 +156,7 @@ impl Registry {
                 Ok((inner, job))
             }
             Err(refusal) => {
-                inner.jobs.remove(&id);
-                inner.targets.retain(|_, holder| *holder != id);
+                release(&mut inner, id);
                 Err(refusal)
             }
         }
@@ -373,8 +374,7 @@ impl Registry {
         job.pause();
         let mut inner = lock(&self.inner);
         if matches!(inner.jobs.get(&job.id), Some(Slot::Closing)) {
-            inner.jobs.remove(&job.id);
-            inner.targets.retain(|_, holder| *holder != job.id);
+            release(&mut inner, job.id);
         }
         self.changed.notify_all();
     }
@@ -386,11 +386,31 @@ impl Registry {
             Some(Slot::Running(j)) if std::ptr::eq(Arc::as_ptr(j), job)
         );
         if registered {
-            inner.jobs.remove(&job.id);
-            inner.targets.retain(|_, holder| *holder != job.id);
+            release(&mut inner, job.id);
         }
         self.changed.notify_all();
     }
+}
+
+/// A job id reserved as `Starting`; should the start panic (a bug), the
+/// reservation is dropped so that other HELLOs of the job do not wait for
+/// ever.
+struct Reservation<'a> {
+    registry: &'a Registry,
+    id: [u8; 16],
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        release(&mut lock(&self.registry.inner), self.id);
+        self.registry.changed.notify_all();
+    }
+}
+
+/// Forgets job `id` and every target it reserved.
+fn release(inner: &mut Inner, id: [u8; 16]) {
+    inner.jobs.remove(&id);
+    inner.targets.retain(|_, holder| *holder != id);
 }
 
 impl From<TargetError> for Refusal {
