@@ -308,7 +308,7 @@ impl Job {
         let done = lock(&self.streams).done.count_ones();
         warn!(
             job = %self.id_hex(),
-            target = %self.target_name,
+            target = ?self.target_name,
             streams_done = done,
             streams = self.stream_count,
             durable_bytes = self.bytes_durable_total(),
@@ -354,7 +354,7 @@ impl Job {
         let bytes = self.bytes_written.load(Ordering::Relaxed);
         info!(
             job = %self.id_hex(),
-            target = %self.target_name,
+            target = ?self.target_name,
             bytes_written = bytes,
             bytes_durable = self.bytes_durable_total(),
             duration_s = format!("{secs:.3}"),

@@ -194,18 +194,18 @@ impl Registry {
                 (j, found)
             }
             Err(e) if restart => {
-                info!(target = %name, "discarding the journal on RESTART: {e}");
+                info!(target = ?name, "discarding the journal on RESTART: {e}");
                 (None, true)
             }
             Err(e) if e.is_damaged() => {
-                warn!(target = %name, "journal cannot be trusted: {e}");
+                warn!(target = ?name, "journal cannot be trusted: {e}");
                 return Err(Refusal::new(
                     ErrorCode::JournalDamaged,
                     format!("refusing to resume target {name:?}: {}", e.peer_text()),
                 ));
             }
             Err(e) => {
-                warn!(target = %name, "cannot read the journal: {e}");
+                warn!(target = ?name, "cannot read the journal: {e}");
                 return Err(Refusal::new(ErrorCode::TargetIo, e.peer_text()));
             }
         };
@@ -236,7 +236,7 @@ impl Registry {
                 // a journal that vouches for bytes no longer there.
                 let journal = fresh_journal();
                 store.save(&journal).map_err(|e| {
-                    warn!(target = %name, "cannot write the journal: {e}");
+                    warn!(target = ?name, "cannot write the journal: {e}");
                     Refusal::new(ErrorCode::TargetIo, e.peer_text())
                 })?;
                 let target =
@@ -277,8 +277,8 @@ impl Registry {
         });
         info!(
             job = %job.id_hex(),
-            target = %name,
-            path = %job.target.path().display(),
+            target = ?name,
+            path = ?job.target.path(),
             kind = ?job.target.kind(),
             source = %job.source_identity,
             size_bytes = hello.size_bytes,
@@ -310,8 +310,8 @@ impl Registry {
         if hello.flags.overwrite() {
             // At default verbosity: data that was there is being replaced.
             warn!(
-                target = %opened.name,
-                path = %opened.path.display(),
+                target = ?opened.name,
+                path = ?opened.path,
                 len_bytes = opened.len_bytes,
                 "overwriting an existing file that no journal of ours describes: the sender \
                  asked for it (OVERWRITE)"
@@ -331,7 +331,7 @@ impl Registry {
     fn open_resumed(&self, opened: Opened, hello: &Hello) -> Result<Target, Refusal> {
         Target::existing(opened, hello.size_bytes).map_err(|e| {
             let name = &hello.target;
-            warn!(target = %name, path = %self.targets.local_path(name).display(), "{e}");
+            warn!(target = ?name, path = ?self.targets.local_path(name), "{e}");
             Refusal::new(
                 ErrorCode::JournalDamaged,
                 format!(
@@ -345,7 +345,7 @@ impl Registry {
     /// The refusal sent to the sender (the name only); the receiver's log
     /// gets the path too.
     fn refusal(&self, name: &str, e: TargetError) -> Refusal {
-        warn!(target = %name, path = %self.targets.local_path(name).display(), "target refused: {e}");
+        warn!(target = ?name, path = ?self.targets.local_path(name), "target refused: {e}");
         Refusal::from(e)
     }
 

@@ -1,9 +1,10 @@
 //! Opening below a directory descriptor without following any symbolic
-//! link: `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, or, on kernels
-//! without openat2 (ENOSYS, before Linux 5.6), a walk that opens one
-//! component at a time with `O_NOFOLLOW | O_DIRECTORY`. Either way every
-//! component is looked up in the directory opened before it, so a
-//! directory swapped for a symbolic link after a check cannot lead out.
+//! link: `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, or, where
+//! openat2 is missing (ENOSYS, before Linux 5.6; EPERM under some seccomp
+//! filters), a walk that opens one component at a time with `O_NOFOLLOW |
+//! O_DIRECTORY`. Either way every component is looked up in the directory
+//! opened before it, so a directory swapped for a symbolic link after a
+//! check cannot lead out.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -28,7 +29,12 @@ pub fn open_dir_beneath(root: &File, dirs: &[&str]) -> io::Result<File> {
     // O_NOFOLLOW | O_DIRECTORY would report as ENOTDIR.
     let flags = DIR_FLAGS & !libc::O_NOFOLLOW;
     match openat2_beneath(root, &dirs.join("/"), flags, 0) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => walk_beneath(root, dirs),
+        // ENOSYS: a kernel before 5.6. EPERM: some container seccomp
+        // profiles refuse syscalls they do not know that way; the walk is as
+        // confining, and reports a real permission error itself.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+            walk_beneath(root, dirs)
+        }
         other => other,
     }
 }
