@@ -98,6 +98,10 @@ fn parse_allow(s: &str) -> Result<(String, std::path::PathBuf), String> {
 pub struct SendArgs {
     /// Source: as for `copy`.
     pub src: String,
+    /// The source file's image format (default: the one its extension
+    /// names, else raw; a file's contents never choose it).
+    #[arg(long, value_enum)]
+    pub src_format: Option<crate::endpoint::ImageFormat>,
     /// The receiver, HOST:PORT.
     #[arg(long)]
     pub to: String,
@@ -173,6 +177,14 @@ pub struct CopyArgs {
     pub src: String,
     /// Target: as SRC; a missing file is created (its extension picks the format, raw otherwise).
     pub dst: String,
+    /// The source file's image format (default: the one its extension
+    /// names — .qcow2, .vmdk, .vhdx, .vdi, .vhd/.vpc, .qed — else raw; a
+    /// file's contents never choose it).
+    #[arg(long, value_enum)]
+    pub src_format: Option<crate::endpoint::ImageFormat>,
+    /// The target file's image format (default: as for --src-format).
+    #[arg(long, value_enum)]
+    pub dst_format: Option<crate::endpoint::ImageFormat>,
     /// NBD connections per side, when the server allows several (multi-conn).
     #[arg(long, default_value_t = 4)]
     pub connections: u32,
@@ -224,7 +236,8 @@ pub fn exit_code(e: &CopyError) -> i32 {
         CopyError::TargetWrite(_) | CopyError::Flush(_) => 4,
         CopyError::Endpoint(ep) => match ep {
             crate::endpoint::EndpointError::TargetTooSmall { .. } => 4,
-            crate::endpoint::EndpointError::BadUri { .. } => 2,
+            crate::endpoint::EndpointError::BadUri { .. }
+            | crate::endpoint::EndpointError::FormatForUri { .. } => 2,
             _ => 3,
         },
         CopyError::Engine(_) | CopyError::Internal(_) => 5,
@@ -281,6 +294,8 @@ fn run_copy(a: CopyArgs) -> i32 {
     let opts = CopyOptions {
         source: a.src,
         target: a.dst,
+        source_format: a.src_format,
+        target_format: a.dst_format,
         connections: a.connections,
         requests: a.requests,
         chunk_bytes: a.chunk_size,
@@ -343,6 +358,7 @@ fn finish(
 fn run_send(a: SendArgs) -> i32 {
     let opts = crate::replicate::send::SendOptions {
         source: a.src,
+        source_format: a.src_format,
         to: a.to,
         target: a.target,
         tls_dir: if a.insecure_plaintext {

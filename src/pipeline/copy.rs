@@ -31,6 +31,10 @@ pub const REQUESTS_FAR: u32 = 64;
 pub struct CopyOptions {
     pub source: String,
     pub target: String,
+    /// The source file's format (`None`: its extension's, else raw).
+    pub source_format: Option<crate::endpoint::ImageFormat>,
+    /// The target file's format (`None`: its extension's, else raw).
+    pub target_format: Option<crate::endpoint::ImageFormat>,
     /// NBD connections per side (when the server allows multi-conn).
     pub connections: u32,
     /// Requests in flight per connection (`None`: [`REQUESTS_NEAR`] or
@@ -106,9 +110,10 @@ pub fn run(opts: &CopyOptions, progress: ProgressFn<'_>) -> Result<CopyReport, C
     if let Some(why) = why {
         tracing::warn!("{why}");
     }
-    let source = open_source(&opts.source, opts.connections)?;
+    let source = open_source(&opts.source, opts.source_format, opts.connections)?;
     let target = open_target(
         &opts.target,
+        opts.target_format,
         source.size_bytes,
         opts.connections,
         opts.write_mode,

@@ -8,7 +8,7 @@ use super::maps::{BASE_ALLOCATION, ExtentList, FileMap, NbdMap};
 use super::plan::{AllData, ExtentMap};
 use crate::endpoint::file::RawFile;
 use crate::endpoint::qemu::{self, QemuNbdChild};
-use crate::endpoint::{EndpointError, FileKind, Role, Spec, parse_spec};
+use crate::endpoint::{EndpointError, FileKind, ImageFormat, Role, Spec, parse_spec};
 use crate::nbd::blocking::Client;
 use crate::nbd::handshake::{ExportInfo, negotiate};
 use crate::nbd::uri::{NbdStream, NbdUri};
@@ -112,10 +112,15 @@ fn more_connections(
     Ok(conns)
 }
 
-/// Open the source `arg` with `connections` NBD connections where it is an
-/// NBD export, and map its allocation.
-pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
-    let spec = parse_spec(arg, Role::Source)?;
+/// Open the source `arg` (a file in `format`, if named: see
+/// [`parse_spec`]) with `connections` NBD connections where it is an NBD
+/// export, and map its allocation.
+pub fn open_source(
+    arg: &str,
+    format: Option<ImageFormat>,
+    connections: u32,
+) -> Result<Source, CopyError> {
+    let spec = parse_spec(arg, Role::Source, format)?;
     let (uri, child) = match spec {
         Spec::Raw(path) => {
             let raw = RawFile::open_source(&path)?;
@@ -177,14 +182,15 @@ pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
 }
 
 /// Open (creating or sizing where that is what a user means) the target
-/// `arg` for a source of `source_bytes`.
+/// `arg` (a file in `format`, if named) for a source of `source_bytes`.
 pub fn open_target(
     arg: &str,
+    format: Option<ImageFormat>,
     source_bytes: u64,
     connections: u32,
     write_mode: WriteMode,
 ) -> Result<Target, CopyError> {
-    let spec = parse_spec(arg, Role::Target)?;
+    let spec = parse_spec(arg, Role::Target, format)?;
     let (uri, child) = match spec {
         Spec::Raw(path) => {
             let (raw, fresh_zero) = RawFile::open_target(&path, source_bytes)?;

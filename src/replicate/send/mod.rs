@@ -100,6 +100,8 @@ const MAX_STUCK_ROUNDS: u32 = 5;
 #[derive(Debug, Clone)]
 pub struct SendOptions {
     pub source: String,
+    /// The source file's format (`None`: its extension's, else raw).
+    pub source_format: Option<crate::endpoint::ImageFormat>,
     /// `HOST:PORT` of the receiver.
     pub to: String,
     /// Target name on the receiver.
@@ -136,6 +138,7 @@ impl SendOptions {
     pub fn new(source: &str, to: &str, target: &str) -> Self {
         SendOptions {
             source: source.to_string(),
+            source_format: None,
             to: to.to_string(),
             target: target.to_string(),
             tls_dir: None,
@@ -359,7 +362,7 @@ pub fn run(
     let tuning = SocketTuning::default();
     let dialer =
         Dialer::new(&opts.to, opts.tls_dir.as_deref(), tuning).map_err(CopyError::Usage)?;
-    let mut source = open_source(&opts.source, opts.connections)?;
+    let mut source = open_source(&opts.source, opts.source_format, opts.connections)?;
     debug!(elapsed = ?started.elapsed(), "source open and mapped");
     let size_bytes = source.size_bytes;
     let identity = match &opts.source_id {
@@ -468,7 +471,7 @@ pub fn run(
         let spans = whole_windows(&missing, size_bytes, opts.chunk_bytes);
         let src = match source.take() {
             Some(s) => s,
-            None => open_source(&opts.source, opts.connections)?,
+            None => open_source(&opts.source, opts.source_format, opts.connections)?,
         };
         let covered_before = job.covered();
         rounds += 1;
@@ -658,7 +661,7 @@ fn verify_target(
     if img.missing_windows() > 0 {
         let mut src = match source.take() {
             Some(s) => s,
-            None => open_source(&opts.source, 1)?,
+            None => open_source(&opts.source, opts.source_format, 1)?,
         };
         let read = super::source::digest_missing_windows(&mut src, &mut img)?;
         debug!(read, "digested the windows the receiver already had");
