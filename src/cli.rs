@@ -76,7 +76,8 @@ pub struct ServeArgs {
     /// … or after this much new durable data, whichever comes first.
     #[arg(long, default_value = "256Mi", value_parser = crate::size::parse_size)]
     pub checkpoint_bytes: u64,
-    /// Accept plaintext TCP instead of mutual TLS (senders must say so too).
+    /// Accept plaintext TCP instead of mutual TLS (senders must say so too):
+    /// no encryption, no authentication. Trusted networks only; not with --tls-dir.
     #[arg(long, conflicts_with = "tls_dir")]
     pub insecure_plaintext: bool,
     /// Allow target NAME to be PATH (a block device or a file outside the root); repeatable.
@@ -123,8 +124,9 @@ pub struct SendArgs {
     /// After the copy, compare a digest of the whole target (read back by the receiver) with the source's.
     #[arg(long)]
     pub verify: bool,
-    /// Send without TLS (the receiver must also run with --insecure-plaintext).
-    #[arg(long)]
+    /// Send without TLS (the receiver must also run with --insecure-plaintext):
+    /// no encryption, no authentication. Trusted networks only; not with --tls-dir.
+    #[arg(long, conflicts_with = "tls_dir")]
     pub insecure_plaintext: bool,
     /// NBD connections to the source.
     #[arg(long, default_value_t = 4)]
@@ -361,11 +363,7 @@ fn run_send(a: SendArgs) -> i32 {
         source_format: a.src_format,
         to: a.to,
         target: a.target,
-        tls_dir: if a.insecure_plaintext {
-            None
-        } else {
-            a.tls_dir
-        },
+        tls_dir: a.tls_dir,
         insecure_plaintext: a.insecure_plaintext,
         streams: a.streams,
         compress: a.compress,
@@ -412,6 +410,12 @@ fn run_serve(a: ServeArgs) -> i32 {
         insecure_plaintext: a.insecure_plaintext,
         allow: a.allow,
     };
+    if opts.insecure_plaintext {
+        tracing::warn!(
+            "--insecure-plaintext: receiving without TLS; anyone on the network can read, alter \
+             or send disks here. Use --tls-dir unless the network is trusted"
+        );
+    }
     let stop = install_stop_signals();
     let server = match Server::bind(opts) {
         Ok(s) => s,

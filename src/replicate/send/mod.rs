@@ -343,10 +343,23 @@ pub fn run(
     progress: &mut dyn FnMut(&Snapshot, Duration),
 ) -> Result<SendReport, CopyError> {
     let started = Instant::now();
-    if opts.tls_dir.is_none() && !opts.insecure_plaintext {
-        return Err(CopyError::Usage(
-            "--tls-dir is required (or --insecure-plaintext on both sides)".into(),
-        ));
+    match (&opts.tls_dir, opts.insecure_plaintext) {
+        (None, false) => {
+            return Err(CopyError::Usage(
+                "--tls-dir is required (or --insecure-plaintext on both sides)".into(),
+            ));
+        }
+        (Some(_), true) => {
+            return Err(CopyError::Usage(
+                "both --tls-dir and --insecure-plaintext given: choose one (TLS unless the network is trusted)"
+                    .into(),
+            ));
+        }
+        (None, true) => warn!(
+            "--insecure-plaintext: sending without TLS; anyone on the network can read or alter \
+             the disk on its way. Use --tls-dir unless the network is trusted"
+        ),
+        (Some(_), false) => {}
     }
     if opts.streams == 0 || opts.streams > u32::from(wire::MAX_STREAMS) {
         return Err(CopyError::Usage(format!(
