@@ -161,6 +161,10 @@ pub struct SendArgs {
     /// ascending order).
     #[arg(long, default_value_t = crate::pipeline::lanes::LANES_DEFAULT)]
     pub lanes: u32,
+    /// Fail when an NBD source leaves a connection attempt, the handshake or
+    /// a request unanswered this long (e.g. 60s, 500ms), instead of waiting forever.
+    #[arg(long, default_value = "60s", value_parser = crate::size::parse_duration)]
+    pub io_timeout: std::time::Duration,
     /// Identity of the source the receiver checks a resume against (default:
     /// size, allocation map, sampled blocks, and inode+mtime for files).
     #[arg(long)]
@@ -217,6 +221,10 @@ pub struct CopyArgs {
     /// Times a source read that failed with EIO (or a similar error that may pass) is retried, 0..=10.
     #[arg(long, default_value_t = crate::pipeline::retry::READ_RETRIES_DEFAULT)]
     pub read_retries: u32,
+    /// Fail when an NBD server leaves a connection attempt, the handshake or
+    /// a request unanswered this long (e.g. 60s, 500ms), instead of waiting forever.
+    #[arg(long, default_value = "60s", value_parser = crate::size::parse_duration)]
+    pub io_timeout: std::time::Duration,
     /// Print newline-delimited JSON events on stdout instead of a progress bar.
     #[arg(long)]
     pub json: bool,
@@ -306,6 +314,7 @@ fn run_copy(a: CopyArgs) -> i32 {
         write_mode: a.write_mode,
         read_retries: a.read_retries,
         lanes: a.lanes,
+        io_timeout: a.io_timeout,
     };
     let mut progress = Progress::new(a.json, a.no_progress);
     let result = copy::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {
@@ -379,6 +388,7 @@ fn run_send(a: SendArgs) -> i32 {
         retry_for: a.retry_for,
         source_id: a.source_id,
         lanes: a.lanes,
+        io_timeout: a.io_timeout,
     };
     let mut progress = Progress::new(a.json, a.no_progress);
     let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {

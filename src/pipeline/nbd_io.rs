@@ -2,9 +2,18 @@
 //! of encoded requests sent in batches with one `writev` in flight, and one
 //! `recv` in flight whose destination the sans-IO [`ClientConn`] chooses
 //! (its scratch area for headers, the caller's buffer for read payloads).
+//!
+//! Each connection has an [`IoWatch`]: when it began waiting for a reply
+//! and has heard nothing since. The control thread reads it
+//! ([`super::run::Pipeline::tick`]) and cuts a connection silent for the
+//! I/O timeout with shutdown(2), so the recv the kernel holds completes and
+//! the worker fails the job without freeing a buffer still in flight.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::engine::iovec::IoVecs;
 use crate::engine::{Engine, Op};
@@ -21,6 +30,55 @@ struct Outgoing {
     /// Address of the payload (an address only: the worker keeps it valid).
     payload_addr: usize,
     payload_len: u32,
+}
+
+/// How long a connection has waited for its server without hearing from it.
+/// Written by the worker that owns the connection, read by the control
+/// thread.
+#[derive(Debug)]
+pub struct IoWatch {
+    epoch: Instant,
+    /// Milliseconds since `epoch` (plus 1, so never 0) when the connection
+    /// began waiting or last received bytes while replies were still
+    /// outstanding; 0 when nothing is outstanding.
+    waiting_since_ms: AtomicU64,
+}
+
+impl IoWatch {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            waiting_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// Replies are awaited: start the clock unless it already runs.
+    fn waiting(&self) {
+        if self.waiting_since_ms.load(Ordering::Relaxed) == 0 {
+            self.waiting_since_ms
+                .store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The server sent bytes: restart the clock, or stop it when nothing
+    /// more is awaited.
+    fn heard(&self, still_waiting: bool) {
+        let at = if still_waiting { self.now_ms() } else { 0 };
+        self.waiting_since_ms.store(at, Ordering::Relaxed);
+    }
+
+    /// How long the connection has waited without hearing from its
+    /// server; `None` when nothing is outstanding.
+    pub fn silent_for(&self) -> Option<Duration> {
+        match self.waiting_since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(self.now_ms().saturating_sub(since))),
+        }
+    }
 }
 
 /// See module docs. Always boxed: in-flight ops point into it.
@@ -42,13 +100,23 @@ pub struct NbdIo {
     pub dead: bool,
     /// Length asked of the recv in flight.
     recv_len: usize,
+    /// How long the server has been silent (see [`IoWatch`]).
+    pub watch: Arc<IoWatch>,
+    /// Timeout of the blocking requests at the end (flush, disconnect).
+    io_timeout: Duration,
 }
 
 /// Where a read payload must land: resolved by the worker from a cookie.
 pub type PayloadDest<'a> = &'a mut dyn FnMut(u64, u32, u32) -> Option<*mut u8>;
 
 impl NbdIo {
-    pub fn new(stream: NbdStream, info: ExportInfo) -> Box<Self> {
+    /// Take over a negotiated connection. The socket's own timeouts are
+    /// cleared: the engines' blocking calls must end only by completing
+    /// or by shutdown(2), and [`IoWatch`] times the server instead.
+    pub fn new(stream: NbdStream, info: ExportInfo, io_timeout: Duration) -> Box<Self> {
+        if let Err(e) = stream.set_io_timeout(None) {
+            tracing::debug!("clearing the NBD socket's timeouts: {e}");
+        }
         let fd = stream.as_raw_fd();
         let conn = ClientConn::new(&info);
         Box::new(Self {
@@ -64,6 +132,8 @@ impl NbdIo {
             recv_in_flight: false,
             dead: false,
             recv_len: 0,
+            watch: Arc::new(IoWatch::new()),
+            io_timeout,
         })
     }
 
@@ -202,6 +272,7 @@ impl NbdIo {
             .map_err(NbdError::Io)?;
         self.recv_in_flight = true;
         self.recv_len = len;
+        self.watch.waiting();
         Ok(())
     }
 
@@ -218,6 +289,7 @@ impl NbdIo {
         }
         let n = (result as usize).min(self.recv_len);
         let out = self.conn.advance(n, events);
+        self.watch.heard(self.conn.in_flight() > 0);
         if out.is_err() {
             self.kill();
         }
@@ -243,6 +315,8 @@ impl NbdIo {
     pub fn roundtrip_blocking(&mut self, cookie: u64, cmd: Cmd) -> Result<(), NbdError> {
         use std::io::{Read, Write};
         assert!(!self.send_in_flight && !self.recv_in_flight && self.queue.is_empty());
+        // No engine uses the socket now: blocking calls, bounded.
+        self.stream.set_io_timeout(Some(self.io_timeout))?;
         let mut header = [0u8; 28];
         self.conn.encode_request(cookie, cmd, &mut header)?;
         self.stream.write_all(&header)?;
@@ -254,7 +328,11 @@ impl NbdIo {
             match self.conn.recv_target() {
                 RecvTarget::Scratch { len } => {
                     let buf = &mut self.conn.scratch_mut()[..len];
-                    let n = self.stream.read(buf)?;
+                    let n = match self.stream.read(buf) {
+                        // A read with a timeout is not restarted after a signal.
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        other => other?,
+                    };
                     if n == 0 {
                         return Err(NbdError::Closed("while waiting for a reply"));
                     }

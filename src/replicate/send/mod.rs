@@ -131,6 +131,9 @@ pub struct SendOptions {
     pub source_id: Option<String>,
     /// Regions of the disk read side by side ([`crate::pipeline::lanes`]).
     pub lanes: u32,
+    /// How long an NBD source may leave a connection attempt, the
+    /// handshake or a request unanswered before the job fails.
+    pub io_timeout: Duration,
 }
 
 impl SendOptions {
@@ -157,6 +160,7 @@ impl SendOptions {
             retry_for: Duration::from_secs(600),
             source_id: None,
             lanes: crate::pipeline::lanes::LANES_DEFAULT,
+            io_timeout: crate::pipeline::run::IO_TIMEOUT_DEFAULT,
         }
     }
 }
@@ -375,6 +379,9 @@ pub fn run(
         ),
         (Some(_), false) => {}
     }
+    if opts.io_timeout.is_zero() {
+        return Err(CopyError::Usage("--io-timeout must be more than 0".into()));
+    }
     if opts.streams == 0 || opts.streams > u32::from(wire::MAX_STREAMS) {
         return Err(CopyError::Usage(format!(
             "--streams must be 1..={}",
@@ -389,7 +396,12 @@ pub fn run(
     let tuning = SocketTuning::default();
     let dialer =
         Dialer::new(&opts.to, opts.tls_dir.as_deref(), tuning).map_err(CopyError::Usage)?;
-    let mut source = open_source(&opts.source, opts.source_format, opts.connections)?;
+    let mut source = open_source(
+        &opts.source,
+        opts.source_format,
+        opts.connections,
+        opts.io_timeout,
+    )?;
     debug!(elapsed = ?started.elapsed(), "source open and mapped");
     let size_bytes = source.size_bytes;
     let identity = match &opts.source_id {
@@ -498,7 +510,12 @@ pub fn run(
         let spans = whole_windows(&missing, size_bytes, opts.chunk_bytes);
         let src = match source.take() {
             Some(s) => s,
-            None => open_source(&opts.source, opts.source_format, opts.connections)?,
+            None => open_source(
+                &opts.source,
+                opts.source_format,
+                opts.connections,
+                opts.io_timeout,
+            )?,
         };
         let covered_before = job.covered();
         rounds += 1;
@@ -518,6 +535,7 @@ pub fn run(
             spans: (covered_before > 0).then_some(spans),
             read_retries: crate::pipeline::retry::READ_RETRIES_DEFAULT,
             lanes: opts.lanes,
+            io_timeout: opts.io_timeout,
         };
         let child = src.child;
         let mut pipe = Pipeline::start(
@@ -688,7 +706,7 @@ fn verify_target(
     if img.missing_windows() > 0 {
         let mut src = match source.take() {
             Some(s) => s,
-            None => open_source(&opts.source, opts.source_format, 1)?,
+            None => open_source(&opts.source, opts.source_format, 1, opts.io_timeout)?,
         };
         let read = super::source::digest_missing_windows(&mut src, &mut img)?;
         debug!(read, "digested the windows the receiver already had");
