@@ -3,17 +3,15 @@
 //! `recv` in flight whose destination the sans-IO [`ClientConn`] chooses
 //! (its scratch area for headers, the caller's buffer for read payloads).
 //!
-//! Each connection has an [`IoWatch`]: when it began waiting for a reply
-//! and has heard nothing since. The control thread reads it
-//! ([`super::run::Pipeline::tick`]) and cuts a connection silent for the
-//! I/O timeout with shutdown(2), so the recv the kernel holds completes and
-//! the worker fails the job without freeing a buffer still in flight.
+//! Each connection has an [`IoWatch`] ([`super::silence`]): since when it
+//! has waited for a reply and heard nothing.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::silence::IoWatch;
 
 use crate::engine::iovec::IoVecs;
 use crate::engine::{Engine, Op};
@@ -30,55 +28,6 @@ struct Outgoing {
     /// Address of the payload (an address only: the worker keeps it valid).
     payload_addr: usize,
     payload_len: u32,
-}
-
-/// How long a connection has waited for its server without hearing from it.
-/// Written by the worker that owns the connection, read by the control
-/// thread.
-#[derive(Debug)]
-pub struct IoWatch {
-    epoch: Instant,
-    /// Milliseconds since `epoch` (plus 1, so never 0) when the connection
-    /// began waiting or last received bytes while replies were still
-    /// outstanding; 0 when nothing is outstanding.
-    waiting_since_ms: AtomicU64,
-}
-
-impl IoWatch {
-    fn new() -> Self {
-        Self {
-            epoch: Instant::now(),
-            waiting_since_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
-    }
-
-    /// Replies are awaited: start the clock unless it already runs.
-    fn waiting(&self) {
-        if self.waiting_since_ms.load(Ordering::Relaxed) == 0 {
-            self.waiting_since_ms
-                .store(self.now_ms(), Ordering::Relaxed);
-        }
-    }
-
-    /// The server sent bytes: restart the clock, or stop it when nothing
-    /// more is awaited.
-    fn heard(&self, still_waiting: bool) {
-        let at = if still_waiting { self.now_ms() } else { 0 };
-        self.waiting_since_ms.store(at, Ordering::Relaxed);
-    }
-
-    /// How long the connection has waited without hearing from its
-    /// server; `None` when nothing is outstanding.
-    pub fn silent_for(&self) -> Option<Duration> {
-        match self.waiting_since_ms.load(Ordering::Relaxed) {
-            0 => None,
-            since => Some(Duration::from_millis(self.now_ms().saturating_sub(since))),
-        }
-    }
 }
 
 /// See module docs. Always boxed: in-flight ops point into it.

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use super::exits::Exits;
 use super::lanes::plan_lanes;
 use super::maps::ExtentList;
-use super::nbd_io::{IoWatch, NbdIo};
+use super::nbd_io::NbdIo;
 use super::open::{Access, NbdConnection};
 use super::plan::Work;
 use super::pool::BufferPool;
+use super::silence::{SilenceWatch, watch_all};
 use super::sink::Sink;
 use super::stats::{Snapshot, Stats};
 use super::worker::{DstIo, SinkIo, SrcIo, Worker, WorkerConfig};
@@ -184,39 +185,13 @@ pub struct Pipeline {
     exits: Arc<Exits>,
     planner: JoinHandle<()>,
     emergency: Vec<crate::nbd::uri::NbdStream>,
-    /// Every NBD connection's silence, watched against `io_timeout`.
-    watched: Vec<Watched>,
-    io_timeout: Duration,
+    /// Every NBD connection's silence, watched against the I/O timeout.
+    silence: SilenceWatch,
     doorbells: Vec<UnixStream>,
     sink: Option<Arc<Sink>>,
     keep: Keep,
     abort_seen: Option<Instant>,
     requests: u32,
-}
-
-/// One NBD connection as the control thread watches it.
-struct Watched {
-    watch: Arc<IoWatch>,
-    /// A second handle on the socket, to shut it down.
-    socket: crate::nbd::uri::NbdStream,
-    is_source: bool,
-    server: String,
-    cut: bool,
-}
-
-/// The watches of the NBD connections among `ios`.
-fn watch_all<'a>(ios: impl Iterator<Item = &'a NbdIo>, is_source: bool) -> Vec<Watched> {
-    ios.filter_map(|io| {
-        let socket = io.stream.try_clone().ok()?;
-        Some(Watched {
-            watch: Arc::clone(&io.watch),
-            server: socket.peer(),
-            socket,
-            is_source,
-            cut: false,
-        })
-    })
-    .collect()
 }
 
 fn is_local_nbd(access: &Access) -> bool {
@@ -429,8 +404,7 @@ impl Pipeline {
             exits,
             planner,
             emergency,
-            watched,
-            io_timeout: cfg.io_timeout,
+            silence: SilenceWatch::new(watched, cfg.io_timeout),
             doorbells,
             sink,
             keep: Keep {
@@ -472,7 +446,7 @@ impl Pipeline {
     /// cuts off workers that cannot drain within [`DRAIN_TIMEOUT`] after a
     /// failure.
     pub fn tick(&mut self) {
-        self.cut_silent_connections();
+        self.silence.check(&self.shared);
         if self.shared.aborted() {
             let seen = *self.abort_seen.get_or_insert_with(Instant::now);
             if seen.elapsed() > DRAIN_TIMEOUT {
@@ -483,32 +457,6 @@ impl Pipeline {
                     let _ = d.shutdown(std::net::Shutdown::Both);
                 }
             }
-        }
-    }
-
-    /// A connection waiting for its server longer than the I/O timeout
-    /// fails the job (that error first), then is shut down: the recv the
-    /// kernel holds completes, and its worker drains and stops without
-    /// having freed a buffer still in flight. The unread window is never
-    /// written.
-    fn cut_silent_connections(&mut self) {
-        for w in &mut self.watched {
-            if w.cut || w.watch.silent_for().is_none_or(|t| t < self.io_timeout) {
-                continue;
-            }
-            w.cut = true;
-            let why = format!(
-                "from {}: no reply within the I/O timeout ({} s); the server may be hung or overloaded",
-                w.server,
-                self.io_timeout.as_secs_f64()
-            );
-            tracing::debug!("{why}");
-            self.shared.fail(if w.is_source {
-                CopyError::SourceRead(why)
-            } else {
-                CopyError::TargetWrite(why)
-            });
-            let _ = w.socket.shutdown(std::net::Shutdown::Both);
         }
     }
 

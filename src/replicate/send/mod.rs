@@ -28,7 +28,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -53,6 +53,7 @@ use crate::wire::{
 use super::stream::{Dialer, Stream, StreamError, read_frame, unexpected, write_frame};
 use crate::net::socket::TuningReport;
 
+mod hooks;
 mod link;
 mod sender;
 
@@ -327,28 +328,6 @@ fn fail_msg(e: impl std::fmt::Display) -> CopyError {
     CopyError::TargetWrite(format!("(replication): {e}"))
 }
 
-/// Environment variable of the corrupt-chunk test hook.
-pub const CORRUPT_CHUNK_ENV: &str = "DISKFERRY_TEST_CORRUPT_CHUNK";
-
-/// Test hook: `DISKFERRY_TEST_CORRUPT_CHUNK=N` flips a bit in the N-th
-/// DATA payload (counted from 1) after its digest was taken and before it
-/// is sealed, as memory corruption would. The receiver's digest check
-/// must catch it. Only in builds with the `test-hooks` feature: release
-/// builds ignore the variable.
-fn corrupt_chunk_at() -> Option<u64> {
-    static AT: OnceLock<Option<u64>> = OnceLock::new();
-    *AT.get_or_init(|| corrupt_chunk_hook(std::env::var(CORRUPT_CHUNK_ENV).ok().as_deref()))
-}
-
-/// What the hook's variable arms: nothing unless built with `test-hooks`.
-fn corrupt_chunk_hook(value: Option<&str>) -> Option<u64> {
-    if cfg!(feature = "test-hooks") {
-        value.and_then(|v| v.parse().ok())
-    } else {
-        None
-    }
-}
-
 /// Run a send to completion (every byte durable on the receiver) or to
 /// its first error.
 pub fn run(
@@ -356,11 +335,7 @@ pub fn run(
     progress: &mut dyn FnMut(&Snapshot, Duration),
 ) -> Result<SendReport, CopyError> {
     let started = Instant::now();
-    if let Some(n) = corrupt_chunk_at() {
-        // Tests look for this line: a build without the hook fails them
-        // instead of passing for the wrong reason.
-        warn!("test hook armed: {CORRUPT_CHUNK_ENV}={n} corrupts DATA payload {n}");
-    }
+    hooks::announce();
     match (&opts.tls_dir, opts.insecure_plaintext) {
         (None, false) => {
             return Err(CopyError::Usage(
@@ -844,21 +819,3 @@ struct StreamSender {
 }
 
 use std::io::Write;
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_corrupt_chunk_hook_is_armed_only_in_test_hook_builds() {
-        let armed = super::corrupt_chunk_hook(Some("3"));
-        if cfg!(feature = "test-hooks") {
-            assert_eq!(armed, Some(3));
-        } else {
-            assert_eq!(
-                armed, None,
-                "a build without test-hooks must ignore the variable"
-            );
-        }
-        assert_eq!(super::corrupt_chunk_hook(None), None);
-        assert_eq!(super::corrupt_chunk_hook(Some("x")), None);
-    }
-}
