@@ -119,7 +119,7 @@ impl SilenceWatch {
             }
             w.cut = true;
             let why = format!(
-                "from {}: no reply within the I/O timeout ({} s); the server may be hung or overloaded",
+                "from {}: no reply within the I/O timeout ({} s); the server may be hung (or, if it is only slow, give it a longer I/O timeout)",
                 w.server,
                 self.io_timeout.as_secs_f64()
             );
