@@ -224,7 +224,12 @@ pub fn read_frame(r: &mut impl Read, dec: &mut FrameDecoder) -> Result<Frame, St
                 "decoder wants no bytes but has no frame".into(),
             ));
         }
-        let n = r.read(buf)?;
+        // A read with a timeout returns EINTR (instead of restarting)
+        // when the thread is interrupted: read again.
+        let n = match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
         if n == 0 {
             return Err(StreamError::Closed);
         }

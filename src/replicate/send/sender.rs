@@ -2,6 +2,7 @@
 //! framing and compressing them, asking for barriers and reading the
 //! receiver's replies.
 
+use super::hooks::corrupt_chunk_at;
 use super::link::{classify, explain};
 use super::*;
 
