@@ -178,6 +178,12 @@ pub struct Target {
     syncs: Mutex<SyncCount>,
     /// One flush at a time: the streams' barriers share them.
     sync_lock: Mutex<()>,
+    /// The first write or flush error, kept for good. Linux reports a
+    /// writeback error once per open file: after one fdatasync failed, the
+    /// next returns 0 although the failed pages never reached the disk. So
+    /// once this is set every later write and flush fails, and no
+    /// checkpoint after the error can call those chunks durable.
+    failed: std::sync::OnceLock<(io::ErrorKind, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -224,6 +230,7 @@ impl Target {
             write_lock: Mutex::new(std::collections::VecDeque::new()),
             syncs: Mutex::default(),
             sync_lock: Mutex::new(()),
+            failed: std::sync::OnceLock::new(),
         })
     }
 
@@ -256,6 +263,7 @@ impl Target {
                 )),
             });
         }
+        forget_stale_writeback_error(&file, path);
         Ok(Target {
             file,
             path: path.clone(),
@@ -264,6 +272,7 @@ impl Target {
             write_lock: Mutex::new(std::collections::VecDeque::new()),
             syncs: Mutex::default(),
             sync_lock: Mutex::new(()),
+            failed: std::sync::OnceLock::new(),
         })
     }
 
@@ -291,6 +300,7 @@ impl Target {
                 source: io::Error::other(other.to_string()),
             },
         })?;
+        forget_stale_writeback_error(&raw.file, path);
         Ok(Target {
             file: raw.file,
             path: path.to_path_buf(),
@@ -299,6 +309,7 @@ impl Target {
             write_lock: Mutex::new(std::collections::VecDeque::new()),
             syncs: Mutex::default(),
             sync_lock: Mutex::new(()),
+            failed: std::sync::OnceLock::new(),
         })
     }
 
@@ -317,6 +328,11 @@ impl Target {
     /// oldest is waited for and dropped from the cache, so dirty data never
     /// piles up until the final sync (which then has little left to do).
     pub fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        self.check_failed()?;
+        self.poison_on_error(self.write_streamed(bytes, offset))
+    }
+
+    fn write_streamed(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
         let oldest = {
             let mut ranges = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
             self.file.write_all_at(bytes, offset)?;
@@ -347,6 +363,7 @@ impl Target {
         if self.fresh_zero {
             return Ok(());
         }
+        self.check_failed()?;
         match punch_hole(&self.file, offset, len_bytes) {
             Ok(()) => Ok(()),
             Err(e)
@@ -357,8 +374,27 @@ impl Target {
             {
                 self.write_zeros(offset, len_bytes)
             }
-            Err(e) => Err(e),
+            Err(e) => self.poison_on_error(Err(e)),
         }
+    }
+
+    /// An error once an earlier write or flush of this target failed.
+    fn check_failed(&self) -> io::Result<()> {
+        match self.failed.get() {
+            None => Ok(()),
+            Some((kind, msg)) => Err(io::Error::new(
+                *kind,
+                format!("an earlier write or flush of this target failed ({msg})"),
+            )),
+        }
+    }
+
+    /// Passes `r` through, remembering its error for good (see `failed`).
+    fn poison_on_error<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            let _ = self.failed.set((e.kind(), e.to_string()));
+        }
+        r
     }
 
     fn write_zeros(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
@@ -391,6 +427,7 @@ impl Target {
     /// started too early. Streams asking for barriers together share one
     /// fdatasync instead of queueing one each.
     pub fn sync_covering(&self, need: u64) -> io::Result<()> {
+        self.check_failed()?;
         let done = |s: &Self| s.syncs.lock().unwrap_or_else(|p| p.into_inner()).done;
         if done(self) >= need {
             return Ok(());
@@ -404,7 +441,8 @@ impl Target {
             s.started += 1;
             s.started
         };
-        self.file.sync_data()?;
+        self.check_failed()?;
+        self.poison_on_error(self.file.sync_data())?;
         let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
         s.done = s.done.max(mine);
         Ok(())
@@ -455,6 +493,21 @@ fn open_regular(path: &Path, create: bool) -> Result<File, TargetError> {
 }
 
 /// `sync_file_range(2)` over the range with `flags`.
+/// Takes in a writeback error left by writes of an earlier job on this
+/// file or device: Linux reports such an error to the next file opened on
+/// it, so this job's first flush would fail for writes it never made. The
+/// journal vouches only for ranges flushed before the earlier job's first
+/// error (see `Target::failed`), so whatever was lost is sent again.
+fn forget_stale_writeback_error(file: &File, path: &Path) {
+    if let Err(e) = file.sync_data() {
+        tracing::warn!(
+            target_path = %path.display(),
+            "an earlier write to this target was lost ({e}); what the journal does not \
+             vouch for is sent again"
+        );
+    }
+}
+
 fn sync_range(file: &File, offset: u64, len_bytes: u64, flags: u32) -> io::Result<()> {
     let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
     let offset = libc::off64_t::try_from(offset).map_err(|_| too_big())?;
