@@ -60,8 +60,9 @@ impl Drop for LoopDevice {
 }
 
 /// An NBD export of nbdkit's `memory` plugin behind the `error` filter,
-/// mounted by `nbdfuse` as the file `MOUNT/nbd`. Writes fail with EIO
-/// while the trigger file exists. Unmounted on drop.
+/// mounted by `nbdfuse` as the file `MOUNT/nbd`. While the trigger file
+/// exists, writes fail with EIO at `fail_percent` % (chosen at random per
+/// write). Unmounted on drop.
 pub struct FailingFile {
     child: Option<Child>,
     pub mount: PathBuf,
@@ -69,7 +70,7 @@ pub struct FailingFile {
 }
 
 impl FailingFile {
-    pub fn start(dir: &Path, size: &str) -> FailingFile {
+    pub fn start(dir: &Path, size: &str, fail_percent: u32) -> FailingFile {
         let mount = dir.join("fuse");
         std::fs::create_dir_all(&mount).unwrap();
         let trigger = dir.join("fail-writes");
@@ -77,7 +78,8 @@ impl FailingFile {
             .arg(&mount)
             .args(["[", "nbdkit", "--filter=error", "memory"])
             .arg(format!("size={size}"))
-            .args(["error=EIO", "error-pwrite-rate=100%"])
+            .arg("error=EIO")
+            .arg(format!("error-pwrite-rate={fail_percent}%"))
             .arg(format!("error-file={}", trigger.display()))
             .arg("]")
             .stdout(Stdio::null())
