@@ -122,6 +122,12 @@ pub struct Target {
     syncs: Mutex<SyncCount>,
     /// One flush at a time: the streams' barriers share them.
     sync_lock: Mutex<()>,
+    /// The first write or flush error, kept for good. Linux reports a
+    /// writeback error once per open file: after one fdatasync failed, the
+    /// next returns 0 although the failed pages never reached the disk. So
+    /// once this is set every later write and flush fails, and no
+    /// checkpoint after the error can call those chunks durable.
+    failed: std::sync::OnceLock<(io::ErrorKind, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -182,6 +188,7 @@ impl Target {
     }
 
     fn new(opened: Opened, fresh_zero: bool) -> Target {
+        forget_stale_writeback_error(&opened.file, &opened.path);
         Target {
             file: opened.file,
             name: opened.name,
@@ -191,6 +198,7 @@ impl Target {
             write_lock: Mutex::new(std::collections::VecDeque::new()),
             syncs: Mutex::default(),
             sync_lock: Mutex::new(()),
+            failed: std::sync::OnceLock::new(),
         }
     }
 
@@ -215,6 +223,11 @@ impl Target {
     /// oldest is waited for and dropped from the cache, so dirty data never
     /// piles up until the final sync (which then has little left to do).
     pub fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        self.check_failed()?;
+        self.poison_on_error(self.write_streamed(bytes, offset))
+    }
+
+    fn write_streamed(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
         let oldest = {
             let mut ranges = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
             self.file.write_all_at(bytes, offset)?;
@@ -245,6 +258,7 @@ impl Target {
         if self.fresh_zero {
             return Ok(());
         }
+        self.check_failed()?;
         match punch_hole(&self.file, offset, len_bytes) {
             Ok(()) => Ok(()),
             Err(e)
@@ -255,8 +269,27 @@ impl Target {
             {
                 self.write_zeros(offset, len_bytes)
             }
-            Err(e) => Err(e),
+            Err(e) => self.poison_on_error(Err(e)),
         }
+    }
+
+    /// An error once an earlier write or flush of this target failed.
+    fn check_failed(&self) -> io::Result<()> {
+        match self.failed.get() {
+            None => Ok(()),
+            Some((kind, msg)) => Err(io::Error::new(
+                *kind,
+                format!("an earlier write or flush of this target failed ({msg})"),
+            )),
+        }
+    }
+
+    /// Passes `r` through, remembering its error for good (see `failed`).
+    fn poison_on_error<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            let _ = self.failed.set((e.kind(), e.to_string()));
+        }
+        r
     }
 
     fn write_zeros(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
@@ -289,6 +322,7 @@ impl Target {
     /// started too early. Streams asking for barriers together share one
     /// fdatasync instead of queueing one each.
     pub fn sync_covering(&self, need: u64) -> io::Result<()> {
+        self.check_failed()?;
         let done = |s: &Self| s.syncs.lock().unwrap_or_else(|p| p.into_inner()).done;
         if done(self) >= need {
             return Ok(());
@@ -302,7 +336,8 @@ impl Target {
             s.started += 1;
             s.started
         };
-        self.file.sync_data()?;
+        self.check_failed()?;
+        self.poison_on_error(self.file.sync_data())?;
         let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
         s.done = s.done.max(mine);
         Ok(())
@@ -329,6 +364,21 @@ fn check_device_size(opened: &Opened, size_bytes: u64) -> Result<(), TargetError
         });
     }
     Ok(())
+}
+
+/// Takes in a writeback error left by writes of an earlier job on this
+/// file or device: Linux reports such an error to the next file opened on
+/// it, so this job's first flush would fail for writes it never made. The
+/// journal vouches only for ranges flushed before the earlier job's first
+/// error (see `Target::failed`), so whatever was lost is sent again.
+fn forget_stale_writeback_error(file: &File, path: &Path) {
+    if let Err(e) = file.sync_data() {
+        tracing::warn!(
+            target_path = %path.display(),
+            "an earlier write to this target was lost ({e}); what the journal does not \
+             vouch for is sent again"
+        );
+    }
 }
 
 /// `sync_file_range(2)` over the range with `flags`.
