@@ -76,7 +76,8 @@ pub struct ServeArgs {
     /// … or after this much new durable data, whichever comes first.
     #[arg(long, default_value = "256Mi", value_parser = crate::size::parse_size)]
     pub checkpoint_bytes: u64,
-    /// Accept plaintext TCP instead of mutual TLS (senders must say so too).
+    /// Accept plaintext TCP instead of mutual TLS (senders must say so too):
+    /// no encryption, no authentication. Trusted networks only; not with --tls-dir.
     #[arg(long, conflicts_with = "tls_dir")]
     pub insecure_plaintext: bool,
     /// Allow target NAME to be PATH (a block device or a file outside the root); repeatable.
@@ -90,6 +91,18 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = crate::replicate::limits::RANGES_PER_JOB_DEFAULT as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_ranges_per_job: u32,
+    /// Permission bits (octal, e.g. 0640) of the target files the receiver creates.
+    #[arg(long, default_value = "0600", value_parser = parse_mode)]
+    pub target_mode: u32,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "{s}: expected octal permission bits from 0 to 0777, e.g. 0640"
+        )),
+    }
 }
 
 fn parse_allow(s: &str) -> Result<(String, std::path::PathBuf), String> {
@@ -106,6 +119,10 @@ fn parse_allow(s: &str) -> Result<(String, std::path::PathBuf), String> {
 pub struct SendArgs {
     /// Source: as for `copy`.
     pub src: String,
+    /// The source file's image format (default: the one its extension
+    /// names, else raw; a file's contents never choose it).
+    #[arg(long, value_enum)]
+    pub src_format: Option<crate::endpoint::ImageFormat>,
     /// The receiver, HOST:PORT.
     #[arg(long)]
     pub to: String,
@@ -127,8 +144,9 @@ pub struct SendArgs {
     /// After the copy, compare a digest of the whole target (read back by the receiver) with the source's.
     #[arg(long)]
     pub verify: bool,
-    /// Send without TLS (the receiver must also run with --insecure-plaintext).
-    #[arg(long)]
+    /// Send without TLS (the receiver must also run with --insecure-plaintext):
+    /// no encryption, no authentication. Trusted networks only; not with --tls-dir.
+    #[arg(long, conflicts_with = "tls_dir")]
     pub insecure_plaintext: bool,
     /// NBD connections to the source.
     #[arg(long, default_value_t = 4)]
@@ -152,6 +170,9 @@ pub struct SendArgs {
     /// Discard what the receiver holds for this target (its journal) and copy everything again.
     #[arg(long)]
     pub restart: bool,
+    /// Let a fresh copy replace an existing, non-empty target file the receiver has no journal for.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Reconnect a stream that makes no progress for this long (e.g. 30s, 500ms).
     #[arg(long, default_value = "30s", value_parser = crate::size::parse_duration)]
     pub stall_timeout: std::time::Duration,
@@ -163,6 +184,10 @@ pub struct SendArgs {
     /// ascending order).
     #[arg(long, default_value_t = crate::pipeline::lanes::LANES_DEFAULT)]
     pub lanes: u32,
+    /// Fail when an NBD source leaves a connection attempt, the handshake or
+    /// a request unanswered this long (e.g. 60s, 500ms), instead of waiting forever.
+    #[arg(long, default_value = "60s", value_parser = crate::size::parse_duration)]
+    pub io_timeout: std::time::Duration,
     /// Identity of the source the receiver checks a resume against (default:
     /// size, allocation map, sampled blocks, and inode+mtime for files).
     #[arg(long)]
@@ -181,6 +206,14 @@ pub struct CopyArgs {
     pub src: String,
     /// Target: as SRC; a missing file is created (its extension picks the format, raw otherwise).
     pub dst: String,
+    /// The source file's image format (default: the one its extension
+    /// names — .qcow2, .vmdk, .vhdx, .vdi, .vhd/.vpc, .qed — else raw; a
+    /// file's contents never choose it).
+    #[arg(long, value_enum)]
+    pub src_format: Option<crate::endpoint::ImageFormat>,
+    /// The target file's image format (default: as for --src-format).
+    #[arg(long, value_enum)]
+    pub dst_format: Option<crate::endpoint::ImageFormat>,
     /// NBD connections per side, when the server allows several (multi-conn).
     #[arg(long, default_value_t = 4)]
     pub connections: u32,
@@ -211,6 +244,10 @@ pub struct CopyArgs {
     /// Times a source read that failed with EIO (or a similar error that may pass) is retried, 0..=10.
     #[arg(long, default_value_t = crate::pipeline::retry::READ_RETRIES_DEFAULT)]
     pub read_retries: u32,
+    /// Fail when an NBD server leaves a connection attempt, the handshake or
+    /// a request unanswered this long (e.g. 60s, 500ms), instead of waiting forever.
+    #[arg(long, default_value = "60s", value_parser = crate::size::parse_duration)]
+    pub io_timeout: std::time::Duration,
     /// Print newline-delimited JSON events on stdout instead of a progress bar.
     #[arg(long)]
     pub json: bool,
@@ -232,7 +269,8 @@ pub fn exit_code(e: &CopyError) -> i32 {
         CopyError::TargetWrite(_) | CopyError::Flush(_) => 4,
         CopyError::Endpoint(ep) => match ep {
             crate::endpoint::EndpointError::TargetTooSmall { .. } => 4,
-            crate::endpoint::EndpointError::BadUri { .. } => 2,
+            crate::endpoint::EndpointError::BadUri { .. }
+            | crate::endpoint::EndpointError::FormatForUri { .. } => 2,
             _ => 3,
         },
         CopyError::Engine(_) | CopyError::Internal(_) => 5,
@@ -289,6 +327,8 @@ fn run_copy(a: CopyArgs) -> i32 {
     let opts = CopyOptions {
         source: a.src,
         target: a.dst,
+        source_format: a.src_format,
+        target_format: a.dst_format,
         connections: a.connections,
         requests: a.requests,
         chunk_bytes: a.chunk_size,
@@ -297,6 +337,7 @@ fn run_copy(a: CopyArgs) -> i32 {
         write_mode: a.write_mode,
         read_retries: a.read_retries,
         lanes: a.lanes,
+        io_timeout: a.io_timeout,
     };
     let mut progress = Progress::new(a.json, a.no_progress);
     let result = copy::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {
@@ -351,13 +392,10 @@ fn finish(
 fn run_send(a: SendArgs) -> i32 {
     let opts = crate::replicate::send::SendOptions {
         source: a.src,
+        source_format: a.src_format,
         to: a.to,
         target: a.target,
-        tls_dir: if a.insecure_plaintext {
-            None
-        } else {
-            a.tls_dir
-        },
+        tls_dir: a.tls_dir,
         insecure_plaintext: a.insecure_plaintext,
         streams: a.streams,
         compress: a.compress,
@@ -369,10 +407,12 @@ fn run_send(a: SendArgs) -> i32 {
         threads: a.threads,
         engine: a.io_engine,
         restart: a.restart,
+        overwrite: a.overwrite,
         stall_timeout: a.stall_timeout,
         retry_for: a.retry_for,
         source_id: a.source_id,
         lanes: a.lanes,
+        io_timeout: a.io_timeout,
     };
     let mut progress = Progress::new(a.json, a.no_progress);
     let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {
@@ -407,7 +447,14 @@ fn run_serve(a: ServeArgs) -> i32 {
             max_handshakes_per_address: a.max_handshakes_per_address as usize,
             max_ranges_per_job: a.max_ranges_per_job as usize,
         },
+        target_mode: a.target_mode,
     };
+    if opts.insecure_plaintext {
+        tracing::warn!(
+            "--insecure-plaintext: receiving without TLS; anyone on the network can read, alter \
+             or send disks here. Use --tls-dir unless the network is trusted"
+        );
+    }
     let stop = install_stop_signals();
     let server = match Server::bind(opts) {
         Ok(s) => s,

@@ -3,8 +3,11 @@
 //! byte with the source and checks that holes stayed holes.
 
 mod common;
+#[path = "support/nbdlog.rs"]
+mod nbdlog;
 
 use common::*;
+use nbdlog::logged_reads;
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
@@ -446,20 +449,6 @@ fn requests_pins_the_depth_into_an_nbd_target() {
     let back = d.path().join("back.img");
     nbd_to_file(&mem.uri(), &back);
     assert_same(&reference, &back);
-}
-
-/// Reads of one copy as nbdkit's log filter saw them: (offset, count) in
-/// the order they arrived.
-fn logged_reads(log: &Path) -> Vec<(u64, u64)> {
-    let text = std::fs::read_to_string(log).unwrap();
-    let hex = |line: &str, key: &str| {
-        let v = line.split(key).nth(1)?.split_whitespace().next()?;
-        u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()
-    };
-    text.lines()
-        .filter(|l| l.contains(" Read id="))
-        .map(|l| (hex(l, "offset=").unwrap(), hex(l, "count=").unwrap()))
-        .collect()
 }
 
 /// The planner hands out work from several regions of the disk side by

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use diskferry::endpoint::qemu::{QemuNbdChild, create_image, image_virtual_size, probe_format};
-use diskferry::endpoint::{EndpointError, Role, Spec, display, parse_spec};
+use diskferry::endpoint::qemu::{QemuNbdChild, create_image, image_virtual_size};
+use diskferry::endpoint::{EndpointError, ImageFormat, Role, Spec, display, parse_spec};
 use diskferry::nbd::uri::Transport;
 
 const MIB: u64 = 1 << 20;
@@ -20,6 +20,19 @@ fn qemu_io(path: &Path, format: &str, command: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "qemu-io {command} failed");
+}
+
+/// The format qemu-img detects in `path` (the test checks what was
+/// created; diskferry itself never asks).
+fn detected_format(path: &Path) -> String {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qemu-img info {}", path.display());
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["format"].as_str().unwrap().to_string()
 }
 
 fn process_exists(pid: u32) -> bool {
@@ -50,8 +63,8 @@ fn greeting(child: &QemuNbdChild) -> [u8; 8] {
 fn qemu_nbd_serves_qcow2_and_is_gone_after_drop() {
     let dir = tempfile::tempdir().unwrap();
     let image = pattern_qcow2(dir.path());
-    assert_eq!(image_virtual_size(&image).unwrap(), 64 * MIB);
-    assert_eq!(probe_format(&image).unwrap(), "qcow2");
+    assert_eq!(image_virtual_size(&image, "qcow2").unwrap(), 64 * MIB);
+    assert_eq!(detected_format(&image), "qcow2");
 
     let child = QemuNbdChild::start(&image, "qcow2", true, 4).unwrap();
     let pid = child.pid();
@@ -91,7 +104,7 @@ fn writable_target_child_starts() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("target.vmdk");
     create_image(&image, "vmdk", 8 * MIB).unwrap();
-    assert_eq!(probe_format(&image).unwrap(), "vmdk");
+    assert_eq!(detected_format(&image), "vmdk");
     let child = QemuNbdChild::start(&image, "vmdk", false, 1).unwrap();
     assert_eq!(&greeting(&child), b"NBDMAGIC");
     // Refuses to overwrite an existing image.
@@ -201,8 +214,12 @@ fn parse_spec_on_real_inputs() {
     let qcow2 = pattern_qcow2(dir.path());
     let raw = dir.path().join("disk.img");
     std::fs::write(&raw, vec![0u8; 65536]).unwrap();
+    // A qcow2 image whose name says nothing: raw unless the format is named.
+    let hidden = dir.path().join("hidden.img");
+    std::fs::copy(&qcow2, &hidden).unwrap();
+    let hidden_arg = hidden.to_str().unwrap();
 
-    let spec = parse_spec(qcow2.to_str().unwrap(), Role::Source).unwrap();
+    let spec = parse_spec(qcow2.to_str().unwrap(), Role::Source, None).unwrap();
     assert_eq!(
         spec,
         Spec::Image {
@@ -215,22 +232,53 @@ fn parse_spec_on_real_inputs() {
         "{}",
         display(&spec)
     );
-    // An existing image as a target is probed too.
+    // An existing target goes by its extension too.
     assert!(matches!(
-        parse_spec(qcow2.to_str().unwrap(), Role::Target).unwrap(),
+        parse_spec(qcow2.to_str().unwrap(), Role::Target, None).unwrap(),
         Spec::Image { .. }
     ));
     assert_eq!(
-        parse_spec(raw.to_str().unwrap(), Role::Source).unwrap(),
+        parse_spec(raw.to_str().unwrap(), Role::Source, None).unwrap(),
         Spec::Raw(raw.clone())
     );
+    for role in [Role::Source, Role::Target] {
+        assert_eq!(
+            parse_spec(hidden_arg, role, None).unwrap(),
+            Spec::Raw(hidden.clone()),
+            "the file's qcow2 header must not choose its format"
+        );
+        assert_eq!(
+            parse_spec(hidden_arg, role, Some(ImageFormat::Qcow2)).unwrap(),
+            Spec::Image {
+                path: hidden.clone(),
+                format: "qcow2".into()
+            }
+        );
+    }
+    // A named format wins over the extension.
+    assert_eq!(
+        parse_spec(
+            qcow2.to_str().unwrap(),
+            Role::Source,
+            Some(ImageFormat::Raw)
+        )
+        .unwrap(),
+        Spec::Raw(qcow2.clone())
+    );
+    let err = parse_spec(
+        "nbd+unix:///exp?socket=/tmp/x.sock",
+        Role::Source,
+        Some(ImageFormat::Qcow2),
+    )
+    .unwrap_err();
+    assert!(matches!(err, EndpointError::FormatForUri { .. }), "{err:?}");
 
     let missing = dir.path().join("missing.img");
-    let err = parse_spec(missing.to_str().unwrap(), Role::Source).unwrap_err();
+    let err = parse_spec(missing.to_str().unwrap(), Role::Source, None).unwrap_err();
     assert!(matches!(err, EndpointError::Io { .. }), "{err:?}");
     assert!(err.to_string().contains("missing.img"), "{err}");
     assert_eq!(
-        parse_spec(missing.to_str().unwrap(), Role::Target).unwrap(),
+        parse_spec(missing.to_str().unwrap(), Role::Target, None).unwrap(),
         Spec::Raw(missing)
     );
     for (name, format) in [
@@ -240,7 +288,7 @@ fn parse_spec_on_real_inputs() {
         ("x.qed", "qed"),
     ] {
         let path = dir.path().join(name);
-        let spec = parse_spec(path.to_str().unwrap(), Role::Target).unwrap();
+        let spec = parse_spec(path.to_str().unwrap(), Role::Target, None).unwrap();
         assert_eq!(
             spec,
             Spec::Image {
@@ -250,16 +298,16 @@ fn parse_spec_on_real_inputs() {
         );
     }
 
-    let spec = parse_spec("nbd+unix:///exp?socket=/tmp/x.sock", Role::Source).unwrap();
+    let spec = parse_spec("nbd+unix:///exp?socket=/tmp/x.sock", Role::Source, None).unwrap();
     assert!(
         matches!(&spec, Spec::Nbd(uri) if uri.export == "exp"),
         "{spec:?}"
     );
     assert_eq!(display(&spec), "nbd+unix:///exp?socket=/tmp/x.sock");
-    let err = parse_spec("nbd+unix:///exp", Role::Source).unwrap_err();
+    let err = parse_spec("nbd+unix:///exp", Role::Source, None).unwrap_err();
     assert!(err.to_string().contains("socket"), "{err}");
-    let err = parse_spec("http://host/disk", Role::Source).unwrap_err();
+    let err = parse_spec("http://host/disk", Role::Source, None).unwrap_err();
     assert!(matches!(err, EndpointError::BadUri { .. }), "{err:?}");
-    let err = parse_spec(dir.path().to_str().unwrap(), Role::Source).unwrap_err();
+    let err = parse_spec(dir.path().to_str().unwrap(), Role::Source, None).unwrap_err();
     assert!(err.to_string().contains("directory"), "{err}");
 }

@@ -157,16 +157,37 @@ fn ok(out: &std::process::Output) -> serde_json::Value {
     done
 }
 
+/// The main round trip, on each I/O engine (`send --io-engine`), like
+/// every `copy` test.
 #[test]
 fn qemu_nbd_and_nbdkit_sources_over_mutual_tls() {
     let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let tls = certs(d.path());
     let rx = serve(d.path(), Some(&tls), "127.0.0.1:0", None);
+    for e in ENGINES {
+        let dir = d.path().join(e);
+        std::fs::create_dir_all(&dir).unwrap();
+        round_trip(&dir, &rx, &tls, e);
+    }
+}
+
+/// Sends of qemu-nbd, nbdkit and file sources with the `engine` I/O
+/// engine; each target compared byte for byte with its source.
+fn round_trip(dir: &Path, rx: &Receiver, tls: &Path, engine: &str) {
+    let send = |src: &str, target: &str, extra: &[&str]| {
+        let mut all = vec!["--io-engine", engine];
+        all.extend_from_slice(extra);
+        let out = send(src, rx, &format!("{engine}-{target}"), Some(tls), &all);
+        let done = ok(&out);
+        assert_eq!(done["engine"], engine, "{done}");
+        out
+    };
+    let target = |name: &str| rx.root.join(format!("{engine}-{name}"));
     // qemu-nbd source: a sparse file with data in odd places (qemu-nbd
     // exports sizes rounded up to 512 bytes; copy's tests cover odd sizes).
     let size = 64 * MIB + 3584;
-    let src = d.path().join("src.img");
+    let src = dir.join("src.img");
     let regions = [
         (0, 4096),
         (3 * MIB + 17, 300_000),
@@ -174,9 +195,9 @@ fn qemu_nbd_and_nbdkit_sources_over_mutual_tls() {
         (size - 5000, 5000),
     ];
     sparse_file(&src, size, &regions, 21);
-    let q = qemu_nbd(d.path(), "src", &src, "raw", true, &[]);
-    let done = ok(&send(&q.uri(), &rx, "vm1.img", Some(&tls), &["--verify"]));
-    let dst = rx.root.join("vm1.img");
+    let q = qemu_nbd(dir, "src", &src, "raw", true, &[]);
+    let done = ok(&send(&q.uri(), "vm1.img", &["--verify"]));
+    let dst = target("vm1.img");
     assert_same(&src, &dst);
     assert!(
         allocated(&dst) <= allocated(&src) + 2 * MIB,
@@ -197,7 +218,7 @@ fn qemu_nbd_and_nbdkit_sources_over_mutual_tls() {
     }
     // nbdkit sparse-random (random content) with 2 streams and zstd.
     let k = nbdkit(
-        d.path(),
+        dir,
         "sr",
         &[
             "sparse-random",
@@ -207,18 +228,16 @@ fn qemu_nbd_and_nbdkit_sources_over_mutual_tls() {
             "random-content=true",
         ],
     );
-    let reference = d.path().join("sr.img");
+    let reference = dir.join("sr.img");
     nbd_to_file(&k.uri(), &reference);
-    ok(&send(
+    send(
         &k.uri(),
-        &rx,
         "vm2.img",
-        Some(&tls),
         &["--streams", "2", "--compress", "zstd"],
-    ));
-    assert_same(&reference, &rx.root.join("vm2.img"));
+    );
+    assert_same(&reference, &target("vm2.img"));
     // Compressible data with lz4: fewer bytes on the wire than data.
-    let text = d.path().join("text.img");
+    let text = dir.join("text.img");
     let mut t = Vec::new();
     while t.len() < 16 * MIB as usize {
         t.extend_from_slice(
@@ -228,12 +247,10 @@ fn qemu_nbd_and_nbdkit_sources_over_mutual_tls() {
     std::fs::write(&text, &t).unwrap();
     let done = ok(&send(
         text.to_str().unwrap(),
-        &rx,
         "text.img",
-        Some(&tls),
         &["--compress", "lz4"],
     ));
-    assert_same(&text, &rx.root.join("text.img"));
+    assert_same(&text, &target("text.img"));
     assert!(
         done["bytes_on_wire"].as_u64().unwrap() < t.len() as u64 / 2,
         "{done}"
@@ -242,12 +259,10 @@ fn qemu_nbd_and_nbdkit_sources_over_mutual_tls() {
     // saves no bandwidth on loopback, so only exploring chunks compress.
     let done = ok(&send(
         text.to_str().unwrap(),
-        &rx,
         "text-auto.img",
-        Some(&tls),
         &["--compress", "auto"],
     ));
-    assert_same(&text, &rx.root.join("text-auto.img"));
+    assert_same(&text, &target("text-auto.img"));
     let c = &done["compression"];
     let compressed = c["chunks_lz4"].as_u64().unwrap() + c["chunks_zstd"].as_u64().unwrap();
     assert!(
@@ -463,17 +478,21 @@ fn between_two_network_namespaces() {
         8,
     );
     let rx_addr = rx.addr.clone();
-    let out = send_to(
-        src.to_str().unwrap(),
-        &rx_addr,
-        "ns.img",
-        Some(&tls),
-        Some(&ns.a),
-        &["--verify"],
-    );
-    let done = ok(&out);
-    assert_eq!(done["verified"], true);
-    assert_same(&src, &rx.root.join("ns.img"));
+    for e in ENGINES {
+        let name = format!("ns-{e}.img");
+        let out = send_to(
+            src.to_str().unwrap(),
+            &rx_addr,
+            &name,
+            Some(&tls),
+            Some(&ns.a),
+            &["--verify", "--io-engine", e],
+        );
+        let done = ok(&out);
+        assert_eq!(done["verified"], true);
+        assert_eq!(done["engine"], e, "{done}");
+        assert_same(&src, &rx.root.join(&name));
+    }
 }
 
 #[test]

@@ -13,8 +13,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
-/// The sender's chunk (window) size: resumes re-send whole windows.
-const CHUNK: u64 = 2 * MIB;
+/// The sender's chunk size (`send --chunk-size` default): resumes re-send
+/// whole chunks at the edges of the journal's ranges. One constant, the
+/// library's; `send_chunk_size_default_is_the_library_constant` checks the
+/// command line uses the same.
+const CHUNK: u64 = diskferry::replicate::send::CHUNK_BYTES_DEFAULT as u64;
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -218,6 +221,30 @@ fn receiver_killed_with_power_loss_is_repaired_while_the_sender_waits() {
         );
         assert_same(&src, &rx.target(&name));
     }
+}
+
+/// The bound on re-sent bytes above holds only if the sender really uses
+/// `CHUNK`: the command line's default must be the library constant.
+#[test]
+fn send_chunk_size_default_is_the_library_constant() {
+    use clap::Parser;
+    let cli = diskferry::cli::Cli::try_parse_from([
+        "diskferry",
+        "send",
+        "src.img",
+        "--to",
+        "127.0.0.1:1",
+        "--target",
+        "t",
+        "--tls-dir",
+        "tls",
+    ])
+    .unwrap();
+    let diskferry::cli::Command::Send(a) = cli.command else {
+        panic!("not a send: {:?}", cli.command);
+    };
+    assert_eq!(u64::from(a.chunk_size), CHUNK);
+    assert_eq!(CHUNK, 512 * 1024, "the chunk size the issue names");
 }
 
 #[test]

@@ -276,6 +276,11 @@ fn corrupted_chunk_is_refused_never_written_and_a_rerun_completes() {
     let started = Instant::now();
     let out = cmd.output().unwrap();
     let err = stderr(&out);
+    assert!(
+        err.contains("test hook armed"),
+        "diskferry was built without the test-hooks feature, so DISKFERRY_TEST_CORRUPT_CHUNK did \
+         nothing: run `cargo test --features test-hooks` (scripts/test does). stderr: {err}"
+    );
     eprintln!(
         "{test}: corrupted send ended with {} in {:.2} s: {}",
         out.status,

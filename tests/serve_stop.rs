@@ -44,6 +44,7 @@ fn bind_checks_its_options() {
         insecure_plaintext: plain,
         allow: Vec::new(),
         limits: Default::default(),
+        target_mode: diskferry::replicate::serve::TARGET_MODE_DEFAULT,
     };
     std::fs::create_dir(dir.path().join("root")).unwrap();
     assert!(matches!(

@@ -30,7 +30,11 @@ pub const TARGETS: &[(&str, Target)] = &[
 /// re-encodes to the same bytes.
 pub fn journal_decode(data: &[u8]) {
     if let Ok(j) = diskferry::journal::Journal::decode(data) {
-        assert_eq!(j.encode(), data, "an accepted journal must re-encode to its bytes");
+        assert_eq!(
+            j.encode(),
+            data,
+            "an accepted journal must re-encode to its bytes"
+        );
     }
 }
 

@@ -6,7 +6,8 @@
 # Debian 12 packages and what we use from them:
 #   nbdkit      nbdkit + the memory, pattern, data, sparse-random plugins and
 #               the error filter (all in the main nbdkit package)
-#   libnbd-bin  nbdcopy, nbdinfo (peer and reference client)
+#   libnbd-bin  nbdcopy, nbdinfo (peer and reference client), nbdfuse (an
+#               NBD export as a file: the failing disk of tests/target_eio.rs)
 #   qemu-utils  qemu-nbd, qemu-img
 #   e2fsprogs   mkfs.ext4 (sample images)      diffutils  cmp
 
@@ -68,6 +69,7 @@ ensure_deps() {
     _df_nbdkit_ok || missing+=(nbdkit)
     command -v nbdcopy >/dev/null 2>&1 || missing+=(libnbd-bin)
     command -v nbdinfo >/dev/null 2>&1 || missing+=(libnbd-bin)
+    command -v nbdfuse >/dev/null 2>&1 || missing+=(libnbd-bin)
     command -v qemu-nbd >/dev/null 2>&1 || missing+=(qemu-utils)
     command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
     command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /sbin/mkfs.ext4 ] || missing+=(e2fsprogs)

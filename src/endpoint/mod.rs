@@ -6,6 +6,13 @@
 //! * an image in another format (qcow2, vmdk, vhdx, vdi, vpc, …) — served by
 //!   a qemu-nbd child process ([`qemu::QemuNbdChild`]) on a private Unix
 //!   socket, then used as an NBD URI.
+//!
+//! Content never chooses how a file is opened. A file's format is what the
+//! user names ([`ImageFormat`]) or what its extension says
+//! ([`format_from_extension`]); anything else is raw. Its bytes are never
+//! probed: a guest can write any header into its disk, and a raw disk read
+//! as the qcow2 image its guest wrote would make qemu open a backing file
+//! of the guest's choosing on this host (the image-format probing hole).
 
 use std::path::{Path, PathBuf};
 
@@ -43,8 +50,46 @@ pub enum EndpointError {
     /// The path exists but is neither a regular file nor a block device.
     #[error("{path} is {what}; give a regular file, a block device or an NBD URI")]
     NotAFileOrDevice { path: String, what: &'static str },
+    /// A format was named for an NBD URI, which has none.
+    #[error("{uri}: an NBD export has no image format; name a format for files only")]
+    FormatForUri { uri: String },
     #[error("{0}")]
     Other(String),
+}
+
+/// The image formats a user may name for a file. qemu-nbd and qemu-img are
+/// always told this format (`-f`), so they never guess it from the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+    Vmdk,
+    Vhdx,
+    Vdi,
+    /// VHD (Virtual PC).
+    Vpc,
+    Qed,
+}
+
+impl ImageFormat {
+    /// qemu's name of the format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Vmdk => "vmdk",
+            ImageFormat::Vhdx => "vhdx",
+            ImageFormat::Vdi => "vdi",
+            ImageFormat::Vpc => "vpc",
+            ImageFormat::Qed => "qed",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What kind of thing a path is.
@@ -76,33 +121,50 @@ pub enum Role {
     Target,
 }
 
-/// The image format an extension names, for targets that do not exist yet
-/// (`.qcow2` → `qcow2`, `.vhd`/`.vpc` → `vpc`, …); `None` means raw.
-pub fn format_from_extension(path: &Path) -> Option<&'static str> {
+/// The image format an extension names (`.qcow2` → qcow2, `.vhd`/`.vpc` →
+/// vpc, …); `None` means raw.
+pub fn format_from_extension(path: &Path) -> Option<ImageFormat> {
     let extension = path.extension()?.to_str()?.to_ascii_lowercase();
     Some(match extension.as_str() {
-        "qcow2" => "qcow2",
-        "vmdk" => "vmdk",
-        "vhdx" => "vhdx",
-        "vdi" => "vdi",
-        "vhd" | "vpc" => "vpc",
-        "qed" => "qed",
+        "qcow2" => ImageFormat::Qcow2,
+        "vmdk" => ImageFormat::Vmdk,
+        "vhdx" => ImageFormat::Vhdx,
+        "vdi" => ImageFormat::Vdi,
+        "vhd" | "vpc" => ImageFormat::Vpc,
+        "qed" => ImageFormat::Qed,
         _ => return None,
     })
+}
+
+/// A file's format: the one named, else the one its extension names, else
+/// raw. Never read from the file.
+fn file_spec(path: PathBuf, named: Option<ImageFormat>) -> Spec {
+    match named.or_else(|| format_from_extension(&path)) {
+        None | Some(ImageFormat::Raw) => Spec::Raw(path),
+        Some(format) => Spec::Image {
+            path,
+            format: format.as_str().into(),
+        },
+    }
 }
 
 /// What a SRC / DST argument means, without opening anything for I/O.
 ///
 /// * NBD URIs ([`uri::is_nbd_uri`]) → [`Spec::Nbd`] (bad URIs → `BadUri`);
 /// * other `SCHEME://` strings → `BadUri` (unsupported scheme);
-/// * an existing block device → [`Spec::Raw`];
-/// * an existing regular file → its format as probed by
-///   `qemu-img info -U`: `raw` → [`Spec::Raw`], anything else →
-///   [`Spec::Image`];
-/// * a missing path: as a source, an `Io` error naming it; as a target,
-///   [`Spec::Image`] when the extension names a format
-///   ([`format_from_extension`]), else [`Spec::Raw`].
-pub fn parse_spec(arg: &str, role: Role) -> Result<Spec, EndpointError> {
+/// * a block device → [`Spec::Raw`], or [`Spec::Image`] when `format`
+///   names another format;
+/// * a regular file, existing or (as a target) not: `format` if given,
+///   else the format its extension names ([`format_from_extension`]), else
+///   raw. The file's contents are never looked at;
+/// * a missing source: an `Io` error naming it.
+///
+/// `format` with an NBD URI is refused ([`EndpointError::FormatForUri`]).
+pub fn parse_spec(
+    arg: &str,
+    role: Role,
+    format: Option<ImageFormat>,
+) -> Result<Spec, EndpointError> {
     if arg.is_empty() {
         return Err(EndpointError::Other(
             "empty path; give a file, a block device or an NBD URI".into(),
@@ -113,6 +175,9 @@ pub fn parse_spec(arg: &str, role: Role) -> Result<Spec, EndpointError> {
             uri: arg.into(),
             why,
         })?;
+        if format.is_some() {
+            return Err(EndpointError::FormatForUri { uri: arg.into() });
+        }
         return Ok(Spec::Nbd(parsed));
     }
     if let Some((scheme, _)) = arg.split_once("://")
@@ -132,13 +197,7 @@ pub fn parse_spec(arg: &str, role: Role) -> Result<Spec, EndpointError> {
     let meta = match std::fs::metadata(&path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && role == Role::Target => {
-            return Ok(match format_from_extension(&path) {
-                Some(format) => Spec::Image {
-                    path,
-                    format: format.into(),
-                },
-                None => Spec::Raw(path),
-            });
+            return Ok(file_spec(path, format));
         }
         Err(source) => {
             let what = if role == Role::Source {
@@ -154,7 +213,14 @@ pub fn parse_spec(arg: &str, role: Role) -> Result<Spec, EndpointError> {
     };
     let file_type = meta.file_type();
     if std::os::unix::fs::FileTypeExt::is_block_device(&file_type) {
-        return Ok(Spec::Raw(path));
+        // A device has no extension to go by: raw unless named.
+        return Ok(match format {
+            None | Some(ImageFormat::Raw) => Spec::Raw(path),
+            Some(f) => Spec::Image {
+                path,
+                format: f.as_str().into(),
+            },
+        });
     }
     if !file_type.is_file() {
         return Err(EndpointError::NotAFileOrDevice {
@@ -162,12 +228,7 @@ pub fn parse_spec(arg: &str, role: Role) -> Result<Spec, EndpointError> {
             what: file::describe_file_type(file_type),
         });
     }
-    let format = qemu::probe_format(&path)?;
-    Ok(if format == "raw" {
-        Spec::Raw(path)
-    } else {
-        Spec::Image { path, format }
-    })
+    Ok(file_spec(path, format))
 }
 
 /// A short human description of a spec for logs and progress lines.

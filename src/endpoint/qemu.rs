@@ -1,5 +1,6 @@
 //! qemu-nbd child processes for non-raw images, and the qemu-img calls
-//! around them (format probe, create, virtual size).
+//! around them (create, virtual size). Every call names the image's format
+//! (`-f`): qemu never guesses it from the file's contents.
 //!
 //! A [`QemuNbdChild`] serves one image on a Unix socket inside a fresh
 //! private (0700) directory. The child never outlives diskferry:
@@ -352,28 +353,20 @@ fn run_qemu_img(path: &Path, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, Endpo
     Ok(output.stdout)
 }
 
-/// `qemu-img info --output=json -U PATH` as JSON.
-fn qemu_img_info(path: &Path) -> Result<serde_json::Value, EndpointError> {
+/// `qemu-img info --output=json -U -f FORMAT PATH` as JSON.
+fn qemu_img_info(path: &Path, format: &str) -> Result<serde_json::Value, EndpointError> {
     let args = [
         "info".as_ref(),
         "--output=json".as_ref(),
         "-U".as_ref(),
+        "-f".as_ref(),
+        format.as_ref(),
         "--".as_ref(),
         path.as_os_str(),
     ];
     let stdout = run_qemu_img(path, &args)?;
     serde_json::from_slice(&stdout)
         .map_err(|e| qemu_img_error(path, format!("unreadable qemu-img info output: {e}")))
-}
-
-/// Image format of an existing file as qemu-img detects it (`raw`,
-/// `qcow2`, `vmdk`, …).
-pub fn probe_format(path: &Path) -> Result<String, EndpointError> {
-    let info = qemu_img_info(path)?;
-    info.get("format")
-        .and_then(serde_json::Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| qemu_img_error(path, "qemu-img info gave no \"format\""))
 }
 
 /// Create a new image: `qemu-img create -f FORMAT PATH SIZE`. Refuses to
@@ -399,9 +392,9 @@ pub fn create_image(path: &Path, format: &str, size_bytes: u64) -> Result<(), En
     Ok(())
 }
 
-/// Virtual (guest-visible) size of an image, from `qemu-img info`.
-pub fn image_virtual_size(path: &Path) -> Result<u64, EndpointError> {
-    let info = qemu_img_info(path)?;
+/// Virtual (guest-visible) size of an image of `format`, from `qemu-img info`.
+pub fn image_virtual_size(path: &Path, format: &str) -> Result<u64, EndpointError> {
+    let info = qemu_img_info(path, format)?;
     info.get("virtual-size")
         .and_then(serde_json::Value::as_u64)
         .ok_or_else(|| qemu_img_error(path, "qemu-img info gave no \"virtual-size\""))

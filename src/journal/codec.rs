@@ -41,6 +41,9 @@ const CHECKSUM_CONTEXT: &str = "diskferry journal v1 checksum";
 /// magic, version, flags, size, chunk, job id, updated, 3 string lengths,
 /// range count, checksum.
 const MIN_LEN: usize = 8 + 4 + 4 + 8 + 4 + 16 + 8 + 3 * 4 + 4 + CHECKSUM_LEN;
+/// Longest journal file there can be (every string and range at its bound):
+/// a file read back is refused beyond this before it is read whole.
+pub const MAX_JOURNAL_BYTES: usize = MIN_LEN + 3 * MAX_STRING_BYTES + MAX_RANGES_HARD * RANGE_LEN;
 
 /// What the receiver knows about one target: which source it is being
 /// filled from and which bytes of it are durable.

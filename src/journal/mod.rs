@@ -30,7 +30,8 @@ mod store_tests;
 use std::path::PathBuf;
 
 pub use codec::{
-    JOURNAL_VERSION, Journal, MAGIC, MAX_RANGES_DEFAULT, MAX_RANGES_HARD, MAX_STRING_BYTES,
+    JOURNAL_VERSION, Journal, MAGIC, MAX_JOURNAL_BYTES, MAX_RANGES_DEFAULT, MAX_RANGES_HARD,
+    MAX_STRING_BYTES,
 };
 pub use decide::{Decision, RefuseReason, ResumeRequest, decide};
 pub use ranges::RangeSet;
@@ -96,6 +97,36 @@ pub enum JournalError {
     CompleteButNotCovered { covered_bytes: u64, size_bytes: u64 },
     #[error("journal is damaged ({extra_bytes} unexpected bytes after the ranges); {RESTART_HINT}")]
     TrailingBytes { extra_bytes: usize },
+    #[error(
+        "journal is damaged (the file is {len_bytes} bytes, more than any journal can be, \
+         {MAX_JOURNAL_BYTES}); {RESTART_HINT}"
+    )]
+    TooLarge { len_bytes: u64 },
+    #[error("journal is not a regular file ({what}); remove it, or {RESTART_HINT}")]
+    NotAFile { what: &'static str },
+    #[error(
+        "state directory {path} is a symbolic link: name the real directory instead",
+        path = path.display()
+    )]
+    StateDirSymlink { path: PathBuf },
+    #[error("state directory {path} is not a directory", path = path.display())]
+    StateDirNotDir { path: PathBuf },
+    #[error(
+        "state directory {path} is owned by uid {owner_uid}, not by this user (uid {uid}): \
+         run `chown {uid} {path}` or use a directory of your own",
+        path = path.display()
+    )]
+    StateDirOwner {
+        path: PathBuf,
+        owner_uid: u32,
+        uid: u32,
+    },
+    #[error(
+        "state directory {path} is writable by group or others (mode {mode:04o}): \
+         run `chmod 0700 {path}`",
+        path = path.display()
+    )]
+    StateDirWritable { path: PathBuf, mode: u32 },
     #[error("{path}: {source}", path = path.display())]
     At {
         path: PathBuf,
@@ -130,8 +161,25 @@ impl JournalError {
     pub fn is_damaged(&self) -> bool {
         match self {
             JournalError::At { source, .. } => source.is_damaged(),
-            JournalError::Io { .. } | JournalError::Unencodable { .. } => false,
+            JournalError::Io { .. }
+            | JournalError::Unencodable { .. }
+            | JournalError::StateDirSymlink { .. }
+            | JournalError::StateDirNotDir { .. }
+            | JournalError::StateDirOwner { .. }
+            | JournalError::StateDirWritable { .. } => false,
             _ => true,
+        }
+    }
+
+    /// The error without the receiver's own paths, for a message to a peer
+    /// (the full error goes to the receiver's log).
+    pub fn peer_text(&self) -> String {
+        match self {
+            JournalError::At { source, .. } => source.peer_text(),
+            JournalError::Io { action, source, .. } => {
+                format!("the receiver cannot {action} its journal: {source} (see its log)")
+            }
+            other => other.to_string(),
         }
     }
 

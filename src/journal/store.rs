@@ -2,13 +2,14 @@
 //! replaced atomically; [`Checkpointer`]: when to take the next checkpoint.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::JournalError;
-use super::codec::{Journal, MAX_RANGES_DEFAULT};
+use super::codec::{Journal, MAX_JOURNAL_BYTES, MAX_RANGES_DEFAULT};
 
 /// Checkpoint at least this often while new data arrives.
 pub const CHECKPOINT_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
@@ -16,7 +17,12 @@ pub const CHECKPOINT_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
 pub const CHECKPOINT_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
 
 const SUFFIX: &str = ".journal";
-const TMP_SUFFIX: &str = ".journal.tmp";
+/// Temporary files are `<journal>.<pid>-<n>.tmp`.
+const TMP_SUFFIX: &str = ".tmp";
+/// Mode bits that let someone other than the owner change the directory.
+const GROUP_OTHER_WRITE: u32 = 0o022;
+/// Numbers the temporary files of this process (with the pid: unique).
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 /// Readable part of a file name; the hash makes it unique.
 const PREFIX_MAX_CHARS: usize = 40;
 
@@ -31,19 +37,52 @@ impl JournalStore {
     /// Opens (creating with mode 0700 if needed) the state directory and
     /// removes temporary files a crash left behind: they were never renamed
     /// into place, so they hold nothing that was promised durable.
+    ///
+    /// Does not check who owns the directory: the receiver opens its state
+    /// with [`JournalStore::open_checked`].
     pub fn open(dir: &Path) -> Result<Self, JournalError> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_err("create the state directory", dir))?;
+        create_private_dir(dir)?;
+        Self::open_created(dir)
+    }
+
+    /// As [`JournalStore::open`], but refuses a directory that someone
+    /// else could tamper with: a symbolic link, a directory not owned by
+    /// `owner_uid` (the receiver's effective uid), or one writable by group
+    /// or others. Each refusal says what to fix.
+    pub fn open_checked(dir: &Path, owner_uid: u32) -> Result<Self, JournalError> {
+        create_private_dir(dir)?;
+        let meta = fs::symlink_metadata(dir).map_err(io_err("inspect the state directory", dir))?;
+        let path = dir.to_path_buf();
+        if meta.file_type().is_symlink() {
+            return Err(JournalError::StateDirSymlink { path });
+        }
+        if !meta.is_dir() {
+            return Err(JournalError::StateDirNotDir { path });
+        }
+        if meta.uid() != owner_uid {
+            return Err(JournalError::StateDirOwner {
+                path,
+                owner_uid: meta.uid(),
+                uid: owner_uid,
+            });
+        }
+        if meta.mode() & GROUP_OTHER_WRITE != 0 {
+            return Err(JournalError::StateDirWritable {
+                path,
+                mode: meta.mode() & 0o7777,
+            });
+        }
+        Self::open_created(dir)
+    }
+
+    fn open_created(dir: &Path) -> Result<Self, JournalError> {
         let entries = fs::read_dir(dir).map_err(io_err("list the state directory", dir))?;
         for entry in entries {
             let entry = entry.map_err(io_err("list the state directory", dir))?;
             let is_tmp = entry
                 .file_name()
                 .to_str()
-                .is_some_and(|n| n.ends_with(TMP_SUFFIX));
+                .is_some_and(|n| n.ends_with(TMP_SUFFIX) && n.contains(SUFFIX));
             if is_tmp {
                 let path = entry.path();
                 match fs::remove_file(&path) {
@@ -79,13 +118,52 @@ impl JournalStore {
 
     /// The journal of `target_name`, or `None` if there is none. A file
     /// that cannot be trusted is an error ([`JournalError::is_damaged`]).
+    ///
+    /// The file is opened without following a symbolic link and must be a
+    /// regular file of at most [`MAX_JOURNAL_BYTES`]; nothing larger is
+    /// read.
     pub fn load(&self, target_name: &str) -> Result<Option<Journal>, JournalError> {
         let path = self.path_for(target_name);
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => bytes,
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                let what = "a symbolic link";
+                return Err(JournalError::NotAFile { what }.at(path));
+            }
             Err(e) => return Err(io_err("read the journal", &path)(e)),
         };
+        let meta = file.metadata().map_err(io_err("read the journal", &path))?;
+        if meta.is_dir() {
+            // Not damage: a save could not replace it either.
+            let e = io::Error::from_raw_os_error(libc::EISDIR);
+            return Err(io_err("read the journal", &path)(e));
+        }
+        if !meta.is_file() {
+            let what = "a special file";
+            return Err(JournalError::NotAFile { what }.at(path));
+        }
+        if meta.len() > MAX_JOURNAL_BYTES as u64 {
+            return Err(JournalError::TooLarge {
+                len_bytes: meta.len(),
+            }
+            .at(path));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        // One byte past the bound: a file that grew since fstat is caught.
+        file.take(MAX_JOURNAL_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io_err("read the journal", &path))?;
+        if bytes.len() > MAX_JOURNAL_BYTES {
+            return Err(JournalError::TooLarge {
+                len_bytes: bytes.len() as u64,
+            }
+            .at(path));
+        }
         Journal::decode(&bytes).map(Some).map_err(|e| e.at(path))
     }
 
@@ -93,7 +171,8 @@ impl JournalStore {
     /// in the same directory, fsync it, rename it over the old one, fsync
     /// the directory. A crash at any point leaves the old or the new
     /// journal, never a mix. The encoding is decoded back before anything
-    /// is written (a paired check).
+    /// is written (a paired check). The temporary file has a name no other
+    /// save uses and is created with `O_EXCL`, mode 0600.
     pub fn save(&self, journal: &Journal) -> Result<(), JournalError> {
         let bytes = journal.encode_capped(self.max_ranges);
         if let Err(e) = Journal::decode(&bytes) {
@@ -105,15 +184,22 @@ impl JournalStore {
         let tmp = tmp_path(&path);
         let mut file = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(io_err("create", &tmp))?;
-        file.write_all(&bytes).map_err(io_err("write", &tmp))?;
-        file.sync_all().map_err(io_err("fsync", &tmp))?;
+        let written = file
+            .write_all(&bytes)
+            .map_err(io_err("write", &tmp))
+            .and_then(|()| file.sync_all().map_err(io_err("fsync", &tmp)));
         drop(file);
-        fs::rename(&tmp, &path).map_err(io_err("rename the journal into", &path))?;
+        if let Err(e) = written.and_then(|()| {
+            fs::rename(&tmp, &path).map_err(io_err("rename the journal into", &path))
+        }) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         self.sync_dir()
     }
 
@@ -143,10 +229,22 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Journa
     }
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
+/// `<path>.<pid>-<n>.tmp`: unique within the directory while this process
+/// lives (a crashed process's leftovers are removed by the next open).
+pub(super) fn tmp_path(path: &Path) -> PathBuf {
+    let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
     let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
+    name.push(format!(".{}-{n}{TMP_SUFFIX}", std::process::id()));
     PathBuf::from(name)
+}
+
+/// Creates `dir` (and missing parents) with mode 0700.
+fn create_private_dir(dir: &Path) -> Result<(), JournalError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err("create the state directory", dir))
 }
 
 /// `<prefix>-<64 hex digits><SUFFIX>`; the prefix keeps ASCII letters,

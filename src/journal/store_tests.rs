@@ -70,10 +70,11 @@ fn crash_leftovers_are_ignored_and_cleaned_up() {
     assert!(!fs::exists(&leftover).unwrap());
     assert_eq!(reopened.load("vm1").unwrap(), Some(j.clone()));
 
-    // A leftover is also simply overwritten by the next save.
+    // A leftover never stops the next save (which uses a name of its own)
+    // and is left for the next open to remove.
     fs::write(&leftover, vec![0xAA; 100_000]).unwrap();
     store.save(&j).unwrap();
-    assert!(!fs::exists(&leftover).unwrap());
+    assert_eq!(fs::read(&leftover).unwrap(), vec![0xAA; 100_000]);
     assert_eq!(fs::read(&path).unwrap(), j.encode());
 }
 
@@ -249,4 +250,97 @@ fn checkpointer_time_or_bytes() {
     d.note_written(CHECKPOINT_BYTES_DEFAULT);
     assert!(d.due(Instant::now()));
     assert_eq!(CHECKPOINT_INTERVAL_DEFAULT, 5 * s);
+}
+
+fn uid_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().uid()
+}
+
+#[test]
+fn open_checked_refuses_a_state_directory_others_could_tamper_with() {
+    let tmp = tempfile::tempdir().unwrap();
+    let uid = uid_of(tmp.path());
+    let ok = tmp.path().join("ok");
+    JournalStore::open_checked(&ok, uid).unwrap();
+    let mode = fs::metadata(&ok).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "a new state directory is private");
+
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&ok, &link).unwrap();
+    let e = JournalStore::open_checked(&link, uid).unwrap_err();
+    assert!(matches!(e, JournalError::StateDirSymlink { .. }), "{e}");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+
+    let open = tmp.path().join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+    let e = JournalStore::open_checked(&open, uid).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("chmod 0700 {}", open.display())),
+        "{e}"
+    );
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o770)).unwrap();
+    assert!(matches!(
+        JournalStore::open_checked(&open, uid),
+        Err(JournalError::StateDirWritable { mode: 0o770, .. })
+    ));
+
+    let other_uid = uid.wrapping_add(4242);
+    let e = JournalStore::open_checked(&ok, other_uid).unwrap_err();
+    assert!(matches!(e, JournalError::StateDirOwner { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("chown {other_uid} {}", ok.display())),
+        "{e}"
+    );
+}
+
+#[test]
+fn load_refuses_symlinks_and_oversized_files_without_reading_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = JournalStore::open(tmp.path()).unwrap();
+    let elsewhere = tmp.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    let real = JournalStore::open(&elsewhere).unwrap();
+    real.save(&journal("vm1")).unwrap();
+    std::os::unix::fs::symlink(real.path_for("vm1"), store.path_for("vm1")).unwrap();
+    let e = store.load("vm1").unwrap_err();
+    assert!(
+        e.is_damaged() && e.to_string().contains("symbolic link"),
+        "{e}"
+    );
+
+    let big = fs::File::create(store.path_for("vm2")).unwrap();
+    big.set_len(MAX_JOURNAL_BYTES as u64 + 1).unwrap();
+    let e = store.load("vm2").unwrap_err();
+    assert!(
+        e.is_damaged() && e.to_string().contains("more than any journal"),
+        "{e}"
+    );
+}
+
+#[test]
+fn saves_use_fresh_temporary_names_and_leave_none_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = JournalStore::open(tmp.path()).unwrap();
+    let path = store.path_for("vm1");
+    let a = store::tmp_path(&path);
+    let b = store::tmp_path(&path);
+    assert_ne!(a, b);
+    // A leftover of a crashed save is never opened by a later save.
+    fs::write(&a, b"left over").unwrap();
+    for _ in 0..3 {
+        store.save(&journal("vm1")).unwrap();
+    }
+    assert_eq!(fs::read(&a).unwrap(), b"left over");
+    let names: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    // The next open removes the leftover.
+    JournalStore::open(tmp.path()).unwrap();
+    assert!(!a.exists());
 }

@@ -1,4 +1,7 @@
-//! Blocking driver for [`super::conn::ClientConn`].
+//! Blocking driver for [`super::conn::ClientConn`]. It waits as long as
+//! its stream lets it: streams from [`super::uri::NbdUri::connect_timeout`]
+//! carry the I/O timeout, so a silent server fails a request with
+//! `TimedOut` instead of hanging.
 //!
 //! One request at a time over any `Read + Write` stream: handshake-time
 //! work (block-status planning, flush), tests and simple tools. The copy

@@ -31,6 +31,10 @@ pub const REQUESTS_FAR: u32 = 64;
 pub struct CopyOptions {
     pub source: String,
     pub target: String,
+    /// The source file's format (`None`: its extension's, else raw).
+    pub source_format: Option<crate::endpoint::ImageFormat>,
+    /// The target file's format (`None`: its extension's, else raw).
+    pub target_format: Option<crate::endpoint::ImageFormat>,
     /// NBD connections per side (when the server allows multi-conn).
     pub connections: u32,
     /// Requests in flight per connection (`None`: [`REQUESTS_NEAR`] or
@@ -46,6 +50,9 @@ pub struct CopyOptions {
     pub read_retries: u32,
     /// Regions of the disk copied side by side ([`super::lanes`]).
     pub lanes: u32,
+    /// How long an NBD server may leave a connection attempt, the
+    /// handshake or a request unanswered before the copy fails.
+    pub io_timeout: Duration,
 }
 
 /// The result of a successful copy.
@@ -106,12 +113,22 @@ pub fn run(opts: &CopyOptions, progress: ProgressFn<'_>) -> Result<CopyReport, C
     if let Some(why) = why {
         tracing::warn!("{why}");
     }
-    let source = open_source(&opts.source, opts.connections)?;
+    if opts.io_timeout.is_zero() {
+        return Err(CopyError::Usage("--io-timeout must be more than 0".into()));
+    }
+    let source = open_source(
+        &opts.source,
+        opts.source_format,
+        opts.connections,
+        opts.io_timeout,
+    )?;
     let target = open_target(
         &opts.target,
+        opts.target_format,
         source.size_bytes,
         opts.connections,
         opts.write_mode,
+        opts.io_timeout,
     )?;
     tracing::info!(
         source = %source.display,
@@ -149,6 +166,7 @@ fn run_opened(
         spans: None,
         read_retries: opts.read_retries,
         lanes: opts.lanes,
+        io_timeout: opts.io_timeout,
     };
     let src_conn_count = conns_of(&source.access).unwrap_or(0);
     let dst_conn_count = conns_of(&target.access).unwrap_or(0);

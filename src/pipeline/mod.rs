@@ -6,6 +6,7 @@
 //! * [`worker`]: the pinned per-core state machine.
 //! * [`nbd_io`]: an NBD connection driven through an engine.
 //! * [`retry`]: bounded retries of source reads that failed.
+//! * [`silence`]: the NBD I/O timeout (a silent server fails the job).
 //! * [`exits`]: waking a control loop as soon as a group of threads stopped.
 //! * [`probe`]: deepening every worker's queue while that reads faster.
 //! * [`copy`]: the coordinator behind `diskferry copy`.
@@ -28,6 +29,7 @@ pub mod pool;
 pub mod probe;
 pub mod retry;
 pub mod run;
+pub mod silence;
 pub mod sink;
 pub mod stats;
 pub mod worker;

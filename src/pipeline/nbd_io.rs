@@ -2,9 +2,16 @@
 //! of encoded requests sent in batches with one `writev` in flight, and one
 //! `recv` in flight whose destination the sans-IO [`ClientConn`] chooses
 //! (its scratch area for headers, the caller's buffer for read payloads).
+//!
+//! Each connection has an [`IoWatch`] ([`super::silence`]): since when it
+//! has waited for a reply and heard nothing.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::silence::IoWatch;
 
 use crate::engine::iovec::IoVecs;
 use crate::engine::{Engine, Op};
@@ -42,13 +49,23 @@ pub struct NbdIo {
     pub dead: bool,
     /// Length asked of the recv in flight.
     recv_len: usize,
+    /// How long the server has been silent (see [`IoWatch`]).
+    pub watch: Arc<IoWatch>,
+    /// Timeout of the blocking requests at the end (flush, disconnect).
+    io_timeout: Duration,
 }
 
 /// Where a read payload must land: resolved by the worker from a cookie.
 pub type PayloadDest<'a> = &'a mut dyn FnMut(u64, u32, u32) -> Option<*mut u8>;
 
 impl NbdIo {
-    pub fn new(stream: NbdStream, info: ExportInfo) -> Box<Self> {
+    /// Take over a negotiated connection. The socket's own timeouts are
+    /// cleared: the engines' blocking calls must end only by completing
+    /// or by shutdown(2), and [`IoWatch`] times the server instead.
+    pub fn new(stream: NbdStream, info: ExportInfo, io_timeout: Duration) -> Box<Self> {
+        if let Err(e) = stream.set_io_timeout(None) {
+            tracing::debug!("clearing the NBD socket's timeouts: {e}");
+        }
         let fd = stream.as_raw_fd();
         let conn = ClientConn::new(&info);
         Box::new(Self {
@@ -64,6 +81,8 @@ impl NbdIo {
             recv_in_flight: false,
             dead: false,
             recv_len: 0,
+            watch: Arc::new(IoWatch::new()),
+            io_timeout,
         })
     }
 
@@ -202,6 +221,7 @@ impl NbdIo {
             .map_err(NbdError::Io)?;
         self.recv_in_flight = true;
         self.recv_len = len;
+        self.watch.waiting();
         Ok(())
     }
 
@@ -218,6 +238,7 @@ impl NbdIo {
         }
         let n = (result as usize).min(self.recv_len);
         let out = self.conn.advance(n, events);
+        self.watch.heard(self.conn.in_flight() > 0);
         if out.is_err() {
             self.kill();
         }
@@ -243,6 +264,8 @@ impl NbdIo {
     pub fn roundtrip_blocking(&mut self, cookie: u64, cmd: Cmd) -> Result<(), NbdError> {
         use std::io::{Read, Write};
         assert!(!self.send_in_flight && !self.recv_in_flight && self.queue.is_empty());
+        // No engine uses the socket now: blocking calls, bounded.
+        self.stream.set_io_timeout(Some(self.io_timeout))?;
         let mut header = [0u8; 28];
         self.conn.encode_request(cookie, cmd, &mut header)?;
         self.stream.write_all(&header)?;
@@ -254,7 +277,11 @@ impl NbdIo {
             match self.conn.recv_target() {
                 RecvTarget::Scratch { len } => {
                     let buf = &mut self.conn.scratch_mut()[..len];
-                    let n = self.stream.read(buf)?;
+                    let n = match self.stream.read(buf) {
+                        // A read with a timeout is not restarted after a signal.
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        other => other?,
+                    };
                     if n == 0 {
                         return Err(NbdError::Closed("while waiting for a reply"));
                     }

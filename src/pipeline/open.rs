@@ -2,13 +2,14 @@
 //! other image formats through a qemu-nbd child.
 
 use std::fs::File;
+use std::time::Duration;
 
 use super::CopyError;
 use super::maps::{BASE_ALLOCATION, ExtentList, FileMap, NbdMap};
 use super::plan::{AllData, ExtentMap};
 use crate::endpoint::file::RawFile;
 use crate::endpoint::qemu::{self, QemuNbdChild};
-use crate::endpoint::{EndpointError, FileKind, Role, Spec, parse_spec};
+use crate::endpoint::{EndpointError, FileKind, ImageFormat, Role, Spec, parse_spec};
 use crate::nbd::blocking::Client;
 use crate::nbd::handshake::{ExportInfo, negotiate};
 use crate::nbd::uri::{NbdStream, NbdUri};
@@ -83,9 +84,13 @@ fn connect_err(uri: &NbdUri, e: std::io::Error) -> CopyError {
     )))
 }
 
-fn connect(uri: &NbdUri, meta: &[&str]) -> Result<NbdConnection, CopyError> {
+/// Connect and negotiate; the stream keeps `io_timeout` as its blocking
+/// read and write timeout (see [`NbdUri::connect_timeout`]).
+fn connect(uri: &NbdUri, meta: &[&str], io_timeout: Duration) -> Result<NbdConnection, CopyError> {
     check_plain(uri)?;
-    let mut stream = uri.connect().map_err(|e| connect_err(uri, e))?;
+    let mut stream = uri
+        .connect_timeout(io_timeout)
+        .map_err(|e| connect_err(uri, e))?;
     let info = negotiate(&mut stream, &uri.export, meta).map_err(|e| nbd_err(uri, e))?;
     Ok((stream, info))
 }
@@ -97,6 +102,7 @@ fn more_connections(
     first: NbdConnection,
     n: u32,
     meta: &[&str],
+    io_timeout: Duration,
 ) -> Result<Vec<NbdConnection>, CopyError> {
     let multi = first.1.can_multi_conn();
     let mut conns = vec![first];
@@ -107,15 +113,22 @@ fn more_connections(
         );
     }
     while multi && (conns.len() as u32) < n {
-        conns.push(connect(uri, meta)?);
+        conns.push(connect(uri, meta, io_timeout)?);
     }
     Ok(conns)
 }
 
-/// Open the source `arg` with `connections` NBD connections where it is an
-/// NBD export, and map its allocation.
-pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
-    let spec = parse_spec(arg, Role::Source)?;
+/// Open the source `arg` (a file in `format`, if named: see
+/// [`parse_spec`]) with `connections` NBD connections where it is an NBD
+/// export, and map its allocation. A server silent for `io_timeout`
+/// (connecting, negotiating, mapping) fails the open.
+pub fn open_source(
+    arg: &str,
+    format: Option<ImageFormat>,
+    connections: u32,
+    io_timeout: Duration,
+) -> Result<Source, CopyError> {
+    let spec = parse_spec(arg, Role::Source, format)?;
     let (uri, child) = match spec {
         Spec::Raw(path) => {
             let raw = RawFile::open_source(&path)?;
@@ -147,7 +160,9 @@ pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
         }
     };
     check_plain(&uri)?;
-    let stream = uri.connect().map_err(|e| connect_err(&uri, e))?;
+    let stream = uri
+        .connect_timeout(io_timeout)
+        .map_err(|e| connect_err(&uri, e))?;
     let mut client =
         Client::connect(stream, &uri.export, &[BASE_ALLOCATION]).map_err(|e| nbd_err(&uri, e))?;
     let info = client.info().clone();
@@ -166,7 +181,7 @@ pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
         ExtentList::collect(&mut AllData as &mut dyn ExtentMap, size_bytes)?
     };
     let first = (client.into_parts().0, info);
-    let conns = more_connections(&uri, first, connections, &[BASE_ALLOCATION])?;
+    let conns = more_connections(&uri, first, connections, &[BASE_ALLOCATION], io_timeout)?;
     Ok(Source {
         display: arg.to_string(),
         size_bytes,
@@ -177,14 +192,16 @@ pub fn open_source(arg: &str, connections: u32) -> Result<Source, CopyError> {
 }
 
 /// Open (creating or sizing where that is what a user means) the target
-/// `arg` for a source of `source_bytes`.
+/// `arg` (a file in `format`, if named) for a source of `source_bytes`.
 pub fn open_target(
     arg: &str,
+    format: Option<ImageFormat>,
     source_bytes: u64,
     connections: u32,
     write_mode: WriteMode,
+    io_timeout: Duration,
 ) -> Result<Target, CopyError> {
-    let spec = parse_spec(arg, Role::Target)?;
+    let spec = parse_spec(arg, Role::Target, format)?;
     let (uri, child) = match spec {
         Spec::Raw(path) => {
             let (raw, fresh_zero) = RawFile::open_target(&path, source_bytes)?;
@@ -222,7 +239,7 @@ pub fn open_target(
             (child.uri(), Some(child))
         }
     };
-    let first = connect(&uri, &[])?;
+    let first = connect(&uri, &[], io_timeout)?;
     let info = &first.1;
     if info.read_only() {
         return Err(CopyError::Usage(format!(
@@ -238,7 +255,7 @@ pub fn open_target(
         .into());
     }
     let size_bytes = info.size_bytes;
-    let conns = more_connections(&uri, first, connections, &[])?;
+    let conns = more_connections(&uri, first, connections, &[], io_timeout)?;
     Ok(Target {
         display: arg.to_string(),
         size_bytes,

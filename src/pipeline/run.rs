@@ -11,13 +11,15 @@ use std::time::{Duration, Instant};
 use super::exits::Exits;
 use super::lanes::plan_lanes;
 use super::maps::ExtentList;
+use super::nbd_io::NbdIo;
 use super::open::{Access, NbdConnection};
 use super::plan::Work;
 use super::pool::BufferPool;
+use super::silence::{SilenceWatch, watch_all};
 use super::sink::Sink;
 use super::stats::{Snapshot, Stats};
 use super::worker::{DstIo, SinkIo, SrcIo, Worker, WorkerConfig};
-use super::{CopyError, Shared, nbd_io::NbdIo, zero};
+use super::{CopyError, Shared, zero};
 use crate::engine::{self, EngineKind};
 
 /// Smallest work queue (items).
@@ -25,6 +27,10 @@ const QUEUE_ITEMS_MIN: usize = 4096;
 
 /// How often control loops wake up.
 pub const TICK: Duration = Duration::from_millis(10);
+
+/// How long an NBD server may leave a connection, its handshake or a
+/// request unanswered (`--io-timeout`'s default).
+pub const IO_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 
 /// Sizing of a pipeline.
 #[derive(Debug, Clone)]
@@ -44,6 +50,9 @@ pub struct PipelineConfig {
     /// Regions of the disk planned side by side ([`super::lanes`]); 1 plans
     /// in ascending order.
     pub lanes: u32,
+    /// An NBD connection waiting this long for its server without a byte
+    /// back fails the job ([`Pipeline::tick`]).
+    pub io_timeout: Duration,
 }
 
 /// Requests in flight per connection: how deep the source's queue is, and
@@ -176,6 +185,8 @@ pub struct Pipeline {
     exits: Arc<Exits>,
     planner: JoinHandle<()>,
     emergency: Vec<crate::nbd::uri::NbdStream>,
+    /// Every NBD connection's silence, watched against the I/O timeout.
+    silence: SilenceWatch,
     doorbells: Vec<UnixStream>,
     sink: Option<Arc<Sink>>,
     keep: Keep,
@@ -271,12 +282,31 @@ impl Pipeline {
             .store(true, std::sync::atomic::Ordering::Relaxed);
 
         let mut emergency = socket_clones(&src_access);
-        let (src_ios, src_file) = split_src(src_access, workers);
+        let (src_ios, src_file) = split_src(src_access, workers, cfg.io_timeout);
+        let mut watched = watch_all(
+            src_ios
+                .iter()
+                .flat_map(|s| match s {
+                    SrcIo::Nbd(conns) => conns.as_slice(),
+                    SrcIo::File { .. } => &[],
+                })
+                .map(|c| &**c),
+            true,
+        );
         let mut doorbells = Vec::new();
         let (dst_ios, dst_files, fresh_zero, sink) = match dst {
             DstPlan::Access { access, fresh_zero } => {
                 emergency.extend(socket_clones(&access));
-                let (ios, files) = split_dst(access, fresh_zero, workers);
+                let (ios, files) = split_dst(access, fresh_zero, workers, cfg.io_timeout);
+                watched.extend(watch_all(
+                    ios.iter()
+                        .flat_map(|d| match d {
+                            DstIo::Nbd(conns) => conns.as_slice(),
+                            DstIo::File { .. } | DstIo::Sink(_) => &[],
+                        })
+                        .map(|c| &**c),
+                    false,
+                ));
                 (ios, files, fresh_zero, None)
             }
             DstPlan::Sink {
@@ -374,6 +404,7 @@ impl Pipeline {
             exits,
             planner,
             emergency,
+            silence: SilenceWatch::new(watched, cfg.io_timeout),
             doorbells,
             sink,
             keep: Keep {
@@ -410,9 +441,12 @@ impl Pipeline {
         self.exits.wait_all(timeout)
     }
 
-    /// Call from the control loop: cuts off workers that cannot drain
-    /// within [`DRAIN_TIMEOUT`] after a failure.
+    /// Call from the control loop: fails the job and cuts off a
+    /// connection whose server has been silent for the I/O timeout, and
+    /// cuts off workers that cannot drain within [`DRAIN_TIMEOUT`] after a
+    /// failure.
     pub fn tick(&mut self) {
+        self.silence.check(&self.shared);
         if self.shared.aborted() {
             let seen = *self.abort_seen.get_or_insert_with(Instant::now);
             if seen.elapsed() > DRAIN_TIMEOUT {
@@ -538,10 +572,14 @@ fn socket_clones(access: &Access) -> Vec<crate::nbd::uri::NbdStream> {
 
 // Boxed so a connection never moves while the kernel holds pointers into it.
 #[allow(clippy::vec_box)]
-fn distribute(conns: Vec<NbdConnection>, workers: usize) -> Vec<Vec<Box<NbdIo>>> {
+fn distribute(
+    conns: Vec<NbdConnection>,
+    workers: usize,
+    io_timeout: Duration,
+) -> Vec<Vec<Box<NbdIo>>> {
     let mut out: Vec<Vec<Box<NbdIo>>> = (0..workers).map(|_| Vec::new()).collect();
     for (i, (stream, info)) in conns.into_iter().enumerate() {
-        out[i % workers].push(NbdIo::new(stream, info));
+        out[i % workers].push(NbdIo::new(stream, info, io_timeout));
     }
     out
 }
@@ -549,7 +587,11 @@ fn distribute(conns: Vec<NbdConnection>, workers: usize) -> Vec<Vec<Box<NbdIo>>>
 /// Give each worker its view of the source. Files stay owned by the
 /// coordinator (workers get the raw fd, valid until the file is dropped
 /// after every worker has been joined); NBD connections move to workers.
-fn split_src(access: Access, workers: usize) -> (Vec<SrcIo>, Option<std::fs::File>) {
+fn split_src(
+    access: Access,
+    workers: usize,
+    io_timeout: Duration,
+) -> (Vec<SrcIo>, Option<std::fs::File>) {
     match access {
         Access::File { file, .. } => (
             (0..workers)
@@ -560,7 +602,7 @@ fn split_src(access: Access, workers: usize) -> (Vec<SrcIo>, Option<std::fs::Fil
             Some(file),
         ),
         Access::Nbd { conns } => (
-            distribute(conns, workers)
+            distribute(conns, workers, io_timeout)
                 .into_iter()
                 .map(SrcIo::Nbd)
                 .collect(),
@@ -571,7 +613,12 @@ fn split_src(access: Access, workers: usize) -> (Vec<SrcIo>, Option<std::fs::Fil
 
 /// Like [`split_src`]; the O_DIRECT descriptor (if any) is kept alive with
 /// the file and synced with it.
-fn split_dst(access: Access, fresh_zero: bool, workers: usize) -> (Vec<DstIo>, Option<DstFiles>) {
+fn split_dst(
+    access: Access,
+    fresh_zero: bool,
+    workers: usize,
+    io_timeout: Duration,
+) -> (Vec<DstIo>, Option<DstFiles>) {
     match access {
         Access::File { file, direct, .. } => {
             let fd = file.as_raw_fd();
@@ -586,7 +633,7 @@ fn split_dst(access: Access, fresh_zero: bool, workers: usize) -> (Vec<DstIo>, O
             (ios, Some(DstFiles { file, direct }))
         }
         Access::Nbd { conns } => (
-            distribute(conns, workers)
+            distribute(conns, workers, io_timeout)
                 .into_iter()
                 .map(DstIo::Nbd)
                 .collect(),

@@ -5,15 +5,17 @@
 //! Sender: [`send`] the coordinator and per-stream sender threads,
 //! [`stream`] one TLS / TCP stream and frame I/O.
 //! Receiver: [`serve`] accept loop and options, `conn` one stream's
-//! protocol driver, `unpack` its DATA checks and decompression, `written` its written ranges and their flushes,
-//! `verify` the read-back pass, `job` jobs and their registry, `target`
-//! target names, opening and I/O, `ranges` merged byte-range sets,
-//! [`limits`] the caps on peers, `transport` the TLS / TCP byte stream.
+//! protocol driver, `unpack` its DATA checks and decompression, `written` its
+//! written ranges and their flushes, `verify` the read-back pass, `job` jobs,
+//! `registry` the jobs in progress and their targets, `target` target names,
+//! opening and I/O, `ranges` merged byte-range sets, [`limits`] the caps on
+//! peers, `transport` the TLS / TCP byte stream.
 
 mod conn;
 mod job;
 pub mod limits;
 mod ranges;
+mod registry;
 pub mod send;
 pub mod serve;
 mod source;

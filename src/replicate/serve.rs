@@ -26,6 +26,8 @@ use tracing::{debug, info, warn};
 use super::conn::{ConnContext, serve_connection};
 use super::job::{JournalPolicy, Registry};
 use super::limits::{HandshakeGate, HandshakeSlot, PeerLimits, RateLimitedLog};
+pub use super::target::TARGET_MODE_DEFAULT;
+use super::target::Targets;
 use super::transport::{POLL_INTERVAL_MS, Transport, is_timeout};
 use crate::journal::JournalStore;
 use crate::net::{self, NetError, Role, SocketTuning, TlsDir, TlsError};
@@ -70,6 +72,9 @@ pub struct ServeOptions {
     pub allow: Vec<(String, PathBuf)>,
     /// Caps on what one peer may hold (handshakes per address, ranges per job).
     pub limits: PeerLimits,
+    /// Permission bits of the target files the receiver creates (default
+    /// [`TARGET_MODE_DEFAULT`], 0600).
+    pub target_mode: u32,
 }
 
 /// Why the receiver cannot start.
@@ -100,6 +105,10 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    #[error("{0}")]
+    StateDirUnsafe(#[source] crate::journal::JournalError),
+    #[error("target mode {mode:o} is not permission bits (0 to 0777, e.g. 0640)")]
+    BadTargetMode { mode: u32 },
     #[error("--allow {name}={}: {why}", path.display())]
     BadAllow {
         name: String,
@@ -145,24 +154,41 @@ impl Server {
             });
         }
         check_allow(&opts.allow)?;
+        if opts.target_mode > 0o777 {
+            return Err(ServeError::BadTargetMode {
+                mode: opts.target_mode,
+            });
+        }
         let state_dir = opts
             .state_dir
             .clone()
             .unwrap_or_else(|| root.join(DEFAULT_STATE_DIR));
-        let state_err = |e: crate::journal::JournalError| ServeError::StateDir {
-            path: state_dir.clone(),
-            source: io::Error::other(e.to_string()),
+        let uid = effective_uid();
+        let state_err = |e: crate::journal::JournalError| match e {
+            crate::journal::JournalError::Io { .. } => ServeError::StateDir {
+                path: state_dir.clone(),
+                source: io::Error::other(e.to_string()),
+            },
+            other => ServeError::StateDirUnsafe(other),
         };
-        // Created first, then named canonically so that a target path can
-        // be checked against it.
-        JournalStore::open(&state_dir).map_err(state_err)?;
+        // Created and checked first (as named: a symbolic link is
+        // refused), then named canonically so that a target path can be
+        // checked against it.
+        JournalStore::open_checked(&state_dir, uid).map_err(state_err)?;
         let canonical = state_dir
             .canonicalize()
             .map_err(|source| ServeError::StateDir {
                 path: state_dir.clone(),
                 source,
             })?;
-        let store = JournalStore::open(&canonical).map_err(state_err)?;
+        let store = JournalStore::open_checked(&canonical, uid).map_err(state_err)?;
+        let targets =
+            Targets::new(root, opts.allow, opts.target_mode, canonical).map_err(|source| {
+                ServeError::TargetRoot {
+                    path: opts.target_root.clone(),
+                    source,
+                }
+            })?;
         let journals = JournalPolicy {
             store,
             interval: opts.checkpoint_interval,
@@ -181,7 +207,7 @@ impl Server {
             listener,
             local_addr,
             tls,
-            registry: Arc::new(Registry::new(root, opts.allow, journals)),
+            registry: Arc::new(Registry::new(targets, journals)),
             tuning,
             limits: opts.limits,
         })
@@ -326,6 +352,13 @@ type Sockets = HashMap<u64, (TcpStream, bool)>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The receiver's effective uid (the owner its state directory must have).
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) takes no arguments, touches no memory and cannot
+    // fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Joins threads that have ended.

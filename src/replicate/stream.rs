@@ -224,7 +224,12 @@ pub fn read_frame(r: &mut impl Read, dec: &mut FrameDecoder) -> Result<Frame, St
                 "decoder wants no bytes but has no frame".into(),
             ));
         }
-        let n = r.read(buf)?;
+        // A read with a timeout returns EINTR (instead of restarting)
+        // when the thread is interrupted: read again.
+        let n = match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
         if n == 0 {
             return Err(StreamError::Closed);
         }
@@ -248,10 +253,58 @@ pub fn write_frame(
 /// unexpected into [`StreamError::Unexpected`].
 pub fn unexpected(f: Frame) -> StreamError {
     match f {
-        Frame::Error(e) => StreamError::Refused {
-            code: e.code,
-            message: e.message,
-        },
+        Frame::Error(e) => refused(e),
         other => StreamError::Unexpected(format!("{:?}", other.frame_type())),
+    }
+}
+
+/// An ERROR frame from the receiver as a refusal, its text made
+/// [`printable`]: every message a peer sends reaches the sender's
+/// terminal and log only through here.
+pub fn refused(e: crate::wire::ErrorFrame) -> StreamError {
+    StreamError::Refused {
+        code: e.code,
+        message: printable(&e.message),
+    }
+}
+
+/// Text a peer sent, safe to print or log: every control character (C0
+/// including newline and tab, DEL, C1) becomes U+FFFD, so a peer cannot
+/// move the cursor, rewrite the screen or forge log lines. Everything else
+/// is kept as it is.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_replaces_every_control_character() {
+        let hostile = "refused\x1b[2J\x1b]0;owned\x07\r\nWARN fake\tline\x7f\u{85}\u{9b}31m";
+        let shown = printable(hostile);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert_eq!(
+            shown,
+            "refused\u{FFFD}[2J\u{FFFD}]0;owned\u{FFFD}\u{FFFD}\u{FFFD}WARN fake\u{FFFD}line\
+             \u{FFFD}\u{FFFD}\u{FFFD}31m"
+        );
+        let plain = "target \"vm1/disk.img\" — déjà vu ✓";
+        assert_eq!(printable(plain), plain);
+    }
+
+    #[test]
+    fn refusals_from_the_receiver_are_made_printable() {
+        let frame = crate::wire::ErrorFrame {
+            code: crate::wire::ErrorCode::TargetNotAllowed,
+            message: "no\x1b[1Away".into(),
+        };
+        match unexpected(Frame::Error(frame)) {
+            StreamError::Refused { message, .. } => assert_eq!(message, "no\u{FFFD}[1Away"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -8,7 +8,6 @@
 //! most one pass reads a target at a time ([`VerifyingTargets`]).
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
@@ -16,6 +15,7 @@ use std::time::Instant;
 use tracing::info;
 
 use super::job::{Job, Refusal};
+use super::target::TargetKey;
 use crate::wire::{ErrorCode, ImageDigestStream, WireError};
 
 /// Bytes read from the target at a time.
@@ -32,24 +32,24 @@ pub(super) enum VerifyError {
 
 /// Targets a verify pass is reading now.
 #[derive(Debug, Default)]
-pub struct VerifyingTargets(Mutex<HashSet<PathBuf>>);
+pub struct VerifyingTargets(Mutex<HashSet<TargetKey>>);
 
 /// A target's place in [`VerifyingTargets`]; freed when dropped.
 struct Reading<'a> {
     set: &'a VerifyingTargets,
-    path: PathBuf,
+    key: TargetKey,
 }
 
 impl VerifyingTargets {
-    fn lock(&self) -> MutexGuard<'_, HashSet<PathBuf>> {
+    fn lock(&self) -> MutexGuard<'_, HashSet<TargetKey>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The target at `path` (named `name` to the peer) is read from now
+    /// The target `key` (named `name` to the peer) is read from now
     /// until the returned guard is dropped; refused while another pass
     /// reads it.
-    fn start(&self, path: &Path, name: &str) -> Result<Reading<'_>, Refusal> {
-        if !self.lock().insert(path.to_path_buf()) {
+    fn start(&self, key: TargetKey, name: &str) -> Result<Reading<'_>, Refusal> {
+        if !self.lock().insert(key) {
             return Err(Refusal::new(
                 ErrorCode::Busy,
                 format!(
@@ -59,14 +59,14 @@ impl VerifyingTargets {
         }
         Ok(Reading {
             set: self,
-            path: path.to_path_buf(),
+            key,
         })
     }
 }
 
 impl Drop for Reading<'_> {
     fn drop(&mut self) {
-        self.set.lock().remove(&self.path);
+        self.set.lock().remove(&self.key);
     }
 }
 
@@ -87,7 +87,7 @@ pub(super) fn read_back(
         )
     })?;
     let _reading = verifying
-        .start(job.target.path(), &job.target_name)
+        .start(job.target.key(), &job.target_name)
         .map_err(VerifyError::Refused)?;
     let target_io = |what: &str, e: std::io::Error| {
         refuse(
@@ -145,12 +145,12 @@ mod tests {
     #[test]
     fn one_pass_per_target_at_a_time() {
         let set = VerifyingTargets::default();
-        let a = Path::new("/srv/a.img");
+        let a = TargetKey::File { dev: 1, ino: 7 };
         let first = set.start(a, "a.img").unwrap();
         let busy = set.start(a, "a.img").err().unwrap();
         assert_eq!(busy.code, ErrorCode::Busy);
         assert!(busy.message.contains("\"a.img\""), "{}", busy.message);
-        let _other = set.start(Path::new("/srv/b.img"), "b.img").unwrap();
+        let _other = set.start(TargetKey::File { dev: 1, ino: 8 }, "b.img").unwrap();
         drop(first);
         set.start(a, "a.img")
             .expect("free again once the pass ended");

@@ -64,7 +64,7 @@ fn arb_hello() -> impl Strategy<Value = Frame> {
         1u32..=MAX_CHUNK_BYTES,
         any::<u32>(),
         streams,
-        0u32..=1,
+        0u32..=HelloFlags::KNOWN.0,
         arb_string(),
         arb_string(),
     )

@@ -578,3 +578,11 @@ fn full_size_zero_window_matches_hashing_zeros() {
     b.set_window(0, chunk_digest(&zeros)).unwrap();
     assert_eq!(a.finish().unwrap(), b.finish().unwrap());
 }
+
+#[test]
+fn hello_flags_know_restart_and_overwrite_only() {
+    assert!(HelloFlags(HelloFlags::RESTART.0 | HelloFlags::OVERWRITE.0).restart());
+    assert!(HelloFlags::OVERWRITE.overwrite() && !HelloFlags::OVERWRITE.restart());
+    assert!(HelloFlags::check(HelloFlags::KNOWN.0).is_ok());
+    assert!(HelloFlags::check(1 << 2).is_err());
+}

@@ -53,6 +53,7 @@ impl Harness {
             insecure_plaintext: plaintext,
             allow: Vec::new(),
             limits: Default::default(),
+            target_mode: diskferry::replicate::serve::TARGET_MODE_DEFAULT,
         };
         adjust(&mut opts);
         let server = Server::bind(opts).unwrap();

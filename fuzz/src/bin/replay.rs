@@ -3,7 +3,9 @@
 //! `replay TARGET [SECONDS]` runs TARGET over every file of
 //! `fuzz/corpus/TARGET/`, then over random mutations of those files (bit
 //! flips, interesting bytes, truncation, insertion, splicing) until SECONDS
-//! (default 10) have passed. `replay TARGET FILE...` runs only the given
+//! (default 10) have passed. `replay TARGET --runs N` stops after N
+//! executions instead (corpus included), so a seeded run is the same run on
+//! any machine (scripts/test uses it). `replay TARGET FILE...` runs only the given
 //! files (to reproduce a crash). A panicking input is written to
 //! `fuzz/artifacts/TARGET/crash-<hash>` and the exit code is 1.
 //! `FUZZ_SEED` fixes the random seed (printed on every run).
@@ -25,6 +27,24 @@ const MAX_STACKED_MUTATIONS: u64 = 8;
 /// Longest run accepted on the command line.
 const MAX_RUN_SECONDS: u64 = 24 * 3600;
 
+/// When a fuzzing run stops.
+#[derive(Clone, Copy)]
+enum Budget {
+    /// After this much time.
+    Time(Duration),
+    /// After this many executions (corpus replay included).
+    Runs(u64),
+}
+
+impl Budget {
+    fn spent(self, start: Instant, executions: u64) -> bool {
+        match self {
+            Budget::Time(d) => start.elapsed() >= d,
+            Budget::Runs(n) => executions >= n,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let Some(name) = args.first() else {
@@ -40,18 +60,25 @@ fn main() -> ExitCode {
         let files: Vec<PathBuf> = rest.iter().map(PathBuf::from).collect();
         return replay_files(name, run, &files, fuzz_dir);
     }
-    let seconds = match rest.first().map(|s| s.parse::<u64>()) {
-        None => 10,
-        Some(Ok(s)) if s <= MAX_RUN_SECONDS => s,
-        Some(_) => return usage(),
+    let budget = match rest {
+        [] => Budget::Time(Duration::from_secs(10)),
+        [flag, n] if flag == "--runs" => match n.parse::<u64>() {
+            Ok(n) if n > 0 => Budget::Runs(n),
+            _ => return usage(),
+        },
+        [s] => match s.parse::<u64>() {
+            Ok(s) if s <= MAX_RUN_SECONDS => Budget::Time(Duration::from_secs(s)),
+            _ => return usage(),
+        },
+        _ => return usage(),
     };
-    fuzz(name, run, fuzz_dir, Duration::from_secs(seconds))
+    fuzz(name, run, fuzz_dir, budget)
 }
 
 fn usage() -> ExitCode {
     let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
     eprintln!(
-        "usage: replay TARGET [SECONDS] | replay TARGET FILE...\ntargets: {}",
+        "usage: replay TARGET [SECONDS] | replay TARGET --runs N | replay TARGET FILE...\ntargets: {}",
         names.join(", ")
     );
     ExitCode::from(2)
@@ -75,16 +102,19 @@ fn replay_files(name: &str, run: Target, files: &[PathBuf], fuzz_dir: &Path) -> 
     ExitCode::SUCCESS
 }
 
-fn fuzz(name: &str, run: Target, fuzz_dir: &Path, budget: Duration) -> ExitCode {
+fn fuzz(name: &str, run: Target, fuzz_dir: &Path, budget: Budget) -> ExitCode {
     let corpus = load_corpus(&fuzz_dir.join("corpus").join(name));
     let seed = env::var("FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(time_seed);
+    let limit = match budget {
+        Budget::Time(d) => format!("{} s", d.as_secs()),
+        Budget::Runs(n) => format!("{n} runs"),
+    };
     println!(
-        "{name}: {} corpus files, seed {seed}, {} s",
-        corpus.len(),
-        budget.as_secs()
+        "{name}: {} corpus files, seed {seed}, {limit}",
+        corpus.len()
     );
     let mut rng = Rng(seed | 1);
     let start = Instant::now();
@@ -96,7 +126,7 @@ fn fuzz(name: &str, run: Target, fuzz_dir: &Path, budget: Duration) -> ExitCode 
             return ExitCode::FAILURE;
         }
     }
-    while start.elapsed() < budget {
+    while !budget.spent(start, executions) {
         let input = mutate(&corpus, &mut rng);
         executions += 1;
         if !survives(run, &input) {

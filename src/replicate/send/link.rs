@@ -225,10 +225,7 @@ pub(super) fn explain(e: StreamError, c: &mut Conn) -> Broken {
     if matches!(e, StreamError::Io(_)) {
         let _ = c.stream.set_read_timeout(Some(Duration::from_millis(500)));
         if let Ok(Frame::Error(f)) = read_frame(&mut c.stream, &mut c.dec) {
-            return classify(StreamError::Refused {
-                code: f.code,
-                message: f.message,
-            });
+            return classify(refused(f));
         }
     }
     classify(e)

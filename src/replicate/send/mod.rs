@@ -28,7 +28,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -50,9 +50,12 @@ use crate::wire::{
     ImageDigest,
 };
 
-use super::stream::{Dialer, Stream, StreamError, read_frame, unexpected, write_frame};
+use super::stream::{
+    Dialer, Stream, StreamError, printable, read_frame, refused, unexpected, write_frame,
+};
 use crate::net::socket::TuningReport;
 
+mod hooks;
 mod link;
 mod sender;
 
@@ -100,6 +103,8 @@ const MAX_STUCK_ROUNDS: u32 = 5;
 #[derive(Debug, Clone)]
 pub struct SendOptions {
     pub source: String,
+    /// The source file's format (`None`: its extension's, else raw).
+    pub source_format: Option<crate::endpoint::ImageFormat>,
     /// `HOST:PORT` of the receiver.
     pub to: String,
     /// Target name on the receiver.
@@ -121,6 +126,9 @@ pub struct SendOptions {
     pub engine: Option<EngineKind>,
     /// Discard the receiver's journal for this target and copy everything.
     pub restart: bool,
+    /// Let a fresh copy replace an existing, non-empty target file the
+    /// receiver has no journal for (HELLO flag `OVERWRITE`).
+    pub overwrite: bool,
     /// A stream with no progress for this long is reconnected.
     pub stall_timeout: Duration,
     /// How long to keep reconnecting before stopping (resumable).
@@ -129,6 +137,9 @@ pub struct SendOptions {
     pub source_id: Option<String>,
     /// Regions of the disk read side by side ([`crate::pipeline::lanes`]).
     pub lanes: u32,
+    /// How long an NBD source may leave a connection attempt, the
+    /// handshake or a request unanswered before the job fails.
+    pub io_timeout: Duration,
 }
 
 impl SendOptions {
@@ -136,6 +147,7 @@ impl SendOptions {
     pub fn new(source: &str, to: &str, target: &str) -> Self {
         SendOptions {
             source: source.to_string(),
+            source_format: None,
             to: to.to_string(),
             target: target.to_string(),
             tls_dir: None,
@@ -150,10 +162,12 @@ impl SendOptions {
             threads: None,
             engine: None,
             restart: false,
+            overwrite: false,
             stall_timeout: Duration::from_secs(30),
             retry_for: Duration::from_secs(600),
             source_id: None,
             lanes: crate::pipeline::lanes::LANES_DEFAULT,
+            io_timeout: crate::pipeline::run::IO_TIMEOUT_DEFAULT,
         }
     }
 }
@@ -316,21 +330,20 @@ enum Broken {
     Fatal(CopyError),
 }
 
-fn fail_msg(e: impl std::fmt::Display) -> CopyError {
-    CopyError::TargetWrite(format!("(replication): {e}"))
+/// The HELLO flags `opts` ask for.
+fn hello_flags(opts: &SendOptions) -> HelloFlags {
+    let mut bits = 0;
+    if opts.restart {
+        bits |= HelloFlags::RESTART.0;
+    }
+    if opts.overwrite {
+        bits |= HelloFlags::OVERWRITE.0;
+    }
+    HelloFlags(bits)
 }
 
-/// Test hook: `DISKFERRY_TEST_CORRUPT_CHUNK=N` flips a bit in the N-th
-/// DATA payload (counted from 1) after its digest was taken and before it
-/// is sealed, as memory corruption would. The receiver's digest check
-/// must catch it.
-fn corrupt_chunk_at() -> Option<u64> {
-    static AT: OnceLock<Option<u64>> = OnceLock::new();
-    *AT.get_or_init(|| {
-        std::env::var("DISKFERRY_TEST_CORRUPT_CHUNK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    })
+fn fail_msg(e: impl std::fmt::Display) -> CopyError {
+    CopyError::TargetWrite(format!("(replication): {e}"))
 }
 
 /// Run a send to completion (every byte durable on the receiver) or to
@@ -340,10 +353,27 @@ pub fn run(
     progress: &mut dyn FnMut(&Snapshot, Duration),
 ) -> Result<SendReport, CopyError> {
     let started = Instant::now();
-    if opts.tls_dir.is_none() && !opts.insecure_plaintext {
-        return Err(CopyError::Usage(
-            "--tls-dir is required (or --insecure-plaintext on both sides)".into(),
-        ));
+    hooks::announce();
+    match (&opts.tls_dir, opts.insecure_plaintext) {
+        (None, false) => {
+            return Err(CopyError::Usage(
+                "--tls-dir is required (or --insecure-plaintext on both sides)".into(),
+            ));
+        }
+        (Some(_), true) => {
+            return Err(CopyError::Usage(
+                "both --tls-dir and --insecure-plaintext given: choose one (TLS unless the network is trusted)"
+                    .into(),
+            ));
+        }
+        (None, true) => warn!(
+            "--insecure-plaintext: sending without TLS; anyone on the network can read or alter \
+             the disk on its way. Use --tls-dir unless the network is trusted"
+        ),
+        (Some(_), false) => {}
+    }
+    if opts.io_timeout.is_zero() {
+        return Err(CopyError::Usage("--io-timeout must be more than 0".into()));
     }
     if opts.streams == 0 || opts.streams > u32::from(wire::MAX_STREAMS) {
         return Err(CopyError::Usage(format!(
@@ -359,7 +389,12 @@ pub fn run(
     let tuning = SocketTuning::default();
     let dialer =
         Dialer::new(&opts.to, opts.tls_dir.as_deref(), tuning).map_err(CopyError::Usage)?;
-    let mut source = open_source(&opts.source, opts.connections)?;
+    let mut source = open_source(
+        &opts.source,
+        opts.source_format,
+        opts.connections,
+        opts.io_timeout,
+    )?;
     debug!(elapsed = ?started.elapsed(), "source open and mapped");
     let size_bytes = source.size_bytes;
     let identity = match &opts.source_id {
@@ -393,11 +428,7 @@ pub fn run(
             ),
             stream_index: 0,
             stream_count: opts.streams as u16,
-            flags: HelloFlags(if opts.restart {
-                HelloFlags::RESTART.0
-            } else {
-                0
-            }),
+            flags: hello_flags(opts),
             target: opts.target.clone(),
             source_identity: identity.clone(),
         },
@@ -468,7 +499,12 @@ pub fn run(
         let spans = whole_windows(&missing, size_bytes, opts.chunk_bytes);
         let src = match source.take() {
             Some(s) => s,
-            None => open_source(&opts.source, opts.connections)?,
+            None => open_source(
+                &opts.source,
+                opts.source_format,
+                opts.connections,
+                opts.io_timeout,
+            )?,
         };
         let covered_before = job.covered();
         rounds += 1;
@@ -488,6 +524,7 @@ pub fn run(
             spans: (covered_before > 0).then_some(spans),
             read_retries: crate::pipeline::retry::READ_RETRIES_DEFAULT,
             lanes: opts.lanes,
+            io_timeout: opts.io_timeout,
         };
         let child = src.child;
         let mut pipe = Pipeline::start(
@@ -661,7 +698,7 @@ fn verify_target(
     if img.missing_windows() > 0 {
         let mut src = match source.take() {
             Some(s) => s,
-            None => open_source(&opts.source, 1)?,
+            None => open_source(&opts.source, opts.source_format, 1, opts.io_timeout)?,
         };
         let read = super::source::digest_missing_windows(&mut src, &mut img)?;
         debug!(read, "digested the windows the receiver already had");
@@ -726,7 +763,8 @@ fn say_done(conns: &mut [Conn]) -> Result<(), CopyError> {
                 Ok(Frame::Error(e)) => {
                     return Err(fail_msg(format!(
                         "the receiver refused DONE: {:?}: {}",
-                        e.code, e.message
+                        e.code,
+                        printable(&e.message)
                     )));
                 }
                 Ok(other) => return Err(fail_msg(unexpected(other))),

@@ -2,6 +2,7 @@
 //! framing and compressing them, asking for barriers and reading the
 //! receiver's replies.
 
+use super::hooks::corrupt_chunk_at;
 use super::link::{classify, explain};
 use super::*;
 
@@ -443,10 +444,7 @@ pub(super) fn handle_reply(ctx: &SenderCtx, c: &mut Conn, frame: Frame) -> Resul
             Ok(())
         }
         Frame::Pong { .. } => Ok(()),
-        Frame::Error(e) => Err(classify(StreamError::Refused {
-            code: e.code,
-            message: e.message,
-        })),
+        Frame::Error(e) => Err(classify(refused(e))),
         other => Err(classify(unexpected(other))),
     }
 }

@@ -74,12 +74,20 @@ pub struct HelloFlags(pub u32);
 impl HelloFlags {
     /// Discard any journal for this job and start over.
     pub const RESTART: HelloFlags = HelloFlags(1 << 0);
+    /// A fresh job may replace an existing, non-empty target file that no
+    /// journal of the receiver describes.
+    pub const OVERWRITE: HelloFlags = HelloFlags(1 << 1);
     /// Every bit this build knows.
-    pub const KNOWN: HelloFlags = HelloFlags(1);
+    pub const KNOWN: HelloFlags = HelloFlags(Self::RESTART.0 | Self::OVERWRITE.0);
 
     /// Whether `RESTART` is set.
     pub fn restart(self) -> bool {
         self.0 & Self::RESTART.0 != 0
+    }
+
+    /// Whether `OVERWRITE` is set.
+    pub fn overwrite(self) -> bool {
+        self.0 & Self::OVERWRITE.0 != 0
     }
 
     pub(crate) fn check(bits: u32) -> Result<(), WireError> {

@@ -1,0 +1,430 @@
+//! The job registry the connection threads share: jobs by id, and which
+//! job writes which target (keyed by device and inode, so two names of one
+//! file are one target).
+//!
+//! No file I/O happens under the registry's lock. A job's first HELLO
+//! reserves the job id (`Starting`) and releases the lock; the target is
+//! opened, its key reserved, the journal read, the target prepared and the
+//! journal written without it; then the job is published (or the
+//! reservation dropped). A job whose last stream left is `Closing` while
+//! its journal is written. HELLOs of a job that is starting or closing wait
+//! for it (a condition variable), then attach or start it again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::job::{Job, JobStart, JournalPolicy, Refusal, check_same_job, job_id_hex};
+use super::target::{Opened, Target, TargetError, TargetKey, Targets};
+use crate::journal::{self, Decision, Journal, RangeSet, RefuseReason, ResumeRequest};
+use crate::wire::{ErrorCode, Hello};
+
+/// How long a HELLO waits at a time for a job that is starting or
+/// closing before it looks again (the other thread always finishes; this
+/// only bounds one wait).
+const WAIT_SLICE_MS: u64 = 100;
+
+/// Jobs by id, and which job writes which target.
+#[derive(Debug)]
+pub struct Registry {
+    targets: Targets,
+    journals: JournalPolicy,
+    inner: Mutex<Inner>,
+    /// Signalled whenever a job leaves `Starting` or `Closing`.
+    changed: Condvar,
+}
+
+#[derive(Debug)]
+enum Slot {
+    /// The first HELLO is opening the target and reading the journal.
+    Starting,
+    Running(Arc<Job>),
+    /// Every stream left; the journal is being written.
+    Closing,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    jobs: HashMap<[u8; 16], Slot>,
+    /// Target → job writing it (or starting / closing on it).
+    targets: HashMap<TargetKey, [u8; 16]>,
+}
+
+/// A stream's membership of a job; detaches the stream when dropped.
+#[derive(Debug)]
+pub struct Attachment {
+    registry: Arc<Registry>,
+    pub job: Arc<Job>,
+    pub stream_index: u16,
+    generation: u64,
+}
+
+impl Attachment {
+    /// False once a newer connection took this stream over.
+    pub fn is_current(&self) -> bool {
+        self.job.is_current(self.stream_index, self.generation)
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.registry
+            .detach(&self.job, self.stream_index, self.generation);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take the receiver down with it; the maps
+    // stay consistent (each change is one insert or remove).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Registry {
+    pub fn new(targets: Targets, journals: JournalPolicy) -> Self {
+        Registry {
+            targets,
+            journals,
+            inner: Mutex::new(Inner::default()),
+            changed: Condvar::new(),
+        }
+    }
+
+    pub fn root(&self) -> &std::path::Path {
+        self.targets.root()
+    }
+
+    /// Number of jobs in progress.
+    pub fn job_count(&self) -> usize {
+        lock(&self.inner)
+            .jobs
+            .values()
+            .filter(|s| matches!(s, Slot::Running(_)))
+            .count()
+    }
+
+    /// Attaches the stream a HELLO opens to its job, starting the job (and
+    /// opening its target) on the job's first HELLO.
+    pub fn attach(self: &Arc<Self>, hello: &Hello) -> Result<Attachment, Refusal> {
+        let (inner, job) = self.job_for(hello)?;
+        // Under the lock: a detach cannot close the job in between.
+        let generation = job.attach_stream(hello.stream_index)?;
+        drop(inner);
+        Ok(Attachment {
+            registry: Arc::clone(self),
+            job,
+            stream_index: hello.stream_index,
+            generation,
+        })
+    }
+
+    /// The running job of `hello` (started now if there is none), with the
+    /// registry still locked.
+    fn job_for(&self, hello: &Hello) -> Result<(MutexGuard<'_, Inner>, Arc<Job>), Refusal> {
+        let id = hello.job_id;
+        let mut inner = lock(&self.inner);
+        loop {
+            match inner.jobs.get(&id) {
+                Some(Slot::Running(job)) => {
+                    check_same_job(job, hello)?;
+                    let job = Arc::clone(job);
+                    return Ok((inner, job));
+                }
+                Some(Slot::Starting | Slot::Closing) => {
+                    let slice = Duration::from_millis(WAIT_SLICE_MS);
+                    inner = self
+                        .changed
+                        .wait_timeout(inner, slice)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                None => break,
+            }
+        }
+        inner.jobs.insert(id, Slot::Starting);
+        drop(inner);
+        let reservation = Reservation { registry: self, id };
+        let started = self.start_job(hello);
+        let mut inner = lock(&self.inner);
+        std::mem::forget(reservation);
+        self.changed.notify_all();
+        match started {
+            Ok(job) => {
+                let job = Arc::new(job);
+                inner.jobs.insert(id, Slot::Running(Arc::clone(&job)));
+                Ok((inner, job))
+            }
+            Err(refusal) => {
+                release(&mut inner, id);
+                Err(refusal)
+            }
+        }
+    }
+
+    /// Reserves `key` for job `id`, or says who has it.
+    fn reserve_target(&self, key: TargetKey, id: [u8; 16], name: &str) -> Result<(), Refusal> {
+        let mut inner = lock(&self.inner);
+        match inner.targets.get(&key) {
+            Some(other) if *other != id => Err(Refusal::new(
+                ErrorCode::Busy,
+                format!(
+                    "target {name:?} is being written by job {}; wait for it to finish",
+                    job_id_hex(other)
+                ),
+            )),
+            _ => {
+                inner.targets.insert(key, id);
+                Ok(())
+            }
+        }
+    }
+
+    /// A job's first HELLO (no registry lock held): open the target,
+    /// reserve it, read the journal, decide, prepare the target.
+    fn start_job(&self, hello: &Hello) -> Result<Job, Refusal> {
+        let name = &hello.target;
+        let opened = self.targets.open(name).map_err(|e| self.refusal(name, e))?;
+        self.reserve_target(opened.key, hello.job_id, name)?;
+        let store = &self.journals.store;
+        let restart = hello.flags.restart();
+        let (existing, has_journal) = match store.load(name) {
+            Ok(j) => {
+                let found = j.is_some();
+                (j, found)
+            }
+            Err(e) if restart => {
+                info!(target = ?name, "discarding the journal on RESTART: {e}");
+                (None, true)
+            }
+            Err(e) if e.is_damaged() => {
+                warn!(target = ?name, "journal cannot be trusted: {e}");
+                return Err(Refusal::new(
+                    ErrorCode::JournalDamaged,
+                    format!("refusing to resume target {name:?}: {}", e.peer_text()),
+                ));
+            }
+            Err(e) => {
+                warn!(target = ?name, "cannot read the journal: {e}");
+                return Err(Refusal::new(ErrorCode::TargetIo, e.peer_text()));
+            }
+        };
+        let request = ResumeRequest {
+            target_name: name.clone(),
+            source_identity: hello.source_identity.clone(),
+            size_bytes: hello.size_bytes,
+            chunk_size_bytes: hello.chunk_size_bytes,
+            restart,
+        };
+        let hint = opened.path.display().to_string();
+        let fresh_journal = || {
+            Journal::new(
+                name,
+                &hint,
+                &hello.source_identity,
+                hello.size_bytes,
+                hello.chunk_size_bytes,
+                hello.job_id,
+                unix_now(),
+            )
+        };
+        let (target, journal, durable, how) = match journal::decide(existing.as_ref(), &request) {
+            Decision::Fresh => {
+                self.check_overwrite(&opened, has_journal, hello)?;
+                // The new, empty journal replaces any old one before the
+                // target is truncated: a crash in between must never leave
+                // a journal that vouches for bytes no longer there.
+                let journal = fresh_journal();
+                store.save(&journal).map_err(|e| {
+                    warn!(target = ?name, "cannot write the journal: {e}");
+                    Refusal::new(ErrorCode::TargetIo, e.peer_text())
+                })?;
+                let target =
+                    Target::fresh(opened, hello.size_bytes).map_err(|e| self.refusal(name, e))?;
+                let how = if restart { "restarted" } else { "fresh" };
+                (target, journal, RangeSet::new(), how)
+            }
+            Decision::Resume { durable } => {
+                let target = self.open_resumed(opened, hello)?;
+                let mut journal = existing.clone().unwrap_or_else(fresh_journal);
+                journal.job_id = hello.job_id;
+                journal.chunk_size_bytes = hello.chunk_size_bytes;
+                (target, journal, durable, "resumed")
+            }
+            Decision::AlreadyComplete => {
+                let target = self.open_resumed(opened, hello)?;
+                let journal = existing.clone().unwrap_or_else(fresh_journal);
+                let mut all = RangeSet::new();
+                all.insert(0, hello.size_bytes);
+                (target, journal, all, "already complete")
+            }
+            Decision::Refuse { reason, message } => {
+                let code = match reason {
+                    RefuseReason::TargetMismatch => ErrorCode::JournalDamaged,
+                    RefuseReason::SizeMismatch | RefuseReason::SourceIdentityMismatch => {
+                        ErrorCode::SourceMismatch
+                    }
+                };
+                return Err(Refusal::new(code, message));
+            }
+        };
+        let job = Job::new(JobStart {
+            hello,
+            target,
+            journal,
+            durable,
+            policy: &self.journals,
+        });
+        info!(
+            job = %job.id_hex(),
+            target = ?name,
+            path = ?job.target.path(),
+            kind = ?job.target.kind(),
+            source = %job.source_identity,
+            size_bytes = hello.size_bytes,
+            durable_bytes = job.resumed_bytes,
+            chunk_size_bytes = hello.chunk_size_bytes,
+            streams = hello.stream_count,
+            "job started ({how})"
+        );
+        Ok(job)
+    }
+
+    /// A fresh job may replace a regular file only if it is new or empty,
+    /// its data is ours (a journal of this receiver names it), or the
+    /// sender asked to overwrite it. Block devices are the operator's
+    /// choice (`--allow`) and have no "empty".
+    fn check_overwrite(
+        &self,
+        opened: &Opened,
+        has_journal: bool,
+        hello: &Hello,
+    ) -> Result<(), Refusal> {
+        let occupied = opened.kind == crate::endpoint::FileKind::Regular
+            && !opened.created
+            && opened.len_bytes > 0
+            && !has_journal;
+        if !occupied {
+            return Ok(());
+        }
+        if hello.flags.overwrite() {
+            // At default verbosity: data that was there is being replaced.
+            warn!(
+                target = ?opened.name,
+                path = ?opened.path,
+                len_bytes = opened.len_bytes,
+                "overwriting an existing file that no journal of ours describes: the sender \
+                 asked for it (OVERWRITE)"
+            );
+            return Ok(());
+        }
+        Err(self.refusal(
+            &opened.name,
+            TargetError::Occupied {
+                name: opened.name.clone(),
+                len_bytes: opened.len_bytes,
+            },
+        ))
+    }
+
+    /// A resumed target must still be the one the journal describes.
+    fn open_resumed(&self, opened: Opened, hello: &Hello) -> Result<Target, Refusal> {
+        Target::existing(opened, hello.size_bytes).map_err(|e| {
+            let name = &hello.target;
+            warn!(target = ?name, path = ?self.targets.local_path(name), "{e}");
+            Refusal::new(
+                ErrorCode::JournalDamaged,
+                format!(
+                    "refusing to resume target {name:?}: the journal says part of it is durable, \
+                     but {e}; rerun with --restart to start a clean full copy"
+                ),
+            )
+        })
+    }
+
+    /// The refusal sent to the sender (the name only); the receiver's log
+    /// gets the path too.
+    fn refusal(&self, name: &str, e: TargetError) -> Refusal {
+        warn!(target = ?name, path = ?self.targets.local_path(name), "target refused: {e}");
+        Refusal::from(e)
+    }
+
+    /// Called once every stream sent DONE: the final flush, then the job
+    /// leaves the registry (its target is free for the next job).
+    pub fn complete(&self, job: &Job) -> Result<(), Refusal> {
+        let finished = job.finish();
+        self.remove(job);
+        finished
+    }
+
+    fn detach(&self, job: &Arc<Job>, stream_index: u16, generation: u64) {
+        let mut inner = lock(&self.inner);
+        let Some(orphaned) = job.detach_stream(stream_index, generation) else {
+            return;
+        };
+        let registered =
+            matches!(inner.jobs.get(&job.id), Some(Slot::Running(j)) if Arc::ptr_eq(j, job));
+        if !(orphaned && registered) {
+            return;
+        }
+        inner.jobs.insert(job.id, Slot::Closing);
+        drop(inner);
+        // The journal first (without the lock): the log line says it is
+        // written. The target stays reserved until then.
+        job.pause();
+        let mut inner = lock(&self.inner);
+        if matches!(inner.jobs.get(&job.id), Some(Slot::Closing)) {
+            release(&mut inner, job.id);
+        }
+        self.changed.notify_all();
+    }
+
+    fn remove(&self, job: &Job) {
+        let mut inner = lock(&self.inner);
+        let registered = matches!(
+            inner.jobs.get(&job.id),
+            Some(Slot::Running(j)) if std::ptr::eq(Arc::as_ptr(j), job)
+        );
+        if registered {
+            release(&mut inner, job.id);
+        }
+        self.changed.notify_all();
+    }
+}
+
+/// A job id reserved as `Starting`; should the start panic (a bug), the
+/// reservation is dropped so that other HELLOs of the job do not wait for
+/// ever.
+struct Reservation<'a> {
+    registry: &'a Registry,
+    id: [u8; 16],
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        release(&mut lock(&self.registry.inner), self.id);
+        self.registry.changed.notify_all();
+    }
+}
+
+/// Forgets job `id` and every target it reserved.
+fn release(inner: &mut Inner, id: [u8; 16]) {
+    inner.jobs.remove(&id);
+    inner.targets.retain(|_, holder| *holder != id);
+}
+
+impl From<TargetError> for Refusal {
+    fn from(e: TargetError) -> Self {
+        let code = match e {
+            TargetError::Open { .. } => ErrorCode::TargetIo,
+            _ => ErrorCode::TargetNotAllowed,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+pub(super) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

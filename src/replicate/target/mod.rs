@@ -1,0 +1,439 @@
+//! Targets on the receiver: opening a HELLO's target name
+//! ([`open::Targets::open`], confined below the target root by
+//! [`beneath`]), preparing it for a job without ever truncating what a
+//! journal vouches for ([`Target::fresh`], [`Target::existing`]) and the I/O
+//! a stream does on it (write, zero, flush, read back).
+//!
+//! Errors name the target as the sender named it, never the receiver's
+//! paths: they go back to the sender (the receiver logs the paths).
+//!
+//! Writes go through the page cache and are serialised per target (one
+//! `pwrite` at a time): concurrent buffered writes to one inode spin on its
+//! lock and were 3× slower here. O_DIRECT from aligned buffers is left to the
+//! I/O engine when the receiver moves onto it.
+
+pub mod beneath;
+pub mod open;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::endpoint::FileKind;
+pub use open::{Opened, TARGET_MODE_DEFAULT, TargetKey, Targets};
+
+/// Zeros written per `pwrite` where a hole cannot be punched.
+const ZERO_WRITE_BYTES: usize = 1024 * 1024;
+
+/// Why a target name or target was refused, or its I/O failed. Every
+/// message names the target by the name the sender gave.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// The name breaks the naming rules.
+    #[error(
+        "target name {name:?} {why}; name a file below the receiver's --target-root \
+         (e.g. \"vm1/disk0.img\"), or ask its operator to add --allow NAME=PATH"
+    )]
+    BadName { name: String, why: &'static str },
+    /// The name leads outside the root.
+    #[error(
+        "target name {name:?} leads outside the receiver's --target-root ({why}); \
+         refusing it"
+    )]
+    OutsideRoot { name: String, why: String },
+    /// The name's directory does not exist below the root.
+    #[error(
+        "target name {name:?}: directory {dir:?} does not exist below the receiver's target \
+         root; create it there first (the receiver creates files, not directories)"
+    )]
+    NoDirectory { name: String, dir: String },
+    /// The name reaches the receiver's own state.
+    #[error("target {name:?} is inside the receiver's state directory; refusing it")]
+    InStateDir { name: String },
+    /// The path exists and is not something the receiver writes.
+    #[error(
+        "target {name:?} is {what} on the receiver; it writes regular files below \
+         --target-root and block devices listed with --allow"
+    )]
+    WrongKind { name: String, what: &'static str },
+    /// A regular file another name could reach too.
+    #[error(
+        "target {name:?} has {links} hard links on the receiver: another name could reach the \
+         same data, so it is refused; remove the other links or use another name"
+    )]
+    HardLinked { name: String, links: u64 },
+    /// An existing file that is not ours and not empty.
+    #[error(
+        "target {name:?} already exists on the receiver with {len_bytes} bytes and no journal \
+         of this receiver: refusing to overwrite it; ask the sender to pass --overwrite if it \
+         may be replaced"
+    )]
+    Occupied { name: String, len_bytes: u64 },
+    /// A block device smaller than the image.
+    #[error(
+        "target {name:?} is {device_bytes} bytes, smaller than the image ({size_bytes} bytes); \
+         refusing to write anything"
+    )]
+    TooSmall {
+        name: String,
+        device_bytes: u64,
+        size_bytes: u64,
+    },
+    /// A resumed regular file that no longer has the job's size.
+    #[error(
+        "target {name:?} is {len_bytes} bytes but the job being resumed wrote a \
+         {size_bytes}-byte target"
+    )]
+    WrongSize {
+        name: String,
+        len_bytes: u64,
+        size_bytes: u64,
+    },
+    /// Opening or preparing the target failed (`path` is for the log).
+    #[error("cannot open target {name:?} on the receiver: {source}")]
+    Open {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An open target.
+#[derive(Debug)]
+pub struct Target {
+    file: File,
+    /// The name the sender gave (for messages).
+    name: String,
+    /// Where it is (for the receiver's log).
+    path: PathBuf,
+    /// What it is, whatever name reached it.
+    key: TargetKey,
+    kind: FileKind,
+    /// A regular file created/truncated for this job: every byte not
+    /// written reads as zero, so ZERO frames need no work.
+    fresh_zero: bool,
+    /// Serialises buffered writes to the inode (see the module doc) and
+    /// holds the ranges whose writeback was started, oldest first.
+    write_lock: Mutex<std::collections::VecDeque<(u64, u64)>>,
+    /// Flushes started and the number of the last one finished (see
+    /// [`Target::sync_point`]).
+    syncs: Mutex<SyncCount>,
+    /// One flush at a time: the streams' barriers share them.
+    sync_lock: Mutex<()>,
+    /// The first write or flush error, kept for good. Linux reports a
+    /// writeback error once per open file: after one fdatasync failed, the
+    /// next returns 0 although the failed pages never reached the disk. So
+    /// once this is set every later write and flush fails, and no
+    /// checkpoint after the error can call those chunks durable.
+    failed: std::sync::OnceLock<(io::ErrorKind, String)>,
+}
+
+#[derive(Debug, Default)]
+struct SyncCount {
+    started: u64,
+    done: u64,
+}
+
+/// Ranges in writeback before the oldest is waited for and dropped from
+/// the page cache (the same streamed writeback as `copy`).
+const WRITEBACK_WINDOW: usize = 8;
+
+impl Target {
+    /// Prepares an opened target for a new job: a regular file is
+    /// truncated and sized to `size_bytes` (all holes); a block device
+    /// keeps its content and must hold `size_bytes`.
+    ///
+    /// The caller decided that nothing in it is to be kept (no journal
+    /// vouches for it, and it was empty, new, or the sender asked to
+    /// overwrite it).
+    pub fn fresh(opened: Opened, size_bytes: u64) -> Result<Target, TargetError> {
+        let fresh_zero = match opened.kind {
+            FileKind::Regular => {
+                let err = |source| TargetError::Open {
+                    name: opened.name.clone(),
+                    path: opened.path.clone(),
+                    source,
+                };
+                opened.file.set_len(0).map_err(err)?;
+                opened.file.set_len(size_bytes).map_err(err)?;
+                true
+            }
+            _ => {
+                check_device_size(&opened, size_bytes)?;
+                false
+            }
+        };
+        Ok(Target::new(opened, fresh_zero))
+    }
+
+    /// Opens the target of a resumed (or already complete) job as it is:
+    /// nothing is truncated or resized. A regular file must have exactly
+    /// `size_bytes` (the size it was given when the job started); a block
+    /// device must still hold `size_bytes`.
+    pub fn existing(opened: Opened, size_bytes: u64) -> Result<Target, TargetError> {
+        match opened.kind {
+            FileKind::Regular if opened.len_bytes != size_bytes => Err(TargetError::WrongSize {
+                name: opened.name,
+                len_bytes: opened.len_bytes,
+                size_bytes,
+            }),
+            FileKind::Regular => Ok(Target::new(opened, false)),
+            _ => {
+                check_device_size(&opened, size_bytes)?;
+                Ok(Target::new(opened, false))
+            }
+        }
+    }
+
+    fn new(opened: Opened, fresh_zero: bool) -> Target {
+        forget_stale_writeback_error(&opened.file, &opened.path);
+        Target {
+            file: opened.file,
+            name: opened.name,
+            path: opened.path,
+            key: opened.key,
+            kind: opened.kind,
+            fresh_zero,
+            write_lock: Mutex::new(std::collections::VecDeque::new()),
+            syncs: Mutex::default(),
+            sync_lock: Mutex::new(()),
+            failed: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Where the target is on the receiver: for its log only.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// "target \"NAME\"" as the sender named it: for messages to a peer.
+    /// Device and inode (or device number): one key per file or device.
+    pub fn key(&self) -> TargetKey {
+        self.key
+    }
+
+    pub fn describe(&self) -> String {
+        format!("target {:?}", self.name)
+    }
+
+    pub fn kind(&self) -> FileKind {
+        self.kind
+    }
+
+    /// Writes `bytes` at `offset` (one writer at a time per target).
+    ///
+    /// Writes stream to disk: writeback of each range starts right away,
+    /// and once more than [`WRITEBACK_WINDOW`] ranges are in writeback the
+    /// oldest is waited for and dropped from the cache, so dirty data never
+    /// piles up until the final sync (which then has little left to do).
+    pub fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        self.check_failed()?;
+        self.poison_on_error(self.write_streamed(bytes, offset))
+    }
+
+    fn write_streamed(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        let oldest = {
+            let mut ranges = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.file.write_all_at(bytes, offset)?;
+            let len = bytes.len() as u64;
+            sync_range(&self.file, offset, len, libc::SYNC_FILE_RANGE_WRITE)?;
+            ranges.push_back((offset, len));
+            if ranges.len() > WRITEBACK_WINDOW {
+                ranges.pop_front()
+            } else {
+                None
+            }
+        };
+        if let Some((o, l)) = oldest {
+            let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            sync_range(&self.file, o, l, wait)?;
+            drop_cached(&self.file, o, l);
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset + len_bytes)` read as zeros: nothing on a
+    /// fresh file, otherwise a punched hole (block devices: the kernel
+    /// zeroes or discards-with-zeroing), or written zeros where neither is
+    /// supported.
+    pub fn zero_range(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        if self.fresh_zero {
+            return Ok(());
+        }
+        self.check_failed()?;
+        match punch_hole(&self.file, offset, len_bytes) {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+                ) =>
+            {
+                self.write_zeros(offset, len_bytes)
+            }
+            Err(e) => self.poison_on_error(Err(e)),
+        }
+    }
+
+    /// An error once an earlier write or flush of this target failed.
+    fn check_failed(&self) -> io::Result<()> {
+        match self.failed.get() {
+            None => Ok(()),
+            Some((kind, msg)) => Err(io::Error::new(
+                *kind,
+                format!("an earlier write or flush of this target failed ({msg})"),
+            )),
+        }
+    }
+
+    /// Passes `r` through, remembering its error for good (see `failed`).
+    fn poison_on_error<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            let _ = self.failed.set((e.kind(), e.to_string()));
+        }
+        r
+    }
+
+    fn write_zeros(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        static ZEROS: [u8; ZERO_WRITE_BYTES] = [0; ZERO_WRITE_BYTES];
+        let mut done_bytes = 0u64;
+        // Bounded: each iteration advances by at least one byte.
+        while done_bytes < len_bytes {
+            let n = (len_bytes - done_bytes).min(ZERO_WRITE_BYTES as u64) as usize;
+            self.write_at(&ZEROS[..n], offset + done_bytes)?;
+            done_bytes += n as u64;
+        }
+        Ok(())
+    }
+
+    /// fdatasync: everything written so far (by any stream) is on stable
+    /// storage when this returns.
+    pub fn sync(&self) -> io::Result<()> {
+        self.sync_covering(self.sync_point())
+    }
+
+    /// Call after a write completed: the number of the first flush that
+    /// will cover it (one that starts after now).
+    pub fn sync_point(&self) -> u64 {
+        self.syncs.lock().unwrap_or_else(|p| p.into_inner()).started + 1
+    }
+
+    /// Makes durable every write whose [`Target::sync_point`] was `need`
+    /// or less: returns at once if such a flush already finished, else
+    /// waits for the flush in progress and flushes again only if that one
+    /// started too early. Streams asking for barriers together share one
+    /// fdatasync instead of queueing one each.
+    pub fn sync_covering(&self, need: u64) -> io::Result<()> {
+        self.check_failed()?;
+        let done = |s: &Self| s.syncs.lock().unwrap_or_else(|p| p.into_inner()).done;
+        if done(self) >= need {
+            return Ok(());
+        }
+        let _one = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if done(self) >= need {
+            return Ok(());
+        }
+        let mine = {
+            let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+            s.started += 1;
+            s.started
+        };
+        self.check_failed()?;
+        self.poison_on_error(self.file.sync_data())?;
+        let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+        s.done = s.done.max(mine);
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// The data (allocated) ranges of `[offset, offset + len)`; a block
+    /// device reports everything as data.
+    pub fn data_extents(&self, offset: u64, len: u64, out: &mut Vec<(u64, u64)>) -> io::Result<()> {
+        crate::endpoint::file::data_extents(&self.file, offset, len, out)
+    }
+}
+
+fn check_device_size(opened: &Opened, size_bytes: u64) -> Result<(), TargetError> {
+    if opened.len_bytes < size_bytes {
+        return Err(TargetError::TooSmall {
+            name: opened.name.clone(),
+            device_bytes: opened.len_bytes,
+            size_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Takes in a writeback error left by writes of an earlier job on this
+/// file or device: Linux reports such an error to the next file opened on
+/// it, so this job's first flush would fail for writes it never made. The
+/// journal vouches only for ranges flushed before the earlier job's first
+/// error (see `Target::failed`), so whatever was lost is sent again.
+fn forget_stale_writeback_error(file: &File, path: &Path) {
+    if let Err(e) = file.sync_data() {
+        tracing::warn!(
+            target_path = %path.display(),
+            "an earlier write to this target was lost ({e}); what the journal does not \
+             vouch for is sent again"
+        );
+    }
+}
+
+/// `sync_file_range(2)` over the range with `flags`.
+fn sync_range(file: &File, offset: u64, len_bytes: u64, flags: u32) -> io::Result<()> {
+    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
+    let offset = libc::off64_t::try_from(offset).map_err(|_| too_big())?;
+    let len = libc::off64_t::try_from(len_bytes).map_err(|_| too_big())?;
+    // SAFETY: sync_file_range(2) passes no memory: a descriptor borrowed from
+    // a live `File` and three integers.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `posix_fadvise(DONTNEED)`: the range is on disk; free its cache pages.
+/// Advisory, so a failure is ignored.
+fn drop_cached(file: &File, offset: u64, len_bytes: u64) {
+    let (Ok(offset), Ok(len)) = (
+        libc::off_t::try_from(offset),
+        libc::off_t::try_from(len_bytes),
+    ) else {
+        return;
+    };
+    // SAFETY: posix_fadvise(2) passes no memory: a descriptor borrowed from a
+    // live `File` and three integers.
+    let _ =
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+}
+
+/// `fallocate(PUNCH_HOLE | KEEP_SIZE)` over the range.
+fn punch_hole(file: &File, offset: u64, len_bytes: u64) -> io::Result<()> {
+    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
+    let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
+    let len = libc::off_t::try_from(len_bytes).map_err(|_| too_big())?;
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate(2) passes no memory: only a descriptor borrowed from a
+    // live `File` (so it stays open for the call) and three integers.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests;
