@@ -57,10 +57,7 @@ impl VerifyingTargets {
                 ),
             ));
         }
-        Ok(Reading {
-            set: self,
-            key,
-        })
+        Ok(Reading { set: self, key })
     }
 }
 
@@ -150,7 +147,9 @@ mod tests {
         let busy = set.start(a, "a.img").err().unwrap();
         assert_eq!(busy.code, ErrorCode::Busy);
         assert!(busy.message.contains("\"a.img\""), "{}", busy.message);
-        let _other = set.start(TargetKey::File { dev: 1, ino: 8 }, "b.img").unwrap();
+        let _other = set
+            .start(TargetKey::File { dev: 1, ino: 8 }, "b.img")
+            .unwrap();
         drop(first);
         set.start(a, "a.img")
             .expect("free again once the pass ended");
