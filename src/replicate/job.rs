@@ -20,8 +20,8 @@
 //! the registry when all its streams sent DONE or when its last stream
 //! disconnects; a later HELLO resumes from the journal.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use tracing::{debug, info, warn};
@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use super::registry::unix_now;
 use super::target::Target;
 use crate::journal::{Checkpointer, Journal, JournalStore, RangeSet};
+use crate::sync::lock;
 use crate::wire::{ErrorCode, Hello};
 
 pub use super::registry::{Attachment, Registry};
@@ -110,12 +111,6 @@ pub struct Job {
     failed: AtomicBool,
     failure: Mutex<Option<Refusal>>,
     complete: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not take the receiver down with it; the
-    // protected values stay consistent (plain counters and sets).
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Job {

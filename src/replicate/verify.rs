@@ -16,6 +16,7 @@ use tracing::info;
 
 use super::job::{Job, Refusal};
 use super::target::TargetKey;
+use crate::sync::lock;
 use crate::wire::{ErrorCode, ImageDigestStream, WireError};
 
 /// Bytes read from the target at a time.
@@ -42,7 +43,7 @@ struct Reading<'a> {
 
 impl VerifyingTargets {
     fn lock(&self) -> MutexGuard<'_, HashSet<TargetKey>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.0)
     }
 
     /// The target `key` (named `name` to the peer) is read from now
