@@ -8,13 +8,12 @@
 //! protocol driver, `unpack` its DATA checks and decompression, `written` its
 //! written ranges and their flushes, `verify` the read-back pass, `job` jobs,
 //! `registry` the jobs in progress and their targets, `target` target names,
-//! opening and I/O, `ranges` merged byte-range sets, [`limits`] the caps on
+//! opening and I/O, [`limits`] the caps on
 //! peers, `transport` the TLS / TCP byte stream.
 
 mod conn;
 mod job;
 pub mod limits;
-mod ranges;
 mod registry;
 pub mod send;
 pub mod serve;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::job::Job;
 use super::limits::RANGES_PER_STREAM_MAX;
-use super::ranges::RangeSet;
+use crate::journal::RangeSet;
 use crate::wire::{ByteRange, MAX_ACK_RANGES};
 
 /// A cap on ranges that a write or a flush would pass.
@@ -90,7 +90,7 @@ impl Written {
     }
 
     pub(super) fn has_unsynced(&self) -> bool {
-        self.unsynced.len() > 0
+        !self.unsynced.is_empty()
     }
 
     /// True when this stream should flush on its own: the journal must not
@@ -118,10 +118,7 @@ impl Written {
                 max_ranges: self.max_ranges_per_job,
             }));
         }
-        let total = job.add_durable(
-            self.unsynced.ranges().map(|r| (r.offset, r.len_bytes)),
-            self.unsynced_data_bytes,
-        );
+        let total = job.add_durable(self.unsynced.iter(), self.unsynced_data_bytes);
         self.unsynced = RangeSet::new();
         self.unsynced_data_bytes = 0;
         Ok(total)
@@ -130,6 +127,10 @@ impl Written {
     /// The ranges an ACK reports (all of them: [`Written::note`] keeps
     /// fewer than one ACK carries).
     pub(super) fn take_acked(&mut self) -> Vec<ByteRange> {
-        self.pending.take_first(MAX_ACK_RANGES as usize)
+        self.pending
+            .take_first(MAX_ACK_RANGES as usize)
+            .into_iter()
+            .map(|(offset, len_bytes)| ByteRange { offset, len_bytes })
+            .collect()
     }
 }
