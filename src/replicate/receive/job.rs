@@ -27,8 +27,8 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::registry::unix_now;
-use super::target::Target;
 use crate::journal::{Checkpointer, Journal, JournalStore, RangeSet};
+use crate::replicate::target::Target;
 use crate::sync::lock;
 use crate::wire::{ErrorCode, Hello};
 
@@ -238,7 +238,7 @@ impl Job {
             resumed_bytes: durable.covered_bytes(),
             instance: {
                 let mut b = [0u8; 8];
-                super::random_bytes(&mut b);
+                crate::replicate::random_bytes(&mut b);
                 u64::from_le_bytes(b)
             },
             durable: Mutex::new(durable),
