@@ -27,6 +27,7 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::registry::unix_now;
+use super::written::RangeCapError;
 use crate::journal::{Checkpointer, Journal, JournalStore, RangeSet};
 use crate::replicate::target::Target;
 use crate::sync::lock;
@@ -159,6 +160,25 @@ impl Job {
             self.checkpoint(false);
         }
         total
+    }
+
+    /// [`Job::add_durable`], unless the durable set could pass
+    /// `max_ranges` (the ranges are counted before they merge, so the check
+    /// errs on the safe side): then nothing is counted.
+    pub(super) fn add_durable_capped(
+        &self,
+        ranges: &[(u64, u64)],
+        data_bytes: u64,
+        max_ranges: usize,
+    ) -> Result<u64, RangeCapError> {
+        let count = self.durable_range_count() + ranges.len();
+        if count > max_ranges {
+            return Err(RangeCapError::Job {
+                ranges: count,
+                max_ranges,
+            });
+        }
+        Ok(self.add_durable(ranges.iter().copied(), data_bytes))
     }
 
     pub fn bytes_durable_total(&self) -> u64 {

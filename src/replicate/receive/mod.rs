@@ -12,10 +12,13 @@
 //! * [`limits`]: the caps on peers; `transport`: the TLS / TCP byte stream.
 
 mod conn;
+mod ending;
+mod events;
 mod job;
 pub mod limits;
 mod registry;
 pub mod serve;
+mod session;
 mod transport;
 mod unpack;
 mod verify;

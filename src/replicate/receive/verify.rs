@@ -24,7 +24,7 @@ pub const VERIFY_READ_BYTES: usize = 1 << 20;
 
 /// Why a verify pass gave no digest.
 #[derive(Debug)]
-pub(super) enum VerifyError {
+pub enum VerifyError {
     /// The receiver is shutting down.
     Stopped,
     /// Send this ERROR, then close.
