@@ -51,9 +51,7 @@ impl Ending {
             step: Step::Flush,
         };
         let action = if is_attached && written.has_unsynced() {
-            Action::Flush {
-                sync_need: written.begin_settle(now),
-            }
+            written.flush(now)
         } else {
             ending.tell_peer()
         };
@@ -65,12 +63,7 @@ impl Ending {
         match (self.step, done) {
             (Step::Flush, Completion::Flushed(Ok(()))) => {
                 self.step = Step::Durable;
-                let (ranges, data_bytes) = written.unsynced();
-                Action::MakeDurable {
-                    ranges,
-                    data_bytes,
-                    max_ranges: written.max_ranges_per_job(),
-                }
+                written.make_durable()
             }
             (Step::Flush, Completion::Flushed(Err(e))) => {
                 not_counted(&e.to_string());

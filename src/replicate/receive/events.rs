@@ -24,6 +24,19 @@ pub enum Health {
     TakenOver,
 }
 
+impl Health {
+    /// Ends the stream unless the job is healthy and the stream current.
+    pub(super) fn check(self) -> Result<(), End> {
+        match self {
+            Health::Ok => Ok(()),
+            Health::Failed(refusal) => Err(End::Refuse(refusal)),
+            Health::TakenOver => Err(End::Lost(
+                "the sender reconnected this stream; this older connection ends".into(),
+            )),
+        }
+    }
+}
+
 /// Something that happened on the connection.
 #[derive(Debug)]
 pub enum Input {

@@ -19,6 +19,7 @@ pub mod limits;
 mod registry;
 pub mod serve;
 mod session;
+mod timers;
 mod transport;
 mod unpack;
 mod verify;

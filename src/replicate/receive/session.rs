@@ -24,22 +24,18 @@
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::{debug, warn};
 
 use super::ending::{Ending, not_counted};
 use super::events::{Action, Completion, End, Health, Input, JobInfo};
 use super::job::Refusal;
-use super::limits::HELLO_TIMEOUT_MS;
+use super::timers::Timers;
 use super::unpack::{Chunk, UnpackError, Unpacker};
 use super::verify::VerifyError;
 use super::written::Written;
 use crate::wire::{Ack, ByteRange, Codec, Data, ErrorCode, Features, Frame, Hello, Welcome};
-
-/// A stream that receives nothing (not even a PING) for this long is
-/// ended with ERROR(TIMEOUT).
-pub const IDLE_TIMEOUT_MS: u64 = 300_000;
 
 /// Features this receiver supports.
 pub const SUPPORTED_FEATURES: Features = Features(
@@ -107,9 +103,7 @@ pub struct Session {
     payload_bytes: u64,
     /// Frames received after HELLO.
     frames: u64,
-    last_input: Instant,
-    /// When the stream started, for [`HELLO_TIMEOUT_MS`].
-    started: Instant,
+    timers: Timers,
     /// Actions not handed out yet; the last one may wait for a result.
     actions: VecDeque<Action>,
     /// The action whose [`Completion`] is awaited, and what follows it.
@@ -134,8 +128,7 @@ impl Session {
             last_seq: None,
             payload_bytes: 0,
             frames: 0,
-            last_input: now,
-            started: now,
+            timers: Timers::new(now),
             actions: VecDeque::new(),
             waiting: None,
         }
@@ -180,8 +173,8 @@ impl Session {
             Input::Frame(frame, health) => self.on_frame(frame, health, now),
             Input::Malformed(refusal) => Err(End::Refuse(refusal)),
             Input::Received => {
-                self.last_input = now;
-                self.check_hello_due(now)
+                self.timers.received(now);
+                self.check_hello(now)
             }
             Input::Idle(health) => self.on_idle(health, now),
             Input::Stop => Err(End::Stopped),
@@ -237,33 +230,15 @@ impl Session {
         self.push(Action::Send(frame), Some(Wait::Send));
     }
 
-    fn check_hello_due(&self, now: Instant) -> Result<(), End> {
-        let waited = now.saturating_duration_since(self.started);
-        if matches!(self.phase, Phase::AwaitHello)
-            && waited > Duration::from_millis(HELLO_TIMEOUT_MS)
-        {
-            return Err(refuse(
-                ErrorCode::Timeout,
-                format!("no HELLO within {HELLO_TIMEOUT_MS} ms of connecting"),
-            ));
-        }
-        Ok(())
+    fn check_hello(&self, now: Instant) -> Result<(), End> {
+        let is_awaiting_hello = matches!(self.phase, Phase::AwaitHello);
+        self.timers.check_hello(is_awaiting_hello, now)
     }
 
     fn on_idle(&mut self, health: Health, now: Instant) -> Result<(), End> {
-        self.check_hello_due(now)?;
-        check_health(health)?;
-        let quiet = now.saturating_duration_since(self.last_input);
-        if quiet > Duration::from_millis(IDLE_TIMEOUT_MS) {
-            return Err(refuse(
-                ErrorCode::Timeout,
-                format!(
-                    "nothing received for {} s; the sender must PING on idle streams",
-                    IDLE_TIMEOUT_MS / 1000
-                ),
-            ));
-        }
-        Ok(())
+        self.check_hello(now)?;
+        health.check()?;
+        self.timers.check_idle(now)
     }
 
     fn on_frame(&mut self, frame: Frame, health: Health, now: Instant) -> Result<(), End> {
@@ -280,7 +255,7 @@ impl Session {
             };
         }
         self.frames += 1;
-        check_health(health)?;
+        health.check()?;
         match (&self.phase, frame) {
             (Phase::Streaming, Frame::Data(data)) => self.on_data(data),
             (Phase::Streaming, Frame::Zero(range)) => self.on_zero(range),
@@ -471,8 +446,8 @@ impl Session {
     /// Flushes what this stream wrote, then counts it durable for the job;
     /// `then` says what follows.
     fn settle(&mut self, then: AfterSettle, now: Instant) {
-        let sync_need = self.written.begin_settle(now);
-        self.push(Action::Flush { sync_need }, Some(Wait::Flush(then)));
+        let flush = self.written.flush(now);
+        self.push(flush, Some(Wait::Flush(then)));
     }
 
     /// A settle is due after a write ([`Written::settle_due`]).
@@ -487,16 +462,8 @@ impl Session {
     }
 
     fn make_durable(&mut self, then: AfterSettle) {
-        let (ranges, data_bytes) = self.written.unsynced();
-        let max_ranges = self.written.max_ranges_per_job();
-        self.push(
-            Action::MakeDurable {
-                ranges,
-                data_bytes,
-                max_ranges,
-            },
-            Some(Wait::Durable(then)),
-        );
+        let count = self.written.make_durable();
+        self.push(count, Some(Wait::Durable(then)));
     }
 
     fn on_completion(&mut self, wait: Wait, done: Completion, now: Instant) -> Result<(), End> {
@@ -643,7 +610,12 @@ impl Session {
     /// The stream ends (see `ending.rs`).
     fn begin_end(&mut self, end: End) {
         let is_attached = self.job.is_some();
-        let (ending, action) = Ending::start(end, is_attached, &mut self.written, self.last_input);
+        let (ending, action) = Ending::start(
+            end,
+            is_attached,
+            &mut self.written,
+            self.timers.last_input(),
+        );
         self.phase = Phase::Ending(ending);
         self.push_ending(action);
     }
@@ -657,18 +629,6 @@ impl Session {
     }
 }
 
-/// The stream's job failed elsewhere, or a newer connection took the
-/// stream over: this connection ends.
-fn check_health(health: Health) -> Result<(), End> {
-    match health {
-        Health::Ok => Ok(()),
-        Health::Failed(refusal) => Err(End::Refuse(refusal)),
-        Health::TakenOver => Err(End::Lost(
-            "the sender reconnected this stream; this older connection ends".into(),
-        )),
-    }
-}
-
 #[cfg(test)]
-#[path = "session_tests.rs"]
+#[path = "session_tests/mod.rs"]
 mod tests;

@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::events::Action;
 use super::limits::RANGES_PER_STREAM_MAX;
 use crate::journal::RangeSet;
 use crate::wire::{ByteRange, MAX_ACK_RANGES};
@@ -93,28 +94,29 @@ impl Written {
             || self.unsynced_data_bytes >= share_bytes
     }
 
-    /// A settle starts at `now`: the flush number that covers every write
-    /// noted so far.
-    pub(super) fn begin_settle(&mut self, now: Instant) -> u64 {
+    /// A settle starts at `now`: the flush that covers every write noted
+    /// so far.
+    pub(super) fn flush(&mut self, now: Instant) -> Action {
         self.last_settle = now;
-        self.sync_need
+        Action::Flush {
+            sync_need: self.sync_need,
+        }
     }
 
-    /// What a flush just made durable: the unsynced ranges and the DATA
-    /// bytes among them (kept until [`Written::settled`]).
-    pub(super) fn unsynced(&self) -> (Vec<(u64, u64)>, u64) {
-        (self.unsynced.iter().collect(), self.unsynced_data_bytes)
+    /// The flush completed: the unsynced ranges are to be counted durable
+    /// (they stay here until [`Written::settled`]).
+    pub(super) fn make_durable(&self) -> Action {
+        Action::MakeDurable {
+            ranges: self.unsynced.iter().collect(),
+            data_bytes: self.unsynced_data_bytes,
+            max_ranges: self.max_ranges_per_job,
+        }
     }
 
     /// The job counted the unsynced ranges durable.
     pub(super) fn settled(&mut self) {
         self.unsynced = RangeSet::new();
         self.unsynced_data_bytes = 0;
-    }
-
-    /// The cap on the job's durable ranges.
-    pub(super) fn max_ranges_per_job(&self) -> usize {
-        self.max_ranges_per_job
     }
 
     /// The ranges an ACK reports (all of them: [`Written::note`] keeps
