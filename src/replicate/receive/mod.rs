@@ -14,6 +14,7 @@
 mod conn;
 mod ending;
 mod events;
+mod intake;
 mod job;
 pub mod limits;
 mod registry;

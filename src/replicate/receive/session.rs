@@ -12,11 +12,10 @@
 //! that asks for a result is outstanding at a time; the driver carries it
 //! out and gives its [`Completion`] back before anything else.
 //!
-//! The pairs the protocol rests on are decided here: a chunk is written
-//! only after its digest matched; an ACK is sent only after the flush
-//! covering the stream's writes completed and the job counted them
-//! durable; a failed write or flush fails the job, and nothing after it is
-//! counted durable.
+//! The machine is in parts: this file the stream's life (HELLO and its
+//! attach, DONE, VERIFY_REQUEST, PING, timeouts), `intake.rs` the data path
+//! (DATA / ZERO written only after their checks, flushes, durable counts,
+//! ACKs), `ending.rs` how a stream ends, `timers.rs` its timeouts.
 //!
 //! Memory is bounded by the protocol: one decompression buffer of at most
 //! the job's chunk size, and written ranges capped by `written`.
@@ -28,14 +27,13 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
-use super::ending::{Ending, not_counted};
+use super::ending::Ending;
 use super::events::{Action, Completion, End, Health, Input, JobInfo};
+use super::intake::{Intake, Progress, hashes_arriving};
 use super::job::Refusal;
 use super::timers::Timers;
-use super::unpack::{Chunk, UnpackError, Unpacker};
 use super::verify::VerifyError;
-use super::written::Written;
-use crate::wire::{Ack, ByteRange, Codec, Data, ErrorCode, Features, Frame, Hello, Welcome};
+use crate::wire::{Codec, ErrorCode, Features, Frame, Hello, Welcome};
 
 /// Features this receiver supports.
 pub const SUPPORTED_FEATURES: Features = Features(
@@ -54,32 +52,14 @@ enum Phase {
     Closed,
 }
 
-/// What follows a settle (a flush, then the ranges counted durable).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AfterSettle {
-    /// Nothing: a settle of the stream's own (or of its ending).
-    Continue,
-    /// ACK this BARRIER.
-    Ack(u64),
-    /// Finish the stream (DONE); a failed settle is only logged.
-    Done,
-}
-
 /// The action whose [`Completion`] the machine waits for.
 #[derive(Debug)]
 enum Wait {
     Attach {
         offered: Features,
     },
-    Write {
-        offset: u64,
-        len_bytes: u64,
-        /// The buffer is the DATA payload (else the decompression buffer).
-        is_payload: bool,
-    },
-    Zero(ByteRange),
-    Flush(AfterSettle),
-    Durable(AfterSettle),
+    /// The data path's action (see `intake.rs`).
+    Intake,
     FinishStream,
     ReadBack,
     Send,
@@ -93,14 +73,10 @@ pub struct Session {
     /// The job, once attached.
     job: Option<JobInfo>,
     features: Features,
-    unpacker: Unpacker,
-    /// What this stream wrote, not yet acknowledged or not yet flushed.
-    written: Written,
+    /// DATA, ZERO, BARRIER and what they write, flush and count.
+    intake: Intake,
     /// A verify pass was asked for on this stream (one is allowed).
     verify_asked: bool,
-    last_seq: Option<u64>,
-    /// DATA payload bytes (as sent) received on this stream.
-    payload_bytes: u64,
     /// Frames received after HELLO.
     frames: u64,
     timers: Timers,
@@ -122,11 +98,8 @@ impl Session {
             phase: Phase::AwaitHello,
             job: None,
             features: Features::default(),
-            unpacker: Unpacker::new(),
-            written: Written::new(max_ranges_per_job, now),
+            intake: Intake::new(max_ranges_per_job, now),
             verify_asked: false,
-            last_seq: None,
-            payload_bytes: 0,
             frames: 0,
             timers: Timers::new(now),
             actions: VecDeque::new(),
@@ -151,10 +124,8 @@ impl Session {
     /// [`crate::wire::FrameDecoder::data_payload_progress`] before them: a
     /// raw payload with an XXH3 digest is hashed while it is still in cache.
     pub fn payload_arrived(&mut self, progress: Option<(Codec, usize)>, bytes: &[u8]) {
-        if let Some((Codec::None, got_before)) = progress
-            && self.features.contains(Features::XXH3)
-        {
-            self.unpacker.hash_arriving(got_before, bytes);
+        if let Some(got_before) = hashes_arriving(progress, self.features) {
+            self.intake.hash_arriving(got_before, bytes);
         }
     }
 
@@ -197,7 +168,7 @@ impl Session {
             return;
         };
         if let Phase::Ending(ending) = &mut self.phase {
-            let action = ending.next(completion, &mut self.written);
+            let action = ending.next(completion, self.intake.written_mut());
             self.push_ending(action);
         } else if let Err(end) = self.on_completion(wait, completion, now) {
             self.begin_end(end);
@@ -257,9 +228,24 @@ impl Session {
         self.frames += 1;
         health.check()?;
         match (&self.phase, frame) {
-            (Phase::Streaming, Frame::Data(data)) => self.on_data(data),
-            (Phase::Streaming, Frame::Zero(range)) => self.on_zero(range),
-            (Phase::Streaming, Frame::Barrier { seq }) => self.on_barrier(seq, now),
+            (Phase::Streaming, Frame::Data(data)) => {
+                let features = self.features;
+                let job = attached(&self.job)?;
+                let progress = self.intake.data(job, features, data, &mut self.actions)?;
+                self.after_intake(progress);
+                Ok(())
+            }
+            (Phase::Streaming, Frame::Zero(range)) => {
+                let job = attached(&self.job)?;
+                let progress = self.intake.zero(job, range, &mut self.actions)?;
+                self.after_intake(progress);
+                Ok(())
+            }
+            (Phase::Streaming, Frame::Barrier { seq }) => {
+                let progress = self.intake.barrier(seq, now, &mut self.actions)?;
+                self.after_intake(progress);
+                Ok(())
+            }
             (
                 Phase::Streaming,
                 Frame::Done {
@@ -312,102 +298,23 @@ impl Session {
         Ok(())
     }
 
-    fn job(&self) -> Result<&JobInfo, End> {
-        self.job
-            .as_ref()
-            .ok_or_else(|| refuse(ErrorCode::Internal, "stream has no job after HELLO"))
-    }
-
-    /// Checks that `[offset, offset + len)` lies within the image.
-    fn check_range(&self, offset: u64, len_bytes: u64, what: &str) -> Result<(), End> {
-        let size_bytes = self.job()?.size_bytes;
-        match offset.checked_add(len_bytes) {
-            Some(end) if end <= size_bytes => Ok(()),
-            _ => Err(refuse(
-                ErrorCode::BadRequest,
-                format!(
-                    "{what} past the end of the target: offset {offset} + {len_bytes} bytes \
-                     is beyond the image size {size_bytes}"
-                ),
-            )),
+    /// What the data path's last step leaves to the machine.
+    fn after_intake(&mut self, progress: Progress) {
+        match progress {
+            Progress::Waiting => self.waiting = Some(Wait::Intake),
+            Progress::Ready => {}
+            Progress::Settled => self.finish_stream(),
         }
-    }
-
-    /// Fails the job (every stream of it ends) and ends this stream.
-    fn fail_job(&mut self, code: ErrorCode, message: String) -> End {
-        let refusal = Refusal::new(code, message);
-        if self.job.is_some() {
-            self.actions.push_back(Action::FailJob(refusal.clone()));
-        }
-        End::Refuse(refusal)
-    }
-
-    fn on_data(&mut self, data: Data) -> Result<(), End> {
-        let head = data.head;
-        self.check_range(head.offset, u64::from(head.raw_len_bytes), "data")?;
-        let chunk_size_bytes = self.job()?.chunk_size_bytes;
-        let chunk = match self.unpacker.unpack(&data, self.features, chunk_size_bytes) {
-            Ok(chunk) => chunk,
-            Err(UnpackError::Refuse(refusal)) => return Err(End::Refuse(refusal)),
-            Err(UnpackError::Damaged(refusal)) => {
-                return Err(self.fail_job(refusal.code, refusal.message));
-            }
-        };
-        self.payload_bytes += data.payload.len() as u64;
-        let (buf, is_payload) = match chunk {
-            Chunk::AsSent => (data.payload, true),
-            Chunk::Decompressed(raw) => (raw, false),
-        };
-        let wait = Wait::Write {
-            offset: head.offset,
-            len_bytes: u64::from(head.raw_len_bytes),
-            is_payload,
-        };
-        self.push(
-            Action::Write {
-                offset: head.offset,
-                buf,
-            },
-            Some(wait),
-        );
-        Ok(())
-    }
-
-    fn on_zero(&mut self, range: ByteRange) -> Result<(), End> {
-        self.check_range(range.offset, range.len_bytes, "zero range")?;
-        self.push(
-            Action::Zero {
-                offset: range.offset,
-                len_bytes: range.len_bytes,
-            },
-            Some(Wait::Zero(range)),
-        );
-        Ok(())
-    }
-
-    fn on_barrier(&mut self, seq: u64, now: Instant) -> Result<(), End> {
-        if self.last_seq.is_some_and(|last| seq <= last) {
-            return Err(refuse(
-                ErrorCode::Protocol,
-                format!(
-                    "BARRIER {seq} does not follow BARRIER {:?}: sequence numbers must increase",
-                    self.last_seq
-                ),
-            ));
-        }
-        self.last_seq = Some(seq);
-        self.settle(AfterSettle::Ack(seq), now);
-        Ok(())
     }
 
     fn on_done(&mut self, total_bytes_sent: u64, frames: u64, now: Instant) -> Result<(), End> {
-        if total_bytes_sent != self.payload_bytes {
+        let payload_bytes = self.intake.payload_bytes();
+        if total_bytes_sent != payload_bytes {
             return Err(refuse(
                 ErrorCode::Protocol,
                 format!(
                     "DONE says {total_bytes_sent} DATA payload bytes were sent on this stream, \
-                     but {} arrived: a sender bug",
-                    self.payload_bytes
+                     but {payload_bytes} arrived: a sender bug"
                 ),
             ));
         }
@@ -418,11 +325,8 @@ impl Session {
             frames_after_hello = self.frames,
             "stream sent DONE"
         );
-        if self.written.has_unsynced() {
-            self.settle(AfterSettle::Done, now);
-        } else {
-            self.finish_stream();
-        }
+        let progress = self.intake.done(now, &mut self.actions);
+        self.after_intake(progress);
         Ok(())
     }
 
@@ -443,29 +347,6 @@ impl Session {
         Ok(())
     }
 
-    /// Flushes what this stream wrote, then counts it durable for the job;
-    /// `then` says what follows.
-    fn settle(&mut self, then: AfterSettle, now: Instant) {
-        let flush = self.written.flush(now);
-        self.push(flush, Some(Wait::Flush(then)));
-    }
-
-    /// A settle is due after a write ([`Written::settle_due`]).
-    fn maybe_settle(&mut self, now: Instant) -> Result<(), End> {
-        let job = self.job()?;
-        let share_bytes = job.checkpoint_bytes / u64::from(job.stream_count.max(1));
-        let interval = job.checkpoint_interval;
-        if self.written.has_unsynced() && self.written.settle_due(now, interval, share_bytes) {
-            self.settle(AfterSettle::Continue, now);
-        }
-        Ok(())
-    }
-
-    fn make_durable(&mut self, then: AfterSettle) {
-        let count = self.written.make_durable();
-        self.push(count, Some(Wait::Durable(then)));
-    }
-
     fn on_completion(&mut self, wait: Wait, done: Completion, now: Instant) -> Result<(), End> {
         match (wait, done) {
             (Wait::Attach { offered }, Completion::Attached(job)) => {
@@ -473,26 +354,12 @@ impl Session {
                 Ok(())
             }
             (Wait::Attach { .. }, Completion::AttachRefused(refusal)) => Err(End::Refuse(refusal)),
-            (
-                Wait::Write {
-                    offset,
-                    len_bytes,
-                    is_payload,
-                },
-                Completion::Written { buf, result },
-            ) => {
-                if is_payload {
-                    self.actions.push_back(Action::Recycle(buf));
-                } else {
-                    self.unpacker.give_back(buf);
-                }
-                self.on_written(offset, len_bytes, len_bytes, result, now)
+            (Wait::Intake, done) => {
+                let job = attached(&self.job)?;
+                let progress = self.intake.complete(job, done, now, &mut self.actions)?;
+                self.after_intake(progress);
+                Ok(())
             }
-            (Wait::Zero(range), Completion::Zeroed(result)) => {
-                self.on_written(range.offset, range.len_bytes, 0, result, now)
-            }
-            (Wait::Flush(then), Completion::Flushed(result)) => self.on_flushed(then, result),
-            (Wait::Durable(then), Completion::MadeDurable(result)) => self.on_durable(then, result),
             (Wait::FinishStream, Completion::StreamFinished(result)) => result.map_err(End::Refuse),
             (Wait::ReadBack, Completion::ReadBack(result)) => match result {
                 Ok((digest, bytes_read)) => {
@@ -528,92 +395,13 @@ impl Session {
         self.send(Frame::Welcome(welcome));
     }
 
-    /// A write or zero of `[offset, offset + len_bytes)` (`data_bytes` of
-    /// it DATA) finished with `result`: the flush number covering it.
-    fn on_written(
-        &mut self,
-        offset: u64,
-        len_bytes: u64,
-        data_bytes: u64,
-        result: std::io::Result<u64>,
-        now: Instant,
-    ) -> Result<(), End> {
-        let sync_point = match result {
-            Ok(sync_point) => sync_point,
-            Err(e) => {
-                let target = self.job()?.target_name.clone();
-                let verb = if data_bytes > 0 { "writing" } else { "zeroing" };
-                let message = format!(
-                    "{verb} {len_bytes} bytes at offset {offset} of target {target:?} failed: {e}"
-                );
-                return Err(self.fail_job(ErrorCode::TargetIo, message));
-            }
-        };
-        if let Err(e) = self.written.note(offset, len_bytes, data_bytes, sync_point) {
-            return Err(self.fail_job(ErrorCode::Protocol, e.to_string()));
-        }
-        self.maybe_settle(now)
-    }
-
-    fn on_flushed(&mut self, then: AfterSettle, result: std::io::Result<()>) -> Result<(), End> {
-        match result {
-            Ok(()) => {
-                self.make_durable(then);
-                Ok(())
-            }
-            Err(e) if matches!(then, AfterSettle::Done) => {
-                not_counted(&e.to_string());
-                self.finish_stream();
-                Ok(())
-            }
-            Err(e) => {
-                let target = self.job()?.target_name.clone();
-                let message = format!("flushing target {target:?} failed: {e}");
-                Err(self.fail_job(ErrorCode::TargetIo, message))
-            }
-        }
-    }
-
-    fn on_durable(
-        &mut self,
-        then: AfterSettle,
-        result: Result<u64, super::written::RangeCapError>,
-    ) -> Result<(), End> {
-        let bytes_durable_total = match result {
-            Ok(total) => {
-                self.written.settled();
-                total
-            }
-            Err(e) if matches!(then, AfterSettle::Done) => {
-                not_counted(&e.to_string());
-                self.finish_stream();
-                return Ok(());
-            }
-            Err(e) => return Err(self.fail_job(ErrorCode::Protocol, e.to_string())),
-        };
-        match then {
-            AfterSettle::Continue => {}
-            AfterSettle::Ack(seq) => {
-                let durable_added = self.written.take_acked();
-                let ack = Ack {
-                    seq,
-                    bytes_durable_total,
-                    durable_added,
-                };
-                self.send(Frame::Ack(ack));
-            }
-            AfterSettle::Done => self.finish_stream(),
-        }
-        Ok(())
-    }
-
     /// The stream ends (see `ending.rs`).
     fn begin_end(&mut self, end: End) {
         let is_attached = self.job.is_some();
         let (ending, action) = Ending::start(
             end,
             is_attached,
-            &mut self.written,
+            self.intake.written_mut(),
             self.timers.last_input(),
         );
         self.phase = Phase::Ending(ending);
@@ -627,6 +415,12 @@ impl Session {
         }
         self.push(action, wait);
     }
+}
+
+/// The stream's job (the data path runs only after HELLO attached it).
+fn attached(job: &Option<JobInfo>) -> Result<&JobInfo, End> {
+    job.as_ref()
+        .ok_or_else(|| refuse(ErrorCode::Internal, "stream has no job after HELLO"))
 }
 
 #[cfg(test)]
