@@ -283,3 +283,44 @@ fn a_stream_settles_on_its_own_once_its_share_of_checkpoint_bytes_is_written() {
     assert!(matches!(&actions[3], Action::MakeDurable { ranges, .. } if ranges == &[(0, 8192)]));
     assert_eq!(actions.len(), 4, "no ACK without a barrier: {actions:?}");
 }
+
+#[test]
+fn an_xxh3_chunk_is_checked_with_the_digest_taken_as_it_arrived() {
+    let attach = |rig: &mut Rig| {
+        let mut h = hello();
+        h.features = Features(Features::BLAKE3.0 | Features::XXH3.0);
+        rig.frame(Frame::Hello(h));
+        rig.run(healthy);
+    };
+    let raw = vec![0x33; 8192];
+    let head = DataHead {
+        offset: 0,
+        raw_len_bytes: raw.len() as u32,
+        codec: Codec::None,
+        raw_digest: ChunkDigest::Xxh3.digest(&raw),
+    };
+    let frame = || {
+        Frame::Data(Data {
+            head,
+            payload: raw.clone(),
+        })
+    };
+    // Read in two pieces, hashed piece by piece: written.
+    let mut rig = Rig::new(1 << 20);
+    attach(&mut rig);
+    rig.s.payload_arrived(Some((Codec::None, 0)), &raw[..5000]);
+    rig.s
+        .payload_arrived(Some((Codec::None, 5000)), &raw[5000..]);
+    rig.frame(frame());
+    assert!(matches!(rig.next(), Some(Action::Write { offset: 0, .. })));
+    // Bytes that arrived damaged do not match, whatever the payload says.
+    let mut rig = Rig::new(1 << 20);
+    attach(&mut rig);
+    let mut damaged = raw.clone();
+    damaged[100] ^= 0x40;
+    rig.s.payload_arrived(Some((Codec::None, 0)), &damaged);
+    rig.frame(frame());
+    let actions = rig.run(healthy);
+    assert!(!actions.iter().any(|a| matches!(a, Action::Write { .. })));
+    assert_eq!(errors(&actions)[0].code, ErrorCode::DigestMismatch);
+}
