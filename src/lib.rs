@@ -20,4 +20,5 @@ pub mod pipeline;
 pub mod progress;
 pub mod replicate;
 pub mod size;
+pub mod sync;
 pub mod wire;
