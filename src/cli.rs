@@ -5,6 +5,7 @@
 //! too small, flush failed); 5 internal or engine error; 6 a `send` that
 //! stopped (receiver unreachable for `--retry-for`) but can be resumed by
 //! running it again.
+#![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
 

@@ -1,5 +1,6 @@
 //! Progress for people (a bar on a terminal) and for scripts
 //! (newline-delimited JSON events on stdout).
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::time::Duration;

@@ -13,6 +13,7 @@
 //! probed: a guest can write any header into its disk, and a raw disk read
 //! as the qcow2 image its guest wrote would make qemu open a backing file
 //! of the guest's choosing on this host (the image-format probing hole).
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 

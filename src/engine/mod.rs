@@ -7,11 +7,15 @@
 //! memory stays valid and untouched until the op's completion is returned by
 //! [`Engine::wait`]. A worker never drops an engine with ops in flight: it
 //! drains completions first.
+// One of the two places unsafe code may live (see lib.rs): the engines and `sys` are where the tree talks to the kernel;
+// every block carries a `// SAFETY:` note.
+#![allow(unsafe_code)]
 
 use std::os::fd::RawFd;
 
 pub mod iovec;
 pub mod pin;
+pub mod sys;
 pub mod tcpinfo;
 pub mod threads;
 pub mod uring;

@@ -9,6 +9,7 @@
 //! ([`RetryQueue`]) and re-issues due reads from its event loop, so the
 //! other slots keep moving while one waits; nothing of a window is written
 //! until all of its reads succeeded.
+#![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
 

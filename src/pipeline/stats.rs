@@ -1,4 +1,5 @@
 //! Counters shared between the workers and the control thread.
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 

@@ -10,6 +10,7 @@
 //! `registry` the jobs in progress and their targets, `target` target names,
 //! opening and I/O, `ranges` merged byte-range sets, [`limits`] the caps on
 //! peers, `transport` the TLS / TCP byte stream.
+#![forbid(unsafe_code)]
 
 mod conn;
 mod job;

@@ -163,7 +163,7 @@ impl Server {
             .state_dir
             .clone()
             .unwrap_or_else(|| root.join(DEFAULT_STATE_DIR));
-        let uid = effective_uid();
+        let uid = crate::engine::sys::geteuid();
         let state_err = |e: crate::journal::JournalError| match e {
             crate::journal::JournalError::Io { .. } => ServeError::StateDir {
                 path: state_dir.clone(),
@@ -352,13 +352,6 @@ type Sockets = HashMap<u64, (TcpStream, bool)>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The receiver's effective uid (the owner its state directory must have).
-fn effective_uid() -> u32 {
-    // SAFETY: geteuid(2) takes no arguments, touches no memory and cannot
-    // fail.
-    unsafe { libc::geteuid() }
 }
 
 /// Joins threads that have ended.

@@ -17,12 +17,12 @@ pub mod open;
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::endpoint::FileKind;
+use crate::engine::sys;
 pub use open::{Opened, TARGET_MODE_DEFAULT, TargetKey, Targets};
 
 /// Zeros written per `pwrite` where a hole cannot be punched.
@@ -391,48 +391,19 @@ fn forget_stale_writeback_error(file: &File, path: &Path) {
 
 /// `sync_file_range(2)` over the range with `flags`.
 fn sync_range(file: &File, offset: u64, len_bytes: u64, flags: u32) -> io::Result<()> {
-    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
-    let offset = libc::off64_t::try_from(offset).map_err(|_| too_big())?;
-    let len = libc::off64_t::try_from(len_bytes).map_err(|_| too_big())?;
-    // SAFETY: sync_file_range(2) passes no memory: a descriptor borrowed from
-    // a live `File` and three integers.
-    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    sys::sync_file_range(file, offset, len_bytes, flags)
 }
 
 /// `posix_fadvise(DONTNEED)`: the range is on disk; free its cache pages.
 /// Advisory, so a failure is ignored.
 fn drop_cached(file: &File, offset: u64, len_bytes: u64) {
-    let (Ok(offset), Ok(len)) = (
-        libc::off_t::try_from(offset),
-        libc::off_t::try_from(len_bytes),
-    ) else {
-        return;
-    };
-    // SAFETY: posix_fadvise(2) passes no memory: a descriptor borrowed from a
-    // live `File` and three integers.
-    let _ =
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+    let _ = sys::fadvise(file, offset, len_bytes, libc::POSIX_FADV_DONTNEED);
 }
 
 /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` over the range.
 fn punch_hole(file: &File, offset: u64, len_bytes: u64) -> io::Result<()> {
-    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
-    let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
-    let len = libc::off_t::try_from(len_bytes).map_err(|_| too_big())?;
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate(2) passes no memory: only a descriptor borrowed from a
-    // live `File` (so it stays open for the call) and three integers.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    sys::fallocate(file, mode, offset, len_bytes)
 }
 
 #[cfg(test)]
