@@ -42,8 +42,6 @@ pub use codec::{Compressors, compress, decompress, max_payload_bytes};
 pub use mode::Mode;
 pub use policy::{Choice, CodecEstimate, Estimates, LinkState, Policy, Reason, Stats};
 
-use std::fmt;
-
 /// The largest chunk that is compressed or decompressed (the NBD payload
 /// bound): a peer's declared `raw_len` is never trusted beyond it.
 pub const MAX_RAW_BYTES: usize = 32 * 1024 * 1024;
@@ -53,40 +51,9 @@ pub const ZSTD_LEVEL_MAX: i32 = 19;
 /// Level of `--compress zstd`.
 pub const ZSTD_LEVEL_DEFAULT: i32 = 3;
 
-/// Codec id as it travels in a frame header.
-#[repr(u8)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Codec {
-    None = 0,
-    Lz4 = 1,
-    Zstd = 2,
-}
-
-impl Codec {
-    /// The codec with wire id `id`, or [`CompressError::UnknownCodec`].
-    pub fn from_u8(id: u8) -> Result<Self, CompressError> {
-        match id {
-            0 => Ok(Codec::None),
-            1 => Ok(Codec::Lz4),
-            2 => Ok(Codec::Zstd),
-            _ => Err(CompressError::UnknownCodec { id }),
-        }
-    }
-
-    pub fn as_u8(self) -> u8 {
-        self as u8
-    }
-}
-
-impl fmt::Display for Codec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Codec::None => "raw",
-            Codec::Lz4 => "lz4",
-            Codec::Zstd => "zstd",
-        })
-    }
-}
+/// The codec of a chunk: the wire protocol's type, so a frame's codec id
+/// needs no conversion on its way to or from a compressor.
+pub use crate::wire::Codec;
 
 /// Errors of compression and decompression.
 #[derive(Debug, thiserror::Error)]
@@ -133,11 +100,6 @@ pub enum CompressError {
          that both sides run the same diskferry version"
     )]
     Corrupt { codec: Codec, detail: String },
-    #[error(
-        "unknown codec id {id} in a frame: the peer runs a newer diskferry; upgrade \
-         this side or run the sender with --compress none"
-    )]
-    UnknownCodec { id: u8 },
     #[error("zstd level {level} is outside 1..=19: pass --compress zstd:LEVEL with 1..=19")]
     ZstdLevel { level: i32 },
     #[error("{codec} failed to compress a chunk ({detail}): retry with --compress none")]

@@ -133,7 +133,10 @@ pub enum WireError {
     )]
     ChunkTooLarge { raw_len_bytes: u32, max_bytes: u32 },
     /// A compression codec this build does not know.
-    #[error("unknown compression codec {code}: the peer runs a newer or broken diskferry")]
+    #[error(
+        "unknown compression codec {code}: the peer runs a newer or broken diskferry; \
+         upgrade so both sides run the same version"
+    )]
     UnknownCodec { code: u8 },
     /// A field with a value outside its domain.
     #[error("{frame} frame: {field} {why}")]

@@ -370,11 +370,7 @@ impl StreamSender {
                 t.elapsed(),
             );
             if used {
-                codec = match choice.codec {
-                    compress::Codec::Lz4 => wire::Codec::Lz4,
-                    compress::Codec::Zstd => wire::Codec::Zstd,
-                    compress::Codec::None => wire::Codec::None,
-                };
+                codec = choice.codec;
                 payload = &self.out;
             }
         }
