@@ -27,4 +27,5 @@ pub mod pipeline;
 pub mod progress;
 pub mod replicate;
 pub mod size;
+pub mod sync;
 pub mod wire;

@@ -17,8 +17,10 @@
 //! the buffer is full or the peer closes, and EINTR is retried.
 
 use super::{Completion, Engine, EngineError, EngineKind, Op};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
+
+use crate::sync::lock;
 
 /// Upper bound on the pool size, whatever `max_in_flight` is.
 pub const THREADS_MAX: usize = 256;
@@ -95,10 +97,7 @@ fn worker_loop(jobs_rx: &Mutex<mpsc::Receiver<Job>>, done_tx: &mpsc::Sender<Comp
     loop {
         // The guard is a temporary of this statement: the lock is released
         // before the op runs, so other workers can pick up jobs meanwhile.
-        let next = jobs_rx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .recv();
+        let next = lock(jobs_rx).recv();
         let Ok(Job { user_data, op }) = next else {
             return; // engine dropped
         };

@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 //! Network replication: `diskferry send` (the sender, [`send`]) and
 //! `diskferry serve` (the receiver, [`serve`]). The protocol is `crate::wire`
 //! (docs/wire-protocol.md); the transport is `crate::net`.
@@ -10,7 +11,6 @@
 //! `registry` the jobs in progress and their targets, `target` target names,
 //! opening and I/O, `ranges` merged byte-range sets, [`limits`] the caps on
 //! peers, `transport` the TLS / TCP byte stream.
-#![forbid(unsafe_code)]
 
 mod conn;
 mod job;

@@ -163,7 +163,7 @@ impl Server {
             .state_dir
             .clone()
             .unwrap_or_else(|| root.join(DEFAULT_STATE_DIR));
-        let uid = crate::engine::sys::geteuid();
+        let uid = effective_uid();
         let state_err = |e: crate::journal::JournalError| match e {
             crate::journal::JournalError::Io { .. } => ServeError::StateDir {
                 path: state_dir.clone(),
@@ -352,6 +352,11 @@ type Sockets = HashMap<u64, (TcpStream, bool)>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The receiver's effective uid (the owner its state directory must have).
+fn effective_uid() -> u32 {
+    crate::engine::sys::geteuid()
 }
 
 /// Joins threads that have ended.

@@ -24,6 +24,7 @@ use std::sync::Mutex;
 
 use crate::endpoint::FileKind;
 use crate::engine::sys;
+use crate::sync::lock;
 pub use open::{Opened, TARGET_MODE_DEFAULT, TargetKey, Targets};
 
 /// Zeros written per `pwrite` where a hole cannot be punched.
@@ -263,7 +264,7 @@ impl Target {
 
     fn write_streamed(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
         let oldest = {
-            let mut ranges = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ranges = lock(&self.write_lock);
             self.file.write_all_at(bytes, offset)?;
             let len = bytes.len() as u64;
             sync_range(&self.writeback, offset, len, libc::SYNC_FILE_RANGE_WRITE)?;
@@ -347,7 +348,7 @@ impl Target {
     /// Call after a write completed: the number of the first flush that
     /// will cover it (one that starts after now).
     pub fn sync_point(&self) -> u64 {
-        self.syncs.lock().unwrap_or_else(|p| p.into_inner()).started + 1
+        lock(&self.syncs).started + 1
     }
 
     /// Makes durable every write whose [`Target::sync_point`] was `need`
@@ -357,22 +358,22 @@ impl Target {
     /// fdatasync instead of queueing one each.
     pub fn sync_covering(&self, need: u64) -> io::Result<()> {
         self.check_failed()?;
-        let done = |s: &Self| s.syncs.lock().unwrap_or_else(|p| p.into_inner()).done;
+        let done = |s: &Self| lock(&s.syncs).done;
         if done(self) >= need {
             return Ok(());
         }
-        let _one = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = lock(&self.sync_lock);
         if done(self) >= need {
             return Ok(());
         }
         let mine = {
-            let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = lock(&self.syncs);
             s.started += 1;
             s.started
         };
         self.check_failed()?;
         self.poison_on_error(self.file.sync_data())?;
-        let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.syncs);
         s.done = s.done.max(mine);
         Ok(())
     }
