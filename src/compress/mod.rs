@@ -33,6 +33,11 @@
 //! no compressor can keep up with the link the decision takes 6 ns and
 //! nothing is probed.
 #![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 pub mod codec;
 pub mod mode;

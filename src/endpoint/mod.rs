@@ -14,6 +14,11 @@
 //! as the qcow2 image its guest wrote would make qemu open a backing file
 //! of the guest's choosing on this host (the image-format probing hole).
 #![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use std::path::{Path, PathBuf};
 

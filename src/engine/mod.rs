@@ -10,6 +10,11 @@
 // One of the two places unsafe code may live (see lib.rs): the engines and `sys` are where the tree talks to the kernel;
 // every block carries a `// SAFETY:` note.
 #![allow(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use std::os::fd::RawFd;
 

@@ -330,7 +330,7 @@ fn recv(fd: i32, buf: *mut u8, len: u32, waitall: bool) -> i32 {
                 rc
             };
         }
-        done_bytes += rc as usize;
+        done_bytes += rc.unsigned_abs() as usize; // rc >= 0 here
         if !waitall || rc == 0 || done_bytes >= len_bytes {
             return bytes_to_result(done_bytes);
         }
@@ -370,7 +370,7 @@ fn send_all(fd: i32, iov: *const libc::iovec, iovcnt: u32) -> i32 {
                 rc
             };
         }
-        let mut advance_bytes = rc as usize;
+        let mut advance_bytes = rc.unsigned_abs() as usize; // rc >= 0 here
         sent_bytes += advance_bytes;
         while advance_bytes > 0 {
             let head = &mut iovs[first];

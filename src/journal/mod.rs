@@ -16,6 +16,11 @@
 //! The journal is advanced only after the ranges it adds were flushed
 //! (fdatasync / NBD FLUSH); that ordering is the caller's duty.
 #![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 pub mod codec;
 pub mod decide;

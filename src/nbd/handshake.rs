@@ -131,7 +131,7 @@ fn read_opt_reply<S: Read>(s: &mut S, option: u32) -> Result<OptReply, NbdError>
 }
 
 fn send_option<S: Write>(s: &mut S, option: u32, data: &[u8]) -> Result<(), NbdError> {
-    s.write_all(&proto::encode_option(option, data))?;
+    s.write_all(&proto::encode_option(option, data)?)?;
     s.flush()?;
     Ok(())
 }
@@ -368,7 +368,7 @@ mod tests {
         let mut v = proto::OPT_REPLY_MAGIC.to_be_bytes().to_vec();
         v.extend_from_slice(&option.to_be_bytes());
         v.extend_from_slice(&ty.to_be_bytes());
-        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
         v.extend_from_slice(data);
         v
     }

@@ -12,6 +12,11 @@
 //!   handshake-time work: block-status planning, tests, flush.
 //! * [`uri`]: libnbd-style NBD URIs.
 #![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 pub mod blocking;
 pub mod conn;

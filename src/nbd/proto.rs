@@ -221,16 +221,22 @@ fn proto_err(msg: impl Into<String>) -> NbdError {
 /// Length of a client-supplied string as a u32, refusing strings longer than
 /// [`MAX_STRING_BYTES`] (the server would refuse them anyway).
 fn string_len(s: &str, what: &str) -> Result<u32, NbdError> {
-    if s.len() > MAX_STRING_BYTES as usize {
-        return Err(NbdError::Refused {
+    match u32::try_from(s.len()) {
+        Ok(len) if len <= MAX_STRING_BYTES => Ok(len),
+        _ => Err(NbdError::Refused {
             what: what.to_string(),
             message: format!(
                 "the name is {} bytes, longer than the {MAX_STRING_BYTES}-byte limit",
                 s.len()
             ),
-        });
+        }),
     }
-    Ok(s.len() as u32)
+}
+
+/// A count or length of option data as the integer the protocol carries;
+/// more is refused before anything is sent.
+fn option_field<T: TryFrom<usize>>(n: usize, what: &str) -> Result<T, NbdError> {
+    T::try_from(n).map_err(|_| NbdError::Invalid(format!("{n} {what} do not fit an NBD option")))
 }
 
 // ------------------------------------------------------------- handshake
@@ -258,13 +264,14 @@ pub fn decode_greeting(b: &[u8; GREETING_BYTES]) -> Result<u16, NbdError> {
 }
 
 /// Encode an option: IHAVEOPT, option, length, data.
-pub fn encode_option(option: u32, data: &[u8]) -> Vec<u8> {
+pub fn encode_option(option: u32, data: &[u8]) -> Result<Vec<u8>, NbdError> {
+    let len: u32 = option_field(data.len(), "bytes of option data")?;
     let mut v = Vec::with_capacity(16 + data.len());
     v.extend_from_slice(&OPTS_MAGIC.to_be_bytes());
     v.extend_from_slice(&option.to_be_bytes());
-    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
     v.extend_from_slice(data);
-    v
+    Ok(v)
 }
 
 /// Data of NBD_OPT_GO / NBD_OPT_INFO: export name and the info types asked for.
@@ -273,7 +280,8 @@ pub fn encode_go_data(export: &str, infos: &[u16]) -> Result<Vec<u8>, NbdError> 
     let mut v = Vec::with_capacity(6 + export.len() + 2 * infos.len());
     v.extend_from_slice(&len.to_be_bytes());
     v.extend_from_slice(export.as_bytes());
-    v.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    let count: u16 = option_field(infos.len(), "info requests")?;
+    v.extend_from_slice(&count.to_be_bytes());
     for i in infos {
         v.extend_from_slice(&i.to_be_bytes());
     }
@@ -286,7 +294,8 @@ pub fn encode_meta_context_data(export: &str, queries: &[&str]) -> Result<Vec<u8
     let mut v = Vec::new();
     v.extend_from_slice(&len.to_be_bytes());
     v.extend_from_slice(export.as_bytes());
-    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    let count: u32 = option_field(queries.len(), "meta context queries")?;
+    v.extend_from_slice(&count.to_be_bytes());
     for q in queries {
         let qlen = string_len(q, "meta context name")?;
         v.extend_from_slice(&qlen.to_be_bytes());

@@ -91,7 +91,10 @@ fn percent_decode(s: &str, what: &str) -> Result<Vec<u8>, String> {
                     "{what} has a malformed percent escape at byte {i} (use %XX with two hex digits)"
                 ));
             };
-            let digit = |b: u8| char::from(b).to_digit(16).unwrap_or(0) as u8;
+            let digit = |b: u8| {
+                let d = char::from(b).to_digit(16).unwrap_or(0);
+                u8::try_from(d).unwrap_or(0) // a hex digit is below 16
+            };
             let value = digit(hex[0]) * 16 + digit(hex[1]);
             out.push(value);
             i += 3;

@@ -1,6 +1,11 @@
 //! One transport stream of a job (TLS 1.3 with mutual authentication, or
 //! plaintext TCP behind an explicit flag) and frame I/O over it.
 #![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -33,6 +33,7 @@ pub enum FrameType {
 }
 
 /// Bytes of a length-prefixed string at its longest.
+#[expect(clippy::cast_possible_truncation, reason = "MAX_STRING_BYTES is 4096")]
 const STRING_MAX_ON_WIRE: u32 = 2 + MAX_STRING_BYTES as u32;
 
 /// Fixed part of a Hello: job id, size, chunk size, features, stream index
@@ -96,7 +97,7 @@ impl FrameType {
             Hello => (HELLO_MIN, HELLO_MIN - 4 + 2 * STRING_MAX_ON_WIRE),
             Welcome => (WELCOME_MIN, WELCOME_MIN + RANGE_LEN * MAX_RESUME_RANGES),
             Data => {
-                let head = super::msg::DATA_HEAD_LEN as u32;
+                let head = super::msg::DATA_HEAD_BYTES;
                 (head + 1, head + MAX_CHUNK_BYTES)
             }
             Zero => (16, 16),

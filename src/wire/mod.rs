@@ -15,6 +15,11 @@
 //!
 //! [`decode_any`] is the one-call entry point for fuzz targets.
 #![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 pub mod decoder;
 pub mod digest;

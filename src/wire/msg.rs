@@ -16,7 +16,9 @@ use reader::Reader;
 
 /// Bytes of the fixed part of a DATA payload (offset, raw length, codec,
 /// three reserved bytes, digest).
-pub const DATA_HEAD_LEN: usize = 8 + 4 + 1 + 3 + 32;
+pub const DATA_HEAD_LEN: usize = DATA_HEAD_BYTES as usize;
+/// [`DATA_HEAD_LEN`] as a frame length (`u32`).
+pub const DATA_HEAD_BYTES: u32 = 8 + 4 + 1 + 3 + 32;
 /// Bytes before the payload of a DATA frame: header plus fixed part.
 pub const DATA_HEADER_LEN: usize = HEADER_LEN + DATA_HEAD_LEN;
 
@@ -148,7 +150,7 @@ pub fn encode_data_header(
     payload_len_bytes: u32,
 ) -> Result<[u8; DATA_HEADER_LEN], WireError> {
     head.validate(payload_len_bytes)?;
-    let header = Header::new(FrameType::Data, DATA_HEAD_LEN as u32 + payload_len_bytes)?;
+    let header = Header::new(FrameType::Data, DATA_HEAD_BYTES + payload_len_bytes)?;
     let mut out = [0u8; DATA_HEADER_LEN];
     out[..HEADER_LEN].copy_from_slice(&header.encode());
     out[HEADER_LEN..].copy_from_slice(&head.encode());

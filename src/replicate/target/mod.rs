@@ -11,6 +11,11 @@
 //! `pwrite` at a time): concurrent buffered writes to one inode spin on its
 //! lock and were 3× slower here. O_DIRECT from aligned buffers is left to the
 //! I/O engine when the receiver moves onto it.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 pub mod beneath;
 pub mod open;
@@ -332,7 +337,8 @@ impl Target {
         let mut done_bytes = 0u64;
         // Bounded: each iteration advances by at least one byte.
         while done_bytes < len_bytes {
-            let n = (len_bytes - done_bytes).min(ZERO_WRITE_BYTES as u64) as usize;
+            let n = usize::try_from(len_bytes - done_bytes)
+                .map_or(ZERO_WRITE_BYTES, |rest| rest.min(ZERO_WRITE_BYTES));
             self.write_at(&ZEROS[..n], offset + done_bytes)?;
             done_bytes += n as u64;
         }
