@@ -15,9 +15,13 @@ use crate::engine::sys;
 /// An open raw file or block device.
 #[derive(Debug)]
 pub struct RawFile {
+    /// The open file.
     pub file: File,
+    /// A regular file or a block device.
     pub kind: FileKind,
+    /// Its size (a block device's capacity).
     pub size_bytes: u64,
+    /// The path it was opened at.
     pub path: PathBuf,
 }
 
