@@ -16,6 +16,7 @@
     clippy::cast_sign_loss,
     clippy::cast_possible_wrap
 )]
+#![warn(missing_docs)]
 
 pub mod certs;
 pub mod rate;
