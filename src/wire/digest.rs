@@ -24,6 +24,7 @@ pub fn chunk_digest(bytes: &[u8]) -> [u8; 32] {
 /// Which digest DATA frames carry (negotiated: [`super::Features::XXH3`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ChunkDigest {
+    /// BLAKE3 (32 bytes); the default.
     #[default]
     Blake3,
     /// XXH3-128, little endian, in the first 16 of the 32 bytes.
@@ -45,6 +46,7 @@ impl Default for StreamingChunkDigest {
 }
 
 impl StreamingChunkDigest {
+    /// A digest of no bytes yet.
     pub fn new() -> Self {
         Self {
             state: twox_hash::XxHash3_128::new(),
@@ -58,6 +60,7 @@ impl StreamingChunkDigest {
         self.bytes = 0;
     }
 
+    /// Feeds the next bytes of the chunk.
     pub fn update(&mut self, bytes: &[u8]) {
         self.state.write(bytes);
         self.bytes += bytes.len();
@@ -99,6 +102,7 @@ impl ChunkDigest {
         }
     }
 
+    /// The digest's name, for messages.
     pub fn name(self) -> &'static str {
         match self {
             ChunkDigest::Blake3 => "BLAKE3",

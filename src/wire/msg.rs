@@ -25,7 +25,9 @@ pub const DATA_HEADER_LEN: usize = HEADER_LEN + DATA_HEAD_LEN;
 /// A byte range `[offset, offset + len_bytes)` of the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ByteRange {
+    /// Where the range starts.
     pub offset: u64,
+    /// How long it is.
     pub len_bytes: u64,
 }
 
@@ -45,6 +47,7 @@ pub struct Hello {
     pub stream_index: u16,
     /// Streams in the job, 1 ..= [`MAX_STREAMS`].
     pub stream_count: u16,
+    /// What the sender asks of the receiver for this job.
     pub flags: HelloFlags,
     /// Target name the receiver maps to a file / device / export.
     pub target: String,
@@ -70,9 +73,11 @@ pub struct Welcome {
 /// The fixed part of a DATA frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataHead {
+    /// Where the chunk goes in the image.
     pub offset: u64,
     /// Length of the raw (uncompressed) chunk; 1 ..= [`MAX_CHUNK_BYTES`].
     pub raw_len_bytes: u32,
+    /// How the payload is encoded.
     pub codec: Codec,
     /// BLAKE3 of the raw bytes.
     pub raw_digest: [u8; 32],
@@ -81,6 +86,7 @@ pub struct DataHead {
 /// DATA: one chunk, raw or compressed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Data {
+    /// The fixed part.
     pub head: DataHead,
     /// The chunk as sent: `raw_len_bytes` long for [`Codec::None`], at most
     /// `raw_len_bytes` long when compressed.
@@ -103,42 +109,59 @@ pub struct Ack {
 /// place of a WELCOME it is the receiver's refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorFrame {
+    /// What kind of error.
     pub code: ErrorCode,
+    /// What went wrong, for the peer's operator.
     pub message: String,
 }
 
 /// Every frame of protocol version 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
+    /// The first frame of every stream, sender → receiver.
     Hello(Hello),
+    /// The receiver's acceptance of a HELLO.
     Welcome(Welcome),
+    /// One chunk.
     Data(Data),
     /// The range must read as zeros on the target.
     Zero(ByteRange),
     /// Make everything received on this stream durable, then ACK `seq`.
     Barrier {
+        /// Sequence number the ACK answers with.
         seq: u64,
     },
+    /// The receiver's answer to a BARRIER.
     Ack(Ack),
     /// The sender has nothing more for this stream.
     Done {
+        /// DATA payload bytes sent on this stream.
         total_bytes_sent: u64,
+        /// Frames sent on this stream.
         frames: u64,
     },
     /// Read the whole target back and digest it (see `ImageDigest`).
     VerifyRequest {
+        /// Window size of the image digest.
         window_bytes: u32,
     },
+    /// The receiver's image digest of the target.
     VerifyResult {
+        /// The image digest.
         digest: [u8; 32],
+        /// Bytes read back.
         bytes_read: u64,
     },
+    /// The last frame before closing.
     Error(ErrorFrame),
     /// Keepalive; the peer answers PONG with the same nonce.
     Ping {
+        /// Echoed by the PONG.
         nonce: u64,
     },
+    /// The answer to a PING.
     Pong {
+        /// The PING's nonce.
         nonce: u64,
     },
 }
