@@ -17,6 +17,7 @@ pub struct RangeSet {
 }
 
 impl RangeSet {
+    /// No range.
     pub fn new() -> Self {
         Self::default()
     }
@@ -80,6 +81,7 @@ impl RangeSet {
         self.ends_by_start.len()
     }
 
+    /// Whether no byte is covered.
     pub fn is_empty(&self) -> bool {
         self.ends_by_start.is_empty()
     }

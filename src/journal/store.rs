@@ -105,6 +105,7 @@ impl JournalStore {
         self
     }
 
+    /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
