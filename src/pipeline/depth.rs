@@ -144,7 +144,7 @@ mod tests {
         let service = Duration::from_micros(250);
         for i in 0..20_000u32 {
             // Reads complete in turn: the k-th of a window waited k services.
-            let k = i % c.window() as u32 + 1;
+            let k = i % u32::try_from(c.window()).unwrap() + 1;
             c.sample(service * k);
         }
         assert_eq!(c.window(), 4);

@@ -113,7 +113,7 @@ fn more_connections(
             uri_display(uri)
         );
     }
-    while multi && (conns.len() as u32) < n {
+    while multi && conns.len() < n as usize {
         conns.push(connect(uri, meta, io_timeout)?);
     }
     Ok(conns)
