@@ -5,8 +5,8 @@
 //! too small, flush failed); 5 internal or engine error; 6 a `send` that
 //! stopped (receiver unreachable for `--retry-for`) but can be resumed by
 //! running it again.
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 use clap::{Parser, Subcommand};
 
 use crate::engine::EngineKind;

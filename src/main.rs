@@ -1,6 +1,6 @@
 //! The `diskferry` binary: [`diskferry::cli`] behind a heap tuned for TLS.
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 fn main() {
     keep_heap();
     std::process::exit(diskferry::cli::main());

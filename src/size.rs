@@ -16,8 +16,8 @@
 //! So `4k`, `4K`, `4Ki` and `4KiB` all mean 4096. Decimal SI forms (`KB`,
 //! `MB`) are refused rather than guessed at, as are fractions (`1.5G`),
 //! signs, embedded spaces and anything that overflows a `u64`.
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 /// Longest input accepted (well above any real size).
 const MAX_SIZE_TEXT_BYTES: usize = 64;
 

@@ -1,8 +1,8 @@
 //! The coordinator of `diskferry copy`: opens both ends, starts the planner
 //! and one pinned worker per core, reports progress from the control
 //! thread, and flushes the target before reporting success.
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 use std::time::{Duration, Instant};
 
 use super::open::{Access, Source, Target, open_source, open_target};

@@ -21,8 +21,8 @@
 //! that serves one read at a time shows `waiting = (w − 1) / (w + 1)` at
 //! window `w`: 0.6 at the usual start of 4 slots per worker, so it never
 //! grows. The window never leaves `[start, max]`.
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 use std::time::Duration;
 
 /// Deepen while reads spend less than this share of their time queued.

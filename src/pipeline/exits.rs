@@ -5,8 +5,8 @@
 //! each stage of a job. A thread now carries an [`ExitGuard`] that counts it
 //! out when it drops (also when the thread panics), and the control loop
 //! waits on [`Exits::wait_all`], which returns as soon as the last one left.
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 

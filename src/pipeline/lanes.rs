@@ -15,8 +15,8 @@
 //! last window. A lane is a sorted list of whole windows; each step plans
 //! the stretch from its cursor to the end of its next data window, so a
 //! hole before it stays one zero item and never costs a request per window.
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 use super::maps::ExtentList;
 use super::plan::{Emit, PlanError, plan_span};
 

@@ -5,8 +5,8 @@
 //!
 //! Each connection has an [`IoWatch`] ([`super::silence`]): since when it
 //! has waited for a reply and heard nothing.
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Opening SRC and DST: files directly, NBD URIs with several connections,
 //! other image formats through a qemu-nbd child.
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 use std::fs::File;
 use std::time::Duration;
 

@@ -6,8 +6,8 @@
 //! runs (the rest of the window is known zero and is never read). Runs of
 //! windows with no data become [`Work::Zero`] items, or nothing at all when
 //! the target is known to read as zeros already.
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 /// One extent as reported by a source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {

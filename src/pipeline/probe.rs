@@ -16,8 +16,8 @@
 //! times the rate before: keep it and probe again; otherwise go back and
 //! wait twice as long as last time before the next probe (at most
 //! [`BACKOFF_MAX_EPOCHS`]). The scale never exceeds [`SCALE_MAX`].
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 use std::time::Duration;
 
 /// One measurement interval.

@@ -9,8 +9,8 @@
 //! ([`RetryQueue`]) and re-issues due reads from its event loop, so the
 //! other slots keep moving while one waits; nothing of a window is written
 //! until all of its reads succeeded.
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 use std::time::{Duration, Instant};
 
 use crate::nbd::proto;

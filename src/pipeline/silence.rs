@@ -5,8 +5,8 @@
 //! recv the kernel holds completes and the worker drains and stops without
 //! freeing a buffer still in flight ("buffers named by an in-flight op
 //! belong to the kernel", docs/ARCHITECTURE.md).
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

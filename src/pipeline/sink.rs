@@ -2,8 +2,8 @@
 //! of `diskferry send`) without copying: a worker lends the slot, the sender
 //! gives it back through a per-worker return queue and rings the worker's
 //! doorbell (a socket pair the worker waits on through its engine).
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};

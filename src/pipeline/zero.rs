@@ -4,8 +4,8 @@
 //! the chunk start); runs of all-zero granules become zero runs (never sent or
 //! written as data), the rest data runs. Scanning stops at the first non-zero
 //! word of a granule, so dense random data costs almost nothing.
-#![forbid(unsafe_code)]
 
+#![forbid(unsafe_code)]
 /// Default zero-detection granularity.
 pub const GRANULE_BYTES: usize = 4096;
 
