@@ -37,23 +37,37 @@ pub const MAX_URI_BYTES: usize = 8192;
 /// How to reach the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {
-    Tcp { host: String, port: u16 },
-    Unix { path: PathBuf },
+    /// `nbd://host:port`.
+    Tcp {
+        /// Host name or IP address.
+        host: String,
+        /// TCP port (10809 by default).
+        port: u16,
+    },
+    /// `nbd+unix:///export?socket=PATH`.
+    Unix {
+        /// The socket's path.
+        path: PathBuf,
+    },
 }
 
 /// A parsed NBD URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUri {
+    /// How to reach the server.
     pub transport: Transport,
     /// Export name (percent-decoded; empty = default export).
     pub export: String,
+    /// An `nbds` scheme: TLS asked for (copy refuses it for now).
     pub tls: bool,
 }
 
 /// A connected stream to an NBD server.
 #[derive(Debug)]
 pub enum NbdStream {
+    /// Over TCP.
     Tcp(std::net::TcpStream),
+    /// Over a Unix socket.
     Unix(std::os::unix::net::UnixStream),
 }
 
