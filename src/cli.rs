@@ -6,6 +6,7 @@
 //! stopped (receiver unreachable for `--retry-for`) but can be resumed by
 //! running it again.
 
+#![forbid(unsafe_code)]
 use clap::{Parser, Subcommand};
 
 use crate::engine::EngineKind;

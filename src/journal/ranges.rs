@@ -18,6 +18,7 @@ pub struct RangeSet {
 }
 
 impl RangeSet {
+    /// No range.
     pub fn new() -> Self {
         Self::default()
     }
@@ -81,6 +82,7 @@ impl RangeSet {
         self.ends_by_start.len()
     }
 
+    /// Whether no byte is covered.
     pub fn is_empty(&self) -> bool {
         self.ends_by_start.is_empty()
     }

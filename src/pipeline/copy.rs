@@ -2,6 +2,7 @@
 //! and one pinned worker per core, reports progress from the control
 //! thread, and flushes the target before reporting success.
 
+#![forbid(unsafe_code)]
 use std::time::{Duration, Instant};
 
 use super::open::{Access, Source, Target, open_source, open_target};

@@ -2,6 +2,7 @@
 //! pinned worker per core, the buffer pool, and what happens when a job
 //! fails (drain, then cut off). The caller owns the control loop.
 
+#![forbid(unsafe_code)]
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;

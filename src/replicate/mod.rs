@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 //! Network replication: `diskferry send` (the sender, [`send`]) and
 //! `diskferry serve` (the receiver, [`receive`]). The protocol is
 //! `crate::wire` (docs/wire-protocol.md); the transport is `crate::net`.

@@ -214,9 +214,8 @@ impl Client {
         let payload = match codec {
             Codec::None => raw.to_vec(),
             Codec::Lz4 | Codec::Zstd => {
-                let c = diskferry::compress::Codec::from_u8(codec as u8).unwrap();
                 let mut out = Vec::new();
-                diskferry::compress::compress(c, 1, raw, &mut out).unwrap();
+                diskferry::compress::compress(codec, 1, raw, &mut out).unwrap();
                 assert!(out.len() < raw.len(), "test data must compress");
                 out
             }

@@ -8,6 +8,7 @@
 //! side, `write.rs` the target side, `nbd.rs` the replies on the worker's
 //! NBD connections and `lend.rs` the windows lent to network senders.
 
+#![forbid(unsafe_code)]
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

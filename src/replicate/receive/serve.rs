@@ -353,9 +353,7 @@ type Sockets = HashMap<u64, (TcpStream, bool)>;
 
 /// The receiver's effective uid (the owner its state directory must have).
 fn effective_uid() -> u32 {
-    // SAFETY: geteuid(2) takes no arguments, touches no memory and cannot
-    // fail.
-    unsafe { libc::geteuid() }
+    crate::engine::sys::geteuid()
 }
 
 /// Joins threads that have ended.

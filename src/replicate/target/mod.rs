@@ -11,6 +11,11 @@
 //! `pwrite` at a time): concurrent buffered writes to one inode spin on its
 //! lock and were 3× slower here. O_DIRECT from aligned buffers is left to the
 //! I/O engine when the receiver moves onto it.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 pub mod beneath;
 pub mod open;
@@ -23,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::endpoint::FileKind;
+use crate::engine::sys;
+use crate::sync::lock;
 pub use open::{Opened, TARGET_MODE_DEFAULT, TargetKey, Targets};
 
 /// Zeros written per `pwrite` where a hole cannot be punched.
@@ -262,7 +269,7 @@ impl Target {
 
     fn write_streamed(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
         let oldest = {
-            let mut ranges = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ranges = lock(&self.write_lock);
             self.file.write_all_at(bytes, offset)?;
             let len = bytes.len() as u64;
             sync_range(&self.writeback, offset, len, libc::SYNC_FILE_RANGE_WRITE)?;
@@ -330,7 +337,8 @@ impl Target {
         let mut done_bytes = 0u64;
         // Bounded: each iteration advances by at least one byte.
         while done_bytes < len_bytes {
-            let n = (len_bytes - done_bytes).min(ZERO_WRITE_BYTES as u64) as usize;
+            let n = usize::try_from(len_bytes - done_bytes)
+                .map_or(ZERO_WRITE_BYTES, |rest| rest.min(ZERO_WRITE_BYTES));
             self.write_at(&ZEROS[..n], offset + done_bytes)?;
             done_bytes += n as u64;
         }
@@ -346,7 +354,7 @@ impl Target {
     /// Call after a write completed: the number of the first flush that
     /// will cover it (one that starts after now).
     pub fn sync_point(&self) -> u64 {
-        self.syncs.lock().unwrap_or_else(|p| p.into_inner()).started + 1
+        lock(&self.syncs).started + 1
     }
 
     /// Makes durable every write whose [`Target::sync_point`] was `need`
@@ -356,22 +364,22 @@ impl Target {
     /// fdatasync instead of queueing one each.
     pub fn sync_covering(&self, need: u64) -> io::Result<()> {
         self.check_failed()?;
-        let done = |s: &Self| s.syncs.lock().unwrap_or_else(|p| p.into_inner()).done;
+        let done = |s: &Self| lock(&s.syncs).done;
         if done(self) >= need {
             return Ok(());
         }
-        let _one = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = lock(&self.sync_lock);
         if done(self) >= need {
             return Ok(());
         }
         let mine = {
-            let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = lock(&self.syncs);
             s.started += 1;
             s.started
         };
         self.check_failed()?;
         self.poison_on_error(self.file.sync_data())?;
-        let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.syncs);
         s.done = s.done.max(mine);
         Ok(())
     }
@@ -416,48 +424,19 @@ fn forget_stale_writeback_error(file: &File, path: &Path) {
 
 /// `sync_file_range(2)` over the range with `flags`.
 fn sync_range(file: &File, offset: u64, len_bytes: u64, flags: u32) -> io::Result<()> {
-    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
-    let offset = libc::off64_t::try_from(offset).map_err(|_| too_big())?;
-    let len = libc::off64_t::try_from(len_bytes).map_err(|_| too_big())?;
-    // SAFETY: sync_file_range(2) passes no memory: a descriptor borrowed from
-    // a live `File` and three integers.
-    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    sys::sync_file_range(file, offset, len_bytes, flags)
 }
 
 /// `posix_fadvise(DONTNEED)`: the range is on disk; free its cache pages.
 /// Advisory, so a failure is ignored.
 fn drop_cached(file: &File, offset: u64, len_bytes: u64) {
-    let (Ok(offset), Ok(len)) = (
-        libc::off_t::try_from(offset),
-        libc::off_t::try_from(len_bytes),
-    ) else {
-        return;
-    };
-    // SAFETY: posix_fadvise(2) passes no memory: a descriptor borrowed from a
-    // live `File` and three integers.
-    let _ =
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+    let _ = sys::fadvise(file, offset, len_bytes, libc::POSIX_FADV_DONTNEED);
 }
 
 /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` over the range.
 fn punch_hole(file: &File, offset: u64, len_bytes: u64) -> io::Result<()> {
-    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
-    let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
-    let len = libc::off_t::try_from(len_bytes).map_err(|_| too_big())?;
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate(2) passes no memory: only a descriptor borrowed from a
-    // live `File` (so it stays open for the call) and three integers.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    sys::fallocate(file, mode, offset, len_bytes)
 }
 
 #[cfg(test)]
