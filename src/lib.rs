@@ -6,6 +6,8 @@
 //! * [`endpoint`] — what a SRC / DST string means: NBD URIs, files, block
 //!   devices, images opened through a qemu-nbd child.
 //! * [`pipeline`] — extent planner, zero detection, buffer pool, workers.
+//! * [`plan`]     — pass plans of incremental replication (dirty bitmaps,
+//!   changed-areas lists); building blocks not yet used by `send`.
 //! * [`progress`] — progress bar and newline-delimited JSON events.
 //!
 //! Unsafe code lives only in [`engine`] (the io_uring engine, the threaded
@@ -23,6 +25,7 @@ pub mod journal;
 pub mod nbd;
 pub mod net;
 pub mod pipeline;
+pub mod plan;
 pub mod progress;
 pub mod replicate;
 pub mod size;

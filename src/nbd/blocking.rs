@@ -132,6 +132,19 @@ impl<S: Read + Write> Client<S> {
             .ok_or_else(|| NbdError::Protocol(format!("no extents for context {context:?}")))
     }
 
+    /// One BLOCK_STATUS request answered for every negotiated context:
+    /// `(context id, extents)` in the order the server sent them, each
+    /// list starting at `offset` and possibly covering less than `len`
+    /// (the decoder has checked each list is non-empty, inside the request,
+    /// and that every negotiated context was answered exactly once).
+    pub fn block_status_all(
+        &mut self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u32, Vec<Extent>)>, NbdError> {
+        self.run(Cmd::BlockStatus { offset, len }, &[], &mut [])
+    }
+
     /// Tell the server we are leaving (NBD_CMD_DISC) and close.
     pub fn disconnect(mut self) -> Result<(), NbdError> {
         let mut hdr = [0u8; proto::REQUEST_BYTES];
