@@ -479,3 +479,7 @@ mod decode;
 #[cfg(test)]
 #[path = "conn_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "conn_tests_contexts.rs"]
+mod tests_contexts;
