@@ -24,6 +24,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("nbd_handshake", nbd_handshake),
     ("wire_frame", wire_frame),
     ("journal_decode", journal_decode),
+    ("nbd_reply_bitmap", nbd_reply_bitmap),
+    ("changed_areas", changed_areas),
 ];
 
 /// The receiver's journal decoder: never panics; whatever it accepts
@@ -101,13 +103,66 @@ pub fn reply_export() -> ExportInfo {
     }
 }
 
+/// Meta context id of `qemu:dirty-bitmap:b0` in [`bitmap_export`].
+pub const REPLY_BITMAP_CONTEXT_ID: u32 = 1;
+
+/// [`reply_export`] with a dirty bitmap negotiated next to
+/// `base:allocation`, as `qemu-nbd -B b0` gives: BLOCK_STATUS replies then
+/// carry one extent chunk per context.
+pub fn bitmap_export() -> ExportInfo {
+    let mut info = reply_export();
+    info.meta_contexts
+        .push(("qemu:dirty-bitmap:b0".to_string(), REPLY_BITMAP_CONTEXT_ID));
+    info
+}
+
 /// `nbd_reply`: the input is everything the server sends after the
 /// requests of [`REPLY_REQUESTS`] were encoded. Follows `recv_target` until
 /// the first protocol error or the end of the input, and checks that every
 /// event names a request in flight, lies inside it, and that each request
 /// ends at most once.
 pub fn nbd_reply(data: &[u8]) {
-    let mut conn = ClientConn::new(&reply_export());
+    drive_replies(data, &reply_export());
+}
+
+/// `nbd_reply_bitmap`: [`nbd_reply`] on a connection with two meta
+/// contexts ([`bitmap_export`]); extents must name a negotiated context.
+pub fn nbd_reply_bitmap(data: &[u8]) {
+    drive_replies(data, &bitmap_export());
+}
+
+/// `changed_areas`: the changed-areas parser on arbitrary text (a 1 GiB
+/// disk). What it accepts is sorted, disjoint, merged and inside the disk,
+/// and plans against any allocation partition the disk.
+pub fn changed_areas(data: &[u8]) {
+    const DISK_BYTES: u64 = 1 << 30;
+    let text = String::from_utf8_lossy(data);
+    let Ok(list) = diskferry::plan::changed_areas::parse(&text, DISK_BYTES) else {
+        return;
+    };
+    let mut end = None;
+    for &(start, len) in &list.areas {
+        assert!(len > 0, "empty area accepted");
+        assert!(
+            end.is_none_or(|e| start > e),
+            "areas unsorted, overlapping or unmerged"
+        );
+        end = Some(start + len);
+        assert!(start + len <= DISK_BYTES, "area past the disk");
+    }
+    // The changed areas themselves as the allocation: everything is Copy.
+    let plan = list.plan(&list.areas).expect("a valid list plans");
+    assert_eq!(
+        plan.bytes(diskferry::plan::PassKind::Copy),
+        list.changed_bytes(),
+        "changed bytes that hold data must all be Copy"
+    );
+}
+
+/// Drive the decoder over `data`; returns which requests ended (Done or
+/// Failed) and whether the decoder refused the input.
+fn drive_replies(data: &[u8], export: &ExportInfo) -> ([bool; REPLY_REQUESTS.len()], bool) {
+    let mut conn = ClientConn::new(export);
     let mut header = [0u8; proto::REQUEST_BYTES];
     for (cookie, cmd) in REPLY_REQUESTS {
         if let Err(e) = conn.encode_request(cookie, cmd, &mut header) {
@@ -134,14 +189,14 @@ pub fn nbd_reply(data: &[u8]) {
             }
         };
         if n == 0 {
-            return;
+            return (ended, false);
         }
         input = &input[n..];
         if conn.advance(n, &mut events).is_err() {
-            return;
+            return (ended, true);
         }
         for event in events.drain(..) {
-            check_event(&event, &mut ended);
+            check_event(&event, export, &mut ended);
         }
     }
     panic!("ClientConn took {MAX_REPLY_STEPS} steps without consuming the input");
@@ -167,7 +222,7 @@ fn check_inside(cookie: u64, buf_offset: u32, len: u32) {
     );
 }
 
-fn check_event(event: &ReplyEvent, ended: &mut [bool]) {
+fn check_event(event: &ReplyEvent, export: &ExportInfo, ended: &mut [bool]) {
     match event {
         ReplyEvent::Hole {
             cookie,
@@ -183,7 +238,10 @@ fn check_event(event: &ReplyEvent, ended: &mut [bool]) {
             let Cmd::BlockStatus { len, .. } = REPLY_REQUESTS[i].1 else {
                 panic!("block status for cookie {cookie}, which is not BLOCK_STATUS");
             };
-            assert_eq!(*context_id, REPLY_CONTEXT_ID, "unnegotiated context");
+            assert!(
+                export.context_name(*context_id).is_some(),
+                "unnegotiated context {context_id}"
+            );
             assert!(!extents.is_empty(), "block status without extents");
             assert!(
                 extents.iter().all(|e| e.len > 0),
@@ -309,5 +367,27 @@ fn round_trip(frame: &Frame) {
             assert_eq!(&again, frame, "frame changed across encode → decode");
         }
         Err(e) => panic!("re-encoded frame does not decode ({e}): {frame:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed two-context seeds are well-formed replies: every
+    /// request ends and the decoder accepts all of it, so mutations start
+    /// from deep inside the BLOCK_STATUS path.
+    #[test]
+    fn bitmap_seeds_decode_cleanly() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/nbd_reply_bitmap");
+        let seed = std::fs::read(dir.join("two-contexts")).unwrap();
+        assert_eq!(drive_replies(&seed, &bitmap_export()), ([true; 4], false));
+        // The same reply with only base:allocation negotiated is refused.
+        assert!(drive_replies(&seed, &reply_export()).1);
+        let seed = std::fs::read(dir.join("bitmap-split-none")).unwrap();
+        assert_eq!(
+            drive_replies(&seed, &bitmap_export()),
+            ([false, true, false, false], false)
+        );
     }
 }

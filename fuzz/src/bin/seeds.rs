@@ -9,6 +9,10 @@
 //! * `nbd_handshake`: the bytes real `qemu-nbd` and `nbdkit` servers send
 //!   during `negotiate`.
 //!
+//! The `nbd_reply_bitmap` (two meta contexts) and `changed_areas` seeds are
+//! hand-made and left as committed; `cargo test --lib` in fuzz/ checks the
+//! bitmap seeds decode cleanly.
+//!
 //! The servers are started on private Unix sockets and killed at the end;
 //! a missing server binary skips its seeds with a message.
 #![forbid(unsafe_code)]
