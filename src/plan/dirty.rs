@@ -38,6 +38,10 @@ const STATE_ZERO: u32 = 2;
 const STATE_DIRTY: u32 = 1;
 /// Largest BLOCK_STATUS request (64 KiB-aligned, like the allocation map).
 const MAX_REQUEST_BYTES: u64 = 1 << 30;
+/// Most dirty (or data) ranges kept for one plan, 16 bytes each: a 64 KiB
+/// bitmap over 1 TiB alternating dirty and clean is 8 Mi ranges. Bounds
+/// what a server answering in tiny extents can make the client hold.
+pub const MAX_RANGES: usize = 16 * 1024 * 1024;
 
 /// Why a dirty-bitmap plan could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +81,17 @@ pub enum DirtyMapError {
         /// What went wrong.
         #[source]
         source: NbdError,
+    },
+    /// The server reported more ranges than [`MAX_RANGES`].
+    #[error(
+        "the NBD server reported more than {max} separate dirty or data ranges (at offset {offset}); \
+         refusing to hold a plan that fragmented"
+    )]
+    TooFragmented {
+        /// Where the limit was passed.
+        offset: u64,
+        /// The limit.
+        max: usize,
     },
     /// The extents do not make a plan (a bug, or a server lying in a way
     /// the decoder cannot see).
@@ -163,6 +178,12 @@ pub fn map_pass<S: Read + Write>(
         }
         data.add_flagged(offset, covered, allocation, |f| f & STATE_ZERO == 0);
         dirty.add_flagged(offset, covered, bitmap, |f| f & STATE_DIRTY != 0);
+        if dirty.0.len() > MAX_RANGES || data.0.len() > MAX_RANGES {
+            return Err(DirtyMapError::TooFragmented {
+                offset,
+                max: MAX_RANGES,
+            });
+        }
         offset = covered;
     }
     Ok(PassPlan::from_changed(&dirty.0, &data.0, size_bytes)?)
