@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use diskferry::plan::changed_areas;
 use diskferry::plan::dirty::{self, DirtyMapError};
 use diskferry::plan::{PassKind, PassPlan};
 
@@ -248,6 +249,52 @@ fn changes_across_block_status_requests_are_planned_whole() {
     );
     assert_eq!(ranges(&plan, PassKind::Zero), vec![(MIB, MIB)]);
     cross_check_with_nbdinfo(&server, &plan);
+}
+
+/// The same changes given as a changed-areas list (the qemu-io write and
+/// discard list, granule-aligned) plan exactly like the bitmap does.
+#[test]
+fn a_changed_areas_list_of_the_same_writes_plans_like_the_bitmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let changes = [
+        (MIB, GRANULE),
+        (4 * MIB, GRANULE),
+        (10 * MIB, 2 * GRANULE),
+        (12 * MIB, 2 * GRANULE),
+    ];
+    let img = image(
+        dir.path(),
+        &[
+            "write -P 0xab 1M 64k",
+            "discard 4M 64k",
+            "write -P 0x11 10M 128k",
+            "write -z 12M 128k",
+        ],
+    );
+    let server = common::qemu_nbd(
+        dir.path(),
+        "src",
+        Path::new(&img),
+        "qcow2",
+        true,
+        &["-B", "b0"],
+    );
+    let mut client = dirty::connect(stream(&server), "", "b0").unwrap();
+    let from_bitmap = dirty::map_pass(&mut client, "b0").unwrap();
+    // Two pages, the second first, areas out of order.
+    let area = |&(o, l): &(u64, u64)| serde_json::json!({"start": o, "length": l});
+    let text = serde_json::json!([
+        {"startOffset": 8 * MIB, "length": 8 * MIB, "changeId": "cbt-1",
+         "changedArea": [area(&changes[3]), area(&changes[2])]},
+        {"startOffset": 0, "length": 8 * MIB, "changeId": "cbt-1",
+         "changedArea": [area(&changes[0]), area(&changes[1])]},
+    ])
+    .to_string();
+    let list = changed_areas::parse(&text, 16 * MIB).unwrap();
+    assert_eq!(list.areas, changes);
+    assert_eq!(list.change_id.as_deref(), Some("cbt-1"));
+    let data = merged(&nbdinfo_map(&server, "base:allocation"), |t| t & 2 == 0);
+    assert_eq!(list.plan(&data).unwrap(), from_bitmap);
 }
 
 #[test]
