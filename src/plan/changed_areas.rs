@@ -22,7 +22,14 @@
 //! the list exactly what the tool reported). Areas may come in any order;
 //! adjacent areas merge. Bounds: [`MAX_TEXT_BYTES`] of text and
 //! [`MAX_AREAS`] areas.
+//!
+//! The text is parsed straight into typed pages (16 bytes per area; a tree
+//! of `serde_json::Value` costs hundreds of bytes per area). When that
+//! fails and the text is at most [`MAX_DETAILED_ERROR_BYTES`], it is
+//! walked again as a `Value` to name the entry and field at fault; a larger
+//! text gets serde's line and column.
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{PassPlan, PlanError};
@@ -30,9 +37,11 @@ use super::{PassPlan, PlanError};
 /// Largest changed-areas text accepted.
 pub const MAX_TEXT_BYTES: usize = 64 * 1024 * 1024;
 /// Most areas (over all pages) accepted: a vSphere query answers with at
-/// most a few thousand per page, and the parsed JSON costs a few hundred
-/// bytes per area.
+/// most a few thousand per page.
 pub const MAX_AREAS: usize = 1024 * 1024;
+/// Largest text walked again to name the entry at fault when it does not
+/// parse (the walk holds a `serde_json::Value` tree, many times the text).
+pub const MAX_DETAILED_ERROR_BYTES: usize = 8 * 1024 * 1024;
 /// Longest `changeId` accepted.
 pub const MAX_CHANGE_ID_BYTES: usize = 4096;
 
@@ -93,6 +102,25 @@ impl ChangedAreas {
     }
 }
 
+/// One page as parsed, before its ranges are checked.
+#[derive(Debug, Deserialize)]
+struct RawPage {
+    #[serde(rename = "startOffset")]
+    start_offset: u64,
+    length: u64,
+    #[serde(rename = "changeId", default)]
+    change_id: Option<String>,
+    #[serde(rename = "changedArea")]
+    changed_area: Vec<RawArea>,
+}
+
+/// One area as parsed.
+#[derive(Debug, Deserialize)]
+struct RawArea {
+    start: u64,
+    length: u64,
+}
+
 /// An area or page with where it came from, for errors after sorting.
 #[derive(Clone, Copy)]
 struct Located {
@@ -141,27 +169,40 @@ pub fn parse_within(
             max_bytes: max_text_bytes,
         });
     }
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| ChangedAreasError::Json(e.to_string()))?;
-    let pages: Vec<&Value> = match &value {
-        Value::Array(pages) => pages.iter().collect(),
-        page @ Value::Object(_) => vec![page],
-        _ => {
-            return Err(entry(
-                "top level",
-                "expected an object or an array of objects",
-            ));
-        }
+    let typed = if text.trim_start().starts_with('[') {
+        serde_json::from_str::<Vec<RawPage>>(text)
+    } else {
+        serde_json::from_str::<RawPage>(text).map(|p| vec![p])
     };
+    let pages = match typed {
+        Ok(pages) => pages,
+        Err(e) if text.len() <= MAX_DETAILED_ERROR_BYTES => {
+            // Name the entry; a text the walk accepts (e.g. a duplicate
+            // key) still gets serde's message.
+            walk(text)?;
+            return Err(ChangedAreasError::Json(e.to_string()));
+        }
+        Err(e) => return Err(ChangedAreasError::Json(e.to_string())),
+    };
+    validate(&pages, size_bytes, max_areas)
+}
+
+/// Check the pages' ranges and areas, then sort and merge the areas.
+fn validate(
+    pages: &[RawPage],
+    size_bytes: u64,
+    max_areas: usize,
+) -> Result<ChangedAreas, ChangedAreasError> {
+    let count = pages.iter().map(|p| p.changed_area.len()).sum::<usize>();
+    if count > max_areas {
+        return Err(ChangedAreasError::TooManyAreas { max: max_areas });
+    }
     let mut page_ranges = Vec::with_capacity(pages.len());
-    let mut areas = Vec::new();
-    let mut change_id: Option<String> = None;
-    for (page, v) in pages.into_iter().enumerate() {
+    let mut areas = Vec::with_capacity(count);
+    let mut change_id: Option<&str> = None;
+    for (page, p) in pages.iter().enumerate() {
         let at = format!("page {page}");
-        let obj = v
-            .as_object()
-            .ok_or_else(|| entry(&at, "expected an object"))?;
-        let range = located(obj, &at, "startOffset", page, None)?;
+        let range = located(p.start_offset, p.length, page, None)?;
         if range.end() > size_bytes {
             return Err(entry(
                 &at,
@@ -173,8 +214,13 @@ pub fn parse_within(
             ));
         }
         page_ranges.push(range);
-        page_change_id(obj, &at, &mut change_id)?;
-        page_areas(obj, range, max_areas, &mut areas)?;
+        if let Some(id) = p.change_id.as_deref() {
+            check_change_id(id, change_id, &at)?;
+            change_id = Some(id);
+        }
+        for (i, a) in p.changed_area.iter().enumerate() {
+            areas.push(area_in_page(a, range, i)?);
+        }
     }
     check_disjoint(&mut page_ranges, "pages")?;
     check_disjoint(&mut areas, "areas")?;
@@ -187,107 +233,124 @@ pub fn parse_within(
     }
     Ok(ChangedAreas {
         areas: merged,
-        change_id,
+        change_id: change_id.map(str::to_string),
         size_bytes,
     })
 }
 
-/// `changeId` of a page: optional, a string, the same on every page.
-fn page_change_id(
-    obj: &Map<String, Value>,
-    at: &str,
-    change_id: &mut Option<String>,
-) -> Result<(), ChangedAreasError> {
-    let Some(v) = obj.get("changeId") else {
-        return Ok(());
-    };
+/// `changeId` of a page: bounded, the same on every page that has one.
+fn check_change_id(id: &str, earlier: Option<&str>, at: &str) -> Result<(), ChangedAreasError> {
     let field = format!("{at}, changeId");
-    let id = v
-        .as_str()
-        .ok_or_else(|| entry(&field, "expected a string"))?;
     if id.len() > MAX_CHANGE_ID_BYTES {
         return Err(entry(
             &field,
             format!("longer than {MAX_CHANGE_ID_BYTES} bytes"),
         ));
     }
-    match change_id {
+    match earlier {
         Some(prev) if prev != id => Err(entry(
             &field,
-            format!("{id:?} differs from an earlier page's {prev:?}"),
+            format!(
+                "{:?} differs from an earlier page's {prev:?}",
+                short_str(id)
+            ),
         )),
-        Some(_) => Ok(()),
-        None => {
-            *change_id = Some(id.to_string());
-            Ok(())
-        }
+        _ => Ok(()),
     }
 }
 
-/// The areas of one page, checked to lie inside it, appended to `out`.
-fn page_areas(
-    obj: &Map<String, Value>,
-    page: Located,
-    max_areas: usize,
-    out: &mut Vec<Located>,
-) -> Result<(), ChangedAreasError> {
-    let at = page.name();
-    let list = obj
-        .get("changedArea")
-        .ok_or_else(|| entry(&at, "missing field changedArea"))?
-        .as_array()
-        .ok_or_else(|| entry(format!("{at}, changedArea"), "expected an array"))?;
-    if out.len() + list.len() > max_areas {
-        return Err(ChangedAreasError::TooManyAreas { max: max_areas });
-    }
-    for (i, v) in list.iter().enumerate() {
-        let at = format!("{at}, changedArea[{i}]");
-        let obj = v
-            .as_object()
-            .ok_or_else(|| entry(&at, "expected an object"))?;
-        let area = located(obj, &at, "start", page.page, Some(i))?;
-        if area.len == 0 {
-            return Err(entry(
-                format!("{at}.length"),
-                "is 0 (empty areas are refused)",
-            ));
-        }
-        if area.start < page.start || area.end() > page.end() {
-            return Err(entry(
-                &at,
-                format!(
-                    "[{}, {}) lies outside its page's range [{}, {})",
-                    area.start,
-                    area.end(),
-                    page.start,
-                    page.end()
-                ),
-            ));
-        }
-        out.push(area);
-    }
-    Ok(())
+fn short_str(s: &str) -> String {
+    s.chars().take(64).collect()
 }
 
-/// The range `{start_field, "length"}` of an object.
+/// An area checked to be non-empty and inside its page.
+fn area_in_page(a: &RawArea, page: Located, i: usize) -> Result<Located, ChangedAreasError> {
+    let area = located(a.start, a.length, page.page, Some(i))?;
+    let at = area.name();
+    if area.len == 0 {
+        return Err(entry(
+            format!("{at}.length"),
+            "is 0 (empty areas are refused)",
+        ));
+    }
+    if area.start < page.start || area.end() > page.end() {
+        return Err(entry(
+            &at,
+            format!(
+                "[{}, {}) lies outside its page's range [{}, {})",
+                area.start,
+                area.end(),
+                page.start,
+                page.end()
+            ),
+        ));
+    }
+    Ok(area)
+}
+
+/// A range that does not overflow.
 fn located(
-    obj: &Map<String, Value>,
-    at: &str,
-    start_field: &str,
+    start: u64,
+    len: u64,
     page: usize,
     area: Option<usize>,
 ) -> Result<Located, ChangedAreasError> {
-    let start = number(obj, at, start_field)?;
-    let len = number(obj, at, "length")?;
-    if start.checked_add(len).is_none() {
-        return Err(entry(at, format!("{start} + {len} overflows 64 bits")));
-    }
-    Ok(Located {
+    let l = Located {
         start,
         len,
         page,
         area,
-    })
+    };
+    if start.checked_add(len).is_none() {
+        return Err(entry(
+            l.name(),
+            format!("{start} + {len} overflows 64 bits"),
+        ));
+    }
+    Ok(l)
+}
+
+/// Walk text that did not parse as pages as a `Value`, to name the first
+/// entry and field of the wrong shape.
+fn walk(text: &str) -> Result<(), ChangedAreasError> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| ChangedAreasError::Json(e.to_string()))?;
+    let pages: Vec<&Value> = match &value {
+        Value::Array(pages) => pages.iter().collect(),
+        page @ Value::Object(_) => vec![page],
+        _ => {
+            return Err(entry(
+                "top level",
+                "expected an object or an array of objects",
+            ));
+        }
+    };
+    for (page, v) in pages.into_iter().enumerate() {
+        let at = format!("page {page}");
+        let obj = v
+            .as_object()
+            .ok_or_else(|| entry(&at, "expected an object"))?;
+        number(obj, &at, "startOffset")?;
+        number(obj, &at, "length")?;
+        if let Some(id) = obj.get("changeId").filter(|v| !v.is_null()) {
+            id.as_str()
+                .ok_or_else(|| entry(format!("{at}, changeId"), "expected a string"))?;
+        }
+        let list = obj
+            .get("changedArea")
+            .ok_or_else(|| entry(&at, "missing field changedArea"))?
+            .as_array()
+            .ok_or_else(|| entry(format!("{at}, changedArea"), "expected an array"))?;
+        for (i, v) in list.iter().enumerate() {
+            let at = format!("{at}, changedArea[{i}]");
+            let obj = v
+                .as_object()
+                .ok_or_else(|| entry(&at, "expected an object"))?;
+            number(obj, &at, "start")?;
+            number(obj, &at, "length")?;
+        }
+    }
+    Ok(())
 }
 
 fn number(obj: &Map<String, Value>, at: &str, field: &str) -> Result<u64, ChangedAreasError> {

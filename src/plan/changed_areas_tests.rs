@@ -151,6 +151,19 @@ fn size_and_count_are_bounded() {
 }
 
 #[test]
+fn texts_the_walk_cannot_name_get_serdes_position() {
+    // A duplicate key: the walk keeps the last, serde refuses it.
+    let e = err(r#"{"startOffset": 0, "startOffset": 1, "length": 1, "changedArea": []}"#);
+    assert!(e.contains("duplicate field") && e.contains("column"), "{e}");
+    // Past MAX_DETAILED_ERROR_BYTES the text is not walked again.
+    let mut text = String::from(r#"{"startOffset": 0, "length": 1, "changedArea": ["#);
+    text.push_str(&" ".repeat(MAX_DETAILED_ERROR_BYTES));
+    text.push_str(r#"{"start": -1, "length": 1}]}"#);
+    let e = err(&text);
+    assert!(e.contains("not valid JSON") && e.contains("column"), "{e}");
+}
+
+#[test]
 fn plan_crosses_changes_with_allocation() {
     let l = parse(
         r#"{"startOffset": 0, "length": 100, "changeId": "x",
