@@ -99,23 +99,29 @@ fn plan_against(script: Vec<u8>) -> Result<Vec<PassExtent>, DirtyMapError> {
 }
 
 #[test]
-fn contexts_ending_at_different_offsets_are_planned_from_what_both_cover() {
+fn contexts_ending_at_different_offsets_are_planned_from_what_both_cover_and_holes_are_copied() {
     let mut script = both();
     // Request 1 [0, 1 MiB): allocation answers 256 KiB of data, the bitmap
     // only 128 KiB dirty. The plan may only use [0, 128 KiB).
     script.extend(extents(0, 1, ALLOCATION, &[(256 * KIB, 0)]));
     script.extend(extents(DONE, 1, BITMAP, &[(128 * KIB, 1)]));
-    // Request 2 [128 KiB, 1 MiB): bitmap first; zeros from 128 KiB.
-    script.extend(extents(0, 2, BITMAP, &[(128 * KIB, 1), (768 * KIB, 0)]));
-    script.extend(extents(DONE, 2, ALLOCATION, &[(896 * KIB, 3)]));
+    // Request 2 [128 KiB, 1 MiB): bitmap first. A hole that is not
+    // NBD_STATE_ZERO (flags 1) may not read as zeros: it is copied.
+    script.extend(extents(0, 2, BITMAP, &[(256 * KIB, 1), (640 * KIB, 0)]));
+    script.extend(extents(
+        DONE,
+        2,
+        ALLOCATION,
+        &[(128 * KIB, 1), (768 * KIB, 3)],
+    ));
     let kib = |k: u32| u64::from(k * KIB);
     let e = |offset, len, kind| PassExtent { offset, len, kind };
     assert_eq!(
         plan_against(script).unwrap(),
         vec![
-            e(0, kib(128), PassKind::Copy),
-            e(kib(128), kib(128), PassKind::Zero),
-            e(kib(256), kib(768), PassKind::Unchanged),
+            e(0, kib(256), PassKind::Copy),
+            e(kib(256), kib(128), PassKind::Zero),
+            e(kib(384), kib(640), PassKind::Unchanged),
         ]
     );
 }
