@@ -6,6 +6,8 @@
 //! * [`endpoint`] — what a SRC / DST string means: NBD URIs, files, block
 //!   devices, images opened through a qemu-nbd child.
 //! * [`pipeline`] — extent planner, zero detection, buffer pool, workers.
+//! * [`runtime`]  — the long-lived engine: pinned workers shared by every
+//!   job, the memory budget, jobs as handles.
 //! * [`progress`] — progress bar and newline-delimited JSON events.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -19,5 +21,6 @@ pub mod net;
 pub mod pipeline;
 pub mod progress;
 pub mod replicate;
+pub mod runtime;
 pub mod size;
 pub mod wire;

@@ -4,10 +4,11 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::control::JobControl;
 use super::exits::Exits;
 use super::lanes::plan_lanes;
 use super::maps::ExtentList;
@@ -18,9 +19,12 @@ use super::pool::BufferPool;
 use super::silence::{SilenceWatch, watch_all};
 use super::sink::Sink;
 use super::stats::{Snapshot, Stats};
-use super::worker::{DstIo, SinkIo, SrcIo, Worker, WorkerConfig};
+use super::worker::{DstIo, SinkIo, SrcIo, WorkerConfig};
 use super::{CopyError, Shared, zero};
-use crate::engine::{self, EngineKind};
+use crate::engine::EngineKind;
+use crate::runtime::Engine;
+use crate::runtime::budget::BudgetError;
+use crate::runtime::thread::Seed;
 
 /// Smallest work queue (items).
 const QUEUE_ITEMS_MIN: usize = 4096;
@@ -35,12 +39,13 @@ pub const IO_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 /// Sizing of a pipeline.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
+    /// Most workers this job runs on (`None`: every worker of the engine,
+    /// or half of them for a send from a server on this host).
     pub threads: Option<u32>,
     /// NBD connections per side (also sizes the pool with `requests`).
     pub connections: u32,
     pub requests: Requests,
     pub chunk_bytes: u32,
-    pub kind: EngineKind,
     /// Plan only these whole-window spans ([`super::plan::plan_windows`]);
     /// `None`: the whole disk.
     pub spans: Option<Vec<(u64, u64)>>,
@@ -179,8 +184,10 @@ pub struct Joined {
 
 /// A running pipeline.
 pub struct Pipeline {
+    engine: Engine,
     shared: Arc<Shared>,
-    handles: Vec<JoinHandle<(SrcIo, DstIo)>>,
+    /// Each worker context's connections, sent back when it finished.
+    handles: Vec<mpsc::Receiver<(SrcIo, DstIo)>>,
     /// Counts the workers out (see [`Self::wait_finished`]).
     exits: Arc<Exits>,
     planner: JoinHandle<()>,
@@ -192,6 +199,7 @@ pub struct Pipeline {
     keep: Keep,
     abort_seen: Option<Instant>,
     requests: u32,
+    kind: EngineKind,
 }
 
 fn is_local_nbd(access: &Access) -> bool {
@@ -206,35 +214,37 @@ fn conns_of(access: &Access) -> Option<usize> {
 }
 
 impl Pipeline {
-    /// Start the planner and the workers.
+    /// Start the planner and attach one context per worker used to the
+    /// engine's workers. `control` is the job's pause, cancel and rate.
     pub fn start(
+        engine: &Engine,
+        control: Arc<JobControl>,
         cfg: &PipelineConfig,
         src_access: Access,
         extents: ExtentList,
         size_bytes: u64,
         dst: DstPlan,
     ) -> Result<Self, CopyError> {
-        let cpus = engine::pin::online_cpus().max(1);
-        // One worker per core for a copy. `send` with an NBD server on this
+        let engine_workers = engine.workers().max(1);
+        // Every worker for a copy. `send` with an NBD server on this
         // machine (a Unix socket: qemu-nbd, nbdkit, our own qemu-nbd child)
         // leaves that server and its TLS senders half the cores.
         //
         // A copy used to leave the half too unless the target was a file.
         // Each worker is one chain of reads and writes (it keeps one
         // buffered write in flight, see `Worker::issue_write`), and with one
-        // chain a 2-core copy waited on it. Same-run A/Bs on 2 cores, 2
-        // workers against 1 (docs/benchmarks.md, sessions 4 and 6): into
-        // files 7 % off ext4, 18 % off sparse; into NBD targets on this
-        // machine 20 % off nbdkit sparse-random to null, 3–10 % off dense
-        // and sparse to an nbdkit memory target, ext4 there −5 % and +1.5 %
-        // in two A/Bs, and a tie (±2 %) to a qemu-nbd target on the same disk.
+        // chain a 2-core copy waited on it (same-run A/Bs in
+        // docs/benchmarks.md, sessions 4 and 6).
         let local_server = is_local_nbd(&src_access)
             || matches!(&dst, DstPlan::Access { access, .. } if is_local_nbd(access));
         let default_threads = match dst {
-            DstPlan::Sink { .. } if local_server => (cpus / 2).max(1),
-            _ => cpus,
+            DstPlan::Sink { .. } if local_server => (engine_workers / 2).max(1),
+            _ => engine_workers,
         };
-        let threads = cfg.threads.map_or(default_threads, |t| t.max(1) as usize);
+        let threads = cfg
+            .threads
+            .map_or(default_threads, |t| t.max(1) as usize)
+            .min(engine_workers);
         let src_conns = conns_of(&src_access);
         let dst_conns = match &dst {
             DstPlan::Access { access, .. } => conns_of(access),
@@ -251,23 +261,45 @@ impl Pipeline {
             .max(dst_conns.unwrap_or(0))
             .max(cfg.connections as usize);
         let (requests, requests_max) = cfg.requests.resolve(&src_access, &dst);
+        // The pool is asked for the deepest queue; its pages are touched
+        // only as slots are used, and workers use their lowest slots first.
+        // The engine's budget may grant less (never below the start depth
+        // while that much is free).
+        let want_slots = (conns_max * requests_max as usize).max(workers);
+        let start_slots = (conns_max * requests as usize).max(workers);
+        let chunk_bytes = cfg.chunk_bytes;
+        let grant = engine
+            .budget()
+            .reserve(
+                want_slots,
+                start_slots,
+                chunk_bytes as usize,
+                workers,
+                &|| control.is_cancelled(),
+            )
+            .map_err(|e| match e {
+                BudgetError::GaveUp => CopyError::Cancelled,
+                BudgetError::TooSmall { .. } => CopyError::Usage(e.to_string()),
+                BudgetError::Pool(_) => CopyError::Engine(e.to_string()),
+            })?;
+        let mut pool = grant.pool;
+        let workers = grant.workers.len();
+        let slots = pool.slots();
         tracing::debug!(
             requests,
             requests_max,
             workers,
+            slots,
             "requests in flight per connection"
         );
-        // The pool is sized for the deepest queue; its pages are touched
-        // only as slots are used, and workers use their lowest slots first.
-        let slots = (conns_max * requests_max as usize).max(workers);
-        let chunk_bytes = cfg.chunk_bytes;
-        let mut pool = BufferPool::new(slots, chunk_bytes as usize)
-            .map_err(|e| CopyError::Engine(e.to_string()))?;
         let shares = pool.shares(workers);
         // A deep queue: items are small (a window and its run list), and the
         // planner, which sleeps when the queue is full, must never leave the
         // workers waiting.
-        let shared = Arc::new(Shared::new((slots * 64).max(QUEUE_ITEMS_MIN)));
+        let shared = Arc::new(Shared::new(
+            (slots * 64).max(QUEUE_ITEMS_MIN),
+            Arc::clone(&control),
+        ));
         let planned_bytes = match &cfg.spans {
             Some(spans) => extents.data_bytes_within(spans),
             None => extents.data_bytes(),
@@ -357,48 +389,39 @@ impl Pipeline {
             DstIo::Nbd(c) => u64::from(c[0].info.block_max.max(4096)).min(1 << 30),
             DstIo::File { .. } | DstIo::Sink(_) => 1 << 30,
         };
-        let kind = cfg.kind;
         let mut handles = Vec::with_capacity(workers);
-        // The last worker out tells the senders (if any) that nothing more
+        // The last context out tells the senders (if any) that nothing more
         // will reach the sink, without waiting for a control-loop tick.
         let exits = Exits::new(
             sink.clone()
                 .map(|s| Box::new(move || s.set_producers_done()) as Box<dyn Fn() + Send + Sync>),
         );
+        // Each context starts at its part of the start depth.
+        let depth_start = (conns_max * requests as usize).div_ceil(workers);
         for (i, ((share, src), dst)) in shares.into_iter().zip(src_ios).zip(dst_ios).enumerate() {
-            let shared = Arc::clone(&shared);
-            let exit = exits.enter();
-            let max_in_flight = (share.slots() as u32) * 8 + 64;
-            let depth_start = (share.slots() * requests as usize).div_ceil(requests_max as usize);
-            let wcfg = WorkerConfig {
-                depth_start,
+            let (back, back_rx) = mpsc::channel();
+            let cfg = WorkerConfig {
+                depth_start: depth_start.min(share.slots()).max(1),
                 index: i,
                 granule_bytes: zero::GRANULE_BYTES,
                 zero_max_bytes,
                 read_retries: cfg.read_retries,
             };
-            let h = std::thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .spawn(move || {
-                    let _exit = exit;
-                    if let Err(e) = engine::pin::pin_current_thread(i % cpus) {
-                        tracing::debug!("could not pin worker {i}: {e}");
-                    }
-                    // The ring is created on the thread that uses it.
-                    match engine::build(kind, max_in_flight) {
-                        Ok(engine) => Worker::new(wcfg, shared, engine, share, src, dst).run(),
-                        Err(e) => {
-                            shared.fail(CopyError::Engine(format!(
-                                "setting up the {kind} engine: {e}"
-                            )));
-                            (src, dst)
-                        }
-                    }
-                })
-                .map_err(|e| CopyError::Internal(format!("spawning worker {i}: {e}")))?;
-            handles.push(h);
+            let seed = Seed {
+                cfg,
+                shared: Arc::clone(&shared),
+                share,
+                src,
+                dst,
+                ops_max: grant.ops_per_context,
+                back,
+                exit: exits.enter(),
+            };
+            engine.attach(grant.workers[i], seed);
+            handles.push(back_rx);
         }
         Ok(Self {
+            engine: engine.clone(),
             shared,
             handles,
             exits,
@@ -414,7 +437,13 @@ impl Pipeline {
             },
             abort_seen: None,
             requests,
+            kind: engine.kind(),
         })
+    }
+
+    /// The I/O engine the workers run.
+    pub fn kind(&self) -> EngineKind {
+        self.kind
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -425,6 +454,7 @@ impl Pipeline {
         self.sink.clone()
     }
 
+    /// Workers this job runs on.
     pub fn workers(&self) -> usize {
         self.handles.len()
     }
@@ -448,6 +478,10 @@ impl Pipeline {
     pub fn tick(&mut self) {
         self.silence.check(&self.shared);
         if self.shared.aborted() {
+            if self.abort_seen.is_none() {
+                // Contexts parked by a pause must see the abort too.
+                self.engine.wake_all();
+            }
             let seen = *self.abort_seen.get_or_insert_with(Instant::now);
             if seen.elapsed() > DRAIN_TIMEOUT {
                 for s in &self.emergency {
@@ -466,7 +500,7 @@ impl Pipeline {
         let mut src_back = Vec::new();
         let mut dst_back = Vec::new();
         for h in self.handles {
-            match h.join() {
+            match h.recv() {
                 Ok((s, d)) => {
                     src_back.push(s);
                     dst_back.push(d);
