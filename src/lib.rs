@@ -8,6 +8,7 @@
 //! * [`pipeline`] — extent planner, zero detection, buffer pool, workers.
 //! * [`runtime`]  — the long-lived engine: pinned workers shared by every
 //!   job, the memory budget, jobs as handles.
+//! * [`jobfile`]  — the job file (a VM's disks, TOML), sans-IO.
 //! * [`progress`] — progress bar and newline-delimited JSON events.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod compress;
 pub mod endpoint;
 pub mod engine;
+pub mod jobfile;
 pub mod journal;
 pub mod nbd;
 pub mod net;

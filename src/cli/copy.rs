@@ -113,8 +113,7 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) fn run_copy(a: CopyArgs) -> i32 {
     if a.job.is_some() {
-        eprintln!("diskferry: --job is not ready yet");
-        return 2;
+        return super::copy_job::run_copy_job(&a);
     }
     let (Some(src), Some(dst)) = (a.src.clone(), a.dst.clone()) else {
         unreachable!("clap requires SRC and DST without --job")

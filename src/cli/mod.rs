@@ -13,6 +13,7 @@ use crate::pipeline::CopyError;
 use crate::progress::Progress;
 
 mod copy;
+mod copy_job;
 pub use copy::CopyArgs;
 use copy::run_copy;
 

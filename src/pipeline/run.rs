@@ -263,20 +263,14 @@ impl Pipeline {
         let (requests, requests_max) = cfg.requests.resolve(&src_access, &dst);
         // The pool is asked for the deepest queue; its pages are touched
         // only as slots are used, and workers use their lowest slots first.
-        // The engine's budget may grant less (never below the start depth
-        // while that much is free).
+        // The engine's budget may grant less (see `runtime::budget`).
         let want_slots = (conns_max * requests_max as usize).max(workers);
-        let start_slots = (conns_max * requests as usize).max(workers);
         let chunk_bytes = cfg.chunk_bytes;
         let grant = engine
             .budget()
-            .reserve(
-                want_slots,
-                start_slots,
-                chunk_bytes as usize,
-                workers,
-                &|| control.is_cancelled(),
-            )
+            .reserve(want_slots, chunk_bytes as usize, workers, &|| {
+                control.is_cancelled()
+            })
             .map_err(|e| match e {
                 BudgetError::GaveUp => CopyError::Cancelled,
                 BudgetError::TooSmall { .. } => CopyError::Usage(e.to_string()),

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use crate::pipeline::stats::Snapshot;
 
+pub mod job;
+pub use job::JobView;
+
 /// How progress is shown.
 pub enum Progress {
     /// Nothing (not a terminal, or `--no-progress`).

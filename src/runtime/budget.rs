@@ -4,10 +4,10 @@
 //! when the job's pool is dropped, after its contexts have finished.
 //!
 //! A job takes what it asks for but at most half of what is free (and at
-//! least one slot per context), so jobs submitted together all start: the
-//! first few get their deep queues, the later ones shallower ones, none
-//! waits. Only when less than one slot per context is free does a job wait
-//! for memory to come back.
+//! least one slot per context), so jobs submitted together start at once:
+//! the first few get their deep queues, the later ones shallower ones. Only
+//! when less than one slot per context is free does a job wait for memory
+//! to come back.
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
@@ -86,13 +86,12 @@ impl Budget {
     }
 
     /// Reserve up to `want_slots` slots of `slot_bytes` for a job running
-    /// one context on each of `contexts` workers (and at least
-    /// `floor_slots`, or one per context, if that much is free). Waits while
-    /// not even that is free, asking `give_up` every 100 ms.
+    /// one context on each of `contexts` workers (at least one slot per
+    /// context). Waits while not even that is free, asking `give_up` every
+    /// 100 ms.
     pub fn reserve(
         self: &Arc<Self>,
         want_slots: usize,
-        floor_slots: usize,
         slot_bytes: usize,
         contexts: usize,
         give_up: &dyn Fn() -> bool,
@@ -110,7 +109,7 @@ impl Budget {
             return Err(too_small);
         }
         loop {
-            if let Some(grant) = state.carve(want_slots, floor_slots, slot_bytes, contexts) {
+            if let Some(grant) = state.carve(want_slots, slot_bytes, contexts) {
                 let (offset, slots, workers, ops) = grant;
                 let release = Release {
                     budget: Arc::clone(self),
@@ -146,7 +145,6 @@ impl State {
     fn carve(
         &mut self,
         want_slots: usize,
-        floor_slots: usize,
         slot_bytes: usize,
         contexts: usize,
     ) -> Option<(usize, usize, Vec<usize>, usize)> {
@@ -158,7 +156,7 @@ impl State {
         let per_context_max = ops_room.checked_sub(OPS_PER_CONTEXT_BASE)? / OPS_PER_SLOT;
         let (index, &(offset, len)) = self.free.iter().enumerate().max_by_key(|(_, r)| r.1)?;
         let free_slots = len / slot_bytes;
-        let fair = (free_slots / 2).max(floor_slots.max(contexts));
+        let fair = (free_slots / 2).max(contexts);
         let slots = want_slots
             .max(contexts)
             .min(fair)
@@ -231,26 +229,29 @@ mod tests {
     fn jobs_together_all_start_and_memory_comes_back() {
         let budget = Arc::new(Budget::new(16 * MIB, 2, 8192).unwrap());
         let never = || false;
-        let a = budget.reserve(64, 8, 256 * 1024, 2, &never).unwrap();
+        let a = budget.reserve(64, 256 * 1024, 2, &never).unwrap();
         assert_eq!(a.pool.slots(), 32, "half of what is free");
-        let b = budget.reserve(64, 8, 256 * 1024, 2, &never).unwrap();
+        let b = budget.reserve(64, 256 * 1024, 2, &never).unwrap();
         assert_eq!(b.pool.slots(), 16);
-        let c = budget.reserve(4, 2, 256 * 1024, 2, &never).unwrap();
+        let c = budget.reserve(4, 256 * 1024, 2, &never).unwrap();
         assert_eq!(c.pool.slots(), 4, "what it asked for");
         assert_eq!(c.ops_per_context, 2 * OPS_PER_SLOT + OPS_PER_CONTEXT_BASE);
         drop((a, b, c));
-        let whole = budget.reserve(64, 64, MIB, 2, &never).unwrap();
-        assert_eq!(whole.pool.slots(), 16, "every range merged back");
+        // Half of the whole budget: every range merged back into one.
+        let half = budget.reserve(64, MIB, 2, &never).unwrap();
+        assert_eq!(half.pool.slots(), 8);
     }
 
     #[test]
     fn a_budget_below_one_chunk_per_worker_is_refused_and_a_full_one_waits() {
         let budget = Arc::new(Budget::new(MIB, 2, 8192).unwrap());
-        let err = budget.reserve(8, 8, MIB, 2, &|| false).err().unwrap();
+        let err = budget.reserve(8, MIB, 2, &|| false).err().unwrap();
         assert!(matches!(err, BudgetError::TooSmall { .. }), "{err}");
-        let all = budget.reserve(4, 4, 256 * 1024, 2, &|| false).unwrap();
-        assert_eq!(all.pool.slots(), 4);
-        let err = budget.reserve(4, 4, 256 * 1024, 2, &|| true).err().unwrap();
+        // 4 slots: half to the first, the rest (one per context) to the second.
+        let first = budget.reserve(4, 256 * 1024, 2, &|| false).unwrap();
+        let second = budget.reserve(4, 256 * 1024, 2, &|| false).unwrap();
+        assert_eq!((first.pool.slots(), second.pool.slots()), (2, 2));
+        let err = budget.reserve(4, 256 * 1024, 2, &|| true).err().unwrap();
         assert!(matches!(err, BudgetError::GaveUp));
     }
 }
