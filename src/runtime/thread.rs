@@ -52,7 +52,9 @@ pub struct Seed {
 
 /// The control side of a worker thread: where contexts are posted.
 pub struct Mailbox {
-    seeds: Mutex<VecDeque<Seed>>,
+    /// `None` once the thread is gone (it panicked): contexts posted then
+    /// are dropped at once, which fails their job instead of hanging it.
+    seeds: Mutex<Option<VecDeque<Seed>>>,
     stop: AtomicBool,
     bell: UnixStream,
 }
@@ -60,10 +62,19 @@ pub struct Mailbox {
 impl Mailbox {
     /// Hand a context to the thread.
     pub fn post(&self, seed: Seed) {
-        self.seeds
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push_back(seed);
+        let mut seeds = self.seeds.lock().unwrap_or_else(PoisonError::into_inner);
+        match seeds.as_mut() {
+            Some(queue) => queue.push_back(seed),
+            None => {
+                drop(seeds);
+                seed.shared.fail(crate::pipeline::CopyError::Internal(
+                    "a worker thread is gone (it panicked)".into(),
+                ));
+                // Dropping the seed counts its context out.
+                return;
+            }
+        }
+        drop(seeds);
         self.ring();
     }
 
@@ -83,8 +94,25 @@ impl Mailbox {
         self.seeds
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .drain(..)
-            .collect()
+            .as_mut()
+            .map(|q| q.drain(..).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Marks the mailbox dead when its thread ends, by panic too, and drops
+/// what was posted and not taken.
+struct Closer(Arc<Mailbox>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        let left = self
+            .0
+            .seeds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(left);
     }
 }
 
@@ -99,7 +127,7 @@ pub fn spawn(
     let (bell_tx, bell_rx) = UnixStream::pair()?;
     bell_tx.set_nonblocking(true)?;
     let mailbox = Arc::new(Mailbox {
-        seeds: Mutex::new(VecDeque::new()),
+        seeds: Mutex::new(Some(VecDeque::new())),
         stop: AtomicBool::new(false),
         bell: bell_tx,
     });
@@ -108,6 +136,7 @@ pub fn spawn(
     let handle = std::thread::Builder::new()
         .name(format!("worker-{index}"))
         .spawn(move || {
+            let _closer = Closer(Arc::clone(&mb));
             if let Err(e) = engine::pin::pin_current_thread(cpu) {
                 tracing::debug!("could not pin worker {index}: {e}");
             }
