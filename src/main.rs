@@ -1,3 +1,6 @@
+//! The `diskferry` binary: [`diskferry::cli`] behind a heap tuned for TLS.
+
+#![forbid(unsafe_code)]
 fn main() {
     keep_heap();
     std::process::exit(diskferry::cli::main());
@@ -19,11 +22,5 @@ fn main() {
 /// glibc accepts, so a large buffer comes from the heap and is reused rather
 /// than mapped and faulted in afresh each time.
 fn keep_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; it is called before any
-    // other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-    }
+    diskferry::engine::sys::keep_heap(128 << 20, 32 << 20);
 }

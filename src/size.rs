@@ -17,6 +17,7 @@
 //! `MB`) are refused rather than guessed at, as are fractions (`1.5G`),
 //! signs, embedded spaces and anything that overflows a `u64`.
 
+#![forbid(unsafe_code)]
 /// Longest input accepted (well above any real size).
 const MAX_SIZE_TEXT_BYTES: usize = 64;
 

@@ -3,6 +3,7 @@
 use diskferry::compress::{
     Codec, CompressError, Compressors, MAX_RAW_BYTES, Mode, compress, decompress, max_payload_bytes,
 };
+use diskferry::wire::WireError;
 use proptest::prelude::*;
 
 const CODECS: [(Codec, i32); 5] = [
@@ -202,7 +203,7 @@ fn codec_ids_round_trip_and_unknown_ids_are_refused() {
     }
     for id in [3u8, 4, 127, 255] {
         let err = Codec::from_u8(id).unwrap_err();
-        assert!(matches!(err, CompressError::UnknownCodec { id: got } if got == id));
+        assert!(matches!(err, WireError::UnknownCodec { code } if code == id));
         assert!(err.to_string().contains("upgrade"), "{err}");
     }
 }

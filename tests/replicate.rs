@@ -555,15 +555,22 @@ fn auto_compression_beats_raw_on_a_slow_link() {
         "200mbit link: none {t_none:.1}s, auto {t_auto:.1}s (ratio {}), {done}",
         done["compression_ratio"]
     );
-    // On a 200 Mbit/s link the time follows the bytes on the wire: auto
-    // must have compressed, and the copy must show it. Seen: ratio
-    // 2.0–2.3, speed-up 1.79–2.1; the speed-up bound leaves room for
-    // start-up and the link's burst.
+    // On a 200 Mbit/s link auto must compress. How much faster that makes
+    // the send is a benchmark's question (scripts/bench-net, measured
+    // alternating against `none`), not a timed test's: with the cores
+    // shared by other work the speed-up here fell from 1.8–2.1x on a quiet
+    // machine to 1.3x. The test keeps the sign: auto must not lose.
     let ratio = done["compression_ratio"].as_f64().unwrap_or(0.0);
     assert!(ratio >= 1.6, "auto compressed only {ratio:.2}x: {done}");
+    let wire = done["bytes_on_wire"].as_u64().unwrap_or(u64::MAX);
+    let read = done["bytes_read"].as_u64().unwrap_or(0);
     assert!(
-        t_none >= 1.4 * t_auto,
-        "auto ({t_auto:.1}s) is not 1.4x faster than none ({t_none:.1}s)"
+        wire.saturating_mul(8) <= read.saturating_mul(5),
+        "auto put {wire} bytes on the wire for {read} read: {done}"
+    );
+    assert!(
+        t_auto < t_none,
+        "auto ({t_auto:.1}s) is slower than none ({t_none:.1}s) on a 200 Mbit/s link"
     );
 }
 

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use diskferry::replicate::limits::{
+use diskferry::replicate::receive::limits::{
     HANDSHAKES_PER_ADDRESS_DEFAULT, HELLO_TIMEOUT_MS, REFUSAL_LOG_INTERVAL_MS,
 };
-use diskferry::replicate::serve::{HANDSHAKE_TIMEOUT_MS, MAX_CONNECTIONS};
+use diskferry::replicate::receive::serve::{HANDSHAKE_TIMEOUT_MS, MAX_CONNECTIONS};
 use diskferry::wire::{ErrorCode, Frame};
 use serve_support::Harness;
 

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 #[test]
 fn sigterm_sets_the_stop_flag() {
-    let stop = diskferry::replicate::serve::install_stop_signals();
+    let stop = diskferry::replicate::receive::serve::install_stop_signals();
     assert!(!stop.load(Ordering::SeqCst));
     signal_hook::low_level::raise(signal_hook::consts::SIGTERM).unwrap();
     // The handler runs synchronously in raise() for this thread.

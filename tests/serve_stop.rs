@@ -5,7 +5,7 @@ mod serve_support;
 
 use std::time::Duration;
 
-use diskferry::replicate::serve::{ServeError, ServeOptions, Server};
+use diskferry::replicate::receive::serve::{ServeError, ServeOptions, Server};
 use diskferry::wire::{Codec, ErrorCode};
 use serve_support::*;
 
@@ -44,7 +44,7 @@ fn bind_checks_its_options() {
         insecure_plaintext: plain,
         allow: Vec::new(),
         limits: Default::default(),
-        target_mode: diskferry::replicate::serve::TARGET_MODE_DEFAULT,
+        target_mode: diskferry::replicate::receive::serve::TARGET_MODE_DEFAULT,
     };
     std::fs::create_dir(dir.path().join("root")).unwrap();
     assert!(matches!(

@@ -6,6 +6,7 @@
 //! stopped (receiver unreachable for `--retry-for`) but can be resumed by
 //! running it again, or a job cancelled through its handle.
 
+#![forbid(unsafe_code)]
 use clap::{Parser, Subcommand};
 
 use crate::engine::EngineKind;
@@ -88,11 +89,11 @@ pub struct ServeArgs {
     #[arg(long = "allow", value_parser = parse_allow)]
     pub allow: Vec<(String, std::path::PathBuf)>,
     /// Connections one address (IPv6: one /64) may have open before they authenticate; more are closed at once.
-    #[arg(long, default_value_t = crate::replicate::limits::HANDSHAKES_PER_ADDRESS_DEFAULT as u32,
+    #[arg(long, default_value_t = crate::replicate::receive::limits::HANDSHAKES_PER_ADDRESS_DEFAULT as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_handshakes_per_address: u32,
     /// Separate byte ranges one job may hold in memory; a sender that scatters more is refused.
-    #[arg(long, default_value_t = crate::replicate::limits::RANGES_PER_JOB_DEFAULT as u32,
+    #[arg(long, default_value_t = crate::replicate::receive::limits::RANGES_PER_JOB_DEFAULT as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_ranges_per_job: u32,
     /// Permission bits (octal, e.g. 0640) of the target files the receiver creates.
@@ -353,7 +354,7 @@ fn run_send(a: SendArgs) -> i32 {
 }
 
 fn run_serve(a: ServeArgs) -> i32 {
-    use crate::replicate::serve::{ServeOptions, Server, install_stop_signals};
+    use crate::replicate::receive::serve::{ServeOptions, Server, install_stop_signals};
     let opts = ServeOptions {
         listen: a.listen,
         target_root: a.target_root,
@@ -363,7 +364,7 @@ fn run_serve(a: ServeArgs) -> i32 {
         checkpoint_bytes: a.checkpoint_bytes,
         insecure_plaintext: a.insecure_plaintext,
         allow: a.allow,
-        limits: crate::replicate::limits::PeerLimits {
+        limits: crate::replicate::receive::limits::PeerLimits {
             max_handshakes_per_address: a.max_handshakes_per_address as usize,
             max_ranges_per_job: a.max_ranges_per_job as usize,
         },

@@ -33,6 +33,12 @@
 //! no compressor can keep up with the link the decision takes 6 ns and
 //! nothing is probed.
 #![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(missing_docs)]
 
 pub mod codec;
 pub mod mode;
@@ -42,108 +48,110 @@ pub use codec::{Compressors, compress, decompress, max_payload_bytes};
 pub use mode::Mode;
 pub use policy::{Choice, CodecEstimate, Estimates, LinkState, Policy, Reason, Stats};
 
-use std::fmt;
-
 /// The largest chunk that is compressed or decompressed (the NBD payload
 /// bound): a peer's declared `raw_len` is never trusted beyond it.
 pub const MAX_RAW_BYTES: usize = 32 * 1024 * 1024;
-/// zstd levels accepted (higher ones need large windows and are slow).
+/// Lowest zstd level accepted.
 pub const ZSTD_LEVEL_MIN: i32 = 1;
+/// Highest zstd level accepted (higher ones need large windows and are slow).
 pub const ZSTD_LEVEL_MAX: i32 = 19;
 /// Level of `--compress zstd`.
 pub const ZSTD_LEVEL_DEFAULT: i32 = 3;
 
-/// Codec id as it travels in a frame header.
-#[repr(u8)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Codec {
-    None = 0,
-    Lz4 = 1,
-    Zstd = 2,
-}
-
-impl Codec {
-    /// The codec with wire id `id`, or [`CompressError::UnknownCodec`].
-    pub fn from_u8(id: u8) -> Result<Self, CompressError> {
-        match id {
-            0 => Ok(Codec::None),
-            1 => Ok(Codec::Lz4),
-            2 => Ok(Codec::Zstd),
-            _ => Err(CompressError::UnknownCodec { id }),
-        }
-    }
-
-    pub fn as_u8(self) -> u8 {
-        self as u8
-    }
-}
-
-impl fmt::Display for Codec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Codec::None => "raw",
-            Codec::Lz4 => "lz4",
-            Codec::Zstd => "zstd",
-        })
-    }
-}
+/// The codec of a chunk: the wire protocol's type, so a frame's codec id
+/// needs no conversion on its way to or from a compressor.
+pub use crate::wire::Codec;
 
 /// Errors of compression and decompression.
 #[derive(Debug, thiserror::Error)]
 pub enum CompressError {
+    /// A chunk over [`MAX_RAW_BYTES`].
     #[error(
         "chunk of {raw_len_bytes} bytes is over the {max_raw_bytes}-byte limit: \
          use a smaller --chunk-size (or the peer sent a corrupt frame)"
     )]
     RawTooLarge {
+        /// The chunk's length.
         raw_len_bytes: usize,
+        /// [`MAX_RAW_BYTES`].
         max_raw_bytes: usize,
     },
+    /// The caller's output buffer is not the declared raw length.
     #[error(
         "output buffer of {out_len_bytes} bytes does not match the declared raw length \
          {raw_len_bytes}: this is a diskferry bug, please report it"
     )]
     OutputLen {
+        /// The output buffer's length.
         out_len_bytes: usize,
+        /// The declared raw length.
         raw_len_bytes: usize,
     },
+    /// A payload longer than any encoding of its raw length.
     #[error(
         "{codec} payload of {payload_len_bytes} bytes is longer than any encoding of \
          {raw_len_bytes} raw bytes (at most {payload_max_bytes}): the peer sent a corrupt \
          frame; check that both sides run the same diskferry version"
     )]
     PayloadTooLarge {
+        /// The payload's codec.
         codec: Codec,
+        /// The payload's length.
         payload_len_bytes: usize,
+        /// The declared raw length.
         raw_len_bytes: usize,
+        /// The longest encoding of `raw_len_bytes` with `codec`.
         payload_max_bytes: usize,
     },
+    /// A payload that decodes to another length than declared.
     #[error(
         "{codec} payload decodes to {decoded_len_bytes} bytes, not the declared \
          {raw_len_bytes}: the peer sent a corrupt frame; check that both sides run the \
          same diskferry version"
     )]
     LengthMismatch {
+        /// The payload's codec.
         codec: Codec,
+        /// What the payload decoded to.
         decoded_len_bytes: usize,
+        /// The declared raw length.
         raw_len_bytes: usize,
     },
+    /// A payload the codec cannot decode.
     #[error(
         "{codec} payload is corrupt ({detail}): the peer sent a corrupt frame; check \
          that both sides run the same diskferry version"
     )]
-    Corrupt { codec: Codec, detail: String },
-    #[error(
-        "unknown codec id {id} in a frame: the peer runs a newer diskferry; upgrade \
-         this side or run the sender with --compress none"
-    )]
-    UnknownCodec { id: u8 },
+    Corrupt {
+        /// The payload's codec.
+        codec: Codec,
+        /// The codec's own message.
+        detail: String,
+    },
+    /// A zstd level outside [`ZSTD_LEVEL_MIN`]..=[`ZSTD_LEVEL_MAX`].
     #[error("zstd level {level} is outside 1..=19: pass --compress zstd:LEVEL with 1..=19")]
-    ZstdLevel { level: i32 },
+    ZstdLevel {
+        /// The level asked for.
+        level: i32,
+    },
+    /// The compressor failed.
     #[error("{codec} failed to compress a chunk ({detail}): retry with --compress none")]
-    Compress { codec: Codec, detail: String },
+    Compress {
+        /// The codec that failed.
+        codec: Codec,
+        /// The codec's own message.
+        detail: String,
+    },
+    /// No zstd context could be made.
     #[error("could not create a zstd context ({detail}): the host is out of memory")]
-    Context { detail: String },
+    Context {
+        /// zstd's own message.
+        detail: String,
+    },
+    /// A `--compress` value that is no mode.
     #[error("invalid compression mode {text:?}: use none, lz4, zstd, zstd:LEVEL (1..=19) or auto")]
-    BadMode { text: String },
+    BadMode {
+        /// The value given.
+        text: String,
+    },
 }

@@ -76,9 +76,13 @@ pub struct CodecEstimate {
 /// Starting estimates for [`AUTO_CANDIDATES`], in that order.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Estimates {
+    /// lz4.
     pub lz4: CodecEstimate,
+    /// zstd at level 1.
     pub zstd1: CodecEstimate,
+    /// zstd at level 3.
     pub zstd3: CodecEstimate,
+    /// zstd at level 9.
     pub zstd9: CodecEstimate,
 }
 
@@ -135,6 +139,7 @@ pub struct Choice {
     pub codec: Codec,
     /// zstd level; 0 for other codecs.
     pub level: i32,
+    /// Why this codec.
     pub reason: Reason,
 }
 
@@ -151,19 +156,27 @@ impl Choice {
 /// Counters for the `done` event; sum the threads' with [`Stats::add`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
+    /// Chunks sent raw.
     pub chunks_raw: u64,
+    /// Chunks sent lz4-compressed.
     pub chunks_lz4: u64,
+    /// Chunks sent zstd-compressed (any level).
     pub chunks_zstd: u64,
     /// Raw bytes of all chunks.
     pub raw_bytes: u64,
     /// Payload bytes of all chunks (raw ones count their raw length).
     pub payload_bytes: u64,
+    /// Chunks whose compressibility was probed (`auto`).
     pub probes: u64,
+    /// Probes that found the chunk incompressible (sent raw).
     pub probes_incompressible: u64,
+    /// Chunks coded with a candidate other than the best, to refresh its
+    /// estimates.
     pub chunks_explored: u64,
 }
 
 impl Stats {
+    /// Adds `other`'s counters to these.
     pub fn add(&mut self, other: &Stats) {
         self.chunks_raw += other.chunks_raw;
         self.chunks_lz4 += other.chunks_lz4;
@@ -231,10 +244,12 @@ impl Policy {
         self
     }
 
+    /// The `--compress` mode this policy follows.
     pub fn mode(&self) -> Mode {
         self.mode
     }
 
+    /// This thread's counters so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
     }

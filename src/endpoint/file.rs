@@ -6,18 +6,22 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::{EndpointError, FileKind};
+use crate::engine::sys;
 
 /// An open raw file or block device.
 #[derive(Debug)]
 pub struct RawFile {
+    /// The open file.
     pub file: File,
+    /// A regular file or a block device.
     pub kind: FileKind,
+    /// Its size (a block device's capacity).
     pub size_bytes: u64,
+    /// The path it was opened at.
     pub path: PathBuf,
 }
 
@@ -165,19 +169,10 @@ impl RawFile {
 /// `lseek(fd, offset, whence)`; `Ok(None)` for ENXIO (no data / hole at or
 /// after `offset`).
 fn seek_data_or_hole(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let offset =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: lseek only reads its integer arguments; the fd is owned by
-    // `file`, which outlives the call. Moving the file position is harmless
-    // because every data-path access uses positioned I/O (pread / io_uring).
-    let result = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-    if result >= 0 {
-        return Ok(Some(u64::try_from(result).unwrap_or(0)));
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::ENXIO) => Ok(None),
-        _ => Err(err),
+    match sys::lseek(file, offset, whence) {
+        Ok(position) => Ok(Some(position)),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

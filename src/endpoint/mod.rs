@@ -13,6 +13,13 @@
 //! probed: a guest can write any header into its disk, and a raw disk read
 //! as the qcow2 image its guest wrote would make qemu open a backing file
 //! of the guest's choosing on this host (the image-format probing hole).
+#![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(missing_docs)]
 
 use std::path::{Path, PathBuf};
 
@@ -25,34 +32,68 @@ use crate::nbd::uri::{self, NbdUri};
 /// URI and says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
+    /// A system call on the path failed.
     #[error("{path}: {source}")]
     Io {
+        /// The path.
         path: String,
+        /// What failed.
         source: std::io::Error,
     },
+    /// An NBD URI that does not parse.
     #[error("bad NBD URI {uri:?}: {why}")]
-    BadUri { uri: String, why: String },
+    BadUri {
+        /// The URI as given.
+        uri: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Talking to the NBD server failed.
     #[error("{0}")]
     Nbd(#[from] crate::nbd::NbdError),
+    /// qemu-nbd failed or could not be run.
     #[error("qemu-nbd for {path}: {why}")]
-    QemuNbd { path: String, why: String },
+    QemuNbd {
+        /// The image.
+        path: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// The target is smaller than the source.
     #[error(
         "target {target} is {target_bytes} bytes, smaller than the source ({source_bytes} bytes); refusing to write anything"
     )]
     TargetTooSmall {
+        /// The target as given.
         target: String,
+        /// The target's size.
         target_bytes: u64,
+        /// The source's size.
         source_bytes: u64,
     },
     /// qemu-img failed or could not be run.
     #[error("qemu-img for {path}: {why}")]
-    QemuImg { path: String, why: String },
+    QemuImg {
+        /// The image.
+        path: String,
+        /// What went wrong.
+        why: String,
+    },
     /// The path exists but is neither a regular file nor a block device.
     #[error("{path} is {what}; give a regular file, a block device or an NBD URI")]
-    NotAFileOrDevice { path: String, what: &'static str },
+    NotAFileOrDevice {
+        /// The path.
+        path: String,
+        /// What it is instead ("a directory", …).
+        what: &'static str,
+    },
     /// A format was named for an NBD URI, which has none.
     #[error("{uri}: an NBD export has no image format; name a format for files only")]
-    FormatForUri { uri: String },
+    FormatForUri {
+        /// The URI.
+        uri: String,
+    },
+    /// Anything else, said in full.
     #[error("{0}")]
     Other(String),
 }
@@ -61,13 +102,19 @@ pub enum EndpointError {
 /// always told this format (`-f`), so they never guess it from the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ImageFormat {
+    /// Raw bytes.
     Raw,
+    /// QEMU copy-on-write v2.
     Qcow2,
+    /// VMware.
     Vmdk,
+    /// Hyper-V.
     Vhdx,
+    /// VirtualBox.
     Vdi,
     /// VHD (Virtual PC).
     Vpc,
+    /// QEMU enhanced disk.
     Qed,
 }
 
@@ -95,20 +142,25 @@ impl std::fmt::Display for ImageFormat {
 /// What kind of thing a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
+    /// A regular file.
     Regular,
+    /// A block device.
     BlockDevice,
 }
 
 /// A parsed SRC/DST argument, before anything is opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Spec {
+    /// An NBD URI.
     Nbd(NbdUri),
     /// A raw file or block device (a path that does not exist yet, as a
     /// target, is a raw file unless its extension names a format).
     Raw(PathBuf),
     /// An image in a non-raw format, to be served by qemu-nbd.
     Image {
+        /// The image file.
         path: PathBuf,
+        /// Its format, as qemu names it.
         format: String,
     },
 }
@@ -117,7 +169,9 @@ pub enum Spec {
 /// be created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// Read from; must exist.
     Source,
+    /// Written to; may be created.
     Target,
 }
 

@@ -15,13 +15,13 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::EndpointError;
+use crate::engine::sys;
 use crate::nbd::uri::{NbdUri, Transport};
 
 /// How long qemu-nbd may take to accept connections.
@@ -115,33 +115,6 @@ fn greets(socket: &Path) -> bool {
         && &magic == b"NBDMAGIC"
 }
 
-/// Make the kernel SIGTERM the child when the spawning thread dies.
-fn set_parent_death_signal(command: &mut Command) {
-    let parent_pid = std::process::id();
-    let hook = move || -> io::Result<()> {
-        // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on the calling
-        // (child) process; it is async-signal-safe and touches no memory.
-        let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: getppid has no preconditions and is async-signal-safe.
-        let ppid = unsafe { libc::getppid() };
-        // The parent may have died before prctl ran: then nobody would
-        // signal us, so refuse to start.
-        if u32::try_from(ppid).ok() != Some(parent_pid) {
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
-        }
-        Ok(())
-    };
-    // SAFETY: the hook runs between fork and exec; it calls only
-    // async-signal-safe functions (prctl, getppid), allocates nothing and
-    // takes no locks.
-    unsafe {
-        command.pre_exec(hook);
-    }
-}
-
 impl QemuNbdChild {
     /// Start `qemu-nbd -f FORMAT -k SOCK -e CONNECTIONS -t [-r]` on `path`
     /// and wait (at most [`START_TIMEOUT`]) until its socket accepts
@@ -204,7 +177,7 @@ impl QemuNbdChild {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
-        set_parent_death_signal(&mut command);
+        sys::terminate_with_parent(&mut command);
         let child = command.spawn().map_err(|e| {
             let hint = if e.kind() == io::ErrorKind::NotFound {
                 " (install qemu-utils)"
@@ -294,16 +267,10 @@ impl QemuNbdChild {
 impl Drop for QemuNbdChild {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            match libc::pid_t::try_from(self.child.id()) {
-                // SAFETY: kill only sends a signal. The pid is our own child
-                // which has not been reaped (try_wait returned None and only
-                // this struct waits on it), so it cannot name another process.
-                Ok(pid) => unsafe {
-                    libc::kill(pid, libc::SIGTERM);
-                },
-                Err(_) => {
-                    let _ = self.child.kill();
-                }
+            // Our own child, not reaped (try_wait returned None and only
+            // this struct waits on it), so its pid names no other process.
+            if sys::terminate(&self.child).is_err() {
+                let _ = self.child.kill();
             }
             let deadline = Instant::now() + STOP_TIMEOUT;
             while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {

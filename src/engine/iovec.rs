@@ -14,21 +14,26 @@ pub struct IoVecs(Vec<libc::iovec>);
 unsafe impl Send for IoVecs {}
 
 impl IoVecs {
+    /// Empty, with room for `n` entries.
     pub fn with_capacity(n: usize) -> Self {
         Self(Vec::with_capacity(n))
     }
+    /// Removes every entry.
     pub fn clear(&mut self) {
         self.0.clear();
     }
+    /// Appends the entry `len` bytes at address `addr`.
     pub fn push(&mut self, addr: usize, len: usize) {
         self.0.push(libc::iovec {
             iov_base: addr as *mut libc::c_void,
             iov_len: len,
         });
     }
+    /// Number of entries.
     pub fn len(&self) -> usize {
         self.0.len()
     }
+    /// Whether there is no entry.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -7,11 +7,21 @@
 //! memory stays valid and untouched until the op's completion is returned by
 //! [`Engine::wait`]. A worker never drops an engine with ops in flight: it
 //! drains completions first.
+// One of the two places unsafe code may live (see lib.rs): the engines and `sys` are where the tree talks to the kernel;
+// every block carries a `// SAFETY:` note.
+#![allow(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(missing_docs)]
 
 use std::os::fd::RawFd;
 
 pub mod iovec;
 pub mod pin;
+pub mod sys;
 pub mod tcpinfo;
 pub mod threads;
 pub mod uring;
@@ -22,54 +32,86 @@ pub mod uring;
 pub enum Op {
     /// pread(2).
     Read {
+        /// The file.
         fd: RawFd,
+        /// Where the bytes go: `len` writable bytes.
         buf: *mut u8,
+        /// Bytes to read.
         len: u32,
+        /// Where in the file.
         offset: u64,
     },
     /// pwrite(2).
     Write {
+        /// The file.
         fd: RawFd,
+        /// The bytes: `len` readable bytes.
         buf: *const u8,
+        /// Bytes to write.
         len: u32,
+        /// Where in the file.
         offset: u64,
     },
     /// writev(2) on a socket (no offset). `iov` points to `iovcnt` iovecs
     /// that stay valid until completion.
     Writev {
+        /// The socket.
         fd: RawFd,
+        /// The first iovec.
         iov: *const libc::iovec,
+        /// How many iovecs.
         iovcnt: u32,
     },
     /// recv(2) on a socket; `waitall` sets MSG_WAITALL.
     Recv {
+        /// The socket.
         fd: RawFd,
+        /// Where the bytes go: `len` writable bytes.
         buf: *mut u8,
+        /// Bytes to receive (at most).
         len: u32,
+        /// Wait until `len` bytes came (or the peer closed).
         waitall: bool,
     },
     /// fdatasync(2) (or fsync when `datasync` is false).
-    Fsync { fd: RawFd, datasync: bool },
+    Fsync {
+        /// The file.
+        fd: RawFd,
+        /// fdatasync rather than fsync.
+        datasync: bool,
+    },
     /// fallocate(2) with the given mode (punch hole, zero range).
     Fallocate {
+        /// The file.
         fd: RawFd,
+        /// `FALLOC_FL_*` flags.
         mode: i32,
+        /// Start of the range.
         offset: u64,
+        /// Length of the range.
         len: u64,
     },
     /// sync_file_range(2): start (and optionally wait for) writeback of a
     /// range, so written data streams to disk instead of piling up dirty.
     SyncFileRange {
+        /// The file.
         fd: RawFd,
+        /// Start of the range.
         offset: u64,
+        /// Length of the range.
         len: u32,
+        /// `SYNC_FILE_RANGE_*` flags.
         flags: u32,
     },
     /// posix_fadvise(2), e.g. POSIX_FADV_DONTNEED on ranges already on disk.
     Fadvise {
+        /// The file.
         fd: RawFd,
+        /// Start of the range.
         offset: u64,
+        /// Length of the range.
         len: u32,
+        /// `POSIX_FADV_*` advice.
         advice: i32,
     },
 }

@@ -8,7 +8,8 @@ pub fn bytes_acked(sock: &impl AsRawFd) -> std::io::Result<u64> {
     // SAFETY: tcp_info is plain old data (integers only), so the all-zero
     // bit pattern is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>())
+        .map_err(|_| std::io::Error::other("tcp_info does not fit a socklen_t"))?;
     // SAFETY: getsockopt writes at most `len` bytes into `info`, which is a
     // live, writable tcp_info of exactly that size; `len` is a valid
     // socklen_t the kernel may update.

@@ -17,8 +17,10 @@
 //! the buffer is full or the peer closes, and EINTR is retried.
 
 use super::{Completion, Engine, EngineError, EngineKind, Op};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
+
+use crate::sync::lock;
 
 /// Upper bound on the pool size, whatever `max_in_flight` is.
 pub const THREADS_MAX: usize = 256;
@@ -95,10 +97,7 @@ fn worker_loop(jobs_rx: &Mutex<mpsc::Receiver<Job>>, done_tx: &mpsc::Sender<Comp
     loop {
         // The guard is a temporary of this statement: the lock is released
         // before the op runs, so other workers can pick up jobs meanwhile.
-        let next = jobs_rx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .recv();
+        let next = lock(jobs_rx).recv();
         let Ok(Job { user_data, op }) = next else {
             return; // engine dropped
         };
@@ -331,7 +330,7 @@ fn recv(fd: i32, buf: *mut u8, len: u32, waitall: bool) -> i32 {
                 rc
             };
         }
-        done_bytes += rc as usize;
+        done_bytes += rc.unsigned_abs() as usize; // rc >= 0 here
         if !waitall || rc == 0 || done_bytes >= len_bytes {
             return bytes_to_result(done_bytes);
         }
@@ -371,7 +370,7 @@ fn send_all(fd: i32, iov: *const libc::iovec, iovcnt: u32) -> i32 {
                 rc
             };
         }
-        let mut advance_bytes = rc as usize;
+        let mut advance_bytes = rc.unsigned_abs() as usize; // rc >= 0 here
         sent_bytes += advance_bytes;
         while advance_bytes > 0 {
             let head = &mut iovs[first];

@@ -57,6 +57,7 @@ pub struct Journal {
     pub target_path_hint: String,
     /// The sender's identity of the source (size + generation, or digest).
     pub source_identity: String,
+    /// The source's size.
     pub size_bytes: u64,
     /// Informational: ranges are in bytes, so a resume may use another.
     pub chunk_size_bytes: u32,
@@ -66,6 +67,7 @@ pub struct Journal {
     pub durable: RangeSet,
     /// Every byte of the source is durable and the job finished.
     pub complete: bool,
+    /// When it was last written (seconds since the Unix epoch).
     pub updated_unix_s: u64,
 }
 

@@ -9,8 +9,11 @@ use super::ranges::RangeSet;
 /// The job as the sender describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResumeRequest {
+    /// The target name from HELLO.
     pub target_name: String,
+    /// The sender's identity of the source.
     pub source_identity: String,
+    /// The source's size.
     pub size_bytes: u64,
     /// Not compared: ranges are in bytes, so a resume may change it.
     pub chunk_size_bytes: u32,
@@ -30,17 +33,23 @@ pub enum RefuseReason {
     SourceIdentityMismatch,
 }
 
+/// What to do with a job, given its journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// No journal, or a restart: copy everything; start a new journal.
     Fresh,
     /// Send only what is not in `durable`.
-    Resume { durable: RangeSet },
+    Resume {
+        /// What the target already holds.
+        durable: RangeSet,
+    },
     /// Every byte is durable and the job finished: nothing to do.
     AlreadyComplete,
     /// Do not write; `message` tells the operator what to do.
     Refuse {
+        /// Why.
         reason: RefuseReason,
+        /// What to tell the operator.
         message: String,
     },
 }

@@ -16,6 +16,12 @@
 //! The journal is advanced only after the ranges it adds were flushed
 //! (fdatasync / NBD FLUSH); that ordering is the caller's duty.
 #![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(missing_docs)]
 
 pub mod codec;
 pub mod decide;
@@ -46,109 +52,195 @@ const RESTART_HINT: &str = "rerun with --restart to start a clean full copy";
 /// Decode failures say what is wrong and that `--restart` recovers.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
+    /// Shorter than any journal.
     #[error(
         "journal is damaged (truncated: {len_bytes} bytes is shorter than any journal); {RESTART_HINT}"
     )]
-    TooShort { len_bytes: usize },
+    TooShort {
+        /// The file's length.
+        len_bytes: usize,
+    },
+    /// Not a diskferry journal.
     #[error("journal is damaged (not a diskferry journal: bad magic); {RESTART_HINT}")]
     BadMagic,
+    /// Written by another journal version.
     #[error(
         "journal has version {found}, this diskferry reads version {JOURNAL_VERSION}; \
          run the release that wrote it, or {RESTART_HINT}"
     )]
-    UnsupportedVersion { found: u32 },
+    UnsupportedVersion {
+        /// The version found.
+        found: u32,
+    },
+    /// The checksum does not match.
     #[error("journal is damaged (checksum mismatch); {RESTART_HINT}")]
     ChecksumMismatch,
+    /// Ends inside a field.
     #[error("journal is damaged (truncated in field `{field}`); {RESTART_HINT}")]
-    Truncated { field: &'static str },
+    Truncated {
+        /// The field.
+        field: &'static str,
+    },
+    /// Flag bits this build does not know.
     #[error("journal is damaged (unknown flag bits {flags:#x}); {RESTART_HINT}")]
-    UnknownFlags { flags: u32 },
+    UnknownFlags {
+        /// The flags found.
+        flags: u32,
+    },
+    /// A string over its bound.
     #[error(
         "journal is damaged (field `{field}` is {len_bytes} bytes, more than {MAX_STRING_BYTES}); \
          {RESTART_HINT}"
     )]
-    StringTooLong { field: &'static str, len_bytes: u64 },
+    StringTooLong {
+        /// The field.
+        field: &'static str,
+        /// The string's length.
+        len_bytes: u64,
+    },
+    /// A string that is not UTF-8.
     #[error("journal is damaged (field `{field}` is not UTF-8); {RESTART_HINT}")]
-    StringNotUtf8 { field: &'static str },
+    StringNotUtf8 {
+        /// The field.
+        field: &'static str,
+    },
+    /// More durable ranges than allowed.
     #[error(
         "journal is damaged ({count} durable ranges, more than {MAX_RANGES_HARD} or than the \
          file holds); {RESTART_HINT}"
     )]
-    TooManyRanges { count: u64 },
+    TooManyRanges {
+        /// Ranges claimed.
+        count: u64,
+    },
+    /// A durable range that is empty or past the source.
     #[error(
         "journal is damaged (durable range #{index} at {offset}+{len_bytes} is empty or beyond \
          the {size_bytes}-byte source); {RESTART_HINT}"
     )]
     RangeOutOfBounds {
+        /// Which range.
         index: usize,
+        /// The range's offset.
         offset: u64,
+        /// The range's length.
         len_bytes: u64,
+        /// The source's size.
         size_bytes: u64,
     },
+    /// Durable ranges unsorted, overlapping or unmerged.
     #[error(
         "journal is damaged (durable range #{index} is not after the previous one: unsorted, \
          overlapping or unmerged); {RESTART_HINT}"
     )]
-    RangesNotCanonical { index: usize },
+    RangesNotCanonical {
+        /// Which range.
+        index: usize,
+    },
+    /// Marked complete without covering the source.
     #[error(
         "journal is damaged (marked complete but only {covered_bytes} of {size_bytes} bytes \
          are durable); {RESTART_HINT}"
     )]
-    CompleteButNotCovered { covered_bytes: u64, size_bytes: u64 },
+    CompleteButNotCovered {
+        /// Bytes the ranges cover.
+        covered_bytes: u64,
+        /// The source's size.
+        size_bytes: u64,
+    },
+    /// Bytes after the ranges.
     #[error("journal is damaged ({extra_bytes} unexpected bytes after the ranges); {RESTART_HINT}")]
-    TrailingBytes { extra_bytes: usize },
+    TrailingBytes {
+        /// Bytes left over.
+        extra_bytes: usize,
+    },
+    /// A file larger than any journal.
     #[error(
         "journal is damaged (the file is {len_bytes} bytes, more than any journal can be, \
          {MAX_JOURNAL_BYTES}); {RESTART_HINT}"
     )]
-    TooLarge { len_bytes: u64 },
+    TooLarge {
+        /// The file's length.
+        len_bytes: u64,
+    },
+    /// The journal path is not a regular file.
     #[error("journal is not a regular file ({what}); remove it, or {RESTART_HINT}")]
-    NotAFile { what: &'static str },
+    NotAFile {
+        /// What it is instead.
+        what: &'static str,
+    },
+    /// The state directory is a symbolic link.
     #[error(
         "state directory {path} is a symbolic link: name the real directory instead",
         path = path.display()
     )]
-    StateDirSymlink { path: PathBuf },
+    StateDirSymlink {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The state directory is not a directory.
     #[error("state directory {path} is not a directory", path = path.display())]
-    StateDirNotDir { path: PathBuf },
+    StateDirNotDir {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The state directory belongs to another user.
     #[error(
         "state directory {path} is owned by uid {owner_uid}, not by this user (uid {uid}): \
          run `chown {uid} {path}` or use a directory of your own",
         path = path.display()
     )]
     StateDirOwner {
+        /// The path.
         path: PathBuf,
+        /// The directory's owner.
         owner_uid: u32,
+        /// Our effective uid.
         uid: u32,
     },
+    /// The state directory is writable by others.
     #[error(
         "state directory {path} is writable by group or others (mode {mode:04o}): \
          run `chmod 0700 {path}`",
         path = path.display()
     )]
-    StateDirWritable { path: PathBuf, mode: u32 },
+    StateDirWritable {
+        /// The path.
+        path: PathBuf,
+        /// The directory's mode.
+        mode: u32,
+    },
+    /// An error of the journal file at `path`.
     #[error("{path}: {source}", path = path.display())]
     At {
+        /// The path.
         path: PathBuf,
+        /// What is wrong with it.
         #[source]
         source: Box<JournalError>,
     },
+    /// A journal that would not decode (a bug).
     #[error(
         "refusing to save a journal that would not read back ({source}); this is a bug: \
          please report it"
     )]
     Unencodable {
+        /// Why it would not decode.
         #[source]
         source: Box<JournalError>,
     },
+    /// A system call on the journal or its directory failed.
     #[error(
         "cannot {action} {path}: {source} (check that --state-dir is a writable local \
          directory with free space)",
         path = path.display()
     )]
     Io {
+        /// What was being done.
         action: &'static str,
+        /// The path.
         path: PathBuf,
+        /// What failed.
         #[source]
         source: std::io::Error,
     },

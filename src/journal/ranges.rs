@@ -1,8 +1,9 @@
-//! [`RangeSet`]: the merged set of byte ranges a journal records as durable.
-//!
-//! Independent of the replication code's own set so the journal format does
-//! not move when the data path changes. Ranges are kept merged: sorted,
-//! disjoint and non-adjacent, which is also the only form the codec accepts.
+//! [`RangeSet`]: a merged set of byte ranges. The journal records the
+//! durable ones in this form; the receiver also keeps each stream's ranges
+//! written since its last ACK or flush in it, and the sender the ranges it
+//! sent. Ranges are kept merged: sorted, disjoint and non-adjacent, which
+//! is also the only form the journal codec accepts. Callers cap how many
+//! ranges a set may hold ([`RangeSet::len`], [`RangeSet::retain_largest`]).
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ pub struct RangeSet {
 }
 
 impl RangeSet {
+    /// No range.
     pub fn new() -> Self {
         Self::default()
     }
@@ -80,6 +82,7 @@ impl RangeSet {
         self.ends_by_start.len()
     }
 
+    /// Whether no byte is covered.
     pub fn is_empty(&self) -> bool {
         self.ends_by_start.is_empty()
     }
@@ -106,6 +109,20 @@ impl RangeSet {
         }
         if cursor < size_bytes {
             out.push((cursor, size_bytes - cursor));
+        }
+        out
+    }
+
+    /// Removes and returns up to `max_ranges` ranges from the start, in
+    /// offset order, as `(offset, len_bytes)`.
+    pub fn take_first(&mut self, max_ranges: usize) -> Vec<(u64, u64)> {
+        let mut out = Vec::with_capacity(max_ranges.min(self.len()));
+        while out.len() < max_ranges {
+            let Some((start, end)) = self.ends_by_start.pop_first() else {
+                break;
+            };
+            self.covered_bytes -= end - start;
+            out.push((start, end - start));
         }
         out
     }
@@ -207,6 +224,17 @@ mod tests {
         assert_eq!(set.retain_largest(3), 0);
         assert_eq!(set.retain_largest(0), 27);
         assert!(set.is_empty());
+    }
+
+    #[test]
+    fn take_first_leaves_the_rest() {
+        let mut set: RangeSet = (0..5u64).map(|i| (i * 100, 10)).collect();
+        let first = set.take_first(3);
+        assert_eq!(first, vec![(0, 10), (100, 10), (200, 10)]);
+        assert_eq!(pairs(&set), vec![(300, 10), (400, 10)]);
+        assert_eq!(set.covered_bytes(), 20);
+        assert_eq!(set.take_first(10).len(), 2);
+        assert!(set.is_empty() && set.covered_bytes() == 0);
     }
 
     #[test]

@@ -105,6 +105,7 @@ impl JournalStore {
         self
     }
 
+    /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -153,7 +154,8 @@ impl JournalStore {
             }
             .at(path));
         }
-        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        let mut bytes =
+            Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(MAX_JOURNAL_BYTES));
         // One byte past the bound: a file that grew since fstat is caught.
         file.take(MAX_JOURNAL_BYTES as u64 + 1)
             .read_to_end(&mut bytes)

@@ -63,36 +63,29 @@ impl<S: Read + Write> Client<S> {
 
     /// Read `buf.len()` bytes at `offset`; holes read as zeroes.
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
-        let step = self.info.block_max.max(1) as usize;
-        for (i, piece) in buf.chunks_mut(step).enumerate() {
-            let at = offset + (i * step) as u64;
-            // piece.len() <= block_max <= u32::MAX.
-            self.run(
-                Cmd::Read {
-                    offset: at,
-                    len: piece.len() as u32,
-                },
-                &[],
-                piece,
-            )?;
+        let step = self.info.block_max.max(1);
+        let mut at = offset;
+        for piece in buf.chunks_mut(step as usize) {
+            let len = piece_len(piece)?;
+            self.run(Cmd::Read { offset: at, len }, &[], piece)?;
+            at += u64::from(len);
         }
         Ok(())
     }
 
     /// Write `data` at `offset`.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
-        let step = self.info.block_max.max(1) as usize;
-        for (i, piece) in data.chunks(step).enumerate() {
-            let at = offset + (i * step) as u64;
-            self.run(
-                Cmd::Write {
-                    offset: at,
-                    len: piece.len() as u32,
-                    fua: false,
-                },
-                piece,
-                &mut [],
-            )?;
+        let step = self.info.block_max.max(1);
+        let mut at = offset;
+        for piece in data.chunks(step as usize) {
+            let len = piece_len(piece)?;
+            let cmd = Cmd::Write {
+                offset: at,
+                len,
+                fua: false,
+            };
+            self.run(cmd, piece, &mut [])?;
+            at += u64::from(len);
         }
         Ok(())
     }
@@ -161,12 +154,12 @@ impl<S: Read + Write> Client<S> {
         cmd: impl Fn(u64, u32) -> Cmd,
     ) -> Result<(), NbdError> {
         let min = self.info.block_min.max(1);
-        let step = u64::from(MAX_NO_PAYLOAD_REQUEST_BYTES - MAX_NO_PAYLOAD_REQUEST_BYTES % min);
+        let step = MAX_NO_PAYLOAD_REQUEST_BYTES - MAX_NO_PAYLOAD_REQUEST_BYTES % min;
         let mut done = 0u64;
         while done < len_bytes {
-            let len = (len_bytes - done).min(step);
-            self.run(cmd(offset + done, len as u32), &[], &mut [])?;
-            done += len;
+            let len = u32::try_from(len_bytes - done).map_or(step, |rest| rest.min(step));
+            self.run(cmd(offset + done, len), &[], &mut [])?;
+            done += u64::from(len);
         }
         Ok(())
     }
@@ -277,4 +270,11 @@ fn command_error(cmd: Cmd, errno: u32, message: String) -> NbdError {
             message
         },
     }
+}
+
+/// A piece's length as the `u32` of a request. Pieces are cut at
+/// `block_max` (a `u32`), so the error is a bug in the caller.
+fn piece_len(piece: &[u8]) -> Result<u32, NbdError> {
+    u32::try_from(piece.len())
+        .map_err(|_| NbdError::Invalid(format!("a request of {} bytes", piece.len())))
 }

@@ -25,34 +25,51 @@ const SCRATCH_KEEP_BYTES: usize = 64 * 1024;
 /// A transmission-phase command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cmd {
+    /// `CMD_READ`.
     Read {
+        /// Where in the export.
         offset: u64,
+        /// Bytes.
         len: u32,
     },
     /// The payload (len bytes) is sent by the driver right after the header.
     Write {
+        /// Where in the export.
         offset: u64,
+        /// Bytes.
         len: u32,
+        /// Force unit access.
         fua: bool,
     },
     /// `no_hole`: NBD_CMD_FLAG_NO_HOLE; `fast`: NBD_CMD_FLAG_FAST_ZERO.
     WriteZeroes {
+        /// Where in the export.
         offset: u64,
+        /// Bytes.
         len: u32,
+        /// Allocate (`CMD_FLAG_NO_HOLE`).
         no_hole: bool,
+        /// Fail unless fast (`CMD_FLAG_FAST_ZERO`).
         fast: bool,
     },
+    /// `CMD_TRIM`.
     Trim {
+        /// Where in the export.
         offset: u64,
+        /// Bytes.
         len: u32,
     },
+    /// `CMD_FLUSH`.
     Flush,
-    /// Block status for one negotiated meta context (by id) or for all
-    /// negotiated contexts when `context_id` is None.
+    /// `CMD_BLOCK_STATUS`: extents of the range in every negotiated meta
+    /// context.
     BlockStatus {
+        /// Where in the export.
         offset: u64,
+        /// Bytes.
         len: u32,
     },
+    /// `CMD_DISC`.
     Disconnect,
 }
 
@@ -61,12 +78,18 @@ pub enum Cmd {
 pub enum RecvTarget {
     /// Fill [`ClientConn::scratch_mut`] (exactly `len` more bytes are needed;
     /// the driver may deliver fewer and call [`ClientConn::advance`] again).
-    Scratch { len: usize },
+    Scratch {
+        /// Bytes expected.
+        len: usize,
+    },
     /// Read data for READ `cookie`: the next `len` bytes go to the caller's
     /// read buffer at `buf_offset` (offset relative to the READ's start).
     Payload {
+        /// The READ.
         cookie: u64,
+        /// Where in the READ's buffer.
         buf_offset: u32,
+        /// Bytes expected.
         len: u32,
     },
 }
@@ -74,7 +97,9 @@ pub enum RecvTarget {
 /// An extent from BLOCK_STATUS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
+    /// Bytes the extent covers.
     pub len: u32,
+    /// The meta context's flags (`base:allocation`: hole 1, zero 2).
     pub flags: u32,
 }
 
@@ -84,25 +109,37 @@ pub enum ReplyEvent {
     /// A region of READ `cookie`'s buffer the server reported as a hole:
     /// the driver must zero it (it was not sent).
     Hole {
+        /// The request.
         cookie: u64,
+        /// Where in the READ's buffer.
         buf_offset: u32,
+        /// Bytes of the hole.
         len: u32,
     },
     /// Block status extents for `cookie` in meta context `context_id`
     /// (already checked: non-zero lengths, not past the request).
     BlockStatus {
+        /// The request.
         cookie: u64,
+        /// The meta context.
         context_id: u32,
+        /// The extents, in order.
         extents: Vec<Extent>,
     },
     /// Command `cookie` finished successfully (for READ: every byte of the
     /// buffer has been delivered as payload or reported as a hole).
-    Done { cookie: u64 },
+    Done {
+        /// The request.
+        cookie: u64,
+    },
     /// Command `cookie` failed on the server with NBD error `errno`
     /// (NBD_EPERM, NBD_EIO, …) and the server's message, if any.
     Failed {
+        /// The request.
         cookie: u64,
+        /// The NBD errno.
         errno: u32,
+        /// The server's message.
         message: String,
     },
 }

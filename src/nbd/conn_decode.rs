@@ -26,14 +26,13 @@ impl ClientConn {
             ),
             _ => return self.step_scratch(n, events),
         };
-        let left = (end - buf_offset) as usize;
-        if n > left {
+        let left = end - buf_offset;
+        let Some(n) = u32::try_from(n).ok().filter(|&n| n <= left) else {
             return Err(format!(
                 "driver delivered {n} payload bytes where {left} were expected"
             ));
-        }
-        // n <= left <= u32::MAX.
-        let now = buf_offset + n as u32;
+        };
+        let now = buf_offset + n;
         match &mut self.state {
             State::SimplePayload { buf_offset, .. } | State::DataPayload { buf_offset, .. } => {
                 *buf_offset = now
@@ -372,16 +371,20 @@ fn type_name(ty: u16) -> &'static str {
 /// to the request start.
 fn range_in_request(p: &Pending, offset: u64, len: u64, what: &str) -> Result<(u32, u32), String> {
     let req_end = p.offset + u64::from(p.len);
-    let end = offset.checked_add(len);
-    match end {
-        Some(end) if offset >= p.offset && end <= req_end => {
-            Ok(((offset - p.offset) as u32, (end - p.offset) as u32))
-        }
-        _ => Err(format!(
+    let end = offset
+        .checked_add(len)
+        .filter(|&end| offset >= p.offset && end <= req_end);
+    // Inside the request, both fit its u32 length.
+    let relative = end.and_then(|end| {
+        let start = u32::try_from(offset - p.offset).ok()?;
+        Some((start, u32::try_from(end - p.offset).ok()?))
+    });
+    relative.ok_or_else(|| {
+        format!(
             "{what} at offset {offset} length {len} lies outside the request ({})",
             p.describe()
-        )),
-    }
+        )
+    })
 }
 
 /// Parse BLOCK_STATUS descriptors (length already checked: n * 8 bytes,
@@ -416,7 +419,8 @@ fn parse_extents(b: &[u8], p: &Pending) -> Result<Vec<Extent>, String> {
                     p.describe()
                 ));
             }
-            len = (req_len - pos) as u32;
+            // What is left of the request is below `len`, so it fits.
+            len = u32::try_from(req_len - pos).unwrap_or(len);
         }
         pos += u64::from(len);
         extents.push(Extent { len, flags });

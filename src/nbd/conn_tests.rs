@@ -32,7 +32,7 @@ fn chunk(flags: u16, ty: u16, cookie: u64, body: &[u8]) -> Vec<u8> {
         flags,
         reply_type: ty,
         cookie,
-        len_bytes: body.len() as u32,
+        len_bytes: u32::try_from(body.len()).unwrap(),
     };
     let mut v = encode_chunk_header(&h).to_vec();
     v.extend_from_slice(body);
@@ -234,12 +234,16 @@ fn simple_read_reply_goes_straight_to_the_buffer() {
     )
     .unwrap();
     let mut input = encode_simple_reply(0, 9).to_vec();
-    input.extend((0..1024).map(|i| i as u8));
+    input.extend((0..1024u32).map(|i| i.to_le_bytes()[0]));
     let mut buf = vec![0xffu8; 1024];
     let (events, r) = feed(&mut c, &input, 7, &mut buf);
     r.unwrap();
     assert_eq!(events, vec![ReplyEvent::Done { cookie: 9 }]);
-    assert!(buf.iter().enumerate().all(|(i, b)| *b == i as u8));
+    assert!(
+        buf.iter()
+            .enumerate()
+            .all(|(i, b)| *b == i.to_le_bytes()[0])
+    );
     assert_eq!(c.in_flight(), 0);
 }
 

@@ -12,9 +12,11 @@ use std::io::{Read, Write};
 use super::proto::{self, Info, OptReplyHeader};
 use super::{MAX_PAYLOAD_BYTES, MAX_STRING_BYTES, NbdError};
 
-/// Block sizes assumed when the server advertises none.
+/// Minimum block size assumed when the server advertises none.
 pub const DEFAULT_BLOCK_MIN_BYTES: u32 = 1;
+/// Preferred block size assumed when the server advertises none.
 pub const DEFAULT_BLOCK_PREF_BYTES: u32 = 4096;
+/// Maximum block size assumed when the server advertises none.
 pub const DEFAULT_BLOCK_MAX_BYTES: u32 = MAX_PAYLOAD_BYTES;
 /// Most meta contexts accepted from one SET_META_CONTEXT.
 pub const MAX_META_CONTEXTS: usize = 256;
@@ -24,13 +26,18 @@ const MAX_REPLIES_PER_OPTION: usize = 1024;
 /// What was negotiated for one export.
 #[derive(Debug, Clone, Default)]
 pub struct ExportInfo {
+    /// The export's size.
     pub size_bytes: u64,
+    /// `TFLAG_*`.
     pub transmission_flags: u16,
+    /// Smallest request size (bytes).
     pub block_min: u32,
+    /// Preferred request size (bytes).
     pub block_pref: u32,
     /// Largest READ/WRITE payload; the server's maximum clamped to
     /// [`MAX_PAYLOAD_BYTES`] and rounded down to a multiple of `block_min`.
     pub block_max: u32,
+    /// The server agreed to structured replies.
     pub structured_replies: bool,
     /// (context name, context id) for each meta context the server accepted.
     pub meta_contexts: Vec<(String, u32)>,
@@ -40,24 +47,31 @@ impl ExportInfo {
     fn flag(&self, f: u16) -> bool {
         self.transmission_flags & proto::TFLAG_HAS_FLAGS != 0 && self.transmission_flags & f != 0
     }
+    /// The export is read-only.
     pub fn read_only(&self) -> bool {
         self.flag(proto::TFLAG_READ_ONLY)
     }
+    /// FLUSH is supported.
     pub fn can_flush(&self) -> bool {
         self.flag(proto::TFLAG_SEND_FLUSH)
     }
+    /// The FUA command flag is supported.
     pub fn can_fua(&self) -> bool {
         self.flag(proto::TFLAG_SEND_FUA)
     }
+    /// Several connections see each other's writes.
     pub fn can_multi_conn(&self) -> bool {
         self.flag(proto::TFLAG_CAN_MULTI_CONN)
     }
+    /// WRITE_ZEROES is supported.
     pub fn can_write_zeroes(&self) -> bool {
         self.flag(proto::TFLAG_SEND_WRITE_ZEROES)
     }
+    /// The FAST_ZERO command flag is supported.
     pub fn can_fast_zero(&self) -> bool {
         self.flag(proto::TFLAG_SEND_FAST_ZERO)
     }
+    /// TRIM is supported.
     pub fn can_trim(&self) -> bool {
         self.flag(proto::TFLAG_SEND_TRIM)
     }
@@ -131,7 +145,7 @@ fn read_opt_reply<S: Read>(s: &mut S, option: u32) -> Result<OptReply, NbdError>
 }
 
 fn send_option<S: Write>(s: &mut S, option: u32, data: &[u8]) -> Result<(), NbdError> {
-    s.write_all(&proto::encode_option(option, data))?;
+    s.write_all(&proto::encode_option(option, data)?)?;
     s.flush()?;
     Ok(())
 }
@@ -368,7 +382,7 @@ mod tests {
         let mut v = proto::OPT_REPLY_MAGIC.to_be_bytes().to_vec();
         v.extend_from_slice(&option.to_be_bytes());
         v.extend_from_slice(&ty.to_be_bytes());
-        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
         v.extend_from_slice(data);
         v
     }

@@ -12,6 +12,12 @@
 //!   handshake-time work: block-status planning, tests, flush.
 //! * [`uri`]: libnbd-style NBD URIs.
 #![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(missing_docs)]
 
 pub mod blocking;
 pub mod conn;
@@ -38,15 +44,26 @@ pub enum NbdError {
     Protocol(String),
     /// The server refused an option or an export during the handshake.
     #[error("NBD server refused {what}: {message}")]
-    Refused { what: String, message: String },
+    Refused {
+        /// What was refused.
+        what: String,
+        /// The server's message.
+        message: String,
+    },
     /// A server-side error reply to a command.
     #[error("NBD {command} at offset {offset} length {length} failed: {errno_name} ({message})")]
     Command {
+        /// The command.
         command: &'static str,
+        /// Where.
         offset: u64,
+        /// How many bytes.
         length: u64,
+        /// The NBD errno.
         errno: u32,
+        /// The errno's name.
         errno_name: &'static str,
+        /// The server's message.
         message: String,
     },
     /// The client refused to send a request that breaks the negotiated

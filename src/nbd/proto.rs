@@ -16,99 +16,176 @@ pub const OPTS_MAGIC: u64 = 0x4948_4156_454f_5054;
 pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Prefix of every option reply.
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Prefix of every request.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Prefix of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Prefix of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 // ------------------------------------------------------ handshake flags
+/// Server handshake flag: fixed newstyle negotiation.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+/// Server handshake flag: no 124 zero bytes after EXPORT_NAME.
 pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+/// Client flag: fixed newstyle negotiation.
 pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+/// Client flag: no 124 zero bytes after EXPORT_NAME.
 pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 // --------------------------------------------------------------- options
+/// Option: choose an export, old style (no reply).
 pub const OPT_EXPORT_NAME: u32 = 1;
+/// Option: end the negotiation.
 pub const OPT_ABORT: u32 = 2;
+/// Option: list exports.
 pub const OPT_LIST: u32 = 3;
+/// Option: upgrade to TLS.
 pub const OPT_STARTTLS: u32 = 5;
+/// Option: ask about an export.
 pub const OPT_INFO: u32 = 6;
+/// Option: ask about an export and enter transmission.
 pub const OPT_GO: u32 = 7;
+/// Option: use structured replies.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+/// Option: list metadata contexts.
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// Option: select metadata contexts.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+/// Option: 64-bit extended headers (not used).
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // --------------------------------------------------------- option replies
+/// Option reply: done.
 pub const REP_ACK: u32 = 1;
+/// Option reply: one export of a LIST.
 pub const REP_SERVER: u32 = 2;
+/// Option reply: one piece of export information.
 pub const REP_INFO: u32 = 3;
+/// Option reply: one metadata context and its id.
 pub const REP_META_CONTEXT: u32 = 4;
+/// Bit set in every error option reply.
 pub const REP_FLAG_ERROR: u32 = 1 << 31;
+/// Error reply: option not supported.
 pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
+/// Error reply: forbidden by server policy.
 pub const REP_ERR_POLICY: u32 = REP_FLAG_ERROR | 2;
+/// Error reply: invalid request.
 pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
+/// Error reply: not available on this platform.
 pub const REP_ERR_PLATFORM: u32 = REP_FLAG_ERROR | 4;
+/// Error reply: the server requires TLS.
 pub const REP_ERR_TLS_REQD: u32 = REP_FLAG_ERROR | 5;
+/// Error reply: no such export.
 pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
+/// Error reply: the server is shutting down.
 pub const REP_ERR_SHUTDOWN: u32 = REP_FLAG_ERROR | 7;
+/// Error reply: the client must ask for block sizes.
 pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
+/// Error reply: the request is too big.
 pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
+/// Error reply: extended headers required.
 pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_FLAG_ERROR | 10;
 
 // ------------------------------------------------------------ info types
+/// Info: size and transmission flags.
 pub const INFO_EXPORT: u16 = 0;
+/// Info: canonical export name.
 pub const INFO_NAME: u16 = 1;
+/// Info: export description.
 pub const INFO_DESCRIPTION: u16 = 2;
+/// Info: minimum, preferred and maximum block sizes.
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
 // ---------------------------------------------------- transmission flags
+/// Transmission flag: the flags are valid.
 pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+/// Transmission flag: the export is read-only.
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+/// Transmission flag: FLUSH is supported.
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+/// Transmission flag: the FUA command flag is supported.
 pub const TFLAG_SEND_FUA: u16 = 1 << 3;
+/// Transmission flag: the export is on rotational media.
 pub const TFLAG_ROTATIONAL: u16 = 1 << 4;
+/// Transmission flag: TRIM is supported.
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+/// Transmission flag: WRITE_ZEROES is supported.
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// Transmission flag: the DF command flag is supported.
 pub const TFLAG_SEND_DF: u16 = 1 << 7;
+/// Transmission flag: several connections see each other's writes.
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// Transmission flag: RESIZE is supported.
 pub const TFLAG_SEND_RESIZE: u16 = 1 << 9;
+/// Transmission flag: CACHE is supported.
 pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
+/// Transmission flag: the FAST_ZERO command flag is supported.
 pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 // -------------------------------------------------------------- commands
+/// Command: read.
 pub const CMD_READ: u16 = 0;
+/// Command: write.
 pub const CMD_WRITE: u16 = 1;
+/// Command: disconnect.
 pub const CMD_DISC: u16 = 2;
+/// Command: flush to stable storage.
 pub const CMD_FLUSH: u16 = 3;
+/// Command: discard.
 pub const CMD_TRIM: u16 = 4;
+/// Command: prefetch.
 pub const CMD_CACHE: u16 = 5;
+/// Command: write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// Command: allocation status.
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
+/// Command flag: force unit access.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
+/// Command flag: WRITE_ZEROES must allocate.
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// Command flag: do not fragment a READ reply.
 pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// Command flag: BLOCK_STATUS answers one extent.
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+/// Command flag: fail WRITE_ZEROES unless it is fast.
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // ------------------------------------------------------ structured replies
+/// Structured reply flag: the last chunk of the reply.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+/// Chunk type: no payload.
 pub const REPLY_TYPE_NONE: u16 = 0;
+/// Chunk type: data at an offset.
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Chunk type: a hole at an offset (reads as zeros).
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+/// Chunk type: extents of one metadata context.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Bit set in every error chunk type.
 pub const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
+/// Chunk type: an error.
 pub const REPLY_TYPE_ERROR: u16 = REPLY_TYPE_ERROR_BIT | 1;
+/// Chunk type: an error at an offset.
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_ERROR_BIT | 2;
 
 // ------------------------------------------------------------ errno values
+/// Operation not permitted.
 pub const NBD_EPERM: u32 = 1;
+/// I/O error.
 pub const NBD_EIO: u32 = 5;
+/// Out of memory.
 pub const NBD_ENOMEM: u32 = 12;
+/// Invalid argument.
 pub const NBD_EINVAL: u32 = 22;
+/// No space left.
 pub const NBD_ENOSPC: u32 = 28;
+/// Value too large.
 pub const NBD_EOVERFLOW: u32 = 75;
+/// Not supported.
 pub const NBD_ENOTSUP: u32 = 95;
+/// Server shutting down.
 pub const NBD_ESHUTDOWN: u32 = 108;
 
 // ------------------------------------------------------------------ sizes
@@ -118,7 +195,9 @@ pub const GREETING_BYTES: usize = 18;
 pub const OPT_REPLY_HEADER_BYTES: usize = 20;
 /// Request header (compact, no extended headers).
 pub const REQUEST_BYTES: usize = 28;
+/// Simple reply header: magic, error, cookie.
 pub const SIMPLE_REPLY_BYTES: usize = 16;
+/// Structured reply chunk header: magic, flags, type, cookie, length.
 pub const STRUCTURED_REPLY_BYTES: usize = 20;
 /// Largest non-error option reply accepted during the handshake: a string
 /// plus the largest fixed fields that come with one (meta context id, info
@@ -221,16 +300,22 @@ fn proto_err(msg: impl Into<String>) -> NbdError {
 /// Length of a client-supplied string as a u32, refusing strings longer than
 /// [`MAX_STRING_BYTES`] (the server would refuse them anyway).
 fn string_len(s: &str, what: &str) -> Result<u32, NbdError> {
-    if s.len() > MAX_STRING_BYTES as usize {
-        return Err(NbdError::Refused {
+    match u32::try_from(s.len()) {
+        Ok(len) if len <= MAX_STRING_BYTES => Ok(len),
+        _ => Err(NbdError::Refused {
             what: what.to_string(),
             message: format!(
                 "the name is {} bytes, longer than the {MAX_STRING_BYTES}-byte limit",
                 s.len()
             ),
-        });
+        }),
     }
-    Ok(s.len() as u32)
+}
+
+/// A count or length of option data as the integer the protocol carries;
+/// more is refused before anything is sent.
+fn option_field<T: TryFrom<usize>>(n: usize, what: &str) -> Result<T, NbdError> {
+    T::try_from(n).map_err(|_| NbdError::Invalid(format!("{n} {what} do not fit an NBD option")))
 }
 
 // ------------------------------------------------------------- handshake
@@ -258,13 +343,14 @@ pub fn decode_greeting(b: &[u8; GREETING_BYTES]) -> Result<u16, NbdError> {
 }
 
 /// Encode an option: IHAVEOPT, option, length, data.
-pub fn encode_option(option: u32, data: &[u8]) -> Vec<u8> {
+pub fn encode_option(option: u32, data: &[u8]) -> Result<Vec<u8>, NbdError> {
+    let len: u32 = option_field(data.len(), "bytes of option data")?;
     let mut v = Vec::with_capacity(16 + data.len());
     v.extend_from_slice(&OPTS_MAGIC.to_be_bytes());
     v.extend_from_slice(&option.to_be_bytes());
-    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
     v.extend_from_slice(data);
-    v
+    Ok(v)
 }
 
 /// Data of NBD_OPT_GO / NBD_OPT_INFO: export name and the info types asked for.
@@ -273,7 +359,8 @@ pub fn encode_go_data(export: &str, infos: &[u16]) -> Result<Vec<u8>, NbdError> 
     let mut v = Vec::with_capacity(6 + export.len() + 2 * infos.len());
     v.extend_from_slice(&len.to_be_bytes());
     v.extend_from_slice(export.as_bytes());
-    v.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    let count: u16 = option_field(infos.len(), "info requests")?;
+    v.extend_from_slice(&count.to_be_bytes());
     for i in infos {
         v.extend_from_slice(&i.to_be_bytes());
     }
@@ -286,7 +373,8 @@ pub fn encode_meta_context_data(export: &str, queries: &[&str]) -> Result<Vec<u8
     let mut v = Vec::new();
     v.extend_from_slice(&len.to_be_bytes());
     v.extend_from_slice(export.as_bytes());
-    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    let count: u32 = option_field(queries.len(), "meta context queries")?;
+    v.extend_from_slice(&count.to_be_bytes());
     for q in queries {
         let qlen = string_len(q, "meta context name")?;
         v.extend_from_slice(&qlen.to_be_bytes());
@@ -298,12 +386,16 @@ pub fn encode_meta_context_data(export: &str, queries: &[&str]) -> Result<Vec<u8
 /// Header of an option reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptReplyHeader {
+    /// The option answered.
     pub option: u32,
+    /// `REP_*`.
     pub reply_type: u32,
+    /// Bytes of payload that follow.
     pub len_bytes: u32,
 }
 
 impl OptReplyHeader {
+    /// Whether this is an error reply (`REP_ERR_*`).
     pub fn is_error(&self) -> bool {
         self.reply_type & REP_FLAG_ERROR != 0
     }
@@ -356,15 +448,24 @@ pub fn decode_opt_reply_header(
 /// A decoded NBD_REP_INFO payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Info {
+    /// `INFO_EXPORT`.
     Export {
+        /// The export's size.
         size_bytes: u64,
+        /// `TFLAG_*`.
         transmission_flags: u16,
     },
+    /// `INFO_NAME`: the canonical name.
     Name(String),
+    /// `INFO_DESCRIPTION`.
     Description(String),
+    /// `INFO_BLOCK_SIZE`.
     BlockSize {
+        /// Smallest request size the server accepts.
         min_bytes: u32,
+        /// Preferred request size.
         pref_bytes: u32,
+        /// Largest request payload.
         max_bytes: u32,
     },
     /// An info type this client does not know (ignored).
@@ -478,10 +579,15 @@ pub fn decode_export_name_reply(b: &[u8; 10]) -> Result<(u64, u16), NbdError> {
 /// A request header as it goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestHeader {
+    /// `CMD_FLAG_*`.
     pub flags: u16,
+    /// `CMD_*`.
     pub cmd_type: u16,
+    /// Matches the reply to the request.
     pub cookie: u64,
+    /// Where in the export.
     pub offset: u64,
+    /// Bytes of the request.
     pub len_bytes: u32,
 }
 
@@ -513,9 +619,13 @@ pub fn decode_request_header(b: &[u8; REQUEST_BYTES]) -> Result<RequestHeader, N
 /// A structured reply chunk header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkHeader {
+    /// `REPLY_FLAG_*`.
     pub flags: u16,
+    /// `REPLY_TYPE_*`.
     pub reply_type: u16,
+    /// The request's cookie.
     pub cookie: u64,
+    /// Bytes of payload that follow.
     pub len_bytes: u32,
 }
 

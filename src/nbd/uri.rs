@@ -37,23 +37,37 @@ pub const MAX_URI_BYTES: usize = 8192;
 /// How to reach the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {
-    Tcp { host: String, port: u16 },
-    Unix { path: PathBuf },
+    /// `nbd://host:port`.
+    Tcp {
+        /// Host name or IP address.
+        host: String,
+        /// TCP port (10809 by default).
+        port: u16,
+    },
+    /// `nbd+unix:///export?socket=PATH`.
+    Unix {
+        /// The socket's path.
+        path: PathBuf,
+    },
 }
 
 /// A parsed NBD URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUri {
+    /// How to reach the server.
     pub transport: Transport,
     /// Export name (percent-decoded; empty = default export).
     pub export: String,
+    /// An `nbds` scheme: TLS asked for (copy refuses it for now).
     pub tls: bool,
 }
 
 /// A connected stream to an NBD server.
 #[derive(Debug)]
 pub enum NbdStream {
+    /// Over TCP.
     Tcp(std::net::TcpStream),
+    /// Over a Unix socket.
     Unix(std::os::unix::net::UnixStream),
 }
 
@@ -91,7 +105,10 @@ fn percent_decode(s: &str, what: &str) -> Result<Vec<u8>, String> {
                     "{what} has a malformed percent escape at byte {i} (use %XX with two hex digits)"
                 ));
             };
-            let digit = |b: u8| char::from(b).to_digit(16).unwrap_or(0) as u8;
+            let digit = |b: u8| {
+                let d = char::from(b).to_digit(16).unwrap_or(0);
+                u8::try_from(d).unwrap_or(0) // a hex digit is below 16
+            };
             let value = digit(hex[0]) * 16 + digit(hex[1]);
             out.push(value);
             i += 3;

@@ -45,11 +45,17 @@ const MAX_DNS_NAME_BYTES: usize = 253;
 /// valid for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertPaths {
+    /// `ca.pem`: the CA both sides trust.
     pub ca_cert: PathBuf,
+    /// `ca.key`: the CA's key (keep it off the peers).
     pub ca_key: PathBuf,
+    /// `server.pem`: the receiver's certificate.
     pub server_cert: PathBuf,
+    /// `server.key`: the receiver's key.
     pub server_key: PathBuf,
+    /// `client.pem`: the sender's certificate.
     pub client_cert: PathBuf,
+    /// `client.key`: the sender's key.
     pub client_key: PathBuf,
     /// Subject alternative names of `server.pem` (DNS names and IPs).
     pub server_sans: Vec<String>,
@@ -90,18 +96,26 @@ pub enum CertError {
          (pass --force to replace all six files, or choose another directory)",
         path.display()
     )]
-    Exists { path: PathBuf },
+    Exists {
+        /// The file that exists.
+        path: PathBuf,
+    },
     /// A subject alternative name given by the user is neither an IP address
     /// nor a DNS name.
     #[error(
         "{name:?} is neither an IP address nor a DNS name; \
          pass --san with a host name (letters, digits, '-', '.') or an IP address"
     )]
-    BadSan { name: String },
+    BadSan {
+        /// The name as given.
+        name: String,
+    },
     /// Creating the directory or writing a file failed.
     #[error("cannot write {}: {source} (check that the directory is writable)", path.display())]
     Io {
+        /// The directory or file.
         path: PathBuf,
+        /// What failed.
         #[source]
         source: std::io::Error,
     },

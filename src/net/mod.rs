@@ -11,6 +11,12 @@
 //!
 //! Host-side kernel settings that go with this live in `tuning/`.
 #![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(missing_docs)]
 
 pub mod certs;
 pub mod rate;

@@ -193,9 +193,7 @@ impl RateLimiter {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Bucket> {
-        // The bucket holds plain numbers; a panic elsewhere cannot leave it
-        // in a state worse than slightly off, so poisoning is ignored.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 }
 

@@ -84,6 +84,7 @@ pub struct TuningReport {
     pub recv_buffer_bytes: usize,
     /// `TCP_NOTSENT_LOWAT` as read back (0 = kernel default, unlimited).
     pub notsent_lowat_bytes: u32,
+    /// `TCP_NODELAY` as read back.
     pub nodelay: bool,
     /// Settings the kernel refused or capped, each saying what to do.
     pub notes: Vec<String>,
@@ -115,32 +116,47 @@ impl TuningReport {
 /// Errors opening sockets. Tuning itself never fails (see [`TuningReport`]).
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    /// socket(2) failed.
     #[error("cannot create a TCP socket for {addr}: {source}")]
     Socket {
+        /// The address the socket was for.
         addr: SocketAddr,
+        /// What failed.
         #[source]
         source: io::Error,
     },
+    /// connect(2) failed.
     #[error(
         "cannot connect to {addr}: {source} (is `diskferry serve` running there, \
          and does the firewall allow the port?)"
     )]
     Connect {
+        /// The peer.
         addr: SocketAddr,
+        /// What failed.
         #[source]
         source: io::Error,
     },
+    /// connect(2) did not finish in time.
     #[error(
         "connecting to {addr} timed out after {timeout_ms} ms \
          (is the host reachable, or is a firewall dropping packets?)"
     )]
-    ConnectTimeout { addr: SocketAddr, timeout_ms: u64 },
+    ConnectTimeout {
+        /// The peer.
+        addr: SocketAddr,
+        /// How long we waited.
+        timeout_ms: u64,
+    },
+    /// bind(2) or listen(2) failed.
     #[error(
         "cannot listen on {addr}: {source} (is another process using the port? \
          pick another with --listen)"
     )]
     Listen {
+        /// The address to listen on.
         addr: SocketAddr,
+        /// What failed.
         #[source]
         source: io::Error,
     },

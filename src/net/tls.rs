@@ -52,75 +52,135 @@ pub enum Role {
 /// Everything that can go wrong loading certificates or running a handshake.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A certificate or key file is missing.
     #[error(
         "{} not found: create certificates with `diskferry certs init DIR` \
          and point the certs option at DIR",
         path.display()
     )]
-    MissingFile { path: PathBuf },
+    MissingFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A file that is not the PEM expected.
     #[error("{}: {reason} (expected a PEM file as written by `diskferry certs init`)", path.display())]
-    BadPem { path: PathBuf, reason: String },
+    BadPem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// rustls refused the certificates or keys.
     #[error("TLS configuration rejected: {0} (does the key file belong to the certificate?)")]
     Config(#[source] rustls::Error),
+    /// A receiver name no certificate can be checked against.
     #[error(
         "{name:?} is not a host name or IP address the receiver's certificate can be checked against"
     )]
-    BadServerName { name: String },
+    BadServerName {
+        /// The name.
+        name: String,
+    },
+    /// The handshake took too long.
     #[error(
         "TLS handshake did not finish within {timeout_ms} ms (is the peer diskferry, and is the port right?)"
     )]
-    Timeout { timeout_ms: u64 },
+    Timeout {
+        /// How long we waited.
+        timeout_ms: u64,
+    },
+    /// The peer spoke plaintext.
     #[error(
         "peer spoke plaintext, not TLS (is it running with --insecure-plaintext?); first byte {first_byte:#04x}"
     )]
-    Plaintext { first_byte: u8 },
+    Plaintext {
+        /// The first byte the peer sent.
+        first_byte: u8,
+    },
+    /// The receiver did not answer with TLS.
     #[error(
         "receiver did not answer with TLS (is it running with --insecure-plaintext, or is that port another service?)"
     )]
     NotTls,
+    /// The sender presented no certificate.
     #[error(
         "peer presented no client certificate; the sender must use client.pem and \
          client.key from this receiver's certs directory"
     )]
     NoClientCertificate,
+    /// The sender's certificate is not signed by our CA.
     #[error(
         "client certificate not signed by our CA ({reason}); copy ca.pem, client.pem \
          and client.key from this receiver's certs directory to the sender"
     )]
-    ClientCertificateUntrusted { reason: String },
+    ClientCertificateUntrusted {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The receiver's certificate is not signed by our CA.
     #[error(
         "receiver's certificate is not signed by our CA ({reason}); the sender's ca.pem \
          must be the receiver's ca.pem"
     )]
-    ServerCertificateUntrusted { reason: String },
+    ServerCertificateUntrusted {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The receiver's certificate does not hold the name dialled.
     #[error(
         "receiver's certificate is not valid for {name:?}; connect by a name it holds \
          or re-run `diskferry certs init --san {name}` on the receiver"
     )]
-    ServerNameMismatch { name: String },
+    ServerNameMismatch {
+        /// The name.
+        name: String,
+    },
+    /// The receiver refused the sender's certificate.
     #[error(
         "receiver refused our certificate (is client.pem signed by the receiver's CA?); alert {alert}"
     )]
-    ReceiverRefusedOurCertificate { alert: String },
+    ReceiverRefusedOurCertificate {
+        /// The TLS alert received.
+        alert: String,
+    },
+    /// The sender refused the receiver's certificate.
     #[error(
         "sender refused our certificate (does the sender's ca.pem match ours, and does \
          server.pem name the host it connected to?); alert {alert}"
     )]
-    SenderRefusedOurCertificate { alert: String },
+    SenderRefusedOurCertificate {
+        /// The TLS alert received.
+        alert: String,
+    },
+    /// The peers share no TLS version.
     #[error("TLS version mismatch ({detail}); diskferry uses TLS 1.3 only: upgrade the older side")]
-    ProtocolVersion { detail: String },
+    ProtocolVersion {
+        /// What rustls said.
+        detail: String,
+    },
+    /// The peer did not negotiate the diskferry protocol.
     #[error(
         "peer did not negotiate the diskferry/1 protocol (is it a compatible diskferry version?)"
     )]
     NoAlpn,
+    /// The peer closed the connection during the handshake.
     #[error("peer closed the connection during the TLS handshake ({hint})")]
-    Closed { hint: &'static str },
+    Closed {
+        /// What the peer was probably doing.
+        hint: &'static str,
+    },
+    /// The receiver did not confirm the session.
     #[error(
         "receiver sent {got:#04x} instead of the session confirmation; is it a compatible diskferry?"
     )]
-    BadConfirmation { got: u8 },
+    BadConfirmation {
+        /// The byte received.
+        got: u8,
+    },
+    /// Any other TLS failure.
     #[error("TLS handshake failed: {0}")]
     Tls(#[source] rustls::Error),
+    /// An I/O error during the handshake.
     #[error("network error during the TLS handshake: {0}")]
     Io(#[source] io::Error),
 }

@@ -2,6 +2,8 @@
 //! byte rate. Shared by the job's handle, its coordinator and every worker
 //! context of the job (through [`super::Shared`]); workers only read it.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::net::rate::RateLimiter;

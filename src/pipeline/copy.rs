@@ -4,6 +4,7 @@
 //! I/O timeout and probes the depth, and flushes the target before
 //! reporting success.
 
+#![forbid(unsafe_code)]
 use std::time::{Duration, Instant};
 
 use super::open::{Access, Source, Target, open_source, open_target};

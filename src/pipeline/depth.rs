@@ -22,6 +22,7 @@
 //! window `w`: 0.6 at the usual start of 4 slots per worker, so it never
 //! grows. The window never leaves `[start, max]`.
 
+#![forbid(unsafe_code)]
 use std::time::Duration;
 
 /// Deepen while reads spend less than this share of their time queued.
@@ -143,7 +144,7 @@ mod tests {
         let service = Duration::from_micros(250);
         for i in 0..20_000u32 {
             // Reads complete in turn: the k-th of a window waited k services.
-            let k = i % c.window() as u32 + 1;
+            let k = i % u32::try_from(c.window()).unwrap() + 1;
             c.sample(service * k);
         }
         assert_eq!(c.window(), 4);

@@ -6,8 +6,11 @@
 //! out when it drops (also when the thread panics), and the control loop
 //! waits on [`Exits::wait_all`], which returns as soon as the last one left.
 
+#![forbid(unsafe_code)]
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
+
+use crate::sync::lock;
 
 /// Runs once, on the thread that leaves last.
 type OnLast = Box<dyn Fn() + Send + Sync>;
@@ -36,13 +39,13 @@ impl Exits {
     /// waiter can never see zero before the thread started) and move the
     /// guard into the thread.
     pub fn enter(self: &Arc<Self>) -> ExitGuard {
-        *self.running.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        *lock(&self.running) += 1;
         ExitGuard(Arc::clone(self))
     }
 
     /// True once no thread is in, waiting at most `timeout` for that.
     pub fn wait_all(&self, timeout: Duration) -> bool {
-        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        let running = lock(&self.running);
         let (running, _) = self
             .none_left
             .wait_timeout_while(running, timeout, |n| *n > 0)
@@ -53,11 +56,7 @@ impl Exits {
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
-        let mut running = self
-            .0
-            .running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut running = lock(&self.0.running);
         *running -= 1;
         if *running == 0 {
             if let Some(f) = &self.0.on_last {

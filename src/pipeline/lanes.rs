@@ -16,6 +16,7 @@
 //! the stretch from its cursor to the end of its next data window, so a
 //! hole before it stays one zero item and never costs a request per window.
 
+#![forbid(unsafe_code)]
 use super::maps::ExtentList;
 use super::plan::{Emit, PlanError, plan_span};
 
@@ -124,8 +125,11 @@ fn split(
                     break;
                 }
                 let (a, b) = (o.max(s), (o + l).min(e));
-                // The (data × k / lanes)-th byte, without overflow.
-                let share = |k: u64| (u128::from(data) * u128::from(k) / u128::from(n)) as u64;
+                // The (data × k / lanes)-th byte, without overflow (k <= n, so
+                // it is at most `data`).
+                let share = |k: u64| {
+                    u64::try_from(u128::from(data) * u128::from(k) / u128::from(n)).unwrap_or(data)
+                };
                 while k < n && seen + (b - a) >= share(k) {
                     let at = a + (share(k) - seen);
                     let cut = at.div_ceil(chunk).saturating_mul(chunk).min(size_bytes);

@@ -1,6 +1,7 @@
 //! Allocation maps of real sources: `SEEK_DATA`/`SEEK_HOLE` on files and
 //! NBD `BLOCK_STATUS` with `base:allocation`.
 
+#![forbid(unsafe_code)]
 use std::fs::File;
 
 use super::plan::{Extent, ExtentMap, PlanError};

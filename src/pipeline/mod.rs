@@ -110,7 +110,7 @@ impl Shared {
     }
     /// Record the first error and make everyone stop.
     pub fn fail(&self, e: CopyError) {
-        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = crate::sync::lock(&self.error);
         if slot.is_none() {
             tracing::debug!("job failing: {e}");
             *slot = Some(e);
@@ -131,6 +131,6 @@ impl Shared {
         self.planner_done.store(true, Ordering::Release);
     }
     pub fn take_error(&self) -> Option<CopyError> {
-        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+        crate::sync::lock(&self.error).take()
     }
 }

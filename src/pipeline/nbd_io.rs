@@ -6,6 +6,7 @@
 //! Each connection has an [`IoWatch`] ([`super::silence`]): since when it
 //! has waited for a reply and heard nothing.
 
+#![forbid(unsafe_code)]
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -155,7 +156,7 @@ impl NbdIo {
             self.kill();
             return Err(NbdError::Io(std::io::Error::from_raw_os_error(-result)));
         }
-        let mut sent = result as usize;
+        let mut sent = result.unsigned_abs() as usize; // result >= 0 here
         while sent > 0 && self.iov_pos < self.iov.len() {
             let len = self.iov.entry_len(self.iov_pos);
             if sent >= len {
@@ -236,7 +237,7 @@ impl NbdIo {
             self.kill();
             return Err(NbdError::Closed("while replies were outstanding"));
         }
-        let n = (result as usize).min(self.recv_len);
+        let n = (result.unsigned_abs() as usize).min(self.recv_len); // result > 0 here
         let out = self.conn.advance(n, events);
         self.watch.heard(self.conn.in_flight() > 0);
         if out.is_err() {

@@ -1,6 +1,7 @@
 //! Opening SRC and DST: files directly, NBD URIs with several connections,
 //! other image formats through a qemu-nbd child.
 
+#![forbid(unsafe_code)]
 use std::fs::File;
 use std::time::Duration;
 
@@ -112,7 +113,7 @@ fn more_connections(
             uri_display(uri)
         );
     }
-    while multi && (conns.len() as u32) < n {
+    while multi && conns.len() < n as usize {
         conns.push(connect(uri, meta, io_timeout)?);
     }
     Ok(conns)

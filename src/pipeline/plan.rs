@@ -7,6 +7,7 @@
 //! windows with no data become [`Work::Zero`] items, or nothing at all when
 //! the target is known to read as zeros already.
 
+#![forbid(unsafe_code)]
 /// One extent as reported by a source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {

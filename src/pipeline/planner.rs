@@ -1,6 +1,8 @@
 //! The planner thread: turns the extent list into work items for the
 //! job's contexts, waiting on the bounded queue when it is full.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;

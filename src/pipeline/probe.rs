@@ -17,6 +17,7 @@
 //! wait twice as long as last time before the next probe (at most
 //! [`BACKOFF_MAX_EPOCHS`]). The scale never exceeds [`SCALE_MAX`].
 
+#![forbid(unsafe_code)]
 use std::time::Duration;
 
 /// One measurement interval.
@@ -141,7 +142,9 @@ mod tests {
     fn a_source_that_reads_faster_deeper_gets_the_deepest_scale() {
         let mut p = DepthProbe::default();
         // Each doubling reads 40 % faster.
-        let scales = run(&mut p, 40, |s| 1e9 * 1.4f64.powi(s.trailing_zeros() as i32));
+        let scales = run(&mut p, 40, |s| {
+            1e9 * 1.4f64.powi(i32::try_from(s.trailing_zeros()).unwrap())
+        });
         assert_eq!(p.scale(), SCALE_MAX, "{scales:?}");
         assert!(
             scales[..WARMUP_EPOCHS].iter().all(|&s| s == 1),

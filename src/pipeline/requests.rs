@@ -1,6 +1,8 @@
 //! How deep each connection's queue is: fixed by the user, or chosen by
 //! where the ends are (this host or across a network).
 
+#![forbid(unsafe_code)]
+
 use super::CopyError;
 use super::open::Access;
 use super::run::DstPlan;

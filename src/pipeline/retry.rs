@@ -10,6 +10,7 @@
 //! other slots keep moving while one waits; nothing of a window is written
 //! until all of its reads succeeded.
 
+#![forbid(unsafe_code)]
 use std::time::{Duration, Instant};
 
 use crate::nbd::proto;

@@ -1,6 +1,9 @@
-//! The generic pipeline behind `copy` and `send`: planner thread, one
-//! pinned worker per core, the buffer pool, and what happens when a job
-//! fails (drain, then cut off). The caller owns the control loop.
+//! The generic pipeline behind `copy` and `send`: a job's planner thread,
+//! its contexts on the engine's workers, its share of the buffer budget,
+//! and what happens when a job fails (drain, then cut off). The caller owns
+//! the control loop.
+
+#![forbid(unsafe_code)]
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering::Relaxed;

@@ -6,6 +6,7 @@
 //! freeing a buffer still in flight ("buffers named by an in-flight op
 //! belong to the kernel", docs/ARCHITECTURE.md).
 
+#![forbid(unsafe_code)]
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -3,15 +3,18 @@
 //! gives it back through a per-worker return queue and rings the worker's
 //! doorbell (a socket pair the worker waits on through its engine).
 
+#![forbid(unsafe_code)]
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 
 use super::pool::SlotLease;
+
+use crate::sync::lock;
 
 /// One run of a chunk as seen by the sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +116,7 @@ impl Sink {
         // sender, or that sender's emptiness check sees this chunk.
         fence(Ordering::SeqCst);
         if self.parked.load(Ordering::Relaxed) > 0 {
-            let _g = self.park.lock().unwrap_or_else(PoisonError::into_inner);
+            let _g = lock(&self.park);
             self.wake.notify_one();
         }
         Ok(())
@@ -131,7 +134,7 @@ impl Sink {
     /// Park until a chunk may be there, the producers are done, or
     /// `timeout` passes (the caller's own duties: ACKs, barriers, aborts).
     pub fn wait(&self, timeout: Duration) {
-        let g = self.park.lock().unwrap_or_else(PoisonError::into_inner);
+        let g = lock(&self.park);
         self.parked.fetch_add(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         if self.queue.is_empty() && !self.producers_done() {
@@ -158,7 +161,7 @@ impl Sink {
 
     pub fn set_producers_done(&self) {
         self.producers_done.store(true, Ordering::Release);
-        let _g = self.park.lock().unwrap_or_else(PoisonError::into_inner);
+        let _g = lock(&self.park);
         self.wake.notify_all();
     }
 

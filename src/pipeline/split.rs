@@ -1,6 +1,8 @@
 //! Giving each worker context its view of the source and the target: file
 //! descriptors shared, NBD connections dealt out.
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 

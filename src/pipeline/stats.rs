@@ -1,5 +1,6 @@
 //! Counters shared between the workers and the control thread.
 
+#![forbid(unsafe_code)]
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 /// Job counters. Workers add; the control thread reads for progress.

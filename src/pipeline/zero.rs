@@ -5,6 +5,7 @@
 //! written as data), the rest data runs. Scanning stops at the first non-zero
 //! word of a granule, so dense random data costs almost nothing.
 
+#![forbid(unsafe_code)]
 /// Default zero-detection granularity.
 pub const GRANULE_BYTES: usize = 4096;
 

@@ -1,6 +1,7 @@
 //! Progress for people (a bar on a terminal) and for scripts
 //! (newline-delimited JSON events on stdout).
 
+#![forbid(unsafe_code)]
 use std::io::Write;
 use std::time::Duration;
 

@@ -1,30 +1,18 @@
+#![forbid(unsafe_code)]
 //! Network replication: `diskferry send` (the sender, [`send`]) and
-//! `diskferry serve` (the receiver, [`serve`]). The protocol is `crate::wire`
-//! (docs/wire-protocol.md); the transport is `crate::net`.
+//! `diskferry serve` (the receiver, [`receive`]). The protocol is
+//! `crate::wire` (docs/wire-protocol.md); the transport is `crate::net`.
 //!
 //! Sender: [`send`] the coordinator and per-stream sender threads,
 //! [`stream`] one TLS / TCP stream and frame I/O.
-//! Receiver: [`serve`] accept loop and options, `conn` one stream's
-//! protocol driver, `unpack` its DATA checks and decompression, `written` its
-//! written ranges and their flushes, `verify` the read-back pass, `job` jobs,
-//! `registry` the jobs in progress and their targets, `target` target names,
-//! opening and I/O, `ranges` merged byte-range sets, [`limits`] the caps on
-//! peers, `transport` the TLS / TCP byte stream.
+//! Receiver: [`receive`] (accept loop, per-stream state machine and its I/O
+//! loop, jobs, limits); `target` the receiver's target names, opening and I/O.
 
-mod conn;
-mod job;
-pub mod limits;
-mod ranges;
-mod registry;
+pub mod receive;
 pub mod send;
-pub mod serve;
 mod source;
 pub mod stream;
 mod target;
-mod transport;
-mod unpack;
-mod verify;
-mod written;
 
 /// Random bytes from the kernel; should that fail, a hash of the clock and
 /// the process id (unique enough for ids, never for keys).

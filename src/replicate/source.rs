@@ -119,7 +119,14 @@ fn sample_ranges(data: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
 /// Reads `ranges` (over up to 4 of the source's connections at once) and
 /// hashes them in order.
 fn read_samples(source: &mut Source, ranges: &[(u64, u64)]) -> Result<blake3::Hash, CopyError> {
-    let mut bufs: Vec<Vec<u8>> = ranges.iter().map(|&(_, l)| vec![0u8; l as usize]).collect();
+    let mut bufs = ranges
+        .iter()
+        .map(|&(_, l)| {
+            let len = usize::try_from(l)
+                .map_err(|_| CopyError::Internal(format!("a sample of {l} bytes")))?;
+            Ok(vec![0u8; len])
+        })
+        .collect::<Result<Vec<Vec<u8>>, CopyError>>()?;
     match &mut source.access {
         Access::File { file, .. } => {
             for (&(o, _), b) in ranges.iter().zip(&mut bufs) {
@@ -207,8 +214,13 @@ pub fn digest_missing_windows(
             }
             buf.clear();
             buf.resize(len as usize, 0);
+            // Runs lie inside the window, whose length is a u32.
+            let at = |x: u64| {
+                usize::try_from(x - start)
+                    .map_err(|_| CopyError::Internal(format!("offset {x} in window {index}")))
+            };
             for (s, e) in runs {
-                read(s, &mut buf[(s - start) as usize..(e - start) as usize])?;
+                read(s, &mut buf[at(s)?..at(e)?])?;
                 read_bytes += e - s;
             }
             image.hash_window(index, &buf).map_err(internal)?;

@@ -1,6 +1,12 @@
 //! One transport stream of a job (TLS 1.3 with mutual authentication, or
 //! plaintext TCP behind an explicit flag) and frame I/O over it.
 #![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(missing_docs)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,21 +21,30 @@ use crate::wire::{Frame, FrameDecoder, WireError};
 /// Errors of a stream.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
+    /// Dialing failed.
     #[error("{0}")]
     Net(#[from] crate::net::socket::NetError),
+    /// The TLS handshake failed.
     #[error("{0}")]
     Tls(#[from] crate::net::tls::TlsError),
+    /// Reading or writing the stream failed.
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
+    /// A frame did not decode (or, a bug, encode).
     #[error("protocol: {0}")]
     Wire(#[from] WireError),
+    /// The receiver closed the connection.
     #[error("the receiver closed the connection")]
     Closed,
+    /// The receiver sent an ERROR frame.
     #[error("the receiver refused: {code:?}: {message}")]
     Refused {
+        /// The frame's code.
         code: crate::wire::ErrorCode,
+        /// The receiver's message.
         message: String,
     },
+    /// A frame that has no place here.
     #[error("unexpected frame from the receiver: {0}")]
     Unexpected(String),
 }
@@ -37,12 +52,15 @@ pub enum StreamError {
 /// How to reach the receiver.
 #[derive(Clone)]
 pub struct Dialer {
+    /// The receiver's address.
     pub addr: SocketAddr,
     /// Host name as the user wrote it (checked against the certificate).
     pub server_name: String,
     /// None = plaintext (only with `--insecure-plaintext`).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Socket settings.
     pub tuning: SocketTuning,
+    /// How long a connect may take.
     pub connect_timeout_ms: u64,
 }
 
@@ -93,11 +111,14 @@ impl Dialer {
 
 /// A connected stream.
 pub enum Stream {
+    /// TLS 1.3 over TCP.
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    /// Plaintext TCP (`--insecure-plaintext`).
     Plain(TcpStream),
 }
 
 impl Stream {
+    /// The TCP socket underneath.
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Tls(s) => s.get_ref(),
@@ -105,6 +126,7 @@ impl Stream {
         }
     }
 
+    /// Sets the socket's read timeout.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.tcp().set_read_timeout(t)
     }

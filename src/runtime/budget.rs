@@ -9,6 +9,7 @@
 //! when less than one slot per context is free does a job wait for memory
 //! to come back.
 
+use crate::sync::lock;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -97,7 +98,7 @@ impl Budget {
         give_up: &dyn Fn() -> bool,
     ) -> Result<Grant, BudgetError> {
         let slot_bytes = slot_bytes.div_ceil(SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES;
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = lock(&self.state);
         let contexts = contexts.clamp(1, state.contexts.len());
         let min_slots = contexts;
         let too_small = BudgetError::TooSmall {
@@ -209,11 +210,7 @@ struct Release {
 
 impl Drop for Release {
     fn drop(&mut self) {
-        let mut state = self
-            .budget
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut state = lock(&self.budget.state);
         state.give_back(self.offset, self.len, &self.workers, self.ops);
         self.budget.returned.notify_all();
     }

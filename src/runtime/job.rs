@@ -9,6 +9,7 @@
 //! whose target is a sink (the network senders) — the pipeline already
 //! has both kinds of target.
 
+use crate::sync::lock;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -126,10 +127,10 @@ impl DiskState {
     }
 
     fn counters(&self) -> Snapshot {
-        let shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let shared = lock(&self.shared);
         match &*shared {
             Some(s) => s.stats.snapshot(),
-            None => *self.last.lock().unwrap_or_else(PoisonError::into_inner),
+            None => *lock(&self.last),
         }
     }
 }
@@ -175,7 +176,7 @@ impl JobState {
 
     fn cancel_disks(&self) {
         for d in &self.disks {
-            if let Some(s) = &*d.shared.lock().unwrap_or_else(PoisonError::into_inner) {
+            if let Some(s) = &*lock(&d.shared) {
                 s.fail(CopyError::Cancelled);
             }
         }
@@ -249,11 +250,7 @@ impl JobHandle {
 
     /// Wait up to `timeout` for the end; true if it came.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        let outcomes = self
-            .state
-            .outcomes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let outcomes = lock(&self.state.outcomes);
         let (outcomes, _) = self
             .state
             .over
@@ -265,11 +262,7 @@ impl JobHandle {
     /// Wait for every disk to end.
     pub fn wait(self) -> JobReport {
         while !self.wait_timeout(Duration::from_secs(3600)) {}
-        let mut outcomes = self
-            .state
-            .outcomes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut outcomes = lock(&self.state.outcomes);
         JobReport {
             name: self.state.name.clone(),
             disks: outcomes.iter_mut().filter_map(Option::take).collect(),
@@ -282,12 +275,7 @@ impl JobHandle {
     }
 
     fn outcomes_ready(&self) -> bool {
-        self.state
-            .outcomes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .all(Option::is_some)
+        lock(&self.state.outcomes).iter().all(Option::is_some)
     }
 }
 
@@ -301,11 +289,7 @@ impl DiskHooks<'_> {
     /// The pipeline started: its counters are live. A cancel that came
     /// while the disk was opening takes effect now.
     pub(crate) fn started(&self, shared: &Arc<Shared>) {
-        *self
-            .disk
-            .shared
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(shared));
+        *lock(&self.disk.shared) = Some(Arc::clone(shared));
         self.disk.set_phase(JobPhase::Running);
         if self.job.control.is_cancelled() {
             shared.fail(CopyError::Cancelled);
@@ -314,16 +298,8 @@ impl DiskHooks<'_> {
 
     /// The workers are done; the target is being flushed.
     pub(crate) fn flushing(&self, counters: Snapshot) {
-        *self
-            .disk
-            .last
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = counters;
-        *self
-            .disk
-            .shared
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = None;
+        *lock(&self.disk.last) = counters;
+        *lock(&self.disk.shared) = None;
         self.disk.set_phase(JobPhase::Flushing);
     }
 
@@ -386,9 +362,9 @@ fn end_disk(job: &JobState, index: usize, result: Result<CopyReport, CopyError>)
         Err(CopyError::Cancelled) => JobPhase::Cancelled,
         Err(_) => JobPhase::Failed,
     });
-    *disk.shared.lock().unwrap_or_else(PoisonError::into_inner) = None;
-    *disk.last.lock().unwrap_or_else(PoisonError::into_inner) = counters;
-    let mut outcomes = job.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
+    *lock(&disk.shared) = None;
+    *lock(&disk.last) = counters;
+    let mut outcomes = lock(&job.outcomes);
     outcomes[index] = Some(DiskOutcome {
         target: disk.target.clone(),
         result,

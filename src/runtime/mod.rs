@@ -12,6 +12,9 @@
 //! Nothing here exits the process, installs signal handlers or reads the
 //! environment: the command line and (later) the daemon are clients.
 
+#![forbid(unsafe_code)]
+
+use crate::sync::lock;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use crate::engine::{self, EngineKind};
@@ -162,11 +165,7 @@ impl Engine {
             .next_job_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let handle = job::start(self.clone(), id, spec);
-        let mut jobs = self
-            .inner
-            .jobs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut jobs = lock(&self.inner.jobs);
         jobs.retain(|j| j.strong_count() > 0);
         jobs.push(handle.state_weak());
         handle
@@ -175,11 +174,7 @@ impl Engine {
     /// Progress of every job still held by someone (running or not yet
     /// waited for).
     pub fn jobs(&self) -> Vec<JobProgress> {
-        let jobs = self
-            .inner
-            .jobs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let jobs = lock(&self.inner.jobs);
         jobs.iter()
             .filter_map(Weak::upgrade)
             .map(|j| j.progress())

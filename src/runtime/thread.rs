@@ -10,6 +10,7 @@
 //! doorbell, a socket pair that wakes the thread out of its engine when a
 //! context arrives, a job is resumed or cancelled, or the engine stops.
 
+use crate::sync::lock;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::Write;
@@ -17,7 +18,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, Completion, Engine, EngineError, EngineKind, Op};
@@ -62,7 +63,7 @@ pub struct Mailbox {
 impl Mailbox {
     /// Hand a context to the thread.
     pub fn post(&self, seed: Seed) {
-        let mut seeds = self.seeds.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut seeds = lock(&self.seeds);
         match seeds.as_mut() {
             Some(queue) => queue.push_back(seed),
             None => {
@@ -91,9 +92,7 @@ impl Mailbox {
     }
 
     fn take(&self) -> Vec<Seed> {
-        self.seeds
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.seeds)
             .as_mut()
             .map(|q| q.drain(..).collect())
             .unwrap_or_default()
@@ -106,12 +105,7 @@ struct Closer(Arc<Mailbox>);
 
 impl Drop for Closer {
     fn drop(&mut self) {
-        let left = self
-            .0
-            .seeds
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let left = lock(&self.0.seeds).take();
         drop(left);
     }
 }

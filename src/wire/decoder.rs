@@ -17,7 +17,7 @@
 
 use super::WireError;
 use super::header::{FrameType, HEADER_LEN, Header};
-use super::msg::{DATA_HEAD_LEN, Data, DataHead, Frame};
+use super::msg::{DATA_HEAD_BYTES, DATA_HEAD_LEN, Data, DataHead, Frame};
 
 /// Non-DATA payload buffers above this are released after use (a WELCOME
 /// may be 16 MiB; it should not stay resident).
@@ -215,9 +215,7 @@ impl FrameDecoder {
             return Stage::DataHead { header, got };
         }
         // The header bounds guarantee payload_len_bytes > DATA_HEAD_LEN.
-        let payload_len_bytes = header
-            .payload_len_bytes
-            .saturating_sub(DATA_HEAD_LEN as u32);
+        let payload_len_bytes = header.payload_len_bytes.saturating_sub(DATA_HEAD_BYTES);
         match DataHead::decode(&self.data_head, payload_len_bytes) {
             Ok(head) => {
                 if let Some(spare) = self.spare.take() {

@@ -24,6 +24,7 @@ pub fn chunk_digest(bytes: &[u8]) -> [u8; 32] {
 /// Which digest DATA frames carry (negotiated: [`super::Features::XXH3`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ChunkDigest {
+    /// BLAKE3 (32 bytes); the default.
     #[default]
     Blake3,
     /// XXH3-128, little endian, in the first 16 of the 32 bytes.
@@ -45,6 +46,7 @@ impl Default for StreamingChunkDigest {
 }
 
 impl StreamingChunkDigest {
+    /// A digest of no bytes yet.
     pub fn new() -> Self {
         Self {
             state: twox_hash::XxHash3_128::new(),
@@ -58,6 +60,7 @@ impl StreamingChunkDigest {
         self.bytes = 0;
     }
 
+    /// Feeds the next bytes of the chunk.
     pub fn update(&mut self, bytes: &[u8]) {
         self.state.write(bytes);
         self.bytes += bytes.len();
@@ -99,6 +102,7 @@ impl ChunkDigest {
         }
     }
 
+    /// The digest's name, for messages.
     pub fn name(self) -> &'static str {
         match self {
             ChunkDigest::Blake3 => "BLAKE3",
@@ -113,11 +117,17 @@ fn zeros_digest(len_bytes: u64) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
     let mut left = len_bytes;
     while left > 0 {
-        let n = left.min(ZEROS.len() as u64) as usize;
+        let n = usize::try_from(left).map_or(ZEROS.len(), |l| l.min(ZEROS.len()));
         hasher.update(&ZEROS[..n]);
         left -= n as u64;
     }
     *hasher.finalize().as_bytes()
+}
+
+/// Length of a window that starts `rest_bytes` before the end of the
+/// image: a whole window, or the short last one.
+fn window_len(rest_bytes: u64, window_bytes: u32) -> u32 {
+    u32::try_from(rest_bytes).map_or(window_bytes, |rest| rest.min(window_bytes))
 }
 
 /// The number of windows of an image digest, once its geometry is known
@@ -156,7 +166,11 @@ impl ImageDigest {
     /// (4 KiB ..= 32 MiB; at most [`MAX_IMAGE_WINDOWS`] windows).
     pub fn new(size_bytes: u64, window_bytes: u32) -> Result<Self, WireError> {
         let windows = check_geometry(size_bytes, window_bytes)?;
-        let count = windows as usize;
+        let count = usize::try_from(windows).map_err(|_| WireError::DigestGeometry {
+            size_bytes,
+            window_bytes,
+            why: "too many windows for this host: use a larger window",
+        })?;
         Ok(ImageDigest {
             size_bytes,
             window_bytes,
@@ -187,14 +201,12 @@ impl ImageDigest {
     pub fn window_len_bytes(&self, index: u64) -> Result<u32, WireError> {
         self.check_index(index)?;
         let start = index * u64::from(self.window_bytes);
-        let len = (self.size_bytes - start).min(u64::from(self.window_bytes));
-        Ok(len as u32)
+        Ok(window_len(self.size_bytes - start, self.window_bytes))
     }
 
     /// Records the BLAKE3 digest of window `index`'s bytes.
     pub fn set_window(&mut self, index: u64, digest: [u8; 32]) -> Result<(), WireError> {
-        self.check_index(index)?;
-        let i = index as usize;
+        let i = self.check_index(index)?;
         self.digests[i] = digest;
         self.present[i / 64] |= 1 << (i % 64);
         Ok(())
@@ -229,7 +241,10 @@ impl ImageDigest {
 
     /// Whether window `index` was supplied.
     pub fn has_window(&self, index: u64) -> bool {
-        index < self.windows && self.present[index as usize / 64] & (1 << (index % 64)) != 0
+        let Ok(i) = usize::try_from(index) else {
+            return false;
+        };
+        index < self.windows && self.present[i / 64] & (1 << (i % 64)) != 0
     }
 
     /// Windows not supplied yet.
@@ -252,14 +267,16 @@ impl ImageDigest {
         Ok(*hasher.finalize().as_bytes())
     }
 
-    fn check_index(&self, index: u64) -> Result<(), WireError> {
+    /// `index` as a position in the window tables, if it names a window.
+    fn check_index(&self, index: u64) -> Result<usize, WireError> {
+        let out_of_range = WireError::WindowOutOfRange {
+            index,
+            windows: self.windows,
+        };
         if index >= self.windows {
-            return Err(WireError::WindowOutOfRange {
-                index,
-                windows: self.windows,
-            });
+            return Err(out_of_range);
         }
-        Ok(())
+        usize::try_from(index).map_err(|_| out_of_range)
     }
 }
 
@@ -307,8 +324,10 @@ impl ImageDigestStream {
             return None;
         }
         let offset = self.index * u64::from(self.window_bytes);
-        let len = (self.size_bytes - offset).min(u64::from(self.window_bytes));
-        Some((offset, len as u32))
+        Some((
+            offset,
+            window_len(self.size_bytes - offset, self.window_bytes),
+        ))
     }
 
     fn current(&self) -> Result<u32, WireError> {
@@ -343,7 +362,7 @@ impl ImageDigestStream {
             return Err(WireError::WindowLength {
                 index: self.index,
                 want_bytes,
-                got_bytes: self.window_fed_bytes as usize,
+                got_bytes: usize::try_from(self.window_fed_bytes).unwrap_or(usize::MAX),
             });
         }
         let digest = *self.window.finalize().as_bytes();
@@ -358,7 +377,7 @@ impl ImageDigestStream {
             return Err(WireError::WindowLength {
                 index: self.index,
                 want_bytes: len,
-                got_bytes: self.window_fed_bytes as usize,
+                got_bytes: usize::try_from(self.window_fed_bytes).unwrap_or(usize::MAX),
             });
         }
         let digest = if len == self.window_bytes {

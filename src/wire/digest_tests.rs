@@ -28,7 +28,7 @@ proptest! {
     ) {
         let window_bytes = window_kib * 1024;
         let mut x = seed | 1;
-        let mut image: Vec<u8> = (0..size).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x as u8 }).collect();
+        let mut image: Vec<u8> = (0..size).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x.to_le_bytes()[0] }).collect();
         let windows = size.div_ceil(window_bytes as usize);
         // A window marked as a hole is zeros in the image too.
         let holes: Vec<bool> = (0..windows).map(|i| hole_mask >> (i % 64) & 1 == 1).collect();
@@ -44,7 +44,8 @@ proptest! {
             if holes[index] {
                 s.zero_window().unwrap();
             } else {
-                let w = &image[offset as usize..offset as usize + len as usize];
+                let start = usize::try_from(offset).unwrap();
+                let w = &image[start..start + len as usize];
                 for piece in w.chunks(piece_bytes) {
                     s.update(piece).unwrap();
                 }

@@ -18,21 +18,34 @@ pub const HEADER_LEN: usize = 12;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum FrameType {
+    /// HELLO: the sender opens a stream.
     Hello = 1,
+    /// WELCOME: the receiver accepts a HELLO.
     Welcome = 2,
+    /// DATA: one chunk.
     Data = 3,
+    /// ZERO: a range that reads as zeros.
     Zero = 4,
+    /// BARRIER: make what came durable, then ACK.
     Barrier = 5,
+    /// ACK: durability report.
     Ack = 6,
+    /// DONE: the sender has nothing more for the stream.
     Done = 7,
+    /// VERIFY_REQUEST: read the target back and digest it.
     VerifyRequest = 8,
+    /// VERIFY_RESULT: the digest of the target.
     VerifyResult = 9,
+    /// ERROR: the last frame before closing.
     Error = 10,
+    /// PING: keepalive.
     Ping = 11,
+    /// PONG: answer to a PING.
     Pong = 12,
 }
 
 /// Bytes of a length-prefixed string at its longest.
+#[expect(clippy::cast_possible_truncation, reason = "MAX_STRING_BYTES is 4096")]
 const STRING_MAX_ON_WIRE: u32 = 2 + MAX_STRING_BYTES as u32;
 
 /// Fixed part of a Hello: job id, size, chunk size, features, stream index
@@ -96,7 +109,7 @@ impl FrameType {
             Hello => (HELLO_MIN, HELLO_MIN - 4 + 2 * STRING_MAX_ON_WIRE),
             Welcome => (WELCOME_MIN, WELCOME_MIN + RANGE_LEN * MAX_RESUME_RANGES),
             Data => {
-                let head = super::msg::DATA_HEAD_LEN as u32;
+                let head = super::msg::DATA_HEAD_BYTES;
                 (head + 1, head + MAX_CHUNK_BYTES)
             }
             Zero => (16, 16),
@@ -113,7 +126,9 @@ impl FrameType {
 /// A decoded frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// What the frame is.
     pub frame_type: FrameType,
+    /// Bytes of payload after the header.
     pub payload_len_bytes: u32,
 }
 

@@ -15,6 +15,12 @@
 //!
 //! [`decode_any`] is the one-call entry point for fuzz targets.
 #![forbid(unsafe_code)]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(missing_docs)]
 
 pub mod decoder;
 pub mod digest;
@@ -59,27 +65,42 @@ pub enum WireError {
         "bad frame magic {got:02x?} (want \"DFRY\"): the peer is not a diskferry \
          sender/receiver, or TLS is on at one end and off at the other"
     )]
-    BadMagic { got: [u8; 4] },
+    BadMagic {
+        /// The four bytes received.
+        got: [u8; 4],
+    },
     /// The peer speaks another protocol version.
     #[error(
         "peer speaks diskferry wire protocol version {got}, this build speaks \
          {PROTOCOL_VERSION}: install the same diskferry release on both hosts"
     )]
-    UnsupportedVersion { got: u8 },
+    UnsupportedVersion {
+        /// The peer's version.
+        got: u8,
+    },
     /// A frame type this build does not know.
     #[error("unknown frame type {code}: the peer runs a newer or broken diskferry")]
-    UnknownFrameType { code: u8 },
+    UnknownFrameType {
+        /// The code received.
+        code: u8,
+    },
     /// Header flag bits that v1 leaves reserved.
     #[error("reserved header flags {flags:#06x} are set: the peer is broken")]
-    ReservedFlags { flags: u16 },
+    ReservedFlags {
+        /// The flags received.
+        flags: u16,
+    },
     /// A frame's payload length is above the bound for its type.
     #[error(
         "{frame} frame claims {len_bytes} payload bytes, more than the \
          {max_bytes} allowed: refusing it before allocating"
     )]
     FrameTooLarge {
+        /// The frame type.
         frame: &'static str,
+        /// The length claimed.
         len_bytes: u32,
+        /// The bound.
         max_bytes: u32,
     },
     /// A frame's payload length is below the fixed part of its type.
@@ -87,24 +108,34 @@ pub enum WireError {
         "{frame} frame claims {len_bytes} payload bytes, fewer than its {min_bytes}-byte minimum"
     )]
     FrameTooSmall {
+        /// The frame type.
         frame: &'static str,
+        /// The length claimed.
         len_bytes: u32,
+        /// The minimum.
         min_bytes: u32,
     },
     /// The input ended inside a frame (only from one-shot decoding; the
     /// incremental decoder just waits for more bytes).
     #[error("input ends inside a frame: {needed_bytes} more bytes needed; the connection was cut")]
-    Truncated { needed_bytes: usize },
+    Truncated {
+        /// Bytes missing.
+        needed_bytes: usize,
+    },
     /// A field runs past the end of the frame payload.
     #[error("{frame} frame ends inside field {field}: the peer is broken")]
     FieldTruncated {
+        /// The frame type.
         frame: &'static str,
+        /// The field.
         field: &'static str,
     },
     /// Bytes left over after the last field.
     #[error("{frame} frame has {extra_bytes} bytes after its last field: the peer is broken")]
     TrailingBytes {
+        /// The frame type.
         frame: &'static str,
+        /// Bytes left over.
         extra_bytes: usize,
     },
     /// A string longer than [`MAX_STRING_BYTES`].
@@ -112,18 +143,27 @@ pub enum WireError {
         "{field} is {len_bytes} bytes long, more than the {max_bytes} allowed: use a shorter one"
     )]
     StringTooLong {
+        /// The field.
         field: &'static str,
+        /// The string's length.
         len_bytes: usize,
+        /// The bound.
         max_bytes: usize,
     },
     /// A string that is not UTF-8.
     #[error("{field} is not valid UTF-8")]
-    StringNotUtf8 { field: &'static str },
+    StringNotUtf8 {
+        /// The field.
+        field: &'static str,
+    },
     /// A list longer than its bound.
     #[error("{field} has {count} entries, more than the {max} allowed")]
     ListTooLong {
+        /// The field.
         field: &'static str,
+        /// Entries received.
         count: u64,
+        /// The bound.
         max: u64,
     },
     /// A DATA frame's raw length is above [`MAX_CHUNK_BYTES`].
@@ -131,45 +171,77 @@ pub enum WireError {
         "DATA frame carries a {raw_len_bytes}-byte chunk, more than the {max_bytes} \
          allowed: use a smaller --chunk-size"
     )]
-    ChunkTooLarge { raw_len_bytes: u32, max_bytes: u32 },
+    ChunkTooLarge {
+        /// The chunk length claimed.
+        raw_len_bytes: u32,
+        /// The bound.
+        max_bytes: u32,
+    },
     /// A compression codec this build does not know.
-    #[error("unknown compression codec {code}: the peer runs a newer or broken diskferry")]
-    UnknownCodec { code: u8 },
+    #[error(
+        "unknown compression codec {code}: the peer runs a newer or broken diskferry; \
+         upgrade so both sides run the same version"
+    )]
+    UnknownCodec {
+        /// The code received.
+        code: u8,
+    },
     /// A field with a value outside its domain.
     #[error("{frame} frame: {field} {why}")]
     BadField {
+        /// The frame type.
         frame: &'static str,
+        /// The field.
         field: &'static str,
+        /// What is wrong.
         why: &'static str,
     },
     /// A range list entry that is empty, overflows, or is out of order.
     #[error("{field}: range at offset {offset} length {len_bytes} {why}")]
     BadRange {
+        /// The field.
         field: &'static str,
+        /// The range's offset.
         offset: u64,
+        /// The range's length.
         len_bytes: u64,
+        /// What is wrong.
         why: &'static str,
     },
     /// Image digest geometry that cannot be used.
     #[error("image digest over {size_bytes} bytes in {window_bytes}-byte windows: {why}")]
     DigestGeometry {
+        /// The image size.
         size_bytes: u64,
+        /// The window size.
         window_bytes: u32,
+        /// What is wrong.
         why: &'static str,
     },
     /// A window index past the end of the image.
     #[error("image digest window {index} is out of range (the image has {windows} windows)")]
-    WindowOutOfRange { index: u64, windows: u64 },
+    WindowOutOfRange {
+        /// The window.
+        index: u64,
+        /// Windows in the image.
+        windows: u64,
+    },
     /// A window hashed from a buffer of the wrong length.
     #[error("image digest window {index} is {want_bytes} bytes long, got {got_bytes}")]
     WindowLength {
+        /// The window.
         index: u64,
+        /// The window's length.
         want_bytes: u32,
+        /// Bytes supplied.
         got_bytes: usize,
     },
     /// `finish` before every window was supplied.
     #[error("image digest window {index} was never supplied: read that window before finishing")]
-    WindowMissing { index: u64 },
+    WindowMissing {
+        /// The window.
+        index: u64,
+    },
 }
 
 impl WireError {

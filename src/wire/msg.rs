@@ -16,14 +16,18 @@ use reader::Reader;
 
 /// Bytes of the fixed part of a DATA payload (offset, raw length, codec,
 /// three reserved bytes, digest).
-pub const DATA_HEAD_LEN: usize = 8 + 4 + 1 + 3 + 32;
+pub const DATA_HEAD_LEN: usize = DATA_HEAD_BYTES as usize;
+/// [`DATA_HEAD_LEN`] as a frame length (`u32`).
+pub const DATA_HEAD_BYTES: u32 = 8 + 4 + 1 + 3 + 32;
 /// Bytes before the payload of a DATA frame: header plus fixed part.
 pub const DATA_HEADER_LEN: usize = HEADER_LEN + DATA_HEAD_LEN;
 
 /// A byte range `[offset, offset + len_bytes)` of the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ByteRange {
+    /// Where the range starts.
     pub offset: u64,
+    /// How long it is.
     pub len_bytes: u64,
 }
 
@@ -43,6 +47,7 @@ pub struct Hello {
     pub stream_index: u16,
     /// Streams in the job, 1 ..= [`MAX_STREAMS`].
     pub stream_count: u16,
+    /// What the sender asks of the receiver for this job.
     pub flags: HelloFlags,
     /// Target name the receiver maps to a file / device / export.
     pub target: String,
@@ -68,9 +73,11 @@ pub struct Welcome {
 /// The fixed part of a DATA frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataHead {
+    /// Where the chunk goes in the image.
     pub offset: u64,
     /// Length of the raw (uncompressed) chunk; 1 ..= [`MAX_CHUNK_BYTES`].
     pub raw_len_bytes: u32,
+    /// How the payload is encoded.
     pub codec: Codec,
     /// BLAKE3 of the raw bytes.
     pub raw_digest: [u8; 32],
@@ -79,6 +86,7 @@ pub struct DataHead {
 /// DATA: one chunk, raw or compressed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Data {
+    /// The fixed part.
     pub head: DataHead,
     /// The chunk as sent: `raw_len_bytes` long for [`Codec::None`], at most
     /// `raw_len_bytes` long when compressed.
@@ -101,42 +109,59 @@ pub struct Ack {
 /// place of a WELCOME it is the receiver's refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorFrame {
+    /// What kind of error.
     pub code: ErrorCode,
+    /// What went wrong, for the peer's operator.
     pub message: String,
 }
 
 /// Every frame of protocol version 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
+    /// The first frame of every stream, sender → receiver.
     Hello(Hello),
+    /// The receiver's acceptance of a HELLO.
     Welcome(Welcome),
+    /// One chunk.
     Data(Data),
     /// The range must read as zeros on the target.
     Zero(ByteRange),
     /// Make everything received on this stream durable, then ACK `seq`.
     Barrier {
+        /// Sequence number the ACK answers with.
         seq: u64,
     },
+    /// The receiver's answer to a BARRIER.
     Ack(Ack),
     /// The sender has nothing more for this stream.
     Done {
+        /// DATA payload bytes sent on this stream.
         total_bytes_sent: u64,
+        /// Frames sent on this stream.
         frames: u64,
     },
     /// Read the whole target back and digest it (see `ImageDigest`).
     VerifyRequest {
+        /// Window size of the image digest.
         window_bytes: u32,
     },
+    /// The receiver's image digest of the target.
     VerifyResult {
+        /// The image digest.
         digest: [u8; 32],
+        /// Bytes read back.
         bytes_read: u64,
     },
+    /// The last frame before closing.
     Error(ErrorFrame),
     /// Keepalive; the peer answers PONG with the same nonce.
     Ping {
+        /// Echoed by the PONG.
         nonce: u64,
     },
+    /// The answer to a PING.
     Pong {
+        /// The PING's nonce.
         nonce: u64,
     },
 }
@@ -148,7 +173,7 @@ pub fn encode_data_header(
     payload_len_bytes: u32,
 ) -> Result<[u8; DATA_HEADER_LEN], WireError> {
     head.validate(payload_len_bytes)?;
-    let header = Header::new(FrameType::Data, DATA_HEAD_LEN as u32 + payload_len_bytes)?;
+    let header = Header::new(FrameType::Data, DATA_HEAD_BYTES + payload_len_bytes)?;
     let mut out = [0u8; DATA_HEADER_LEN];
     out[..HEADER_LEN].copy_from_slice(&header.encode());
     out[HEADER_LEN..].copy_from_slice(&head.encode());

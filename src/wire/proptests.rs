@@ -33,12 +33,12 @@ fn arb_data() -> impl Strategy<Value = Frame> {
     let head = (0u64..u64::MAX >> 1, any::<[u8; 32]>());
     prop_oneof![
         (head.clone(), payload.clone()).prop_map(|((offset, raw_digest), payload)| {
-            let raw_len_bytes = payload.len() as u32;
+            let raw_len_bytes = u32::try_from(payload.len()).unwrap();
             (offset, raw_digest, Codec::None, raw_len_bytes, payload)
         }),
         (head, payload, arb_codec(), 0u32..100_000).prop_map(
             |((offset, raw_digest), payload, codec, extra)| {
-                let raw_len_bytes = payload.len() as u32 + extra;
+                let raw_len_bytes = u32::try_from(payload.len()).unwrap() + extra;
                 (offset, raw_digest, codec, raw_len_bytes, payload)
             }
         ),
@@ -122,13 +122,20 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
     ]
 }
 
+/// `fraction` (0..=1) of `len`, rounded down.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "a fraction in 0..=1 of a length is a length"
+)]
+fn fraction_of(fraction: f64, len: usize) -> usize {
+    (fraction * len as f64) as usize
+}
+
 /// Decodes `bytes` fed in pieces cut at `cuts` (fractions of the length),
 /// checking the buffered-capacity bound after every step.
 fn decode_split(bytes: &[u8], cuts: &[f64]) -> Result<Vec<Frame>, WireError> {
-    let mut points: Vec<usize> = cuts
-        .iter()
-        .map(|c| (c * bytes.len() as f64) as usize)
-        .collect();
+    let mut points: Vec<usize> = cuts.iter().map(|c| fraction_of(*c, bytes.len())).collect();
     points.push(bytes.len());
     points.sort_unstable();
     let mut d = FrameDecoder::new();
@@ -299,7 +306,7 @@ proptest! {
         let data = Data {
             head: DataHead {
                 offset: 4096,
-                raw_len_bytes: payload.len() as u32,
+                raw_len_bytes: u32::try_from(payload.len()).unwrap(),
                 codec: Codec::None,
                 raw_digest: ChunkDigest::Xxh3.digest(&payload),
             },

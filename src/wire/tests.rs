@@ -327,7 +327,7 @@ fn malformed_inputs_give_the_specific_error() {
             corrupt(&welcome, |b| {
                 b.push(0);
                 let n = b.len() - HEADER_LEN;
-                set_len(b, n as u32)
+                set_len(b, u32::try_from(n).unwrap())
             }),
             |e| matches!(e, WireError::TrailingBytes { extra_bytes: 1, .. }),
         ),
@@ -497,7 +497,7 @@ fn error_codes_round_trip_and_unknown_are_kept() {
 fn image_digest_is_order_independent_and_covers_zero_windows() {
     let window = 4096u32;
     let size = 3 * 4096 + 100;
-    let mut image = vec![0u8; size as usize];
+    let mut image = vec![0u8; usize::try_from(size).unwrap()];
     image[..4096].fill(0x11);
     image[2 * 4096 + 5] = 1;
     let chunks: Vec<&[u8]> = image.chunks(window as usize).collect();
@@ -513,14 +513,14 @@ fn image_digest_is_order_independent_and_covers_zero_windows() {
             backward.zero_window(i).unwrap();
         } else {
             backward
-                .set_window(i, chunk_digest(chunks[i as usize]))
+                .set_window(i, chunk_digest(chunks[usize::try_from(i).unwrap()]))
                 .unwrap();
         }
     }
     assert_eq!(forward.finish().unwrap(), backward.finish().unwrap());
 
     let mut changed = image.clone();
-    changed[size as usize - 1] = 9;
+    *changed.last_mut().unwrap() = 9;
     let mut other = ImageDigest::new(size, window).unwrap();
     for (i, c) in changed.chunks(window as usize).enumerate() {
         other.hash_window(i as u64, c).unwrap();

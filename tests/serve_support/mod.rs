@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use diskferry::net::{self, Role, TlsDir};
-use diskferry::replicate::serve::{ServeError, ServeOptions, Server};
+use diskferry::replicate::receive::serve::{ServeError, ServeOptions, Server};
 use diskferry::wire::{
     Codec, DataHead, ErrorCode, Features, Frame, FrameDecoder, Hello, HelloFlags, ImageDigest,
     chunk_digest, encode_data_header,
@@ -53,7 +53,7 @@ impl Harness {
             insecure_plaintext: plaintext,
             allow: Vec::new(),
             limits: Default::default(),
-            target_mode: diskferry::replicate::serve::TARGET_MODE_DEFAULT,
+            target_mode: diskferry::replicate::receive::serve::TARGET_MODE_DEFAULT,
         };
         adjust(&mut opts);
         let server = Server::bind(opts).unwrap();
@@ -214,9 +214,8 @@ impl Client {
         let payload = match codec {
             Codec::None => raw.to_vec(),
             Codec::Lz4 | Codec::Zstd => {
-                let c = diskferry::compress::Codec::from_u8(codec as u8).unwrap();
                 let mut out = Vec::new();
-                diskferry::compress::compress(c, 1, raw, &mut out).unwrap();
+                diskferry::compress::compress(codec, 1, raw, &mut out).unwrap();
                 assert!(out.len() < raw.len(), "test data must compress");
                 out
             }

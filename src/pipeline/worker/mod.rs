@@ -8,6 +8,7 @@
 //! side, `write.rs` the target side, `nbd.rs` the replies on the worker's
 //! NBD connections and `lend.rs` the windows lent to network senders.
 
+#![forbid(unsafe_code)]
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -268,6 +269,8 @@ impl Worker {
 
     fn fill_slots(&mut self) -> Result<(), CopyError> {
         if self.shared.control.is_paused() {
+            // A held item waits for the resume, not for the rate budget.
+            self.rate_wait = None;
             return Ok(());
         }
         let mut busy = self.slots.iter().filter(|s| s.phase != Phase::Idle).count();

@@ -1,6 +1,11 @@
 //! A stream's connection: dialing and the HELLO/WELCOME exchange, the
 //! stall watch, how a failure is classified, and reconnecting with
 //! back-off.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use super::*;
 
@@ -15,7 +20,7 @@ impl Watch {
     }
 
     pub(super) fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
+        millis(self.epoch.elapsed()).saturating_add(1)
     }
 
     /// Runs a blocking call with the connection marked busy (two atomic
@@ -48,7 +53,7 @@ impl Watch {
             return false;
         }
         let idle_ms = self.now_ms().saturating_sub(since);
-        if idle_ms < stall.as_millis() as u64 {
+        if idle_ms < millis(stall) {
             return false;
         }
         warn!(
@@ -98,9 +103,9 @@ pub(super) fn refusal_error(code: ErrorCode, message: &str) -> CopyError {
 }
 
 impl Connector {
-    pub(super) fn hello_for(&self, i: usize) -> Hello {
+    pub(super) fn hello_for(&self, stream_index: u16) -> Hello {
         Hello {
-            stream_index: i as u16,
+            stream_index,
             ..self.hello.clone()
         }
     }
@@ -112,8 +117,19 @@ impl Connector {
             s.conn
                 .set_buffer_limit(Some(crate::replicate::stream::TLS_BUFFER_LIMIT_BYTES));
         }
+        // At most wire::MAX_STREAMS streams (checked before any is started).
+        let index = u16::try_from(i).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("stream index {i}"),
+            )
+        })?;
         let mut scratch = Vec::new();
-        write_frame(&mut stream, &Frame::Hello(self.hello_for(i)), &mut scratch)?;
+        write_frame(
+            &mut stream,
+            &Frame::Hello(self.hello_for(index)),
+            &mut scratch,
+        )?;
         stream.flush()?;
         let mut dec = FrameDecoder::new();
         let _ = stream.set_read_timeout(Some(self.stall_timeout));
@@ -229,4 +245,10 @@ pub(super) fn explain(e: StreamError, c: &mut Conn) -> Broken {
         }
     }
     classify(e)
+}
+
+/// `d` in whole milliseconds, saturating (u64 milliseconds are 584 million
+/// years).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -28,7 +28,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -56,6 +56,7 @@ use super::stream::{
     Dialer, Stream, StreamError, printable, read_frame, refused, unexpected, write_frame,
 };
 use crate::net::socket::TuningReport;
+use crate::sync::lock;
 
 mod hooks;
 mod link;
@@ -206,10 +207,6 @@ pub struct SendReport {
     /// Planning rounds (1 without failures).
     pub rounds: u32,
     pub source_identity: String,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What the receiver has said is durable, and which receiver instance

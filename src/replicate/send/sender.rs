@@ -1,6 +1,11 @@
 //! The sender threads: one per stream, taking windows from the sink,
 //! framing and compressing them, asking for barriers and reading the
 //! receiver's replies.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use super::hooks::corrupt_chunk_at;
 use super::link::{classify, explain};
@@ -370,21 +375,17 @@ impl StreamSender {
                 t.elapsed(),
             );
             if used {
-                codec = match choice.codec {
-                    compress::Codec::Lz4 => wire::Codec::Lz4,
-                    compress::Codec::Zstd => wire::Codec::Zstd,
-                    compress::Codec::None => wire::Codec::None,
-                };
+                codec = choice.codec;
                 payload = &self.out;
             }
         }
         let head = DataHead {
             offset,
-            raw_len_bytes: raw.len() as u32,
+            raw_len_bytes: frame_len(raw.len())?,
             codec,
             raw_digest: digest,
         };
-        let header = wire::encode_data_header(&head, payload.len() as u32)?;
+        let header = wire::encode_data_header(&head, frame_len(payload.len())?)?;
         let frame_bytes = (header.len() + payload.len()) as u64;
         ctx.limiter.acquire(frame_bytes);
         let stream = &mut c.stream;
@@ -458,4 +459,13 @@ pub(super) fn plaintext_ready(s: &mut Stream) -> bool {
             .is_ok_and(|st| st.plaintext_bytes_to_read() > 0),
         Stream::Plain(_) => false,
     }
+}
+
+/// A chunk's or payload's length as the `u32` of a DATA frame. Chunks are
+/// at most `wire::MAX_CHUNK_BYTES`, so the error is a bug upstream.
+fn frame_len(len_bytes: usize) -> Result<u32, StreamError> {
+    u32::try_from(len_bytes).map_err(|_| {
+        let what = format!("a chunk of {len_bytes} bytes does not fit a DATA frame");
+        StreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, what))
+    })
 }

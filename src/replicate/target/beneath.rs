@@ -6,10 +6,11 @@
 //! opened before it, so a directory swapped for a symbolic link after a
 //! check cannot lead out.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+
+use crate::engine::sys;
+pub use crate::engine::sys::openat;
 
 /// Flags of every directory opened on the way.
 const DIR_FLAGS: libc::c_int =
@@ -67,56 +68,8 @@ fn is_symlink(dir: &File, name: &str) -> bool {
 /// `openat2(dir, path, flags, mode)` resolving beneath `dir` and refusing
 /// every symbolic link (and magic link) on the way.
 pub fn openat2_beneath(dir: &File, path: &str, flags: libc::c_int, mode: u32) -> io::Result<File> {
-    let path = c_path(path)?;
-    // SAFETY: `open_how` is three integers; all-zero is a valid value (and
-    // what the kernel expects of fields not set).
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = u64::try_from(flags).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    how.mode = u64::from(mode);
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2(2) reads the NUL-terminated `path` and `how` (whose
-    // size is passed with it), both alive for the call; the descriptor is
-    // borrowed from a live `File`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir.as_raw_fd(),
-            path.as_ptr(),
-            &raw const how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    owned(rc)
-}
-
-/// `openat(dir, name, flags | O_CLOEXEC, mode)`.
-pub fn openat(dir: &File, name: &str, flags: libc::c_int, mode: u32) -> io::Result<File> {
-    let name = c_path(name)?;
-    // SAFETY: openat(2) reads the NUL-terminated `name`, alive for the
-    // call; the descriptor is borrowed from a live `File`.
-    let rc = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            libc::c_uint::from(mode),
-        )
-    };
-    owned(libc::c_long::from(rc))
-}
-
-fn owned(rc: libc::c_long) -> io::Result<File> {
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = libc::c_int::try_from(rc).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the kernel just returned `fd`, a new descriptor nothing else
-    // owns; the `File` closes it.
-    Ok(unsafe { File::from_raw_fd(fd) })
-}
-
-fn c_path(path: &str) -> io::Result<CString> {
-    CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    let resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    sys::openat2(dir, path, flags, mode, resolve)
 }
 
 fn check_components(dirs: &[&str]) -> io::Result<()> {

@@ -11,6 +11,11 @@
 //! `pwrite` at a time): concurrent buffered writes to one inode spin on its
 //! lock and were 3× slower here. O_DIRECT from aligned buffers is left to the
 //! I/O engine when the receiver moves onto it.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 pub mod beneath;
 pub mod open;
@@ -23,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::endpoint::FileKind;
+use crate::engine::sys;
+use crate::sync::lock;
 pub use open::{Opened, TARGET_MODE_DEFAULT, TargetKey, Targets};
 
 /// Zeros written per `pwrite` where a hole cannot be punched.
@@ -105,7 +112,20 @@ pub enum TargetError {
 /// An open target.
 #[derive(Debug)]
 pub struct Target {
+    /// Writes, reads and fdatasync. Only fdatasync, under `sync_lock`,
+    /// takes in writeback errors on this descriptor (see `writeback`).
     file: File,
+    /// A second open file description of the same file or device, for
+    /// `sync_file_range` and `posix_fadvise` only. Linux reports each
+    /// writeback error once per open file description, and waiting for
+    /// writeback with `sync_file_range` takes the error in just as
+    /// fdatasync does: on one shared descriptor, a stream waiting for its
+    /// writeback could take in an error between another stream's write and
+    /// that stream's flush, which then returned 0 and made lost writes
+    /// durable in the journal (seen in `tests/target_eio.rs`, 3 runs in 25).
+    /// With the waits on their own description, every error reaches the
+    /// flushes.
+    writeback: File,
     /// The name the sender gave (for messages).
     name: String,
     /// Where it is (for the receiver's log).
@@ -167,7 +187,7 @@ impl Target {
                 false
             }
         };
-        Ok(Target::new(opened, fresh_zero))
+        Target::new(opened, fresh_zero)
     }
 
     /// Opens the target of a resumed (or already complete) job as it is:
@@ -181,18 +201,30 @@ impl Target {
                 len_bytes: opened.len_bytes,
                 size_bytes,
             }),
-            FileKind::Regular => Ok(Target::new(opened, false)),
+            FileKind::Regular => Target::new(opened, false),
             _ => {
                 check_device_size(&opened, size_bytes)?;
-                Ok(Target::new(opened, false))
+                Target::new(opened, false)
             }
         }
     }
 
-    fn new(opened: Opened, fresh_zero: bool) -> Target {
+    fn new(opened: Opened, fresh_zero: bool) -> Result<Target, TargetError> {
         forget_stale_writeback_error(&opened.file, &opened.path);
-        Target {
+        // The same file or device, reopened through the descriptor (never
+        // by path, which may have changed since it was opened). Opened
+        // after the stale error was taken in, so it does not report it.
+        let writeback =
+            File::open(format!("/proc/self/fd/{}", opened.file.as_raw_fd())).map_err(|source| {
+                TargetError::Open {
+                    name: opened.name.clone(),
+                    path: opened.path.clone(),
+                    source,
+                }
+            })?;
+        Ok(Target {
             file: opened.file,
+            writeback,
             name: opened.name,
             path: opened.path,
             key: opened.key,
@@ -202,7 +234,7 @@ impl Target {
             syncs: Mutex::default(),
             sync_lock: Mutex::new(()),
             failed: std::sync::OnceLock::new(),
-        }
+        })
     }
 
     /// Where the target is on the receiver: for its log only.
@@ -210,12 +242,12 @@ impl Target {
         &self.path
     }
 
-    /// "target \"NAME\"" as the sender named it: for messages to a peer.
     /// Device and inode (or device number): one key per file or device.
     pub fn key(&self) -> TargetKey {
         self.key
     }
 
+    /// "target \"NAME\"" as the sender named it: for messages to a peer.
     pub fn describe(&self) -> String {
         format!("target {:?}", self.name)
     }
@@ -237,10 +269,10 @@ impl Target {
 
     fn write_streamed(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
         let oldest = {
-            let mut ranges = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ranges = lock(&self.write_lock);
             self.file.write_all_at(bytes, offset)?;
             let len = bytes.len() as u64;
-            sync_range(&self.file, offset, len, libc::SYNC_FILE_RANGE_WRITE)?;
+            sync_range(&self.writeback, offset, len, libc::SYNC_FILE_RANGE_WRITE)?;
             ranges.push_back((offset, len));
             if ranges.len() > WRITEBACK_WINDOW {
                 ranges.pop_front()
@@ -252,8 +284,8 @@ impl Target {
             let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
                 | libc::SYNC_FILE_RANGE_WRITE
                 | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-            sync_range(&self.file, o, l, wait)?;
-            drop_cached(&self.file, o, l);
+            sync_range(&self.writeback, o, l, wait)?;
+            drop_cached(&self.writeback, o, l);
         }
         Ok(())
     }
@@ -305,7 +337,8 @@ impl Target {
         let mut done_bytes = 0u64;
         // Bounded: each iteration advances by at least one byte.
         while done_bytes < len_bytes {
-            let n = (len_bytes - done_bytes).min(ZERO_WRITE_BYTES as u64) as usize;
+            let n = usize::try_from(len_bytes - done_bytes)
+                .map_or(ZERO_WRITE_BYTES, |rest| rest.min(ZERO_WRITE_BYTES));
             self.write_at(&ZEROS[..n], offset + done_bytes)?;
             done_bytes += n as u64;
         }
@@ -321,7 +354,7 @@ impl Target {
     /// Call after a write completed: the number of the first flush that
     /// will cover it (one that starts after now).
     pub fn sync_point(&self) -> u64 {
-        self.syncs.lock().unwrap_or_else(|p| p.into_inner()).started + 1
+        lock(&self.syncs).started + 1
     }
 
     /// Makes durable every write whose [`Target::sync_point`] was `need`
@@ -331,22 +364,22 @@ impl Target {
     /// fdatasync instead of queueing one each.
     pub fn sync_covering(&self, need: u64) -> io::Result<()> {
         self.check_failed()?;
-        let done = |s: &Self| s.syncs.lock().unwrap_or_else(|p| p.into_inner()).done;
+        let done = |s: &Self| lock(&s.syncs).done;
         if done(self) >= need {
             return Ok(());
         }
-        let _one = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = lock(&self.sync_lock);
         if done(self) >= need {
             return Ok(());
         }
         let mine = {
-            let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = lock(&self.syncs);
             s.started += 1;
             s.started
         };
         self.check_failed()?;
         self.poison_on_error(self.file.sync_data())?;
-        let mut s = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.syncs);
         s.done = s.done.max(mine);
         Ok(())
     }
@@ -391,48 +424,19 @@ fn forget_stale_writeback_error(file: &File, path: &Path) {
 
 /// `sync_file_range(2)` over the range with `flags`.
 fn sync_range(file: &File, offset: u64, len_bytes: u64, flags: u32) -> io::Result<()> {
-    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
-    let offset = libc::off64_t::try_from(offset).map_err(|_| too_big())?;
-    let len = libc::off64_t::try_from(len_bytes).map_err(|_| too_big())?;
-    // SAFETY: sync_file_range(2) passes no memory: a descriptor borrowed from
-    // a live `File` and three integers.
-    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    sys::sync_file_range(file, offset, len_bytes, flags)
 }
 
 /// `posix_fadvise(DONTNEED)`: the range is on disk; free its cache pages.
 /// Advisory, so a failure is ignored.
 fn drop_cached(file: &File, offset: u64, len_bytes: u64) {
-    let (Ok(offset), Ok(len)) = (
-        libc::off_t::try_from(offset),
-        libc::off_t::try_from(len_bytes),
-    ) else {
-        return;
-    };
-    // SAFETY: posix_fadvise(2) passes no memory: a descriptor borrowed from a
-    // live `File` and three integers.
-    let _ =
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+    let _ = sys::fadvise(file, offset, len_bytes, libc::POSIX_FADV_DONTNEED);
 }
 
 /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` over the range.
 fn punch_hole(file: &File, offset: u64, len_bytes: u64) -> io::Result<()> {
-    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
-    let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
-    let len = libc::off_t::try_from(len_bytes).map_err(|_| too_big())?;
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate(2) passes no memory: only a descriptor borrowed from a
-    // live `File` (so it stays open for the call) and three integers.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    sys::fallocate(file, mode, offset, len_bytes)
 }
 
 #[cfg(test)]

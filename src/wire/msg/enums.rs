@@ -2,7 +2,8 @@
 
 use crate::wire::WireError;
 
-/// How a DATA payload is encoded.
+/// How a DATA payload is encoded: the codec ids of the protocol, and the
+/// one codec type of the tree (`crate::compress` codes with it too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Codec {
@@ -23,6 +24,21 @@ impl Codec {
             2 => Ok(Codec::Zstd),
             _ => Err(WireError::UnknownCodec { code }),
         }
+    }
+
+    /// The wire byte of this codec.
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+}
+
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Codec::None => "raw",
+            Codec::Lz4 => "lz4",
+            Codec::Zstd => "zstd",
+        })
     }
 }
 

@@ -12,11 +12,12 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::warn;
 
+use crate::sync::lock;
 use crate::wire::MAX_ACK_RANGES;
 
 /// Default of [`PeerLimits::max_handshakes_per_address`].
@@ -224,10 +225,6 @@ impl RateLimitedLog {
             warn!("{}", message());
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -1,19 +1,20 @@
 //! What one receiver stream wrote and how far it is durable: the ranges not
 //! yet reported in an ACK, the ranges not yet flushed, and the flush that
 //! covers them. Both sets are capped, and so is the job's durable set when
-//! a flush adds to it: a sender that scatters tiny frames is refused
-//! instead of being stored without bound.
+//! a flush adds to it ([`super::job::Job::add_durable_capped`]): a sender
+//! that scatters tiny frames is refused instead of being stored without
+//! bound. Sans-IO: the stream's state machine flushes and counts.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::job::Job;
+use super::events::Action;
 use super::limits::RANGES_PER_STREAM_MAX;
-use super::ranges::RangeSet;
+use crate::journal::RangeSet;
 use crate::wire::{ByteRange, MAX_ACK_RANGES};
 
 /// A cap on ranges that a write or a flush would pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(super) enum RangeCapError {
+pub enum RangeCapError {
     #[error(
         "this stream wrote {ranges} separate ranges since its last BARRIER, more than the \
          receiver allows ({max_ranges}); a sender writes whole chunk windows and barriers \
@@ -28,15 +29,6 @@ pub(super) enum RangeCapError {
     Job { ranges: usize, max_ranges: usize },
 }
 
-/// Why a [`Written::settle`] did not count anything durable.
-#[derive(Debug, thiserror::Error)]
-pub(super) enum SettleError {
-    #[error("{0}")]
-    Flush(#[source] std::io::Error),
-    #[error("{0}")]
-    Cap(RangeCapError),
-}
-
 #[derive(Debug)]
 pub(super) struct Written {
     /// Ranges written on this stream and not reported in an ACK yet.
@@ -47,20 +39,20 @@ pub(super) struct Written {
     unsynced_data_bytes: u64,
     /// When this stream last flushed (at a BARRIER or on its own).
     last_settle: Instant,
-    /// The flush that covers this stream's writes so far
-    /// ([`super::target::Target::sync_point`]).
+    /// The flush that covers this stream's writes so far (a number from
+    /// [`crate::replicate::target::Target::sync_point`]).
     sync_need: u64,
     /// Cap on each set here, and on the job's durable set.
     max_ranges_per_job: usize,
 }
 
 impl Written {
-    pub(super) fn new(max_ranges_per_job: usize) -> Self {
+    pub(super) fn new(max_ranges_per_job: usize, now: Instant) -> Self {
         Written {
             pending: RangeSet::new(),
             unsynced: RangeSet::new(),
             unsynced_data_bytes: 0,
-            last_settle: Instant::now(),
+            last_settle: now,
             sync_need: 0,
             max_ranges_per_job: max_ranges_per_job.max(1),
         }
@@ -90,46 +82,50 @@ impl Written {
     }
 
     pub(super) fn has_unsynced(&self) -> bool {
-        self.unsynced.len() > 0
+        !self.unsynced.is_empty()
     }
 
-    /// True when this stream should flush on its own: the journal must not
-    /// lag the data by more than a checkpoint interval (or a share of the
-    /// checkpoint bytes), whatever the sender's barriers.
-    pub(super) fn settle_due(&self, job: &Job) -> bool {
-        let (interval, bytes) = job.checkpoint_policy();
-        let share = bytes / u64::from(job.stream_count.max(1));
-        self.last_settle.elapsed() >= interval || self.unsynced_data_bytes >= share
+    /// True when this stream should flush on its own at `now`: the journal
+    /// must not lag the data by more than a checkpoint `interval` (or this
+    /// stream's `share_bytes` of the checkpoint bytes), whatever the
+    /// sender's barriers.
+    pub(super) fn settle_due(&self, now: Instant, interval: Duration, share_bytes: u64) -> bool {
+        now.saturating_duration_since(self.last_settle) >= interval
+            || self.unsynced_data_bytes >= share_bytes
     }
 
-    /// Flushes what this stream wrote and counts it durable for the job
-    /// (checked against the job's cap first: the ranges are counted before
-    /// they merge, so the check errs on the safe side). Returns the job's
-    /// durable byte total. On an error nothing is counted.
-    pub(super) fn settle(&mut self, job: &Job) -> Result<u64, SettleError> {
-        self.last_settle = Instant::now();
-        job.target
-            .sync_covering(self.sync_need)
-            .map_err(SettleError::Flush)?;
-        let ranges = job.durable_range_count() + self.unsynced.len();
-        if ranges > self.max_ranges_per_job {
-            return Err(SettleError::Cap(RangeCapError::Job {
-                ranges,
-                max_ranges: self.max_ranges_per_job,
-            }));
+    /// A settle starts at `now`: the flush that covers every write noted
+    /// so far.
+    pub(super) fn flush(&mut self, now: Instant) -> Action {
+        self.last_settle = now;
+        Action::Flush {
+            sync_need: self.sync_need,
         }
-        let total = job.add_durable(
-            self.unsynced.ranges().map(|r| (r.offset, r.len_bytes)),
-            self.unsynced_data_bytes,
-        );
+    }
+
+    /// The flush completed: the unsynced ranges are to be counted durable
+    /// (they stay here until [`Written::settled`]).
+    pub(super) fn make_durable(&self) -> Action {
+        Action::MakeDurable {
+            ranges: self.unsynced.iter().collect(),
+            data_bytes: self.unsynced_data_bytes,
+            max_ranges: self.max_ranges_per_job,
+        }
+    }
+
+    /// The job counted the unsynced ranges durable.
+    pub(super) fn settled(&mut self) {
         self.unsynced = RangeSet::new();
         self.unsynced_data_bytes = 0;
-        Ok(total)
     }
 
     /// The ranges an ACK reports (all of them: [`Written::note`] keeps
     /// fewer than one ACK carries).
     pub(super) fn take_acked(&mut self) -> Vec<ByteRange> {
-        self.pending.take_first(MAX_ACK_RANGES as usize)
+        self.pending
+            .take_first(MAX_ACK_RANGES as usize)
+            .into_iter()
+            .map(|(offset, len_bytes)| ByteRange { offset, len_bytes })
+            .collect()
     }
 }

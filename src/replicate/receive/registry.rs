@@ -17,8 +17,9 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::job::{Job, JobStart, JournalPolicy, Refusal, check_same_job, job_id_hex};
-use super::target::{Opened, Target, TargetError, TargetKey, Targets};
 use crate::journal::{self, Decision, Journal, RangeSet, RefuseReason, ResumeRequest};
+use crate::replicate::target::{Opened, Target, TargetError, TargetKey, Targets};
+use crate::sync::lock;
 use crate::wire::{ErrorCode, Hello};
 
 /// How long a HELLO waits at a time for a job that is starting or
@@ -73,12 +74,6 @@ impl Drop for Attachment {
         self.registry
             .detach(&self.job, self.stream_index, self.generation);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not take the receiver down with it; the maps
-    // stay consistent (each change is one insert or remove).
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Registry {

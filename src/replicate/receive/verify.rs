@@ -15,7 +15,8 @@ use std::time::Instant;
 use tracing::info;
 
 use super::job::{Job, Refusal};
-use super::target::TargetKey;
+use crate::replicate::target::TargetKey;
+use crate::sync::lock;
 use crate::wire::{ErrorCode, ImageDigestStream, WireError};
 
 /// Bytes read from the target at a time.
@@ -23,7 +24,7 @@ pub const VERIFY_READ_BYTES: usize = 1 << 20;
 
 /// Why a verify pass gave no digest.
 #[derive(Debug)]
-pub(super) enum VerifyError {
+pub enum VerifyError {
     /// The receiver is shutting down.
     Stopped,
     /// Send this ERROR, then close.
@@ -42,7 +43,7 @@ struct Reading<'a> {
 
 impl VerifyingTargets {
     fn lock(&self) -> MutexGuard<'_, HashSet<TargetKey>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.0)
     }
 
     /// The target `key` (named `name` to the peer) is read from now

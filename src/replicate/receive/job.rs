@@ -20,15 +20,17 @@
 //! the registry when all its streams sent DONE or when its last stream
 //! disconnects; a later HELLO resumes from the journal.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
 use super::registry::unix_now;
-use super::target::Target;
+use super::written::RangeCapError;
 use crate::journal::{Checkpointer, Journal, JournalStore, RangeSet};
+use crate::replicate::target::Target;
+use crate::sync::lock;
 use crate::wire::{ErrorCode, Hello};
 
 pub use super::registry::{Attachment, Registry};
@@ -112,12 +114,6 @@ pub struct Job {
     complete: AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not take the receiver down with it; the
-    // protected values stay consistent (plain counters and sets).
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Job {
     pub fn id_hex(&self) -> String {
         job_id_hex(&self.id)
@@ -164,6 +160,25 @@ impl Job {
             self.checkpoint(false);
         }
         total
+    }
+
+    /// [`Job::add_durable`], unless the durable set could pass
+    /// `max_ranges` (the ranges are counted before they merge, so the check
+    /// errs on the safe side): then nothing is counted.
+    pub(super) fn add_durable_capped(
+        &self,
+        ranges: &[(u64, u64)],
+        data_bytes: u64,
+        max_ranges: usize,
+    ) -> Result<u64, RangeCapError> {
+        let count = self.durable_range_count() + ranges.len();
+        if count > max_ranges {
+            return Err(RangeCapError::Job {
+                ranges: count,
+                max_ranges,
+            });
+        }
+        Ok(self.add_durable(ranges.iter().copied(), data_bytes))
     }
 
     pub fn bytes_durable_total(&self) -> u64 {
@@ -243,7 +258,7 @@ impl Job {
             resumed_bytes: durable.covered_bytes(),
             instance: {
                 let mut b = [0u8; 8];
-                super::random_bytes(&mut b);
+                crate::replicate::random_bytes(&mut b);
                 u64::from_le_bytes(b)
             },
             durable: Mutex::new(durable),

@@ -26,11 +26,12 @@ use tracing::{debug, info, warn};
 use super::conn::{ConnContext, serve_connection};
 use super::job::{JournalPolicy, Registry};
 use super::limits::{HandshakeGate, HandshakeSlot, PeerLimits, RateLimitedLog};
-pub use super::target::TARGET_MODE_DEFAULT;
-use super::target::Targets;
 use super::transport::{POLL_INTERVAL_MS, Transport, is_timeout};
 use crate::journal::JournalStore;
 use crate::net::{self, NetError, Role, SocketTuning, TlsDir, TlsError};
+pub use crate::replicate::target::TARGET_MODE_DEFAULT;
+use crate::replicate::target::Targets;
+use crate::sync::lock;
 
 /// Most connections served at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -350,15 +351,9 @@ impl Server {
 /// its stream is being served (past the handshake: it watches the stop flag).
 type Sockets = HashMap<u64, (TcpStream, bool)>;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The receiver's effective uid (the owner its state directory must have).
 fn effective_uid() -> u32 {
-    // SAFETY: geteuid(2) takes no arguments, touches no memory and cannot
-    // fail.
-    unsafe { libc::geteuid() }
+    crate::engine::sys::geteuid()
 }
 
 /// Joins threads that have ended.

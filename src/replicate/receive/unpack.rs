@@ -17,6 +17,16 @@ pub(super) enum UnpackError {
     Damaged(Refusal),
 }
 
+/// The bytes to write for a checked chunk.
+#[derive(Debug)]
+pub(super) enum Chunk {
+    /// The payload as sent (a raw chunk).
+    AsSent,
+    /// The chunk decompressed into this buffer (exactly its raw length),
+    /// lent out until [`Unpacker::give_back`].
+    Decompressed(Vec<u8>),
+}
+
 /// One stream's decompression state and buffers.
 pub(super) struct Unpacker {
     /// XXH3 of the raw DATA payload being received, taken read by read
@@ -46,13 +56,22 @@ impl Unpacker {
         self.hot_digest.update(bytes);
     }
 
-    /// The chunk's raw bytes, checked.
-    pub(super) fn unpack<'a>(
-        &'a mut self,
-        data: &'a Data,
+    /// A decompression buffer lent out in [`Chunk::Decompressed`] comes
+    /// back for the next chunk.
+    pub(super) fn give_back(&mut self, buf: Vec<u8>) {
+        if buf.capacity() > self.raw.capacity() {
+            self.raw = buf;
+        }
+    }
+
+    /// The chunk's raw bytes, checked: nothing is returned for a chunk
+    /// whose digest does not match.
+    pub(super) fn unpack(
+        &mut self,
+        data: &Data,
         features: Features,
         chunk_size_bytes: u32,
-    ) -> Result<&'a [u8], UnpackError> {
+    ) -> Result<Chunk, UnpackError> {
         let head = &data.head;
         let raw_len = head.raw_len_bytes as usize;
         let refuse = |code, message: String| UnpackError::Refuse(Refusal::new(code, message));
@@ -123,6 +142,9 @@ impl Unpacker {
                 ),
             )));
         }
-        Ok(raw)
+        Ok(match head.codec {
+            Codec::None => Chunk::AsSent,
+            _ => Chunk::Decompressed(std::mem::take(&mut self.raw)),
+        })
     }
 }
