@@ -34,8 +34,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Copy a disk: SRC and DST are NBD URIs, raw files, block devices, or
-    /// images in another format (qcow2, vmdk, vhdx, …) opened through qemu-nbd.
+    /// Copy a disk, or with --job every disk of a VM at once: SRC and DST are
+    /// NBD URIs, raw files, block devices, or images in another format
+    /// (qcow2, vmdk, vhdx, …) opened through qemu-nbd.
     Copy(CopyArgs),
     /// Replicate SRC to a `diskferry serve` receiver over several TLS 1.3 streams.
     Send(SendArgs),

@@ -28,8 +28,9 @@ pub use job::{DiskProgress, JobHandle, JobPhase, JobProgress, JobReport, JobSpec
 /// The memory budget when none is given: 256 MiB of buffers.
 pub const MEMORY_DEFAULT_BYTES: u64 = 256 << 20;
 
-/// Ops one worker's engine keeps in flight at most, over all its contexts.
-pub const OPS_PER_WORKER: usize = 8192;
+/// Ops one worker's contexts keep in flight at most, together (the
+/// worker's doorbell is one more: its ring has 4096 entries).
+pub const OPS_PER_WORKER: usize = 4095;
 
 /// How the engine is started.
 #[derive(Debug, Clone)]
