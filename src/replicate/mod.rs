@@ -6,13 +6,12 @@
 //! Sender: [`send`] the coordinator and per-stream sender threads,
 //! [`stream`] one TLS / TCP stream and frame I/O.
 //! Receiver: [`receive`] (accept loop, per-stream state machine and its I/O
-//! loop, jobs, limits); `target` the receiver's target names, opening and I/O.
+//! loop, jobs, limits, and `receive::target`: target names, opening and I/O).
 
 pub mod receive;
 pub mod send;
 mod source;
 pub mod stream;
-mod target;
 
 /// Random bytes from the kernel; should that fail, a hash of the clock and
 /// the process id (unique enough for ids, never for keys).

@@ -27,9 +27,9 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::registry::unix_now;
+use super::target::Target;
 use super::written::RangeCapError;
 use crate::journal::{Checkpointer, Journal, JournalStore, RangeSet};
-use crate::replicate::target::Target;
 use crate::sync::lock;
 use crate::wire::{ErrorCode, Hello};
 

@@ -8,7 +8,7 @@
 //! * `unpack`: DATA checks and decompression; `written`: a stream's written
 //!   ranges and when they are flushed; `verify`: the read-back pass.
 //! * `job` and `registry`: the jobs in progress, their journals and targets
-//!   (targets themselves are opened and written by `replicate::target`).
+//!   (targets themselves are named, opened and written by `target`).
 //! * [`limits`]: the caps on peers; `transport`: the TLS / TCP byte stream.
 
 mod conn;
@@ -20,6 +20,7 @@ pub mod limits;
 mod registry;
 pub mod serve;
 mod session;
+mod target;
 mod timers;
 mod transport;
 mod unpack;

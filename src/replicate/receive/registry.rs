@@ -17,8 +17,8 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::job::{Job, JobStart, JournalPolicy, Refusal, check_same_job, job_id_hex};
+use super::target::{Opened, Target, TargetError, TargetKey, Targets};
 use crate::journal::{self, Decision, Journal, RangeSet, RefuseReason, ResumeRequest};
-use crate::replicate::target::{Opened, Target, TargetError, TargetKey, Targets};
 use crate::sync::lock;
 use crate::wire::{ErrorCode, Hello};
 

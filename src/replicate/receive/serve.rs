@@ -26,11 +26,11 @@ use tracing::{debug, info, warn};
 use super::conn::{ConnContext, serve_connection};
 use super::job::{JournalPolicy, Registry};
 use super::limits::{HandshakeGate, HandshakeSlot, PeerLimits, RateLimitedLog};
+pub use super::target::TARGET_MODE_DEFAULT;
+use super::target::Targets;
 use super::transport::{POLL_INTERVAL_MS, Transport, is_timeout};
 use crate::journal::JournalStore;
 use crate::net::{self, NetError, Role, SocketTuning, TlsDir, TlsError};
-pub use crate::replicate::target::TARGET_MODE_DEFAULT;
-use crate::replicate::target::Targets;
 use crate::sync::lock;
 
 /// Most connections served at once; more are closed on accept.

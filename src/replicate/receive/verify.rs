@@ -15,7 +15,7 @@ use std::time::Instant;
 use tracing::info;
 
 use super::job::{Job, Refusal};
-use crate::replicate::target::TargetKey;
+use super::target::TargetKey;
 use crate::sync::lock;
 use crate::wire::{ErrorCode, ImageDigestStream, WireError};
 

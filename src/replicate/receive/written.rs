@@ -40,7 +40,7 @@ pub(super) struct Written {
     /// When this stream last flushed (at a BARRIER or on its own).
     last_settle: Instant,
     /// The flush that covers this stream's writes so far (a number from
-    /// [`crate::replicate::target::Target::sync_point`]).
+    /// [`super::target::Target::sync_point`]).
     sync_need: u64,
     /// Cap on each set here, and on the job's durable set.
     max_ranges_per_job: usize,
