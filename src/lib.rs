@@ -6,6 +6,9 @@
 //! * [`endpoint`] — what a SRC / DST string means: NBD URIs, files, block
 //!   devices, images opened through a qemu-nbd child.
 //! * [`pipeline`] — extent planner, zero detection, buffer pool, workers.
+//! * [`runtime`]  — the long-lived engine: pinned workers shared by every
+//!   job, the memory budget, jobs as handles.
+//! * [`jobfile`]  — the job file (a VM's disks, TOML), sans-IO.
 //! * [`plan`]     — pass plans of incremental replication (dirty bitmaps,
 //!   changed-areas lists); building blocks not yet used by `send`.
 //! * [`progress`] — progress bar and newline-delimited JSON events.
@@ -21,6 +24,7 @@ pub mod cli;
 pub mod compress;
 pub mod endpoint;
 pub mod engine;
+pub mod jobfile;
 pub mod journal;
 pub mod nbd;
 pub mod net;
@@ -28,6 +32,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod progress;
 pub mod replicate;
+pub mod runtime;
 pub mod size;
 pub mod sync;
 pub mod wire;

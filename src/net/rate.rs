@@ -170,6 +170,28 @@ impl RateLimiter {
         }
     }
 
+    /// Take `n_bytes` now if the bucket allows it (the same rule as
+    /// [`RateLimiter::acquire`]: enough tokens for `n_bytes` or a whole
+    /// burst, the balance may go below zero); otherwise take nothing and
+    /// say how long to wait before asking again. For threads that must not
+    /// sleep here (a worker polls its engine meanwhile).
+    pub fn try_acquire(&self, n_bytes: u64) -> Result<(), Duration> {
+        let mut bucket = self.lock();
+        if bucket.rate_bytes_per_s == 0 {
+            return Ok(());
+        }
+        bucket.refill(Instant::now());
+        let needed_bytes = n_bytes.min(bucket.burst_bytes) as f64;
+        if bucket.tokens_bytes >= needed_bytes {
+            bucket.tokens_bytes -= n_bytes as f64;
+            return Ok(());
+        }
+        let missing_bytes = needed_bytes - bucket.tokens_bytes;
+        Err(Duration::from_secs_f64(
+            missing_bytes / bucket.rate_bytes_per_s as f64,
+        ))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Bucket> {
         crate::sync::lock(&self.state)
     }
@@ -209,5 +231,16 @@ mod tests {
         // Debt of 192 KiB at 1 MB/s is about 197 ms.
         assert!(waited >= Duration::from_millis(180), "{waited:?}");
         assert!(waited < Duration::from_millis(400), "{waited:?}");
+    }
+
+    #[test]
+    fn try_acquire_takes_or_names_the_wait() {
+        let limiter = RateLimiter::new(1_000_000, 64 * 1024);
+        assert_eq!(limiter.try_acquire(256 * 1024), Ok(()));
+        let wait = limiter.try_acquire(1).unwrap_err();
+        // 192 KiB of debt plus one byte at 1 MB/s.
+        assert!(wait >= Duration::from_millis(180), "{wait:?}");
+        assert!(wait < Duration::from_millis(220), "{wait:?}");
+        assert_eq!(RateLimiter::unlimited().try_acquire(1 << 40), Ok(()));
     }
 }

@@ -1,6 +1,8 @@
-//! The coordinator of `diskferry copy`: opens both ends, starts the planner
-//! and one pinned worker per core, reports progress from the control
-//! thread, and flushes the target before reporting success.
+//! The coordinator of one disk of a copy job (it runs on the job's `disk-N`
+//! thread, see [`crate::runtime::job`]): opens both ends, starts the
+//! planner and the disk's contexts on the engine's workers, watches the
+//! I/O timeout and probes the depth, and flushes the target before
+//! reporting success.
 
 #![forbid(unsafe_code)]
 use std::time::{Duration, Instant};
@@ -9,11 +11,12 @@ use super::open::{Access, Source, Target, open_source, open_target};
 use super::probe::{self, DepthProbe};
 use super::retry::READ_RETRIES_MAX;
 use super::run::{DstFiles, DstPlan, Pipeline, PipelineConfig, Requests, TICK};
-use super::stats::Snapshot;
 use super::worker::{DstIo, SrcIo};
 use super::{CopyError, nbd_io::NbdIo};
-use crate::engine::{self, EngineKind};
+use crate::engine::EngineKind;
 use crate::nbd::conn::Cmd;
+use crate::runtime::Engine;
+use crate::runtime::job::DiskHooks;
 
 /// Largest request the NBD protocol lets diskferry use.
 pub const CHUNK_MAX_BYTES: u32 = 32 * 1024 * 1024;
@@ -42,9 +45,8 @@ pub struct CopyOptions {
     /// [`REQUESTS_FAR`], by where the ends are).
     pub requests: Option<u32>,
     pub chunk_bytes: u32,
-    /// Worker threads (default: online CPUs).
+    /// Most of the engine's workers this disk runs on (default: all).
     pub threads: Option<u32>,
-    pub engine: Option<EngineKind>,
     pub write_mode: super::open::WriteMode,
     /// Retries of a source read that failed with an error that may pass
     /// (`--read-retries`, 0..=[`READ_RETRIES_MAX`]).
@@ -88,35 +90,42 @@ pub struct CopyReport {
     pub lanes: u32,
 }
 
-/// Called about every `interval` with the counters, and once at the start.
-pub type ProgressFn<'a> = &'a mut dyn FnMut(&Snapshot, Duration);
+impl CopyOptions {
+    /// Refuse options out of range, before anything is opened.
+    pub fn check(&self) -> Result<(), CopyError> {
+        if self.chunk_bytes < 4096
+            || self.chunk_bytes > CHUNK_MAX_BYTES
+            || !self.chunk_bytes.is_power_of_two()
+        {
+            return Err(CopyError::Usage(format!(
+                "--chunk-size must be a power of two between 4KiB and 32MiB, not {}",
+                self.chunk_bytes
+            )));
+        }
+        Requests::check_flags(self.connections, self.requests, self.lanes)?;
+        if self.read_retries > READ_RETRIES_MAX {
+            return Err(CopyError::Usage(format!(
+                "--read-retries must be 0..={READ_RETRIES_MAX}, not {}",
+                self.read_retries
+            )));
+        }
+        if self.io_timeout.is_zero() {
+            return Err(CopyError::Usage("--io-timeout must be more than 0".into()));
+        }
+        Ok(())
+    }
+}
 
-/// Run a copy to completion (target flushed) or to its first error.
-pub fn run(opts: &CopyOptions, progress: ProgressFn<'_>) -> Result<CopyReport, CopyError> {
-    if opts.chunk_bytes < 4096
-        || opts.chunk_bytes > CHUNK_MAX_BYTES
-        || !opts.chunk_bytes.is_power_of_two()
-    {
-        return Err(CopyError::Usage(format!(
-            "--chunk-size must be a power of two between 4KiB and 32MiB, not {}",
-            opts.chunk_bytes
-        )));
-    }
-    Requests::check_flags(opts.connections, opts.requests, opts.lanes)?;
-    if opts.read_retries > READ_RETRIES_MAX {
-        return Err(CopyError::Usage(format!(
-            "--read-retries must be 0..={READ_RETRIES_MAX}, not {}",
-            opts.read_retries
-        )));
-    }
+/// Copy one disk on `engine` to completion (target flushed), to its first
+/// error, or to a cancel (what was written is flushed, then
+/// [`CopyError::Cancelled`]).
+pub(crate) fn run_disk(
+    engine: &Engine,
+    opts: &CopyOptions,
+    hooks: &DiskHooks<'_>,
+) -> Result<CopyReport, CopyError> {
+    opts.check()?;
     let started = Instant::now();
-    let (kind, why) = engine::choose(opts.engine).map_err(CopyError::Engine)?;
-    if let Some(why) = why {
-        tracing::warn!("{why}");
-    }
-    if opts.io_timeout.is_zero() {
-        return Err(CopyError::Usage("--io-timeout must be more than 0".into()));
-    }
     let source = open_source(
         &opts.source,
         opts.source_format,
@@ -137,10 +146,10 @@ pub fn run(opts: &CopyOptions, progress: ProgressFn<'_>) -> Result<CopyReport, C
         size_bytes = source.size_bytes,
         data_bytes = source.extents.data_bytes(),
         data_extents = source.extents.len(),
-        engine = %kind,
+        engine = %engine.kind(),
         "copy starting"
     );
-    run_opened(opts, kind, source, target, started, progress)
+    run_opened(engine, opts, source, target, started, hooks)
 }
 
 fn conns_of(access: &Access) -> Option<usize> {
@@ -151,19 +160,18 @@ fn conns_of(access: &Access) -> Option<usize> {
 }
 
 fn run_opened(
+    engine: &Engine,
     opts: &CopyOptions,
-    kind: EngineKind,
     source: Source,
     target: Target,
     started: Instant,
-    progress: ProgressFn<'_>,
+    hooks: &DiskHooks<'_>,
 ) -> Result<CopyReport, CopyError> {
     let cfg = PipelineConfig {
         threads: opts.threads,
         connections: opts.connections,
         requests: Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
         chunk_bytes: opts.chunk_bytes,
-        kind,
         spans: None,
         read_retries: opts.read_retries,
         lanes: opts.lanes,
@@ -187,6 +195,8 @@ fn run_opened(
     } = target;
     let file_target = matches!(dst_access, Access::File { .. });
     let mut pipe = Pipeline::start(
+        engine,
+        std::sync::Arc::clone(hooks.control()),
         &cfg,
         src_access,
         extents,
@@ -196,8 +206,7 @@ fn run_opened(
             fresh_zero,
         },
     )?;
-    let report_every = Duration::from_secs(1);
-    let mut last_report = Instant::now();
+    hooks.started(pipe.shared());
     // `--requests N` fixes the depth. Otherwise probe whether a deeper
     // queue moves more: into a file, measured as bytes that reached the
     // target's storage, not the page cache. Where the target shares the
@@ -207,28 +216,33 @@ fn run_opened(
     // (docs/benchmarks.md, session 7).
     let mut probe =
         matches!(cfg.requests, Requests::Auto { .. }).then(|| ProbeClock::new(file_target));
-    progress(&pipe.shared().stats.snapshot(), started.elapsed());
     while !pipe.wait_finished(TICK) {
         pipe.tick();
         if let Some(p) = &mut probe {
             p.tick(pipe.shared());
         }
-        if last_report.elapsed() >= report_every {
-            progress(&pipe.shared().stats.snapshot(), started.elapsed());
-            last_report = Instant::now();
-        }
     }
     let workers = pipe.workers();
+    let kind = pipe.kind();
     let requests_per_connection = pipe.requests();
     let shared = pipe.shared().clone();
     let mut joined = pipe.join();
-    let snap = joined.result?;
+    hooks.flushing(shared.stats.snapshot());
+    let snap = match joined.result {
+        Ok(snap) => snap,
+        Err(CopyError::Cancelled) => {
+            // Keep what was written: flush it before saying so.
+            flush_target(&joined.keep.dst_files, &mut joined.dst_back)?;
+            disconnect(&mut joined.src_back, &mut joined.dst_back);
+            return Err(CopyError::Cancelled);
+        }
+        Err(e) => return Err(e),
+    };
     flush_target(&joined.keep.dst_files, &mut joined.dst_back)?;
     disconnect(&mut joined.src_back, &mut joined.dst_back);
     drop(joined.keep);
     drop(dst_child);
     drop(src_child);
-    progress(&snap, started.elapsed());
     Ok(CopyReport {
         source: src_display,
         target: dst_display,

@@ -9,6 +9,7 @@
 //! * [`silence`]: the NBD I/O timeout (a silent server fails the job).
 //! * [`exits`]: waking a control loop as soon as a group of threads stopped.
 //! * [`probe`]: deepening every worker's queue while that reads faster.
+//! * [`control`]: pause, cancel and rate of a job, set by its handle.
 //! * [`copy`]: the coordinator behind `diskferry copy`.
 //! * [`open`]: turning SRC / DST into open sources and targets.
 
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 
+pub mod control;
 pub mod copy;
 pub mod depth;
 pub mod exits;
@@ -25,12 +27,15 @@ pub mod maps;
 pub mod nbd_io;
 pub mod open;
 pub mod plan;
+mod planner;
 pub mod pool;
 pub mod probe;
+pub mod requests;
 pub mod retry;
 pub mod run;
 pub mod silence;
 pub mod sink;
+mod split;
 pub mod stats;
 pub mod worker;
 pub mod zero;
@@ -59,6 +64,9 @@ pub enum CopyError {
     /// command resumes.
     #[error("{0}; the job is resumable: run the same command again to continue")]
     Interrupted(String),
+    /// The job's owner cancelled it; what was written was flushed.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl CopyError {
@@ -83,11 +91,14 @@ pub struct Shared {
     /// Multiple of every worker's window, set by the control thread's
     /// [`probe::DepthProbe`] (1 when it does not run).
     pub depth_scale: std::sync::atomic::AtomicUsize,
+    /// Pause and rate, set by the job's owner.
+    pub control: std::sync::Arc<control::JobControl>,
 }
 
 impl Shared {
-    pub fn new(queue_len: usize) -> Self {
+    pub fn new(queue_len: usize, control: std::sync::Arc<control::JobControl>) -> Self {
         Self {
+            control,
             queue: ArrayQueue::new(queue_len.max(1)),
             planner_done: AtomicBool::new(false),
             abort: AtomicBool::new(false),

@@ -21,6 +21,117 @@ pub struct BufferPool {
     total_bytes: usize,
     slot_bytes: usize,
     slots: usize,
+    /// Who gives the memory back when the pool is dropped.
+    owner: Owner,
+}
+
+/// Where a pool's memory comes from.
+enum Owner {
+    /// Its own mapping, unmapped on drop.
+    Mapping,
+    /// A part of an [`Arena`]; the value's drop gives the part back.
+    Lent(#[allow(dead_code)] Box<dyn Send + Sync>),
+}
+
+/// One anonymous mapping made once (the engine's memory budget), from which
+/// jobs take [`BufferPool`]s. The mapping lives until the arena and every
+/// pool taken from it are dropped; what a pool gives back is reused by
+/// later pools (its pages stay resident, so the process never holds more
+/// than the arena's size in buffers).
+pub struct Arena {
+    base: NonNull<u8>,
+    total_bytes: usize,
+}
+
+// SAFETY: the arena is a plain mapping; its bytes are reached only through
+// pools made from disjoint ranges of it (see `Arena::pool`).
+unsafe impl Send for Arena {}
+// SAFETY: as above.
+unsafe impl Sync for Arena {}
+
+impl Arena {
+    /// Map `total_bytes` (rounded up to whole slots of 4 KiB).
+    pub fn new(total_bytes: usize) -> std::io::Result<Self> {
+        let total = total_bytes.div_ceil(SLOT_ALIGN_BYTES).max(1) * SLOT_ALIGN_BYTES;
+        let base = map_anonymous(total)?;
+        Ok(Self {
+            base,
+            total_bytes: total,
+        })
+    }
+
+    /// Size of the arena.
+    pub fn total_bytes(&self) -> usize {
+        self.total_bytes
+    }
+
+    /// A pool of `slots × slot_bytes` over bytes `offset..` of the arena.
+    /// `release` is dropped with the pool: it must keep the arena alive and
+    /// give the range back. The caller hands out each range to one pool
+    /// at a time.
+    pub fn pool(
+        &self,
+        offset: usize,
+        slots: usize,
+        slot_bytes: usize,
+        release: Box<dyn Send + Sync>,
+    ) -> std::io::Result<BufferPool> {
+        let end = slots
+            .checked_mul(slot_bytes)
+            .and_then(|n| n.checked_add(offset))
+            .filter(|&e| e <= self.total_bytes && slots > 0);
+        if end.is_none()
+            || !offset.is_multiple_of(SLOT_ALIGN_BYTES)
+            || !slot_bytes.is_multiple_of(SLOT_ALIGN_BYTES)
+        {
+            return Err(std::io::Error::other("pool range outside the arena"));
+        }
+        // SAFETY: offset + slots × slot_bytes <= total_bytes (checked above),
+        // so the pointer stays inside the mapping.
+        let base = unsafe { self.base.as_ptr().add(offset) };
+        Ok(BufferPool {
+            base: NonNull::new(base).ok_or_else(|| std::io::Error::other("null arena"))?,
+            total_bytes: slots * slot_bytes,
+            slot_bytes,
+            slots,
+            owner: Owner::Lent(release),
+        })
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: mapped in new() with this address and length; every pool
+        // taken from the arena holds (through its release value) an owner
+        // of the arena, so none outlives it.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.total_bytes) };
+    }
+}
+
+/// A fresh private anonymous mapping of `total` (> 0) bytes.
+fn map_anonymous(total: usize) -> std::io::Result<NonNull<u8>> {
+    // SAFETY: a fresh private anonymous mapping (no address hint, no
+    // fd); `total` is non-zero (callers check). The result is checked
+    // against MAP_FAILED before use.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::OutOfMemory,
+            format!("cannot allocate a {total}-byte buffer pool: {e}"),
+        ));
+    }
+    NonNull::new(ptr.cast::<u8>())
+        .ok_or_else(|| std::io::Error::other("mmap returned a null buffer pool"))
 }
 
 // SAFETY: the pool is a plain heap allocation; access to its bytes goes
@@ -37,34 +148,19 @@ impl BufferPool {
             .checked_mul(slot_bytes)
             .filter(|&t| t > 0)
             .ok_or_else(|| std::io::Error::other("buffer pool size is zero or overflows"))?;
-        // SAFETY: a fresh private anonymous mapping (no address hint, no
-        // fd); `total` is non-zero (checked above). The result is checked
-        // against MAP_FAILED before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                total,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::OutOfMemory,
-                format!("cannot allocate a {total}-byte buffer pool: {e}"),
-            ));
-        }
-        let base = NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| std::io::Error::other("mmap returned a null buffer pool"))?;
+        let base = map_anonymous(total)?;
         Ok(Self {
             base,
             total_bytes: total,
             slot_bytes,
             slots,
+            owner: Owner::Mapping,
         })
+    }
+
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.slots
     }
 
     /// Bytes per slot.
@@ -95,6 +191,10 @@ impl BufferPool {
 
 impl Drop for BufferPool {
     fn drop(&mut self) {
+        if matches!(self.owner, Owner::Lent(_)) {
+            // The arena's range: given back when `owner` drops.
+            return;
+        }
         // SAFETY: mapped in new() with exactly this address and length;
         // shares borrow `&mut self` only to be created and the job joins
         // every worker before dropping the pool, so no share (and no

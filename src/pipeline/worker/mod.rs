@@ -26,10 +26,13 @@ use super::sink::{Sink, SinkChunk, SinkRun};
 use super::stats::Stats;
 use super::zero::{self, Run};
 use super::{CopyError, Shared};
+use step::Stage;
+pub use step::Step;
 
 mod lend;
 mod nbd;
 mod read;
+mod step;
 mod write;
 
 /// The source as a worker sees it.
@@ -122,9 +125,9 @@ const TAG_WB_START: u64 = 10;
 const TAG_WB_WAIT: u64 = 11;
 /// Ranges whose writeback runs ahead before the oldest is waited for.
 const WRITEBACK_WINDOW: usize = 8;
-/// Longest the worker sleeps, while a read waits for its retry, before it
-/// looks at its engine and the work queue again.
-const RETRY_POLL_MAX: Duration = Duration::from_millis(1);
+/// Longest a worker thread sleeps, while a read waits for its retry, before
+/// it looks at its engine and the work queues again.
+pub const RETRY_POLL_MAX: Duration = Duration::from_millis(1);
 const SUBOP_BITS: u32 = 24;
 
 fn ud(tag: u64, slot: usize, subop: usize) -> u64 {
@@ -190,7 +193,6 @@ pub struct Worker {
     slots: Vec<Slot>,
     rr_src: usize,
     rr_dst: usize,
-    completions: Vec<Completion>,
     events: Vec<ReplyEvent>,
     buffered_in_flight: bool,
     buffered_queue: std::collections::VecDeque<(usize, usize)>,
@@ -207,6 +209,14 @@ pub struct Worker {
     depth: DepthCtl,
     /// The largest window used, with the control thread's scale.
     window_peak: usize,
+    /// A work item taken from the queue that waits for the rate budget.
+    held: Option<Work>,
+    /// When the rate budget allows the held item.
+    rate_wait: Option<Instant>,
+    stage: Stage,
+    /// The drain failed and the sockets were shut down: only wait for
+    /// what is in flight.
+    drain_broken: bool,
 }
 
 impl Worker {
@@ -241,7 +251,6 @@ impl Worker {
             slots,
             rr_src: 0,
             rr_dst: 0,
-            completions: Vec::with_capacity(256),
             events: Vec::new(),
             buffered_in_flight: false,
             buffered_queue: std::collections::VecDeque::new(),
@@ -251,128 +260,19 @@ impl Worker {
             retries_due: Vec::new(),
             depth,
             window_peak: 0,
+            held: None,
+            rate_wait: None,
+            stage: Stage::Running,
+            drain_broken: false,
         }
-    }
-
-    /// Run until the queue is drained (or the job aborts); returns the
-    /// connections so the caller can flush and disconnect them.
-    pub fn run(mut self) -> (SrcIo, DstIo) {
-        if let Err(e) = self.event_loop() {
-            self.shared.fail(e);
-        }
-        self.shared
-            .depth_peak
-            .fetch_add(self.window_peak, std::sync::atomic::Ordering::Relaxed);
-        if self.shared.aborted() {
-            // Let the servers answer what was asked (some servers misbehave
-            // when a client vanishes with requests outstanding), then close.
-            if self.drain().is_err() {
-                self.shutdown_sockets();
-            }
-        }
-        // Never drop buffers the kernel still owns.
-        while self.engine.in_flight() > 0 {
-            self.completions.clear();
-            if self.engine.wait(1, &mut self.completions).is_err() {
-                break;
-            }
-        }
-        (self.src, self.dst)
-    }
-
-    fn event_loop(&mut self) -> Result<(), CopyError> {
-        let mut idle_spins = 0u32;
-        loop {
-            if self.shared.aborted() {
-                return Ok(());
-            }
-            self.fill_slots()?;
-            self.issue_due_retries()?;
-            self.kick_sockets()?;
-            if self.engine.in_flight() == 0 {
-                let all_idle = self.slots.iter().all(|s| s.phase == Phase::Idle);
-                if all_idle && self.shared.planner_done() && self.shared.queue.is_empty() {
-                    return Ok(());
-                }
-                if all_idle {
-                    // Waiting for the planner: back off gently.
-                    idle_spins = idle_spins.saturating_add(1);
-                    if idle_spins > 64 {
-                        std::thread::sleep(std::time::Duration::from_micros(50));
-                    } else {
-                        std::thread::yield_now();
-                    }
-                    continue;
-                }
-                if !self.retries.is_empty() {
-                    self.sleep_until_retry();
-                    continue;
-                }
-                return Err(CopyError::Internal(format!(
-                    "worker {} stalled: busy slots but no I/O in flight",
-                    self.cfg.index
-                )));
-            }
-            idle_spins = 0;
-            self.completions.clear();
-            let mut done = std::mem::take(&mut self.completions);
-            // With a retry scheduled, poll the engine instead of blocking in
-            // it, so the retry goes out on time even if nothing completes.
-            let min_complete = usize::from(self.retries.is_empty());
-            self.engine
-                .wait(min_complete, &mut done)
-                .map_err(|e| CopyError::Engine(e.to_string()))?;
-            if done.is_empty() {
-                self.completions = done;
-                self.sleep_until_retry();
-                continue;
-            }
-            let first_err = self.complete_all(&done);
-            self.completions = done;
-            if let Some(e) = first_err {
-                return Err(e);
-            }
-        }
-    }
-
-    /// After an abort: finish outstanding NBD requests without starting
-    /// anything new. Any error ends the drain (the caller closes sockets;
-    /// the coordinator also shuts them down if this takes too long).
-    fn drain(&mut self) -> Result<(), CopyError> {
-        loop {
-            self.kick_sockets()?;
-            if self.engine.in_flight() == 0 {
-                return Ok(());
-            }
-            self.completions.clear();
-            let mut done = std::mem::take(&mut self.completions);
-            self.engine.wait(1, &mut done).map_err(engine_err)?;
-            if let Some(e) = self.complete_all(&done) {
-                tracing::debug!("while draining: {e}");
-            }
-            self.completions = done;
-        }
-    }
-
-    /// Handle every completion of a batch, even after one fails (dropping
-    /// the others would lose track of ops and of connections' receive
-    /// state); the first error fails the job at once and is returned.
-    fn complete_all(&mut self, done: &[Completion]) -> Option<CopyError> {
-        let mut first = None;
-        for c in done {
-            if let Err(e) = self.on_completion(*c) {
-                if first.is_none() {
-                    self.shared.abort_now();
-                    first = Some(e);
-                } else {
-                    tracing::debug!("after the first error: {e}");
-                }
-            }
-        }
-        first
     }
 
     fn fill_slots(&mut self) -> Result<(), CopyError> {
+        if self.shared.control.is_paused() {
+            // A held item waits for the resume, not for the rate budget.
+            self.rate_wait = None;
+            return Ok(());
+        }
         let mut busy = self.slots.iter().filter(|s| s.phase != Phase::Idle).count();
         let scale = self
             .shared
@@ -380,6 +280,7 @@ impl Worker {
             .load(std::sync::atomic::Ordering::Relaxed);
         let window = (self.depth.window() * scale.max(1)).min(self.slots.len());
         self.window_peak = self.window_peak.max(window);
+        self.rate_wait = None;
         // Lowest slots first: a shallow window keeps reusing the same,
         // cache-warm buffers.
         for slot in 0..self.slots.len() {
@@ -390,12 +291,32 @@ impl Worker {
                 continue;
             }
             busy += 1;
-            let Some(work) = self.shared.queue.pop() else {
+            let Some(work) = self.held.take().or_else(|| self.shared.queue.pop()) else {
                 break;
             };
+            if let Err(wait) = self.charge_rate(&work) {
+                self.held = Some(work);
+                self.rate_wait = Some(Instant::now() + wait);
+                break;
+            }
             self.start(slot, work)?;
         }
         Ok(())
+    }
+
+    /// Take the bytes a window will read from the job's rate budget.
+    fn charge_rate(&self, work: &Work) -> Result<(), Duration> {
+        let control = &self.shared.control;
+        if !control.is_rate_capped() {
+            return Ok(());
+        }
+        match work {
+            Work::Copy { data, .. } => {
+                let bytes = data.iter().map(|&(_, l)| u64::from(l)).sum();
+                control.rate().try_acquire(bytes)
+            }
+            Work::Zero { .. } => Ok(()),
+        }
     }
 
     fn start(&mut self, slot: usize, work: Work) -> Result<(), CopyError> {
@@ -573,6 +494,10 @@ fn pick_conn<'a>(is_src: bool, src: &'a mut SrcIo, dst: &'a mut DstIo, i: usize)
 }
 
 fn engine_err(e: std::io::Error) -> CopyError {
+    engine_err_ref(&e)
+}
+
+pub(super) fn engine_err_ref(e: &std::io::Error) -> CopyError {
     CopyError::Engine(e.to_string())
 }
 

@@ -25,16 +25,6 @@ impl Worker {
         out
     }
 
-    /// Nothing to do but wait for a scheduled retry: sleep until it is due,
-    /// but never longer than [`RETRY_POLL_MAX`], so completions and new
-    /// work are still picked up promptly.
-    pub(super) fn sleep_until_retry(&self) {
-        if let Some(at) = self.retries.next_at() {
-            let left = at.saturating_duration_since(Instant::now());
-            std::thread::sleep(left.min(RETRY_POLL_MAX));
-        }
-    }
-
     /// A read of sub-op `sub` of `slot` failed with `cause` (worded for a
     /// message: "the NBD server answered EIO (…)"). If the error may pass
     /// (`transient`) and retries are left, schedule the read again after

@@ -39,12 +39,14 @@ use crate::journal::RangeSet;
 use crate::net::rate::RateLimiter;
 use crate::net::socket::SocketTuning;
 use crate::pipeline::CopyError;
+use crate::pipeline::control::JobControl;
 use crate::pipeline::exits::Exits;
 use crate::pipeline::open::open_source;
 use crate::pipeline::plan::whole_windows;
 use crate::pipeline::run::{DstPlan, Pipeline, PipelineConfig, Requests, TICK};
 use crate::pipeline::sink::{Sink, SinkChunk};
 use crate::pipeline::stats::{Snapshot, Stats};
+use crate::runtime::{Engine, EngineOptions};
 use crate::wire::{
     self, ByteRange, DataHead, ErrorCode, Features, Frame, FrameDecoder, Hello, HelloFlags,
     ImageDigest,
@@ -379,10 +381,16 @@ pub fn run(
         )));
     }
     Requests::check_flags(opts.connections, opts.requests, opts.lanes)?;
-    let (kind, why) = engine::choose(opts.engine).map_err(CopyError::Engine)?;
-    if let Some(why) = why {
-        tracing::warn!("{why}");
-    }
+    // This job's own engine, for now (send jobs on a shared engine come
+    // next); the job runs on every worker or, from a server on this host,
+    // half of them (see `Pipeline::start`).
+    let runtime = Engine::start(&EngineOptions {
+        threads: opts.threads,
+        kind: opts.engine,
+        ..EngineOptions::default()
+    })?;
+    let kind = runtime.kind();
+    let control = Arc::new(JobControl::default());
     let tuning = SocketTuning::default();
     let dialer =
         Dialer::new(&opts.to, opts.tls_dir.as_deref(), tuning).map_err(CopyError::Usage)?;
@@ -517,7 +525,6 @@ pub fn run(
             connections: opts.connections.max(opts.streams),
             requests: Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
             chunk_bytes: opts.chunk_bytes,
-            kind,
             spans: (covered_before > 0).then_some(spans),
             read_retries: crate::pipeline::retry::READ_RETRIES_DEFAULT,
             lanes: opts.lanes,
@@ -525,6 +532,8 @@ pub fn run(
         };
         let child = src.child;
         let mut pipe = Pipeline::start(
+            &runtime,
+            Arc::clone(&control),
             &cfg,
             src.access,
             src.extents,

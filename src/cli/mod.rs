@@ -4,15 +4,19 @@
 //! (unreadable, bad URI, server error); 4 the target failed (unwritable,
 //! too small, flush failed); 5 internal or engine error; 6 a `send` that
 //! stopped (receiver unreachable for `--retry-for`) but can be resumed by
-//! running it again.
+//! running it again, or a job cancelled through its handle.
 
 #![forbid(unsafe_code)]
 use clap::{Parser, Subcommand};
 
 use crate::engine::EngineKind;
 use crate::pipeline::CopyError;
-use crate::pipeline::copy::{self, CopyOptions};
 use crate::progress::Progress;
+
+mod copy;
+mod copy_job;
+pub use copy::CopyArgs;
+use copy::run_copy;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,8 +34,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Copy a disk: SRC and DST are NBD URIs, raw files, block devices, or
-    /// images in another format (qcow2, vmdk, vhdx, …) opened through qemu-nbd.
+    /// Copy a disk, or with --job every disk of a VM at once: SRC and DST are
+    /// NBD URIs, raw files, block devices, or images in another format
+    /// (qcow2, vmdk, vhdx, …) opened through qemu-nbd.
     Copy(CopyArgs),
     /// Replicate SRC to a `diskferry serve` receiver over several TLS 1.3 streams.
     Send(SendArgs),
@@ -201,63 +206,7 @@ pub struct SendArgs {
     pub no_progress: bool,
 }
 
-#[derive(clap::Args, Debug)]
-pub struct CopyArgs {
-    /// Source: nbd://host[:port]/export, nbd+unix:///export?socket=PATH, a file, a block device or an image.
-    pub src: String,
-    /// Target: as SRC; a missing file is created (its extension picks the format, raw otherwise).
-    pub dst: String,
-    /// The source file's image format (default: the one its extension
-    /// names — .qcow2, .vmdk, .vhdx, .vdi, .vhd/.vpc, .qed — else raw; a
-    /// file's contents never choose it).
-    #[arg(long, value_enum)]
-    pub src_format: Option<crate::endpoint::ImageFormat>,
-    /// The target file's image format (default: as for --src-format).
-    #[arg(long, value_enum)]
-    pub dst_format: Option<crate::endpoint::ImageFormat>,
-    /// NBD connections per side, when the server allows several (multi-conn).
-    #[arg(long, default_value_t = 4)]
-    pub connections: u32,
-    /// Requests in flight per connection (default: 2 when both ends are on
-    /// this host — files, Unix sockets, loopback addresses — deepening if
-    /// the source proves slow or a deeper queue moves more; 64 across a
-    /// network). Sets a fixed depth.
-    #[arg(long)]
-    pub requests: Option<u32>,
-    /// Bytes per request (power of two, 4KiB..32MiB; k/M suffixes are binary).
-    #[arg(long, default_value = "256k", value_parser = parse_chunk)]
-    pub chunk_size: u32,
-    /// Worker threads (default: one per online CPU).
-    #[arg(long)]
-    pub threads: Option<u32>,
-    /// I/O engine (default: io_uring when the kernel allows it, else threads).
-    #[arg(long, value_enum)]
-    pub io_engine: Option<EngineKind>,
-    /// How file and block-device targets are written: auto (O_DIRECT for
-    /// block devices, page cache with streamed writeback for files), direct, cached.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub write_mode: crate::pipeline::open::WriteMode,
-    /// Regions of the disk copied side by side, one request from each in
-    /// turn, so the requests in flight spread over the disk (1: in
-    /// ascending order).
-    #[arg(long, default_value_t = crate::pipeline::lanes::LANES_DEFAULT)]
-    pub lanes: u32,
-    /// Times a source read that failed with EIO (or a similar error that may pass) is retried, 0..=10.
-    #[arg(long, default_value_t = crate::pipeline::retry::READ_RETRIES_DEFAULT)]
-    pub read_retries: u32,
-    /// Fail when an NBD server leaves a connection attempt, the handshake or
-    /// a request unanswered this long (e.g. 60s, 500ms), instead of waiting forever.
-    #[arg(long, default_value = "60s", value_parser = crate::size::parse_duration)]
-    pub io_timeout: std::time::Duration,
-    /// Print newline-delimited JSON events on stdout instead of a progress bar.
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bar.
-    #[arg(long)]
-    pub no_progress: bool,
-}
-
-fn parse_chunk(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_chunk(s: &str) -> Result<u32, String> {
     let v = crate::size::parse_size(s)?;
     u32::try_from(v).map_err(|_| format!("{s} is too large"))
 }
@@ -275,7 +224,7 @@ pub fn exit_code(e: &CopyError) -> i32 {
             _ => 3,
         },
         CopyError::Engine(_) | CopyError::Internal(_) => 5,
-        CopyError::Interrupted(_) => 6,
+        CopyError::Interrupted(_) | CopyError::Cancelled => 6,
     }
 }
 
@@ -324,36 +273,8 @@ pub fn main() -> i32 {
     }
 }
 
-fn run_copy(a: CopyArgs) -> i32 {
-    let opts = CopyOptions {
-        source: a.src,
-        target: a.dst,
-        source_format: a.src_format,
-        target_format: a.dst_format,
-        connections: a.connections,
-        requests: a.requests,
-        chunk_bytes: a.chunk_size,
-        threads: a.threads,
-        engine: a.io_engine,
-        write_mode: a.write_mode,
-        read_retries: a.read_retries,
-        lanes: a.lanes,
-        io_timeout: a.io_timeout,
-    };
-    let mut progress = Progress::new(a.json, a.no_progress);
-    let result = copy::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {
-        let rate = r.bytes_planned as f64 / r.elapsed_s.max(1e-9) / 1e6;
-        let line = format!(
-            "copied {} data bytes of {} ({} zero/hole bytes skipped) in {:.2}s, {:.0} MB/s, engine {}",
-            r.bytes_written, r.size_bytes, r.bytes_zeroed, r.elapsed_s, rate, r.engine
-        );
-        (done_event(&r), line)
-    });
-    finish(&mut progress, a.json, a.no_progress, result)
-}
-
 /// The `done` event: every field of a job's report, plus `"event": "done"`.
-fn done_event(report: &impl serde::Serialize) -> serde_json::Value {
+pub(crate) fn done_event(report: &impl serde::Serialize) -> serde_json::Value {
     let mut v = serde_json::to_value(report).unwrap_or_else(|_| serde_json::json!({}));
     if let Some(map) = v.as_object_mut() {
         map.insert("event".into(), "done".into());
@@ -363,7 +284,7 @@ fn done_event(report: &impl serde::Serialize) -> serde_json::Value {
 
 /// End a job: the `done` event (JSON) or summary line (terminal), or the
 /// error as one line (and an `error` event); returns the exit code.
-fn finish(
+pub(crate) fn finish(
     progress: &mut Progress,
     json: bool,
     no_progress: bool,

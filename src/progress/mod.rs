@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use crate::pipeline::stats::Snapshot;
 
+pub mod job;
+pub use job::JobView;
+
 /// How progress is shown.
 pub enum Progress {
     /// Nothing (not a terminal, or `--no-progress`).
@@ -55,30 +58,7 @@ impl Progress {
                 last_done,
                 last_elapsed,
             } => {
-                let dt = (elapsed - *last_elapsed).as_secs_f64();
-                let rate = if dt > 0.0 {
-                    (s.bytes_done - *last_done) as f64 / dt
-                } else {
-                    0.0
-                };
-                let avg = if elapsed.as_secs_f64() > 0.0 {
-                    s.bytes_done as f64 / elapsed.as_secs_f64()
-                } else {
-                    0.0
-                };
-                let left = s.bytes_planned.saturating_sub(s.bytes_done) as f64;
-                let eta = if avg > 0.0 { Some(left / avg) } else { None };
-                let line = serde_json::json!({
-                    "event": "progress",
-                    "bytes_planned": s.bytes_planned,
-                    "bytes_done": s.bytes_done,
-                    "bytes_read": s.bytes_read,
-                    "bytes_written": s.bytes_written,
-                    "bytes_zeroed": s.bytes_zeroed,
-                    "rate_bytes_per_s": rate.round(),
-                    "eta_s": eta.map(|e| (e * 10.0).round() / 10.0),
-                    "elapsed_s": elapsed.as_secs_f64(),
-                });
+                let line = progress_event(s, *last_done, *last_elapsed, elapsed);
                 emit_json(&line);
                 *last_done = s.bytes_done;
                 *last_elapsed = elapsed;
@@ -105,4 +85,38 @@ pub fn emit_json(v: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{v}");
     let _ = out.flush();
+}
+
+/// A `progress` event for counters `s` at `elapsed`, the previous event
+/// having seen `last_done` bytes done at `last_elapsed`.
+pub(crate) fn progress_event(
+    s: &Snapshot,
+    last_done: u64,
+    last_elapsed: Duration,
+    elapsed: Duration,
+) -> serde_json::Value {
+    let dt = elapsed.saturating_sub(last_elapsed).as_secs_f64();
+    let rate = if dt > 0.0 {
+        s.bytes_done.saturating_sub(last_done) as f64 / dt
+    } else {
+        0.0
+    };
+    let avg = if elapsed.as_secs_f64() > 0.0 {
+        s.bytes_done as f64 / elapsed.as_secs_f64()
+    } else {
+        0.0
+    };
+    let left = s.bytes_planned.saturating_sub(s.bytes_done) as f64;
+    let eta = if avg > 0.0 { Some(left / avg) } else { None };
+    serde_json::json!({
+        "event": "progress",
+        "bytes_planned": s.bytes_planned,
+        "bytes_done": s.bytes_done,
+        "bytes_read": s.bytes_read,
+        "bytes_written": s.bytes_written,
+        "bytes_zeroed": s.bytes_zeroed,
+        "rate_bytes_per_s": rate.round(),
+        "eta_s": eta.map(|e| (e * 10.0).round() / 10.0),
+        "elapsed_s": elapsed.as_secs_f64(),
+    })
 }
