@@ -99,11 +99,11 @@ impl CopyArgs {
         }
     }
 
-    fn engine_options(&self) -> EngineOptions {
+    fn engine_options(&self, kind: Option<EngineKind>) -> EngineOptions {
         EngineOptions {
             threads: self.threads,
             memory_bytes: self.memory,
-            kind: self.io_engine,
+            kind,
         }
     }
 }
@@ -150,7 +150,8 @@ pub(super) fn run_copy(a: CopyArgs) -> i32 {
 
 /// Start the engine for these arguments.
 pub(super) fn start(a: &CopyArgs) -> Result<Engine, CopyError> {
-    Engine::start(&a.engine_options()).map_err(|e| match e {
+    let kind = super::io_engine::resolve(a.io_engine).map_err(CopyError::Engine)?;
+    Engine::start(&a.engine_options(kind)).map_err(|e| match e {
         crate::runtime::RuntimeError::MemoryTooSmall(_) => {
             CopyError::Usage(format!("--memory: {e}"))
         }

@@ -15,8 +15,10 @@ use crate::progress::Progress;
 
 mod copy;
 mod copy_job;
+mod io_engine;
 pub use copy::CopyArgs;
 use copy::run_copy;
+pub use io_engine::{DISABLE_URING_ENV, io_engine_choice};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -312,6 +314,18 @@ pub(crate) fn finish(
 }
 
 fn run_send(a: SendArgs) -> i32 {
+    let engine = match io_engine::resolve(a.io_engine) {
+        Ok(kind) => kind,
+        Err(why) => {
+            let mut progress = Progress::new(a.json, a.no_progress);
+            return finish(
+                &mut progress,
+                a.json,
+                a.no_progress,
+                Err(CopyError::Engine(why)),
+            );
+        }
+    };
     let opts = crate::replicate::send::SendOptions {
         source: a.src,
         source_format: a.src_format,
@@ -327,7 +341,7 @@ fn run_send(a: SendArgs) -> i32 {
         requests: a.requests,
         chunk_bytes: a.chunk_size,
         threads: a.threads,
-        engine: a.io_engine,
+        engine,
         restart: a.restart,
         overwrite: a.overwrite,
         stall_timeout: a.stall_timeout,

@@ -13,7 +13,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::{Completion, Engine, Op};
+use crate::engine::{Completion, IoEngine, Op};
 use crate::nbd::NbdError;
 use crate::nbd::conn::{Cmd, ReplyEvent};
 
@@ -186,7 +186,7 @@ struct Slot {
 pub struct Worker {
     cfg: WorkerConfig,
     shared: Arc<Shared>,
-    engine: Box<dyn Engine>,
+    engine: Box<dyn IoEngine>,
     pool: PoolShare,
     src: SrcIo,
     dst: DstIo,
@@ -223,7 +223,7 @@ impl Worker {
     pub fn new(
         cfg: WorkerConfig,
         shared: Arc<Shared>,
-        engine: Box<dyn Engine>,
+        engine: Box<dyn IoEngine>,
         pool: PoolShare,
         src: SrcIo,
         dst: DstIo,
