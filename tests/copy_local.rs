@@ -452,7 +452,7 @@ fn requests_pins_the_depth_into_an_nbd_target() {
 }
 
 /// The planner hands out work from several regions of the disk side by
-/// side (`src/pipeline/lanes.rs`): the first requests in flight spread
+/// side (`src/plan/lanes.rs`): the first requests in flight spread
 /// over the whole disk, yet every byte is still read exactly once.
 /// `--lanes 1` reads in ascending order.
 #[test]

@@ -190,7 +190,7 @@ pub struct SendArgs {
     /// Regions of the disk read side by side, one request from each in
     /// turn, so the requests in flight spread over the disk (1: in
     /// ascending order).
-    #[arg(long, default_value_t = crate::pipeline::lanes::LANES_DEFAULT)]
+    #[arg(long, default_value_t = crate::plan::lanes::LANES_DEFAULT)]
     pub lanes: u32,
     /// Fail when an NBD source leaves a connection attempt, the handshake or
     /// a request unanswered this long (e.g. 60s, 500ms), instead of waiting forever.
@@ -217,7 +217,7 @@ pub(crate) fn parse_chunk(s: &str) -> Result<u32, String> {
 pub fn exit_code(e: &CopyError) -> i32 {
     match e {
         CopyError::Usage(_) => 2,
-        CopyError::SourceRead(_) | CopyError::Plan(_) => 3,
+        CopyError::SourceRead(_) | CopyError::Map(_) => 3,
         CopyError::TargetWrite(_) | CopyError::Flush(_) => 4,
         CopyError::Endpoint(ep) => match ep {
             crate::endpoint::EndpointError::TargetTooSmall { .. } => 4,

@@ -7,12 +7,12 @@
 #![forbid(unsafe_code)]
 use std::time::{Duration, Instant};
 
-use super::open::{Access, Source, Target, open_source, open_target};
 use super::probe::{self, DepthProbe};
 use super::retry::READ_RETRIES_MAX;
 use super::run::{DstFiles, DstPlan, Pipeline, PipelineConfig, Requests, TICK};
 use super::worker::{DstIo, SrcIo};
 use super::{CopyError, nbd_io::NbdIo};
+use crate::endpoint::open::{Access, Source, Target, open_source, open_target};
 use crate::engine::EngineKind;
 use crate::nbd::conn::Cmd;
 use crate::runtime::Engine;
@@ -47,7 +47,7 @@ pub struct CopyOptions {
     pub chunk_bytes: u32,
     /// Most of the engine's workers this disk runs on (default: all).
     pub threads: Option<u32>,
-    pub write_mode: super::open::WriteMode,
+    pub write_mode: crate::endpoint::open::WriteMode,
     /// Retries of a source read that failed with an error that may pass
     /// (`--read-retries`, 0..=[`READ_RETRIES_MAX`]).
     pub read_retries: u32,

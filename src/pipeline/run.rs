@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 
 use super::control::JobControl;
 use super::exits::Exits;
-use super::maps::ExtentList;
-use super::open::Access;
 use super::planner::spawn_planner;
 use super::pool::BufferPool;
 pub use super::requests::Requests;
@@ -24,7 +22,9 @@ use super::split::{socket_clones, split_dst, split_src};
 use super::stats::Snapshot;
 use super::worker::{DstIo, SinkIo, SrcIo, WorkerConfig};
 use super::{CopyError, Shared, zero};
+use crate::endpoint::open::Access;
 use crate::engine::EngineKind;
+use crate::plan::maps::ExtentList;
 use crate::runtime::Engine;
 use crate::runtime::budget::BudgetError;
 use crate::runtime::thread::Seed;
@@ -49,7 +49,7 @@ pub struct PipelineConfig {
     pub connections: u32,
     pub requests: Requests,
     pub chunk_bytes: u32,
-    /// Plan only these whole-window spans ([`super::plan::plan_windows`]);
+    /// Plan only these whole-window spans ([`crate::plan::windows::plan_windows`]);
     /// `None`: the whole disk.
     pub spans: Option<Vec<(u64, u64)>>,
     /// Retries of a source read that failed with an error that may pass

@@ -1,11 +1,21 @@
-//! Pass plans: what one replication pass moves.
+//! Planning: what the source holds and in which order it is moved.
 //!
-//! **Building blocks of incremental replication (issue 16), not yet used by
-//! `send`.** Issue 15 will move the pipeline's extent maps, planner and
-//! lanes here; issue 15/16 wire these plans into the engine, which will
-//! consume a [`PassPlan`]: read and send the [`PassKind::Copy`] extents,
-//! zero (ZERO frame, punched hole) the [`PassKind::Zero`] ones and skip the
-//! [`PassKind::Unchanged`] ones.
+//! * [`maps`]: allocation maps of an opened source (`SEEK_DATA`/`SEEK_HOLE`
+//!   on its fd, NBD `BLOCK_STATUS` `base:allocation` over its first
+//!   connection), collected once into an [`maps::ExtentList`]. Mapping takes
+//!   what [`crate::endpoint::open`] opened, never a SRC string.
+//! * [`windows`]: the disk cut into chunk-aligned windows, each with data a
+//!   [`windows::Work::Copy`] of its data runs, the stretches between
+//!   [`windows::Work::Zero`] items.
+//! * [`lanes`]: the order of those windows, one from each of `--lanes`
+//!   regions in turn, so the reads in flight are spread over the disk.
+//!   The pipeline's planner thread (`pipeline/planner.rs`) runs them.
+//!
+//! **Pass plans: building blocks of incremental replication (issue 16),
+//! not yet used by `send`.** Issue 15/16 wire these plans into the engine,
+//! which will consume a [`PassPlan`]: read and send the [`PassKind::Copy`]
+//! extents, zero (ZERO frame, punched hole) the [`PassKind::Zero`] ones and
+//! skip the [`PassKind::Unchanged`] ones.
 //!
 //! * [`PassPlan`]: the three-kind plan of a pass, checked to partition the
 //!   disk `[0, size)` exactly.
@@ -24,6 +34,9 @@
 
 pub mod changed_areas;
 pub mod dirty;
+pub mod lanes;
+pub mod maps;
+pub mod windows;
 
 /// What a pass does with one extent of the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

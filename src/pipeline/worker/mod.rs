@@ -19,13 +19,13 @@ use crate::nbd::conn::{Cmd, ReplyEvent};
 
 use super::depth::DepthCtl;
 use super::nbd_io::NbdIo;
-use super::plan::Work;
 use super::pool::PoolShare;
 use super::retry::{self, Due, RetryQueue};
 use super::sink::{Sink, SinkChunk, SinkRun};
 use super::stats::Stats;
 use super::zero::{self, Run};
 use super::{CopyError, Shared};
+use crate::plan::windows::Work;
 use step::Stage;
 pub use step::Step;
 
