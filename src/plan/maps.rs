@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 use std::fs::File;
 
-use super::windows::{Extent, ExtentMap, MapError};
+use super::windows::{ExtentMap, MapError, MapExtent};
 use crate::nbd::blocking::Client;
 use crate::nbd::uri::NbdStream;
 
@@ -35,7 +35,7 @@ pub struct FileMap<'a> {
 }
 
 impl ExtentMap for FileMap<'_> {
-    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), MapError> {
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<MapExtent>) -> Result<(), MapError> {
         let mut data = Vec::new();
         crate::endpoint::file::data_extents(self.file, offset, len, &mut data)
             .map_err(|source| MapError::Io { offset, source })?;
@@ -49,13 +49,13 @@ impl ExtentMap for FileMap<'_> {
                 continue;
             }
             if o > pos {
-                out.push(Extent {
+                out.push(MapExtent {
                     offset: pos,
                     len: o - pos,
                     data: false,
                 });
             }
-            out.push(Extent {
+            out.push(MapExtent {
                 offset: o,
                 len: l,
                 data: true,
@@ -63,7 +63,7 @@ impl ExtentMap for FileMap<'_> {
             pos = o + l;
         }
         if pos < offset + len {
-            out.push(Extent {
+            out.push(MapExtent {
                 offset: pos,
                 len: offset + len - pos,
                 data: false,
@@ -80,7 +80,7 @@ pub struct NbdMap<'a> {
 }
 
 impl ExtentMap for NbdMap<'_> {
-    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), MapError> {
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<MapExtent>) -> Result<(), MapError> {
         let ask = u32::try_from(len.min(u64::from(u32::MAX) & !0xFFFF).max(1).min(len))
             .unwrap_or(u32::MAX);
         let extents = self
@@ -93,7 +93,7 @@ impl ExtentMap for NbdMap<'_> {
             if l == 0 {
                 break;
             }
-            out.push(Extent {
+            out.push(MapExtent {
                 offset: pos,
                 len: l,
                 data: e.flags & NBD_STATE_ZERO == 0,
@@ -201,7 +201,7 @@ impl ExtentList {
 }
 
 impl ExtentMap for ExtentList {
-    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), MapError> {
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<MapExtent>) -> Result<(), MapError> {
         let end = (offset + len).min(self.size_bytes);
         // First data extent ending after `offset`.
         let mut i = self.data.partition_point(|&(o, l)| o + l <= offset);
@@ -210,7 +210,7 @@ impl ExtentMap for ExtentList {
             match self.data.get(i) {
                 Some(&(o, l)) if o < end => {
                     if o > pos {
-                        out.push(Extent {
+                        out.push(MapExtent {
                             offset: pos,
                             len: o - pos,
                             data: false,
@@ -218,7 +218,7 @@ impl ExtentMap for ExtentList {
                         pos = o;
                     }
                     let e = (o + l).min(end);
-                    out.push(Extent {
+                    out.push(MapExtent {
                         offset: pos,
                         len: e - pos,
                         data: true,
@@ -227,7 +227,7 @@ impl ExtentMap for ExtentList {
                     i += 1;
                 }
                 _ => {
-                    out.push(Extent {
+                    out.push(MapExtent {
                         offset: pos,
                         len: end - pos,
                         data: false,

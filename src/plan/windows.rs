@@ -10,7 +10,7 @@
 #![forbid(unsafe_code)]
 /// One extent as reported by a source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
+pub struct MapExtent {
     /// First byte.
     pub offset: u64,
     /// Bytes.
@@ -52,15 +52,15 @@ pub enum MapError {
 pub trait ExtentMap: Send {
     /// Append extents that start at `offset`, are contiguous, and cover at
     /// least one byte and at most `len` bytes.
-    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), MapError>;
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<MapExtent>) -> Result<(), MapError>;
 }
 
 /// A source without allocation information: everything is data.
 pub struct AllData;
 
 impl ExtentMap for AllData {
-    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), MapError> {
-        out.push(Extent {
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<MapExtent>) -> Result<(), MapError> {
+        out.push(MapExtent {
             offset,
             len,
             data: true,
@@ -281,16 +281,16 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    struct Fixed(Vec<Extent>);
+    struct Fixed(Vec<MapExtent>);
     impl ExtentMap for Fixed {
-        fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), MapError> {
+        fn map(&mut self, offset: u64, len: u64, out: &mut Vec<MapExtent>) -> Result<(), MapError> {
             for e in &self.0 {
                 let end = e.offset + e.len;
                 if end <= offset || e.offset >= offset + len {
                     continue;
                 }
                 let s = e.offset.max(offset);
-                out.push(Extent {
+                out.push(MapExtent {
                     offset: s,
                     len: end.min(offset + len) - s,
                     data: e.data,
@@ -313,17 +313,17 @@ mod tests {
     #[test]
     fn plan_windows_covers_only_its_spans() {
         let extents = vec![
-            Extent {
+            MapExtent {
                 offset: 0,
                 len: 5000,
                 data: true,
             },
-            Extent {
+            MapExtent {
                 offset: 5000,
                 len: 20_000,
                 data: false,
             },
-            Extent {
+            MapExtent {
                 offset: 25_000,
                 len: 7000,
                 data: true,
@@ -393,17 +393,17 @@ mod tests {
     #[test]
     fn holes_become_zero_items() {
         let ext = vec![
-            Extent {
+            MapExtent {
                 offset: 0,
                 len: 100,
                 data: true,
             },
-            Extent {
+            MapExtent {
                 offset: 100,
                 len: 20_000,
                 data: false,
             },
-            Extent {
+            MapExtent {
                 offset: 20_100,
                 len: 100,
                 data: true,
@@ -438,7 +438,7 @@ mod tests {
         fn items_tile_disk(lens in proptest::collection::vec((1u64..50_000, any::<bool>()), 1..40), chunk in 1u32..9000) {
             let mut ext = Vec::new();
             let mut off = 0;
-            for (l, d) in lens { ext.push(Extent { offset: off, len: l, data: d }); off += l; }
+            for (l, d) in lens { ext.push(MapExtent { offset: off, len: l, data: d }); off += l; }
             let size = off;
             let want: u64 = ext.iter().filter(|e| e.data).map(|e| e.len).sum();
             let (planned, v) = collect(&mut Fixed(ext.clone()), size, chunk);

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::job::{Job, JobStart, JournalPolicy, Refusal, check_same_job, job_id_hex};
-use super::target::{Opened, Target, TargetError, TargetKey, Targets};
+use super::target::{Opened, TargetError, TargetFile, TargetKey, Targets};
 use crate::journal::{self, Decision, Journal, RangeSet, RefuseReason, ResumeRequest};
 use crate::sync::lock;
 use crate::wire::{ErrorCode, Hello};
@@ -234,8 +234,8 @@ impl Registry {
                     warn!(target = ?name, "cannot write the journal: {e}");
                     Refusal::new(ErrorCode::TargetIo, e.peer_text())
                 })?;
-                let target =
-                    Target::fresh(opened, hello.size_bytes).map_err(|e| self.refusal(name, e))?;
+                let target = TargetFile::fresh(opened, hello.size_bytes)
+                    .map_err(|e| self.refusal(name, e))?;
                 let how = if restart { "restarted" } else { "fresh" };
                 (target, journal, RangeSet::new(), how)
             }
@@ -323,8 +323,8 @@ impl Registry {
     }
 
     /// A resumed target must still be the one the journal describes.
-    fn open_resumed(&self, opened: Opened, hello: &Hello) -> Result<Target, Refusal> {
-        Target::existing(opened, hello.size_bytes).map_err(|e| {
+    fn open_resumed(&self, opened: Opened, hello: &Hello) -> Result<TargetFile, Refusal> {
+        TargetFile::existing(opened, hello.size_bytes).map_err(|e| {
             let name = &hello.target;
             warn!(target = ?name, path = ?self.targets.local_path(name), "{e}");
             Refusal::new(

@@ -30,7 +30,7 @@ pub use super::target::TARGET_MODE_DEFAULT;
 use super::target::Targets;
 use super::transport::{POLL_INTERVAL_MS, Transport, is_timeout};
 use crate::journal::JournalStore;
-use crate::net::{self, NetError, Role, SocketTuning, TlsDir, TlsError};
+use crate::net::{self, NetError, SocketTuning, TlsDir, TlsError, TlsRole};
 use crate::sync::lock;
 
 /// Most connections served at once; more are closed on accept.
@@ -140,7 +140,7 @@ impl Server {
             (Some(_), true) => return Err(ServeError::ConflictingTransport),
             (None, false) => return Err(ServeError::TlsRequired),
             (None, true) => None,
-            (Some(dir), false) => Some(net::server_config(&TlsDir::load(dir, Role::Server)?)?),
+            (Some(dir), false) => Some(net::server_config(&TlsDir::load(dir, TlsRole::Server)?)?),
         };
         let root = opts
             .target_root
