@@ -16,7 +16,7 @@ use std::io;
 use std::time::Instant;
 
 use super::ending::not_counted;
-use super::events::{Action, Completion, End, JobInfo};
+use super::events::{Action, ActionResult, End, JobInfo};
 use super::job::Refusal;
 use super::unpack::{Chunk, UnpackError, Unpacker};
 use super::written::{RangeCapError, Written};
@@ -211,7 +211,7 @@ impl Intake {
     pub(super) fn complete(
         &mut self,
         job: &JobInfo,
-        done: Completion,
+        done: ActionResult,
         now: Instant,
         out: &mut VecDeque<Action>,
     ) -> Result<Progress, End> {
@@ -223,7 +223,7 @@ impl Intake {
                     len_bytes,
                     is_payload,
                 }),
-                Completion::Written { buf, result },
+                ActionResult::Written { buf, result },
             ) => {
                 if is_payload {
                     out.push_back(Action::Recycle(buf));
@@ -232,16 +232,16 @@ impl Intake {
                 }
                 self.on_written(job, (offset, len_bytes, len_bytes), result, now, out)
             }
-            (Some(Pending::Zero(r)), Completion::Zeroed(result)) => {
+            (Some(Pending::Zero(r)), ActionResult::Zeroed(result)) => {
                 self.on_written(job, (r.offset, r.len_bytes, 0), result, now, out)
             }
-            (Some(Pending::Flush(then)), Completion::Flushed(result)) => {
+            (Some(Pending::Flush(then)), ActionResult::Flushed(result)) => {
                 self.on_flushed(job, then, result, out)
             }
-            (Some(Pending::Durable(then)), Completion::MadeDurable(result)) => {
+            (Some(Pending::Durable(then)), ActionResult::MadeDurable(result)) => {
                 self.on_durable(then, result, out)
             }
-            (Some(Pending::Ack), Completion::Sent(result)) => result
+            (Some(Pending::Ack), ActionResult::Sent(result)) => result
                 .map(|()| Progress::Ready)
                 .map_err(|e| End::Lost(format!("write failed: {e}"))),
             (pending, done) => Err(refuse(
