@@ -159,15 +159,8 @@ fn conns_of(access: &Access) -> Option<usize> {
     }
 }
 
-fn run_opened(
-    engine: &Engine,
-    opts: &CopyOptions,
-    source: Source,
-    target: Target,
-    started: Instant,
-    hooks: &DiskHooks<'_>,
-) -> Result<CopyReport, CopyError> {
-    let cfg = PipelineConfig {
+fn pipeline_config(opts: &CopyOptions) -> PipelineConfig {
+    PipelineConfig {
         threads: opts.threads,
         connections: opts.connections,
         requests: Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
@@ -176,7 +169,44 @@ fn run_opened(
         read_retries: opts.read_retries,
         lanes: opts.lanes,
         io_timeout: opts.io_timeout,
-    };
+    }
+}
+
+/// Tick the pipeline until every context finished; returns the depth
+/// probe, if one ran.
+///
+/// `--requests N` fixes the depth. Otherwise probe whether a deeper queue
+/// moves more: into a file, measured as bytes that reached the target's
+/// storage, not the page cache. Where the target shares the source's disk,
+/// deeper reads only delay the writes and the probes fail (dense 2 GiB: 1 %
+/// slower than not probing, 16 rounds); into a file on faster storage the
+/// shallow start read 15 % slower than nbdcopy (docs/benchmarks.md,
+/// session 7).
+fn control_loop(
+    pipe: &mut Pipeline,
+    cfg: &PipelineConfig,
+    file_target: bool,
+) -> Option<ProbeClock> {
+    let mut probe =
+        matches!(cfg.requests, Requests::Auto { .. }).then(|| ProbeClock::new(file_target));
+    while !pipe.wait_finished(TICK) {
+        pipe.tick();
+        if let Some(p) = &mut probe {
+            p.tick(pipe.shared());
+        }
+    }
+    probe
+}
+
+fn run_opened(
+    engine: &Engine,
+    opts: &CopyOptions,
+    source: Source,
+    target: Target,
+    started: Instant,
+    hooks: &DiskHooks<'_>,
+) -> Result<CopyReport, CopyError> {
+    let cfg = pipeline_config(opts);
     let src_conn_count = conns_of(&source.access).unwrap_or(0);
     let dst_conn_count = conns_of(&target.access).unwrap_or(0);
     let Source {
@@ -207,21 +237,7 @@ fn run_opened(
         },
     )?;
     hooks.started(pipe.shared());
-    // `--requests N` fixes the depth. Otherwise probe whether a deeper
-    // queue moves more: into a file, measured as bytes that reached the
-    // target's storage, not the page cache. Where the target shares the
-    // source's disk, deeper reads only delay the writes and the probes fail
-    // (dense 2 GiB: 1 % slower than not probing, 16 rounds); into a file on
-    // faster storage the shallow start read 15 % slower than nbdcopy
-    // (docs/benchmarks.md, session 7).
-    let mut probe =
-        matches!(cfg.requests, Requests::Auto { .. }).then(|| ProbeClock::new(file_target));
-    while !pipe.wait_finished(TICK) {
-        pipe.tick();
-        if let Some(p) = &mut probe {
-            p.tick(pipe.shared());
-        }
-    }
+    let probe = control_loop(&mut pipe, &cfg, file_target);
     let workers = pipe.workers();
     let kind = pipe.kind();
     let requests_per_connection = pipe.requests();

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 
+mod attach;
 pub mod control;
 pub mod copy;
 pub mod depth;

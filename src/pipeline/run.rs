@@ -11,6 +11,7 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::attach::{ContextCommon, attach_contexts, reserve};
 use super::control::JobControl;
 use super::exits::Exits;
 use super::planner::spawn_planner;
@@ -20,14 +21,12 @@ use super::silence::{SilenceWatch, watch_all};
 use super::sink::Sink;
 use super::split::{socket_clones, split_dst, split_src};
 use super::stats::Snapshot;
-use super::worker::{DstIo, SinkIo, SrcIo, WorkerConfig};
-use super::{CopyError, Shared, zero};
+use super::worker::{DstIo, SinkIo, SrcIo};
+use super::{CopyError, Shared};
 use crate::endpoint::open::Access;
 use crate::engine::EngineKind;
 use crate::plan::maps::ExtentList;
 use crate::runtime::Engine;
-use crate::runtime::budget::BudgetError;
-use crate::runtime::thread::Seed;
 
 /// Smallest work queue (items).
 const QUEUE_ITEMS_MIN: usize = 4096;
@@ -144,16 +143,7 @@ impl Pipeline {
         // only as slots are used, and workers use their lowest slots first.
         // The engine's budget may grant less (see `runtime::budget`).
         let want_slots = (conns_max * requests_max as usize).max(workers);
-        let grant = engine
-            .budget()
-            .reserve(want_slots, cfg.chunk_bytes as usize, workers, &|| {
-                control.is_cancelled()
-            })
-            .map_err(|e| match e {
-                BudgetError::GaveUp => CopyError::Cancelled,
-                BudgetError::TooSmall { .. } => CopyError::Usage(e.to_string()),
-                BudgetError::Pool(_) => CopyError::Engine(e.to_string()),
-            })?;
+        let grant = reserve(engine, &control, cfg, want_slots, workers)?;
         let mut pool = grant.pool;
         let workers = grant.workers.len();
         let slots = pool.slots();
@@ -203,29 +193,16 @@ impl Pipeline {
         };
         // Each context starts at its part of the start depth.
         let depth_start = (conns_max * requests as usize).div_ceil(workers);
-        let mut handles = Vec::with_capacity(workers);
-        for (i, ((share, src), dst)) in shares.into_iter().zip(src_ios).zip(side.ios).enumerate() {
-            let (back, back_rx) = mpsc::channel();
-            let wcfg = WorkerConfig {
-                depth_start: depth_start.min(share.slots()).max(1),
-                index: i,
-                granule_bytes: zero::GRANULE_BYTES,
-                zero_max_bytes,
-                read_retries: cfg.read_retries,
-            };
-            let seed = Seed {
-                cfg: wcfg,
-                shared: Arc::clone(&shared),
-                share,
-                src,
-                dst,
-                ops_max: grant.ops_per_context,
-                back,
-                exit: exits.enter(),
-            };
-            engine.attach(grant.workers[i], seed);
-            handles.push(back_rx);
-        }
+        let common = ContextCommon {
+            read_retries: cfg.read_retries,
+            shared: &shared,
+            exits: &exits,
+            depth_start,
+            zero_max_bytes,
+            ops_max: grant.ops_per_context,
+        };
+        let ends = src_ios.into_iter().zip(side.ios).collect();
+        let handles = attach_contexts(engine, &grant.workers, shares, ends, &common);
         Ok(Self {
             engine: engine.clone(),
             shared,
