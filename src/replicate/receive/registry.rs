@@ -183,27 +183,7 @@ impl Registry {
         self.reserve_target(opened.key, hello.job_id, name)?;
         let store = &self.journals.store;
         let restart = hello.flags.restart();
-        let (existing, has_journal) = match store.load(name) {
-            Ok(j) => {
-                let found = j.is_some();
-                (j, found)
-            }
-            Err(e) if restart => {
-                info!(target = ?name, "discarding the journal on RESTART: {e}");
-                (None, true)
-            }
-            Err(e) if e.is_damaged() => {
-                warn!(target = ?name, "journal cannot be trusted: {e}");
-                return Err(Refusal::new(
-                    ErrorCode::JournalDamaged,
-                    format!("refusing to resume target {name:?}: {}", e.peer_text()),
-                ));
-            }
-            Err(e) => {
-                warn!(target = ?name, "cannot read the journal: {e}");
-                return Err(Refusal::new(ErrorCode::TargetIo, e.peer_text()));
-            }
-        };
+        let (existing, has_journal) = self.load_journal(name, restart)?;
         let request = ResumeRequest {
             target_name: name.clone(),
             source_identity: hello.source_identity.clone(),
@@ -283,6 +263,33 @@ impl Registry {
             "job started ({how})"
         );
         Ok(job)
+    }
+
+    /// The target's journal, if any, and whether one was there (a damaged
+    /// one discarded on RESTART counts). A journal that cannot be read or
+    /// trusted refuses the job, unless it is a RESTART.
+    fn load_journal(&self, name: &str, restart: bool) -> Result<(Option<Journal>, bool), Refusal> {
+        match self.journals.store.load(name) {
+            Ok(j) => {
+                let found = j.is_some();
+                Ok((j, found))
+            }
+            Err(e) if restart => {
+                info!(target = ?name, "discarding the journal on RESTART: {e}");
+                Ok((None, true))
+            }
+            Err(e) if e.is_damaged() => {
+                warn!(target = ?name, "journal cannot be trusted: {e}");
+                Err(Refusal::new(
+                    ErrorCode::JournalDamaged,
+                    format!("refusing to resume target {name:?}: {}", e.peer_text()),
+                ))
+            }
+            Err(e) => {
+                warn!(target = ?name, "cannot read the journal: {e}");
+                Err(Refusal::new(ErrorCode::TargetIo, e.peer_text()))
+            }
+        }
     }
 
     /// A fresh job may replace a regular file only if it is new or empty,
