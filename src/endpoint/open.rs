@@ -38,6 +38,16 @@ pub enum Access {
     },
 }
 
+impl Access {
+    /// How many NBD connections it has (None for a file).
+    pub fn nbd_connections(&self) -> Option<usize> {
+        match self {
+            Access::File { .. } => None,
+            Access::Nbd { conns } => Some(conns.len()),
+        }
+    }
+}
+
 /// An opened source, its allocation already mapped.
 pub struct Source {
     /// The source as the user named it, for messages.

@@ -152,13 +152,6 @@ pub(crate) fn run_disk(
     run_opened(engine, opts, source, target, started, hooks)
 }
 
-fn conns_of(access: &Access) -> Option<usize> {
-    match access {
-        Access::File { .. } => None,
-        Access::Nbd { conns } => Some(conns.len()),
-    }
-}
-
 fn pipeline_config(opts: &CopyOptions) -> PipelineConfig {
     PipelineConfig {
         threads: opts.threads,
@@ -207,8 +200,8 @@ fn run_opened(
     hooks: &DiskHooks<'_>,
 ) -> Result<CopyReport, CopyError> {
     let cfg = pipeline_config(opts);
-    let src_conn_count = conns_of(&source.access).unwrap_or(0);
-    let dst_conn_count = conns_of(&target.access).unwrap_or(0);
+    let src_conn_count = source.access.nbd_connections().unwrap_or(0);
+    let dst_conn_count = target.access.nbd_connections().unwrap_or(0);
     let Source {
         size_bytes,
         access: src_access,

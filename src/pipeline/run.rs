@@ -118,13 +118,6 @@ fn is_local_nbd(access: &Access) -> bool {
     matches!(access, Access::Nbd { conns } if matches!(conns.first(), Some((crate::nbd::uri::NbdStream::Unix(_), _))))
 }
 
-fn conns_of(access: &Access) -> Option<usize> {
-    match access {
-        Access::File { .. } => None,
-        Access::Nbd { conns } => Some(conns.len()),
-    }
-}
-
 impl Pipeline {
     /// Start the planner and attach one context per worker used to the
     /// engine's workers. `control` is the job's pause, cancel and rate.
@@ -348,9 +341,9 @@ fn size_job(
         .threads
         .map_or(default_threads, |t| t.max(1) as usize)
         .min(engine_workers);
-    let src_conns = conns_of(src_access);
+    let src_conns = src_access.nbd_connections();
     let dst_conns = match dst {
-        DstPlan::Access { access, .. } => conns_of(access),
+        DstPlan::Access { access, .. } => access.nbd_connections(),
         DstPlan::Sink { .. } => None,
     };
     let workers = [Some(threads), src_conns, dst_conns]
