@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 
 use super::ending::Ending;
 use super::events::{Action, ActionResult, End, Health, Input, JobInfo};
-use super::intake::{Intake, Progress, hashes_arriving};
+use super::intake::{Intake, IntakeState, hashes_arriving};
 use super::job::Refusal;
 use super::timers::Timers;
 use super::verify::VerifyError;
@@ -299,11 +299,11 @@ impl Session {
     }
 
     /// What the data path's last step leaves to the machine.
-    fn after_intake(&mut self, progress: Progress) {
+    fn after_intake(&mut self, progress: IntakeState) {
         match progress {
-            Progress::Waiting => self.waiting = Some(Wait::Intake),
-            Progress::Ready => {}
-            Progress::Settled => self.finish_stream(),
+            IntakeState::Waiting => self.waiting = Some(Wait::Intake),
+            IntakeState::Ready => {}
+            IntakeState::Settled => self.finish_stream(),
         }
     }
 
