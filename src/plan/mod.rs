@@ -131,7 +131,7 @@ impl PassPlan {
     /// Check that `extents` partition `[0, size_bytes)` exactly (in order,
     /// none empty) and merge adjacent extents of one kind.
     pub fn new(extents: Vec<PassExtent>, size_bytes: u64) -> Result<Self, PlanError> {
-        let mut b = Builder::with_capacity(extents.len());
+        let mut b = PassBuilder::with_capacity(extents.len());
         for (index, e) in extents.into_iter().enumerate() {
             if e.len == 0 {
                 return Err(PlanError::Empty {
@@ -168,7 +168,7 @@ impl PassPlan {
     ) -> Result<Self, PlanError> {
         check_ranges("changed", changed, size_bytes)?;
         check_ranges("data", data, size_bytes)?;
-        let mut b = Builder::with_capacity(changed.len() * 2 + 1);
+        let mut b = PassBuilder::with_capacity(changed.len() * 2 + 1);
         let mut d = 0;
         for &(start, len) in changed {
             let end = start + len;
@@ -237,14 +237,14 @@ fn check_ranges(
 
 /// Appends extents up to given ends, dropping empty ones and merging
 /// adjacent ones of one kind.
-struct Builder {
+struct PassBuilder {
     extents: Vec<PassExtent>,
     pos: u64,
 }
 
-impl Builder {
+impl PassBuilder {
     fn with_capacity(n: usize) -> Self {
-        Builder {
+        PassBuilder {
             extents: Vec::with_capacity(n),
             pos: 0,
         }

@@ -169,7 +169,7 @@ pub(super) fn plan_span(
 ) -> Result<u64, MapError> {
     assert!(chunk_bytes > 0);
     let chunk = u64::from(chunk_bytes);
-    let mut builder = Builder {
+    let mut builder = WindowBuilder {
         size_bytes,
         chunk,
         window: None,
@@ -209,7 +209,8 @@ pub(super) fn plan_span(
     Ok(builder.planned)
 }
 
-struct Builder {
+/// Cuts data extents into windows and zero items, in ascending order.
+struct WindowBuilder {
     size_bytes: u64,
     chunk: u64,
     /// Start of the window being filled.
@@ -222,7 +223,7 @@ struct Builder {
 
 pub(super) type Emit<'a> = &'a mut dyn FnMut(Work) -> Result<(), MapError>;
 
-impl Builder {
+impl WindowBuilder {
     fn add_data(&mut self, mut offset: u64, len: u64, emit: Emit<'_>) -> Result<(), MapError> {
         let end = offset + len;
         while offset < end {
