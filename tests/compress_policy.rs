@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use diskferry::compress::{
-    Codec, CodecEstimate, Compressors, Estimates, LinkState, Mode, Policy, Reason, Stats,
+    Codec, CodecEstimate, CompressStats, Compressors, Estimates, LinkState, Mode, Policy, Reason,
 };
 
 const CHUNK_BYTES: usize = 2 * 1024 * 1024;
@@ -250,7 +250,7 @@ fn stats_count_what_was_sent_and_add_up() {
     );
     assert_eq!(stats.raw_bytes, CHUNK_BYTES as u64 + 100);
     assert_eq!(stats.payload_bytes, payload.len() as u64 + 100);
-    let mut total = Stats::default();
+    let mut total = CompressStats::default();
     total.add(&stats);
     total.add(&stats);
     assert_eq!(total.chunks_zstd, 2);

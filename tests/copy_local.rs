@@ -261,6 +261,42 @@ fn falls_back_to_threads_when_io_uring_is_unavailable() {
     assert_same(&src, &dst);
 }
 
+/// The CLI reads `DISKFERRY_DISABLE_URING` (the library reads no
+/// environment): an explicit `--io-engine uring` under it is refused with
+/// the variable named, exit 5, before anything is opened or dialled.
+#[test]
+fn explicit_io_uring_under_disable_uring_is_refused_before_anything_is_opened() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    sparse_file(&src, MIB, &[(0, 4096)], 3);
+    let dst = d.path().join("dst.img");
+    let copy = diskferry()
+        .args(["copy", src.to_str().unwrap(), dst.to_str().unwrap()])
+        .args(["--io-engine", "uring"])
+        .env("DISKFERRY_DISABLE_URING", "1")
+        .output()
+        .unwrap();
+    // Nothing listens on port 9 of this host: a dial would fail with 6.
+    let send = diskferry()
+        .args(["send", src.to_str().unwrap(), "--to", "127.0.0.1:9"])
+        .args([
+            "--target",
+            "t",
+            "--insecure-plaintext",
+            "--io-engine",
+            "uring",
+        ])
+        .env("DISKFERRY_DISABLE_URING", "1")
+        .output()
+        .unwrap();
+    for (what, out) in [("copy", &copy), ("send", &send)] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{what}: {err}");
+        assert!(err.contains("DISKFERRY_DISABLE_URING=1"), "{what}: {err}");
+    }
+    assert!(!dst.exists(), "the target was created");
+}
+
 #[test]
 fn a_copy_between_two_nbd_servers_on_this_machine_uses_every_core() {
     let d = tempfile::tempdir().unwrap();
@@ -452,7 +488,7 @@ fn requests_pins_the_depth_into_an_nbd_target() {
 }
 
 /// The planner hands out work from several regions of the disk side by
-/// side (`src/pipeline/lanes.rs`): the first requests in flight spread
+/// side (`src/plan/lanes.rs`): the first requests in flight spread
 /// over the whole disk, yet every byte is still read exactly once.
 /// `--lanes 1` reads in ascending order.
 #[test]

@@ -1,8 +1,10 @@
-//! Engine choice and the forced fallback. Environment variables are
-//! process-global, so this binary holds a single test that sets the
-//! variable only after the checks that need it unset.
+//! Engine choice and the forced fallback. The library never reads the
+//! environment: the CLI reads `DISKFERRY_DISABLE_URING` and passes the
+//! threaded engine down. Environment variables are process-global, so this
+//! binary holds a single test that sets the variable only after the checks
+//! that need it unset.
 
-use diskferry::engine::uring::DISABLE_ENV;
+use diskferry::cli::{DISABLE_URING_ENV as DISABLE_ENV, io_engine_choice};
 use diskferry::engine::{self, EngineKind, Op};
 
 #[test]
@@ -11,6 +13,7 @@ fn choose_picks_uring_here_and_falls_back_when_disabled_by_env() {
         std::env::var_os(DISABLE_ENV).is_none(),
         "run without {DISABLE_ENV} set"
     );
+    assert_eq!(io_engine_choice(None), Ok((None, None)));
     assert_eq!(engine::choose(None), Ok((EngineKind::Uring, None)));
     assert_eq!(
         engine::choose(Some(EngineKind::Uring)),
@@ -21,18 +24,22 @@ fn choose_picks_uring_here_and_falls_back_when_disabled_by_env() {
     // reads the environment concurrently.
     unsafe { std::env::set_var(DISABLE_ENV, "1") };
 
-    let (kind, reason) = engine::choose(None).unwrap();
-    assert_eq!(kind, EngineKind::Threads);
+    let (asked, reason) = io_engine_choice(None).unwrap();
+    assert_eq!(asked, Some(EngineKind::Threads));
     let reason = reason.expect("a fallback names its reason");
     assert!(reason.contains("DISKFERRY_DISABLE_URING=1"), "{reason}");
     assert!(reason.contains("running the threaded engine"), "{reason}");
 
-    let err = engine::choose(Some(EngineKind::Uring)).unwrap_err();
+    let err = io_engine_choice(Some(EngineKind::Uring)).unwrap_err();
     assert!(err.contains(DISABLE_ENV), "{err}");
     assert_eq!(
-        engine::choose(Some(EngineKind::Threads)),
-        Ok((EngineKind::Threads, None))
+        io_engine_choice(Some(EngineKind::Threads)),
+        Ok((Some(EngineKind::Threads), None))
     );
+    // The library itself does not look at the variable.
+    assert_eq!(engine::choose(None), Ok((EngineKind::Uring, None)));
+    let (kind, none) = engine::choose(asked).unwrap();
+    assert_eq!((kind, none), (EngineKind::Threads, None));
 
     // The engine chosen by the fallback works.
     let mut engine = engine::build(kind, 1).unwrap();

@@ -4,7 +4,7 @@
 
 use diskferry::engine::threads::ThreadsEngine;
 use diskferry::engine::uring::UringEngine;
-use diskferry::engine::{self, Completion, Engine, EngineKind, Op};
+use diskferry::engine::{self, Completion, EngineKind, IoEngine, Op};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -19,7 +19,7 @@ fn pattern(len_bytes: usize, seed: u8) -> Vec<u8> {
 }
 
 /// Wait until `count` completions arrived, in whatever batches they come.
-fn wait_for(engine: &mut dyn Engine, count: usize) -> Vec<Completion> {
+fn wait_for(engine: &mut dyn IoEngine, count: usize) -> Vec<Completion> {
     let mut done = Vec::new();
     while done.len() < count {
         engine.wait(1, &mut done).unwrap();
@@ -261,7 +261,7 @@ fn sixty_four_writes_in_flight_then_the_limit_refuses_the_next() {
 /// 64 receives that each block until their peer sends, all in flight at
 /// once; the peers are fed in reverse order. An engine that ran fewer ops
 /// at a time than it accepted would deadlock here.
-fn sixty_four_blocked_recvs(engine: &mut dyn Engine) {
+fn sixty_four_blocked_recvs(engine: &mut dyn IoEngine) {
     let pairs: Vec<(UnixStream, UnixStream)> =
         (0..64).map(|_| UnixStream::pair().unwrap()).collect();
     let mut bufs = vec![[0u8; 100]; 64];

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use diskferry::net::certs;
-use diskferry::net::tls::{self, Role, TlsDir};
+use diskferry::net::tls::{self, TlsDir, TlsRole};
 use faultproxy::{Direction, FaultProxy};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -192,10 +192,12 @@ fn bit_flip_changes_exactly_one_bit_of_the_next_connection() {
 fn flipped_bit_under_tls_is_an_error_not_corruption() {
     let dir = tempfile::tempdir().expect("tempdir");
     certs::init(dir.path(), &[], false).expect("certs init");
-    let server_cfg = tls::server_config(&TlsDir::load(dir.path(), Role::Server).expect("server"))
-        .expect("server config");
-    let client_cfg = tls::client_config(&TlsDir::load(dir.path(), Role::Client).expect("client"))
-        .expect("client config");
+    let server_cfg =
+        tls::server_config(&TlsDir::load(dir.path(), TlsRole::Server).expect("server"))
+            .expect("server config");
+    let client_cfg =
+        tls::client_config(&TlsDir::load(dir.path(), TlsRole::Client).expect("client"))
+            .expect("client config");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let target = listener.local_addr().expect("addr");
     const APP_BYTES: usize = 256 * 1024;

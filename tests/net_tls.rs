@@ -9,7 +9,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use diskferry::net::certs;
-use diskferry::net::tls::{self, Role, TlsDir, TlsError};
+use diskferry::net::tls::{self, TlsDir, TlsError, TlsRole};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -25,7 +25,7 @@ fn serve_one(
     dir: &Path,
     handshake_timeout_ms: u64,
 ) -> (SocketAddr, JoinHandle<Result<Vec<u8>, TlsError>>) {
-    let cfg = tls::server_config(&TlsDir::load(dir, Role::Server).expect("server files"))
+    let cfg = tls::server_config(&TlsDir::load(dir, TlsRole::Server).expect("server files"))
         .expect("server config");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     let addr = listener.local_addr().expect("addr");
@@ -42,7 +42,7 @@ fn serve_one(
 }
 
 fn client_cfg(dir: &Path) -> Arc<rustls::ClientConfig> {
-    tls::client_config(&TlsDir::load(dir, Role::Client).expect("client files"))
+    tls::client_config(&TlsDir::load(dir, TlsRole::Client).expect("client files"))
         .expect("client config")
 }
 
@@ -132,7 +132,7 @@ fn mutual_tls_carries_bytes_both_ways_by_ip_and_by_name() {
 fn mutual_tls_over_ipv6_loopback() {
     let dir = tempfile::tempdir().expect("tempdir");
     init_dir(dir.path(), &[]);
-    let cfg = tls::server_config(&TlsDir::load(dir.path(), Role::Server).expect("files"))
+    let cfg = tls::server_config(&TlsDir::load(dir.path(), TlsRole::Server).expect("files"))
         .expect("config");
     let Ok(listener) = TcpListener::bind("[::1]:0") else {
         eprintln!("no IPv6 loopback here; skipped");
@@ -175,7 +175,7 @@ fn sender_from_another_ca_is_refused_on_both_sides() {
 
     // The sender trusts our CA but presents a certificate of another CA.
     let mixed = TlsDir::from_files(
-        Role::Client,
+        TlsRole::Client,
         &ours.path().join("ca.pem"),
         &theirs.path().join("client.pem"),
         &theirs.path().join("client.key"),
@@ -280,7 +280,7 @@ fn tls_sender_against_plaintext_receiver_says_so() {
 fn tls12_only_sender_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     init_dir(dir.path(), &[]);
-    let client_files = TlsDir::load(dir.path(), Role::Client).expect("files");
+    let client_files = TlsDir::load(dir.path(), TlsRole::Client).expect("files");
     drop(client_files);
     let cfg = custom_client_cfg(dir.path(), ring(), &rustls::version::TLS12);
     let (addr, server) = serve_one(dir.path(), TIMEOUT_MS);
@@ -372,7 +372,7 @@ fn silent_peer_times_out_within_the_bound() {
 #[test]
 fn missing_files_name_the_file_and_the_fix() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let err = TlsDir::load(dir.path(), Role::Server).unwrap_err();
+    let err = TlsDir::load(dir.path(), TlsRole::Server).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("ca.pem") && msg.contains("diskferry certs init"),
@@ -381,12 +381,12 @@ fn missing_files_name_the_file_and_the_fix() {
 
     init_dir(dir.path(), &[]);
     std::fs::remove_file(dir.path().join("client.key")).expect("rm");
-    assert!(TlsDir::load(dir.path(), Role::Server).is_ok());
-    let err = TlsDir::load(dir.path(), Role::Client).unwrap_err();
+    assert!(TlsDir::load(dir.path(), TlsRole::Server).is_ok());
+    let err = TlsDir::load(dir.path(), TlsRole::Client).unwrap_err();
     assert!(err.to_string().contains("client.key"), "{err}");
 
     std::fs::write(dir.path().join("client.key"), "not a key\n").expect("write");
-    let err = TlsDir::load(dir.path(), Role::Client).unwrap_err();
+    let err = TlsDir::load(dir.path(), TlsRole::Client).unwrap_err();
     assert!(matches!(err, TlsError::BadPem { .. }), "{err:?}");
 }
 

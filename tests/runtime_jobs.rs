@@ -26,7 +26,7 @@ fn disk(source: String, target: &Path) -> CopyOptions {
         requests: None,
         chunk_bytes: 256 * 1024,
         threads: None,
-        write_mode: diskferry::pipeline::open::WriteMode::Auto,
+        write_mode: diskferry::endpoint::open::WriteMode::Auto,
         read_retries: 3,
         lanes: 8,
         io_timeout: Duration::from_secs(60),

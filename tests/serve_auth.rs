@@ -6,7 +6,7 @@ mod serve_support;
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use diskferry::net::{self, Role, TlsDir};
+use diskferry::net::{self, TlsDir, TlsRole};
 use diskferry::wire::{Codec, Frame};
 use serve_support::*;
 
@@ -27,7 +27,7 @@ fn client_certificate_from_another_ca_is_refused() {
     net::certs::init(other.path(), &[], false).unwrap();
     // Trusts the receiver's CA, but presents a certificate of another CA.
     let dir = TlsDir::from_files(
-        Role::Client,
+        TlsRole::Client,
         &h.certs.join("ca.pem"),
         &other.path().join("client.pem"),
         &other.path().join("client.key"),
@@ -105,7 +105,7 @@ fn plaintext_mode_works_end_to_end_and_refuses_tls_senders() {
     assert_eq!(std::fs::read(h.root.join("plain.img")).unwrap(), raw);
 
     // A TLS sender against the plaintext receiver fails its handshake.
-    let dir = TlsDir::load(&h.certs, Role::Client).unwrap();
+    let dir = TlsDir::load(&h.certs, TlsRole::Client).unwrap();
     let cfg = net::client_config(&dir).unwrap();
     assert!(net::connect(h.tcp(), cfg, "localhost", 5_000).is_err());
 }

@@ -59,11 +59,11 @@ pub struct CopyArgs {
     /// How file and block-device targets are written: auto (O_DIRECT for
     /// block devices, page cache with streamed writeback for files), direct, cached.
     #[arg(long, value_enum, default_value = "auto")]
-    pub write_mode: crate::pipeline::open::WriteMode,
+    pub write_mode: crate::endpoint::open::WriteMode,
     /// Regions of the disk copied side by side, one request from each in
     /// turn, so the requests in flight spread over the disk (1: in
     /// ascending order).
-    #[arg(long, default_value_t = crate::pipeline::lanes::LANES_DEFAULT)]
+    #[arg(long, default_value_t = crate::plan::lanes::LANES_DEFAULT)]
     pub lanes: u32,
     /// Times a source read that failed with EIO (or a similar error that may pass) is retried, 0..=10.
     #[arg(long, default_value_t = crate::pipeline::retry::READ_RETRIES_DEFAULT)]
@@ -99,11 +99,11 @@ impl CopyArgs {
         }
     }
 
-    fn engine_options(&self) -> EngineOptions {
+    fn engine_options(&self, kind: Option<EngineKind>) -> EngineOptions {
         EngineOptions {
             threads: self.threads,
             memory_bytes: self.memory,
-            kind: self.io_engine,
+            kind,
         }
     }
 }
@@ -150,7 +150,8 @@ pub(super) fn run_copy(a: CopyArgs) -> i32 {
 
 /// Start the engine for these arguments.
 pub(super) fn start(a: &CopyArgs) -> Result<Engine, CopyError> {
-    Engine::start(&a.engine_options()).map_err(|e| match e {
+    let kind = super::io_engine::resolve(a.io_engine).map_err(CopyError::Engine)?;
+    Engine::start(&a.engine_options(kind)).map_err(|e| match e {
         crate::runtime::RuntimeError::MemoryTooSmall(_) => {
             CopyError::Usage(format!("--memory: {e}"))
         }

@@ -15,8 +15,10 @@ use crate::progress::Progress;
 
 mod copy;
 mod copy_job;
+mod io_engine;
 pub use copy::CopyArgs;
 use copy::run_copy;
+pub use io_engine::{DISABLE_URING_ENV, io_engine_choice};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -188,7 +190,7 @@ pub struct SendArgs {
     /// Regions of the disk read side by side, one request from each in
     /// turn, so the requests in flight spread over the disk (1: in
     /// ascending order).
-    #[arg(long, default_value_t = crate::pipeline::lanes::LANES_DEFAULT)]
+    #[arg(long, default_value_t = crate::plan::lanes::LANES_DEFAULT)]
     pub lanes: u32,
     /// Fail when an NBD source leaves a connection attempt, the handshake or
     /// a request unanswered this long (e.g. 60s, 500ms), instead of waiting forever.
@@ -215,7 +217,7 @@ pub(crate) fn parse_chunk(s: &str) -> Result<u32, String> {
 pub fn exit_code(e: &CopyError) -> i32 {
     match e {
         CopyError::Usage(_) => 2,
-        CopyError::SourceRead(_) | CopyError::Plan(_) => 3,
+        CopyError::SourceRead(_) | CopyError::Map(_) => 3,
         CopyError::TargetWrite(_) | CopyError::Flush(_) => 4,
         CopyError::Endpoint(ep) => match ep {
             crate::endpoint::EndpointError::TargetTooSmall { .. } => 4,
@@ -312,6 +314,18 @@ pub(crate) fn finish(
 }
 
 fn run_send(a: SendArgs) -> i32 {
+    let engine = match io_engine::resolve(a.io_engine) {
+        Ok(kind) => kind,
+        Err(why) => {
+            let mut progress = Progress::new(a.json, a.no_progress);
+            return finish(
+                &mut progress,
+                a.json,
+                a.no_progress,
+                Err(CopyError::Engine(why)),
+            );
+        }
+    };
     let opts = crate::replicate::send::SendOptions {
         source: a.src,
         source_format: a.src_format,
@@ -327,7 +341,7 @@ fn run_send(a: SendArgs) -> i32 {
         requests: a.requests,
         chunk_bytes: a.chunk_size,
         threads: a.threads,
-        engine: a.io_engine,
+        engine,
         restart: a.restart,
         overwrite: a.overwrite,
         stall_timeout: a.stall_timeout,

@@ -153,9 +153,9 @@ impl Choice {
     }
 }
 
-/// Counters for the `done` event; sum the threads' with [`Stats::add`].
+/// Counters for the `done` event; sum the threads' with [`CompressStats::add`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Stats {
+pub struct CompressStats {
     /// Chunks sent raw.
     pub chunks_raw: u64,
     /// Chunks sent lz4-compressed.
@@ -175,9 +175,9 @@ pub struct Stats {
     pub chunks_explored: u64,
 }
 
-impl Stats {
+impl CompressStats {
     /// Adds `other`'s counters to these.
-    pub fn add(&mut self, other: &Stats) {
+    pub fn add(&mut self, other: &CompressStats) {
         self.chunks_raw += other.chunks_raw;
         self.chunks_lz4 += other.chunks_lz4;
         self.chunks_zstd += other.chunks_zstd;
@@ -206,7 +206,7 @@ pub struct Policy {
     next_explore: usize,
     probe_table: CompressTable,
     probe_out: Vec<u8>,
-    stats: Stats,
+    stats: CompressStats,
 }
 
 impl Policy {
@@ -233,7 +233,7 @@ impl Policy {
             next_explore: 0,
             probe_table: CompressTable::small(),
             probe_out: vec![0; lz4_bound_bytes(PROBE_SLICE_BYTES)],
-            stats: Stats::default(),
+            stats: CompressStats::default(),
         }
     }
 
@@ -250,7 +250,7 @@ impl Policy {
     }
 
     /// This thread's counters so far.
-    pub fn stats(&self) -> &Stats {
+    pub fn stats(&self) -> &CompressStats {
         &self.stats
     }
 

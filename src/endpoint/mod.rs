@@ -1,4 +1,5 @@
-//! What a SRC or DST argument means, and opening it.
+//! What a SRC or DST argument means, and opening it ([`open`]: sources
+//! with their NBD connections, targets sized and ready).
 //!
 //! * an NBD URI (`nbd://`, `nbd+unix://`) — used directly;
 //! * a raw regular file or a block device — opened directly (io_uring /
@@ -24,6 +25,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod file;
+pub mod open;
 pub mod qemu;
 
 use crate::nbd::uri::{self, NbdUri};

@@ -1,11 +1,11 @@
 //! I/O engines. Both engines execute the same [`Op`]s and report
 //! [`Completion`]s; the pipeline's workers are written once against
-//! [`Engine`] and run unchanged on either.
+//! [`IoEngine`] and run unchanged on either.
 //!
 //! Buffers inside an [`Op`] are raw pointers: the caller (the buffer pool and
 //! the NBD connection state, both owned by the worker) guarantees that the
 //! memory stays valid and untouched until the op's completion is returned by
-//! [`Engine::wait`]. A worker never drops an engine with ops in flight: it
+//! [`IoEngine::wait`]. A worker never drops an engine with ops in flight: it
 //! drains completions first.
 // One of the two places unsafe code may live (see lib.rs): the engines and `sys` are where the tree talks to the kernel;
 // every block carries a `// SAFETY:` note.
@@ -128,7 +128,7 @@ unsafe impl Send for Op {}
 /// The result of one [`Op`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
-    /// The value given to [`Engine::push`].
+    /// The value given to [`IoEngine::push`].
     pub user_data: u64,
     /// Bytes transferred (>= 0) or `-errno`.
     pub result: i32,
@@ -154,8 +154,8 @@ impl std::fmt::Display for EngineKind {
 }
 
 /// An I/O engine owned by exactly one worker thread.
-pub trait Engine {
-    /// Queue one op. It may not start until the next [`Engine::wait`].
+pub trait IoEngine {
+    /// Queue one op. It may not start until the next [`IoEngine::wait`].
     fn push(&mut self, user_data: u64, op: Op) -> std::io::Result<()>;
     /// Submit queued ops and block until at least `min_complete` completions
     /// are available (0 = do not block); append them to `out`.
@@ -206,7 +206,7 @@ impl From<EngineError> for std::io::Error {
 
 /// Build an engine of the requested kind for a worker that keeps at most
 /// `max_in_flight` ops in flight.
-pub fn build(kind: EngineKind, max_in_flight: u32) -> std::io::Result<Box<dyn Engine>> {
+pub fn build(kind: EngineKind, max_in_flight: u32) -> std::io::Result<Box<dyn IoEngine>> {
     match kind {
         EngineKind::Uring => Ok(Box::new(uring::UringEngine::new(max_in_flight)?)),
         EngineKind::Threads => Ok(Box::new(threads::ThreadsEngine::new(max_in_flight)?)),

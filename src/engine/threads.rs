@@ -16,7 +16,7 @@
 //! sent before an error, if any), [`Op::Recv`] with `waitall` loops until
 //! the buffer is full or the peer closes, and EINTR is retried.
 
-use super::{Completion, Engine, EngineError, EngineKind, Op};
+use super::{Completion, EngineError, EngineKind, IoEngine, Op};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
@@ -108,7 +108,7 @@ fn worker_loop(jobs_rx: &Mutex<mpsc::Receiver<Job>>, done_tx: &mpsc::Sender<Comp
     }
 }
 
-impl Engine for ThreadsEngine {
+impl IoEngine for ThreadsEngine {
     fn push(&mut self, user_data: u64, op: Op) -> std::io::Result<()> {
         if self.in_flight >= usize::try_from(self.max_in_flight).unwrap_or(usize::MAX) {
             return Err(EngineError::Full {

@@ -17,12 +17,8 @@
 //! * [`Op::Recv`] with `waitall` sets `MSG_WAITALL`, which io_uring also
 //!   honours by retrying short receives (Linux 5.19+).
 
-use super::{Completion, Engine, EngineError, EngineKind, Op};
+use super::{Completion, EngineError, EngineKind, IoEngine, Op};
 use io_uring::{IoUring, Probe, opcode, squeue, types};
-
-/// Set to `1` to make [`probe`] fail, forcing the threaded engine (tests,
-/// or hosts where io_uring misbehaves).
-pub const DISABLE_ENV: &str = "DISKFERRY_DISABLE_URING";
 
 /// `user_data` of the cancel requests issued on drop; their CQEs are ignored.
 const CANCEL_USER_DATA: u64 = u64::MAX;
@@ -253,7 +249,7 @@ impl UringEngine {
     }
 }
 
-impl Engine for UringEngine {
+impl IoEngine for UringEngine {
     fn push(&mut self, user_data: u64, op: Op) -> std::io::Result<()> {
         if self.in_flight >= self.slot_user_data.len() {
             return Err(EngineError::Full {
@@ -352,15 +348,6 @@ impl Drop for UringEngine {
 /// Check that io_uring works here and supports every opcode diskferry
 /// uses. The error is a message an operator can act on.
 pub fn probe() -> Result<(), String> {
-    if let Some(value) = std::env::var_os(DISABLE_ENV)
-        && !value.is_empty()
-        && value != "0"
-    {
-        return Err(format!(
-            "io_uring is disabled by {DISABLE_ENV}={}",
-            value.to_string_lossy()
-        ));
-    }
     let mut ring = IoUring::new(4).map_err(|e| {
         let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").ok();
         explain_setup_error(e.raw_os_error(), sysctl.as_deref().map(str::trim), &e)

@@ -29,5 +29,5 @@ pub use socket::{
     NetError, SocketTuning, TuningReport, connect_tuned, listen_tuned, tune_accepted,
 };
 pub use tls::{
-    ALPN_PROTOCOL, Role, TlsDir, TlsError, accept, client_config, connect, server_config,
+    ALPN_PROTOCOL, TlsDir, TlsError, TlsRole, accept, client_config, connect, server_config,
 };

@@ -42,7 +42,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Which end of the connection this process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub enum TlsRole {
     /// The receiver (`diskferry serve`): presents `server.pem`.
     Server,
     /// The sender (`diskferry send`): presents `client.pem`.
@@ -187,7 +187,7 @@ pub enum TlsError {
 
 /// The CA plus this side's certificate chain and key.
 pub struct TlsDir {
-    role: Role,
+    role: TlsRole,
     ca_certs: Vec<CertificateDer<'static>>,
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -206,10 +206,10 @@ impl fmt::Debug for TlsDir {
 
 impl TlsDir {
     /// Loads `ca.pem` plus `server.{pem,key}` or `client.{pem,key}` from `dir`.
-    pub fn load(dir: &Path, role: Role) -> Result<Self, TlsError> {
+    pub fn load(dir: &Path, role: TlsRole) -> Result<Self, TlsError> {
         let (cert, key) = match role {
-            Role::Server => (certs::SERVER_CERT_FILE, certs::SERVER_KEY_FILE),
-            Role::Client => (certs::CLIENT_CERT_FILE, certs::CLIENT_KEY_FILE),
+            TlsRole::Server => (certs::SERVER_CERT_FILE, certs::SERVER_KEY_FILE),
+            TlsRole::Client => (certs::CLIENT_CERT_FILE, certs::CLIENT_KEY_FILE),
         };
         Self::from_files(
             role,
@@ -220,7 +220,7 @@ impl TlsDir {
     }
 
     /// Loads the CA, certificate chain and key from explicit paths.
-    pub fn from_files(role: Role, ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+    pub fn from_files(role: TlsRole, ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let ca_certs = read_certs(ca)?;
         let cert_chain = read_certs(cert)?;
         require_file(key)?;
@@ -235,7 +235,7 @@ impl TlsDir {
     }
 
     /// Which side these files are for.
-    pub fn role(&self) -> Role {
+    pub fn role(&self) -> TlsRole {
         self.role
     }
 
@@ -351,7 +351,7 @@ pub fn connect(
         })?;
     let conn = ClientConnection::new(cfg, name).map_err(TlsError::Config)?;
     let mut stream = StreamOwned::new(conn, tcp);
-    let hs = Handshake::new(Role::Client, handshake_timeout_ms, server_name);
+    let hs = Handshake::new(TlsRole::Client, handshake_timeout_ms, server_name);
     hs.drive(&mut stream.sock, |sock| {
         stream.conn.complete_io(sock)?;
         Ok(stream.conn.is_handshaking())
@@ -378,7 +378,7 @@ pub fn accept(
     cfg: Arc<ServerConfig>,
     handshake_timeout_ms: u64,
 ) -> Result<StreamOwned<ServerConnection, TcpStream>, TlsError> {
-    let hs = Handshake::new(Role::Server, handshake_timeout_ms, "");
+    let hs = Handshake::new(TlsRole::Server, handshake_timeout_ms, "");
     hs.set_timeouts(&tcp)?;
     let mut first = [0u8; 1];
     let peeked = loop {
@@ -419,14 +419,14 @@ pub fn accept(
 
 /// One handshake's deadline and the side it runs on, for error mapping.
 struct Handshake<'a> {
-    role: Role,
+    role: TlsRole,
     timeout_ms: u64,
     deadline: Instant,
     server_name: &'a str,
 }
 
 impl<'a> Handshake<'a> {
-    fn new(role: Role, timeout_ms: u64, server_name: &'a str) -> Self {
+    fn new(role: TlsRole, timeout_ms: u64, server_name: &'a str) -> Self {
         Handshake {
             role,
             timeout_ms,
@@ -474,8 +474,8 @@ impl<'a> Handshake<'a> {
             ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => {
                 return TlsError::Closed {
                     hint: match self.role {
-                        Role::Client => "the receiver hung up; its log says why",
-                        Role::Server => "the sender hung up; its log says why",
+                        TlsRole::Client => "the receiver hung up; its log says why",
+                        TlsRole::Server => "the sender hung up; its log says why",
                     },
                 };
             }
@@ -498,17 +498,17 @@ impl<'a> Handshake<'a> {
         use rustls::CertificateError as C;
         use rustls::Error as E;
         match (self.role, err) {
-            (Role::Server, E::NoCertificatesPresented) => TlsError::NoClientCertificate,
-            (Role::Server, E::InvalidCertificate(c)) => TlsError::ClientCertificateUntrusted {
+            (TlsRole::Server, E::NoCertificatesPresented) => TlsError::NoClientCertificate,
+            (TlsRole::Server, E::InvalidCertificate(c)) => TlsError::ClientCertificateUntrusted {
                 reason: describe_cert_error(&c),
             },
-            (Role::Client, E::InvalidCertificate(C::NotValidForName))
-            | (Role::Client, E::InvalidCertificate(C::NotValidForNameContext { .. })) => {
+            (TlsRole::Client, E::InvalidCertificate(C::NotValidForName))
+            | (TlsRole::Client, E::InvalidCertificate(C::NotValidForNameContext { .. })) => {
                 TlsError::ServerNameMismatch {
                     name: self.server_name.to_string(),
                 }
             }
-            (Role::Client, E::InvalidCertificate(c)) => TlsError::ServerCertificateUntrusted {
+            (TlsRole::Client, E::InvalidCertificate(c)) => TlsError::ServerCertificateUntrusted {
                 reason: describe_cert_error(&c),
             },
             (
@@ -527,14 +527,14 @@ impl<'a> Handshake<'a> {
             ) => {
                 let alert = format!("{alert:?}");
                 match role {
-                    Role::Client => TlsError::ReceiverRefusedOurCertificate { alert },
-                    Role::Server => TlsError::SenderRefusedOurCertificate { alert },
+                    TlsRole::Client => TlsError::ReceiverRefusedOurCertificate { alert },
+                    TlsRole::Server => TlsError::SenderRefusedOurCertificate { alert },
                 }
             }
             (role, E::AlertReceived(A::ProtocolVersion)) => TlsError::ProtocolVersion {
                 detail: match role {
-                    Role::Client => "the receiver refused our TLS version".into(),
-                    Role::Server => "the sender refused our TLS version".into(),
+                    TlsRole::Client => "the receiver refused our TLS version".into(),
+                    TlsRole::Server => "the sender refused our TLS version".into(),
                 },
             },
             (_, E::AlertReceived(A::NoApplicationProtocol)) | (_, E::NoApplicationProtocol) => {
@@ -543,7 +543,7 @@ impl<'a> Handshake<'a> {
             (_, E::PeerIncompatible(p)) => TlsError::ProtocolVersion {
                 detail: describe_incompatible(&p),
             },
-            (Role::Client, E::InvalidMessage(_) | E::InappropriateMessage { .. }) => {
+            (TlsRole::Client, E::InvalidMessage(_) | E::InappropriateMessage { .. }) => {
                 TlsError::NotTls
             }
             (_, other) => TlsError::Tls(other),

@@ -7,12 +7,12 @@
 #![forbid(unsafe_code)]
 use std::time::{Duration, Instant};
 
-use super::open::{Access, Source, Target, open_source, open_target};
 use super::probe::{self, DepthProbe};
 use super::retry::READ_RETRIES_MAX;
 use super::run::{DstFiles, DstPlan, Pipeline, PipelineConfig, Requests, TICK};
 use super::worker::{DstIo, SrcIo};
 use super::{CopyError, nbd_io::NbdIo};
+use crate::endpoint::open::{Access, Source, Target, open_source, open_target};
 use crate::engine::EngineKind;
 use crate::nbd::conn::Cmd;
 use crate::runtime::Engine;
@@ -47,7 +47,7 @@ pub struct CopyOptions {
     pub chunk_bytes: u32,
     /// Most of the engine's workers this disk runs on (default: all).
     pub threads: Option<u32>,
-    pub write_mode: super::open::WriteMode,
+    pub write_mode: crate::endpoint::open::WriteMode,
     /// Retries of a source read that failed with an error that may pass
     /// (`--read-retries`, 0..=[`READ_RETRIES_MAX`]).
     pub read_retries: u32,
@@ -152,11 +152,43 @@ pub(crate) fn run_disk(
     run_opened(engine, opts, source, target, started, hooks)
 }
 
-fn conns_of(access: &Access) -> Option<usize> {
-    match access {
-        Access::File { .. } => None,
-        Access::Nbd { conns } => Some(conns.len()),
+fn pipeline_config(opts: &CopyOptions) -> PipelineConfig {
+    PipelineConfig {
+        threads: opts.threads,
+        connections: opts.connections,
+        requests: Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
+        chunk_bytes: opts.chunk_bytes,
+        spans: None,
+        read_retries: opts.read_retries,
+        lanes: opts.lanes,
+        io_timeout: opts.io_timeout,
     }
+}
+
+/// Tick the pipeline until every context finished; returns the depth
+/// probe, if one ran.
+///
+/// `--requests N` fixes the depth. Otherwise probe whether a deeper queue
+/// moves more: into a file, measured as bytes that reached the target's
+/// storage, not the page cache. Where the target shares the source's disk,
+/// deeper reads only delay the writes and the probes fail (dense 2 GiB: 1 %
+/// slower than not probing, 16 rounds); into a file on faster storage the
+/// shallow start read 15 % slower than nbdcopy (docs/benchmarks.md,
+/// session 7).
+fn control_loop(
+    pipe: &mut Pipeline,
+    cfg: &PipelineConfig,
+    file_target: bool,
+) -> Option<ProbeClock> {
+    let mut probe =
+        matches!(cfg.requests, Requests::Auto { .. }).then(|| ProbeClock::new(file_target));
+    while !pipe.wait_finished(TICK) {
+        pipe.tick();
+        if let Some(p) = &mut probe {
+            p.tick(pipe.shared());
+        }
+    }
+    probe
 }
 
 fn run_opened(
@@ -167,18 +199,9 @@ fn run_opened(
     started: Instant,
     hooks: &DiskHooks<'_>,
 ) -> Result<CopyReport, CopyError> {
-    let cfg = PipelineConfig {
-        threads: opts.threads,
-        connections: opts.connections,
-        requests: Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
-        chunk_bytes: opts.chunk_bytes,
-        spans: None,
-        read_retries: opts.read_retries,
-        lanes: opts.lanes,
-        io_timeout: opts.io_timeout,
-    };
-    let src_conn_count = conns_of(&source.access).unwrap_or(0);
-    let dst_conn_count = conns_of(&target.access).unwrap_or(0);
+    let cfg = pipeline_config(opts);
+    let src_conn_count = source.access.nbd_connections().unwrap_or(0);
+    let dst_conn_count = target.access.nbd_connections().unwrap_or(0);
     let Source {
         size_bytes,
         access: src_access,
@@ -207,21 +230,7 @@ fn run_opened(
         },
     )?;
     hooks.started(pipe.shared());
-    // `--requests N` fixes the depth. Otherwise probe whether a deeper
-    // queue moves more: into a file, measured as bytes that reached the
-    // target's storage, not the page cache. Where the target shares the
-    // source's disk, deeper reads only delay the writes and the probes fail
-    // (dense 2 GiB: 1 % slower than not probing, 16 rounds); into a file on
-    // faster storage the shallow start read 15 % slower than nbdcopy
-    // (docs/benchmarks.md, session 7).
-    let mut probe =
-        matches!(cfg.requests, Requests::Auto { .. }).then(|| ProbeClock::new(file_target));
-    while !pipe.wait_finished(TICK) {
-        pipe.tick();
-        if let Some(p) = &mut probe {
-            p.tick(pipe.shared());
-        }
-    }
+    let probe = control_loop(&mut pipe, &cfg, file_target);
     let workers = pipe.workers();
     let kind = pipe.kind();
     let requests_per_connection = pipe.requests();

@@ -1,6 +1,7 @@
 //! The copy pipeline: planner → workers (read → zero detection → write).
 //!
-//! * [`plan`]: the extent planner, producing [`plan::Work`] items.
+//! * [`planner`]: the planner thread, feeding the workers the
+//!   [`crate::plan::windows::Work`] items the plan cuts from the extent map.
 //! * [`pool`]: the buffer pool allocated at start-up.
 //! * [`zero`]: zero detection.
 //! * [`worker`]: the pinned per-core state machine.
@@ -11,22 +12,21 @@
 //! * [`probe`]: deepening every worker's queue while that reads faster.
 //! * [`control`]: pause, cancel and rate of a job, set by its handle.
 //! * [`copy`]: the coordinator behind `diskferry copy`.
-//! * [`open`]: turning SRC / DST into open sources and targets.
+//!
+//! Opening SRC / DST lives in [`crate::endpoint::open`]; mapping a source,
+//! cutting it into windows and lanes in [`crate::plan`].
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 
+mod attach;
 pub mod control;
 pub mod copy;
 pub mod depth;
 pub mod exits;
-pub mod lanes;
-pub mod maps;
 pub mod nbd_io;
-pub mod open;
-pub mod plan;
 mod planner;
 pub mod pool;
 pub mod probe;
@@ -40,6 +40,13 @@ pub mod stats;
 pub mod worker;
 pub mod zero;
 
+// Old paths still named outside `use` lines in src/replicate/send/, which
+// is being rewritten in parallel; the merge drops these.
+#[doc(hidden)]
+pub use crate::endpoint::open;
+#[doc(hidden)]
+pub use crate::plan::lanes;
+
 /// Why a copy failed. Each message says which side and where.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -52,7 +59,7 @@ pub enum CopyError {
     #[error("writing the target failed {0}")]
     TargetWrite(String),
     #[error("{0}")]
-    Plan(#[from] plan::PlanError),
+    Map(#[from] crate::plan::windows::MapError),
     #[error("I/O engine: {0}")]
     Engine(String),
     #[error("flushing the target failed: {0}; the copy is NOT durable")]
@@ -80,7 +87,7 @@ impl CopyError {
 
 /// State shared by the planner, the workers and the control thread.
 pub struct Shared {
-    pub queue: ArrayQueue<plan::Work>,
+    pub queue: ArrayQueue<crate::plan::windows::Work>,
     planner_done: AtomicBool,
     abort: AtomicBool,
     error: Mutex<Option<CopyError>>,

@@ -1,4 +1,4 @@
-//! One NBD connection as driven by a worker through an [`Engine`]: a queue
+//! One NBD connection as driven by a worker through an [`IoEngine`]: a queue
 //! of encoded requests sent in batches with one `writev` in flight, and one
 //! `recv` in flight whose destination the sans-IO [`ClientConn`] chooses
 //! (its scratch area for headers, the caller's buffer for read payloads).
@@ -15,7 +15,7 @@ use std::time::Duration;
 use super::silence::IoWatch;
 
 use crate::engine::iovec::IoVecs;
-use crate::engine::{Engine, Op};
+use crate::engine::{IoEngine, Op};
 use crate::nbd::NbdError;
 use crate::nbd::conn::{ClientConn, Cmd, RecvTarget, ReplyEvent};
 use crate::nbd::handshake::ExportInfo;
@@ -107,7 +107,7 @@ impl NbdIo {
     }
 
     /// Start a `writev` of queued requests if none is in flight.
-    pub fn kick_send(&mut self, engine: &mut dyn Engine, user_data: u64) -> std::io::Result<()> {
+    pub fn kick_send(&mut self, engine: &mut dyn IoEngine, user_data: u64) -> std::io::Result<()> {
         if self.dead || self.send_in_flight || self.queue.is_empty() {
             return Ok(());
         }
@@ -129,7 +129,7 @@ impl NbdIo {
         self.push_writev(engine, user_data)
     }
 
-    fn push_writev(&mut self, engine: &mut dyn Engine, user_data: u64) -> std::io::Result<()> {
+    fn push_writev(&mut self, engine: &mut dyn IoEngine, user_data: u64) -> std::io::Result<()> {
         let (iov, count) = self.iov.tail(self.iov_pos);
         let iovcnt = u32::try_from(count.min(1024)).expect("bounded");
         engine.push(
@@ -148,7 +148,7 @@ impl NbdIo {
     pub fn on_send(
         &mut self,
         result: i32,
-        engine: &mut dyn Engine,
+        engine: &mut dyn IoEngine,
         user_data: u64,
     ) -> Result<(), NbdError> {
         self.send_in_flight = false;
@@ -179,7 +179,7 @@ impl NbdIo {
     /// `dest(cookie, buf_offset, len)` resolves a read payload's address.
     pub fn kick_recv(
         &mut self,
-        engine: &mut dyn Engine,
+        engine: &mut dyn IoEngine,
         user_data: u64,
         dest: PayloadDest<'_>,
     ) -> Result<(), NbdError> {

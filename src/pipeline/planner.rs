@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::lanes::plan_lanes;
-use super::maps::ExtentList;
-use super::plan::Work;
 use super::run::PipelineConfig;
 use super::stats::Stats;
 use super::{CopyError, Shared};
+use crate::plan::lanes::plan_lanes;
+use crate::plan::maps::ExtentList;
+use crate::plan::windows::Work;
 
 pub(super) fn spawn_planner(
     cfg: &PipelineConfig,
@@ -49,7 +49,7 @@ fn run_planner(
     fresh_zero: bool,
     shared: &Shared,
 ) {
-    let mut emit = |work: Work| -> Result<(), super::plan::PlanError> {
+    let mut emit = |work: Work| -> Result<(), crate::plan::windows::MapError> {
         if let Work::Zero { len, .. } = work
             && fresh_zero
         {

@@ -4,8 +4,8 @@
 #![forbid(unsafe_code)]
 
 use super::CopyError;
-use super::open::Access;
 use super::run::DstPlan;
+use crate::endpoint::open::Access;
 
 /// Requests in flight per connection: how deep the source's queue is, and
 /// with the chunk size how many bytes of buffers are in use.
@@ -47,10 +47,10 @@ impl Requests {
                 "--connections must be 1..=64 and --requests 1..=1024".into(),
             ));
         }
-        if !(1..=super::lanes::LANES_MAX).contains(&lanes) {
+        if !(1..=crate::plan::lanes::LANES_MAX).contains(&lanes) {
             return Err(CopyError::Usage(format!(
                 "--lanes must be 1..={}",
-                super::lanes::LANES_MAX
+                crate::plan::lanes::LANES_MAX
             )));
         }
         Ok(())

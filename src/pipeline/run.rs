@@ -11,10 +11,9 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::attach::{ContextCommon, attach_contexts, reserve};
 use super::control::JobControl;
 use super::exits::Exits;
-use super::maps::ExtentList;
-use super::open::Access;
 use super::planner::spawn_planner;
 use super::pool::BufferPool;
 pub use super::requests::Requests;
@@ -22,12 +21,12 @@ use super::silence::{SilenceWatch, watch_all};
 use super::sink::Sink;
 use super::split::{socket_clones, split_dst, split_src};
 use super::stats::Snapshot;
-use super::worker::{DstIo, SinkIo, SrcIo, WorkerConfig};
-use super::{CopyError, Shared, zero};
+use super::worker::{DstIo, SinkIo, SrcIo};
+use super::{CopyError, Shared};
+use crate::endpoint::open::Access;
 use crate::engine::EngineKind;
+use crate::plan::maps::ExtentList;
 use crate::runtime::Engine;
-use crate::runtime::budget::BudgetError;
-use crate::runtime::thread::Seed;
 
 /// Smallest work queue (items).
 const QUEUE_ITEMS_MIN: usize = 4096;
@@ -49,7 +48,7 @@ pub struct PipelineConfig {
     pub connections: u32,
     pub requests: Requests,
     pub chunk_bytes: u32,
-    /// Plan only these whole-window spans ([`super::plan::plan_windows`]);
+    /// Plan only these whole-window spans ([`crate::plan::windows::plan_windows`]);
     /// `None`: the whole disk.
     pub spans: Option<Vec<(u64, u64)>>,
     /// Retries of a source read that failed with an error that may pass
@@ -119,13 +118,6 @@ fn is_local_nbd(access: &Access) -> bool {
     matches!(access, Access::Nbd { conns } if matches!(conns.first(), Some((crate::nbd::uri::NbdStream::Unix(_), _))))
 }
 
-fn conns_of(access: &Access) -> Option<usize> {
-    match access {
-        Access::File { .. } => None,
-        Access::Nbd { conns } => Some(conns.len()),
-    }
-}
-
 impl Pipeline {
     /// Start the planner and attach one context per worker used to the
     /// engine's workers. `control` is the job's pause, cancel and rate.
@@ -144,16 +136,7 @@ impl Pipeline {
         // only as slots are used, and workers use their lowest slots first.
         // The engine's budget may grant less (see `runtime::budget`).
         let want_slots = (conns_max * requests_max as usize).max(workers);
-        let grant = engine
-            .budget()
-            .reserve(want_slots, cfg.chunk_bytes as usize, workers, &|| {
-                control.is_cancelled()
-            })
-            .map_err(|e| match e {
-                BudgetError::GaveUp => CopyError::Cancelled,
-                BudgetError::TooSmall { .. } => CopyError::Usage(e.to_string()),
-                BudgetError::Pool(_) => CopyError::Engine(e.to_string()),
-            })?;
+        let grant = reserve(engine, &control, cfg, want_slots, workers)?;
         let mut pool = grant.pool;
         let workers = grant.workers.len();
         let slots = pool.slots();
@@ -203,29 +186,16 @@ impl Pipeline {
         };
         // Each context starts at its part of the start depth.
         let depth_start = (conns_max * requests as usize).div_ceil(workers);
-        let mut handles = Vec::with_capacity(workers);
-        for (i, ((share, src), dst)) in shares.into_iter().zip(src_ios).zip(side.ios).enumerate() {
-            let (back, back_rx) = mpsc::channel();
-            let wcfg = WorkerConfig {
-                depth_start: depth_start.min(share.slots()).max(1),
-                index: i,
-                granule_bytes: zero::GRANULE_BYTES,
-                zero_max_bytes,
-                read_retries: cfg.read_retries,
-            };
-            let seed = Seed {
-                cfg: wcfg,
-                shared: Arc::clone(&shared),
-                share,
-                src,
-                dst,
-                ops_max: grant.ops_per_context,
-                back,
-                exit: exits.enter(),
-            };
-            engine.attach(grant.workers[i], seed);
-            handles.push(back_rx);
-        }
+        let common = ContextCommon {
+            read_retries: cfg.read_retries,
+            shared: &shared,
+            exits: &exits,
+            depth_start,
+            zero_max_bytes,
+            ops_max: grant.ops_per_context,
+        };
+        let ends = src_ios.into_iter().zip(side.ios).collect();
+        let handles = attach_contexts(engine, &grant.workers, shares, ends, &common);
         Ok(Self {
             engine: engine.clone(),
             shared,
@@ -371,9 +341,9 @@ fn size_job(
         .threads
         .map_or(default_threads, |t| t.max(1) as usize)
         .min(engine_workers);
-    let src_conns = conns_of(src_access);
+    let src_conns = src_access.nbd_connections();
     let dst_conns = match dst {
-        DstPlan::Access { access, .. } => conns_of(access),
+        DstPlan::Access { access, .. } => access.nbd_connections(),
         DstPlan::Sink { .. } => None,
     };
     let workers = [Some(threads), src_conns, dst_conns]

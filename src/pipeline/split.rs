@@ -7,9 +7,9 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use super::nbd_io::NbdIo;
-use super::open::{Access, NbdConnection};
 use super::run::DstFiles;
 use super::worker::{DstIo, SrcIo};
+use crate::endpoint::open::{Access, NbdConnection};
 
 /// Clones of every NBD socket, to cut off workers that cannot drain.
 pub(super) fn socket_clones(access: &Access) -> Vec<crate::nbd::uri::NbdStream> {

@@ -1,11 +1,21 @@
-//! Pass plans: what one replication pass moves.
+//! Planning: what the source holds and in which order it is moved.
 //!
-//! **Building blocks of incremental replication (issue 16), not yet used by
-//! `send`.** Issue 15 will move the pipeline's extent maps, planner and
-//! lanes here; issue 15/16 wire these plans into the engine, which will
-//! consume a [`PassPlan`]: read and send the [`PassKind::Copy`] extents,
-//! zero (ZERO frame, punched hole) the [`PassKind::Zero`] ones and skip the
-//! [`PassKind::Unchanged`] ones.
+//! * [`maps`]: allocation maps of an opened source (`SEEK_DATA`/`SEEK_HOLE`
+//!   on its fd, NBD `BLOCK_STATUS` `base:allocation` over its first
+//!   connection), collected once into an [`maps::ExtentList`]. Mapping takes
+//!   what [`crate::endpoint::open`] opened, never a SRC string.
+//! * [`windows`]: the disk cut into chunk-aligned windows, each with data a
+//!   [`windows::Work::Copy`] of its data runs, the stretches between
+//!   [`windows::Work::Zero`] items.
+//! * [`lanes`]: the order of those windows, one from each of `--lanes`
+//!   regions in turn, so the reads in flight are spread over the disk.
+//!   The pipeline's planner thread (`pipeline/planner.rs`) runs them.
+//!
+//! **Pass plans: building blocks of incremental replication (issue 16),
+//! not yet used by `send`.** Issue 15/16 wire these plans into the engine,
+//! which will consume a [`PassPlan`]: read and send the [`PassKind::Copy`]
+//! extents, zero (ZERO frame, punched hole) the [`PassKind::Zero`] ones and
+//! skip the [`PassKind::Unchanged`] ones.
 //!
 //! * [`PassPlan`]: the three-kind plan of a pass, checked to partition the
 //!   disk `[0, size)` exactly.
@@ -24,6 +34,9 @@
 
 pub mod changed_areas;
 pub mod dirty;
+pub mod lanes;
+pub mod maps;
+pub mod windows;
 
 /// What a pass does with one extent of the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -118,7 +131,7 @@ impl PassPlan {
     /// Check that `extents` partition `[0, size_bytes)` exactly (in order,
     /// none empty) and merge adjacent extents of one kind.
     pub fn new(extents: Vec<PassExtent>, size_bytes: u64) -> Result<Self, PlanError> {
-        let mut b = Builder::with_capacity(extents.len());
+        let mut b = PassBuilder::with_capacity(extents.len());
         for (index, e) in extents.into_iter().enumerate() {
             if e.len == 0 {
                 return Err(PlanError::Empty {
@@ -155,7 +168,7 @@ impl PassPlan {
     ) -> Result<Self, PlanError> {
         check_ranges("changed", changed, size_bytes)?;
         check_ranges("data", data, size_bytes)?;
-        let mut b = Builder::with_capacity(changed.len() * 2 + 1);
+        let mut b = PassBuilder::with_capacity(changed.len() * 2 + 1);
         let mut d = 0;
         for &(start, len) in changed {
             let end = start + len;
@@ -224,14 +237,14 @@ fn check_ranges(
 
 /// Appends extents up to given ends, dropping empty ones and merging
 /// adjacent ones of one kind.
-struct Builder {
+struct PassBuilder {
     extents: Vec<PassExtent>,
     pos: u64,
 }
 
-impl Builder {
+impl PassBuilder {
     fn with_capacity(n: usize) -> Self {
-        Builder {
+        PassBuilder {
             extents: Vec::with_capacity(n),
             pos: 0,
         }

@@ -4,10 +4,10 @@
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 
+use crate::endpoint::open::{Access, Source};
 use crate::nbd::blocking::Client;
 use crate::nbd::uri::NbdStream;
 use crate::pipeline::CopyError;
-use crate::pipeline::open::{Access, Source};
 use crate::wire::ImageDigest;
 
 /// What the identity reads: the first [`HEAD_BYTES`] (partition table,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::net::socket::{SocketTuning, TuningReport, connect_tuned};
-use crate::net::tls::{self, Role, TlsDir};
+use crate::net::tls::{self, TlsDir, TlsRole};
 use crate::wire::{Frame, FrameDecoder, WireError};
 
 /// Errors of a stream.
@@ -79,7 +79,7 @@ impl Dialer {
         };
         let tls = match tls_dir {
             Some(dir) => {
-                let d = TlsDir::load(dir, Role::Client).map_err(|e| e.to_string())?;
+                let d = TlsDir::load(dir, TlsRole::Client).map_err(|e| e.to_string())?;
                 Some(tls::client_config(&d).map_err(|e| e.to_string())?)
             }
             None => None,

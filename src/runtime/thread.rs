@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use crate::engine::{self, Completion, Engine, EngineError, EngineKind, Op};
+use crate::engine::{self, Completion, EngineError, EngineKind, IoEngine, Op};
 use crate::pipeline::Shared;
 use crate::pipeline::exits::ExitGuard;
 use crate::pipeline::pool::PoolShare;
@@ -163,14 +163,14 @@ pub fn spawn(
 /// A context's view of the thread's engine: tags its ops with the
 /// context's number and counts its own ops in flight.
 struct Port {
-    engine: Rc<RefCell<Box<dyn Engine>>>,
+    engine: Rc<RefCell<Box<dyn IoEngine>>>,
     ctx_bits: u64,
     in_flight: Rc<Cell<usize>>,
     ops_max: usize,
     kind: EngineKind,
 }
 
-impl Engine for Port {
+impl IoEngine for Port {
     fn push(&mut self, user_data: u64, op: Op) -> std::io::Result<()> {
         if user_data & CTX_MASK != 0 {
             return Err(std::io::Error::new(
@@ -215,7 +215,7 @@ struct Live {
 }
 
 struct Thread {
-    engine: Rc<RefCell<Box<dyn Engine>>>,
+    engine: Rc<RefCell<Box<dyn IoEngine>>>,
     mailbox: Arc<Mailbox>,
     bell: UnixStream,
     bell_buf: Box<[u8; 64]>,
@@ -227,7 +227,7 @@ struct Thread {
 }
 
 impl Thread {
-    fn new(engine: Box<dyn Engine>, mailbox: Arc<Mailbox>, bell: UnixStream) -> Self {
+    fn new(engine: Box<dyn IoEngine>, mailbox: Arc<Mailbox>, bell: UnixStream) -> Self {
         Self {
             engine: Rc::new(RefCell::new(engine)),
             mailbox,

@@ -30,6 +30,8 @@ pub mod msg;
 #[cfg(test)]
 mod digest_tests;
 #[cfg(test)]
+mod malformed_tests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;

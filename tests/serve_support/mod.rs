@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use diskferry::net::{self, Role, TlsDir};
+use diskferry::net::{self, TlsDir, TlsRole};
 use diskferry::replicate::receive::serve::{ServeError, ServeOptions, Server};
 use diskferry::wire::{
     Codec, DataHead, ErrorCode, Features, Frame, FrameDecoder, Hello, HelloFlags, ImageDigest,
@@ -96,7 +96,7 @@ impl Harness {
         if self.plaintext {
             return Client::new(Box::new(tcp), clone);
         }
-        let dir = TlsDir::load(&self.certs, Role::Client).unwrap();
+        let dir = TlsDir::load(&self.certs, TlsRole::Client).unwrap();
         let cfg = net::client_config(&dir).unwrap();
         let tls = net::connect(tcp, cfg, "localhost", 5_000).unwrap();
         Client::new(Box::new(tls), clone)

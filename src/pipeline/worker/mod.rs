@@ -13,19 +13,19 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::{Completion, Engine, Op};
+use crate::engine::{Completion, IoEngine, Op};
 use crate::nbd::NbdError;
 use crate::nbd::conn::{Cmd, ReplyEvent};
 
 use super::depth::DepthCtl;
 use super::nbd_io::NbdIo;
-use super::plan::Work;
 use super::pool::PoolShare;
 use super::retry::{self, Due, RetryQueue};
 use super::sink::{Sink, SinkChunk, SinkRun};
 use super::stats::Stats;
 use super::zero::{self, Run};
 use super::{CopyError, Shared};
+use crate::plan::windows::Work;
 use step::Stage;
 pub use step::Step;
 
@@ -186,7 +186,7 @@ struct Slot {
 pub struct Worker {
     cfg: WorkerConfig,
     shared: Arc<Shared>,
-    engine: Box<dyn Engine>,
+    engine: Box<dyn IoEngine>,
     pool: PoolShare,
     src: SrcIo,
     dst: DstIo,
@@ -223,7 +223,7 @@ impl Worker {
     pub fn new(
         cfg: WorkerConfig,
         shared: Arc<Shared>,
-        engine: Box<dyn Engine>,
+        engine: Box<dyn IoEngine>,
         pool: PoolShare,
         src: SrcIo,
         dst: DstIo,

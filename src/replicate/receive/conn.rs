@@ -18,11 +18,11 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
-use super::events::{Action, Completion, End, Health, Input, JobInfo};
+use super::events::{Action, ActionResult, End, Health, Input, JobInfo};
 use super::job::{Attachment, Refusal, Registry};
 use super::limits::HandshakeSlot;
 use super::session::Session;
-use super::transport::{Transport, is_timeout};
+use super::transport::{PeerStream, is_timeout};
 use super::verify::{self, VerifyingTargets};
 use crate::wire::{ByteRange, Frame, FrameDecoder, MAX_RESUME_RANGES};
 
@@ -41,7 +41,7 @@ pub struct ConnContext {
 struct Conn<'a> {
     ctx: &'a ConnContext,
     peer: SocketAddr,
-    io: Transport,
+    io: PeerStream,
     decoder: FrameDecoder,
     out: Vec<u8>,
     /// The stream's membership of its job; detaches it when dropped.
@@ -56,7 +56,7 @@ struct Conn<'a> {
 /// `unauthenticated`: the slot of a plaintext connection, kept until its
 /// HELLO.
 pub fn serve_connection(
-    io: Transport,
+    io: PeerStream,
     peer: SocketAddr,
     unauthenticated: Option<HandshakeSlot>,
     ctx: &ConnContext,
@@ -147,12 +147,12 @@ impl Conn<'_> {
     }
 
     /// Carries out `action`; its result, if the machine waits for one.
-    fn execute(&mut self, action: Action) -> Option<Completion> {
+    fn execute(&mut self, action: Action) -> Option<ActionResult> {
         if let Action::Attach(hello) = &action {
             return Some(self.attach(hello));
         }
         if let Action::Send(frame) = &action {
-            return Some(Completion::Sent(self.send(frame)));
+            return Some(ActionResult::Sent(self.send(frame)));
         }
         if let Action::Recycle(buf) = action {
             self.decoder.recycle(buf);
@@ -170,19 +170,21 @@ impl Conn<'_> {
                     job.bytes_written.fetch_add(len_bytes, Ordering::Relaxed);
                     job.target.sync_point()
                 });
-                Completion::Written { buf, result }
+                ActionResult::Written { buf, result }
             }
-            Action::Zero { offset, len_bytes } => Completion::Zeroed(
+            Action::Zero { offset, len_bytes } => ActionResult::Zeroed(
                 job.target
                     .zero_range(offset, len_bytes)
                     .map(|()| job.target.sync_point()),
             ),
-            Action::Flush { sync_need } => Completion::Flushed(job.target.sync_covering(sync_need)),
+            Action::Flush { sync_need } => {
+                ActionResult::Flushed(job.target.sync_covering(sync_need))
+            }
             Action::MakeDurable {
                 ranges,
                 data_bytes,
                 max_ranges,
-            } => Completion::MadeDurable(job.add_durable_capped(&ranges, data_bytes, max_ranges)),
+            } => ActionResult::MadeDurable(job.add_durable_capped(&ranges, data_bytes, max_ranges)),
             Action::FinishStream => {
                 let last = job.stream_done(a.stream_index);
                 let finished = if last {
@@ -190,15 +192,15 @@ impl Conn<'_> {
                 } else {
                     Ok(())
                 };
-                Completion::StreamFinished(finished)
+                ActionResult::StreamFinished(finished)
             }
-            Action::ReadBack { window_bytes } => Completion::ReadBack(verify::read_back(
+            Action::ReadBack { window_bytes } => ActionResult::ReadBack(verify::read_back(
                 job,
                 window_bytes,
                 &self.ctx.verifying,
                 &self.ctx.stop,
             )),
-            Action::SyncForStop => Completion::Synced(job.target.sync()),
+            Action::SyncForStop => ActionResult::Synced(job.target.sync()),
             Action::FailJob(refusal) => {
                 job.fail(refusal);
                 return None;
@@ -210,11 +212,11 @@ impl Conn<'_> {
         Some(done)
     }
 
-    fn attach(&mut self, hello: &crate::wire::Hello) -> Completion {
+    fn attach(&mut self, hello: &crate::wire::Hello) -> ActionResult {
         // A refusal is logged (with the peer) when the stream ends.
         let attachment = match self.ctx.registry.attach(hello) {
             Ok(a) => a,
-            Err(refusal) => return Completion::AttachRefused(refusal),
+            Err(refusal) => return ActionResult::AttachRefused(refusal),
         };
         let job = &attachment.job;
         debug!(peer = %self.peer, job = %job.id_hex(), stream = hello.stream_index,
@@ -236,7 +238,7 @@ impl Conn<'_> {
         };
         self.attachment = Some(attachment);
         self.unauthenticated = None;
-        Completion::Attached(Box::new(info))
+        ActionResult::Attached(Box::new(info))
     }
 
     fn send(&mut self, frame: &Frame) -> std::io::Result<()> {
@@ -270,18 +272,18 @@ impl Conn<'_> {
 }
 
 /// The failure an action gets when the stream has no job (a bug).
-fn no_job(action: &Action) -> Option<Completion> {
+fn no_job(action: &Action) -> Option<ActionResult> {
     let e = || std::io::Error::other("the stream has no job");
     Some(match action {
-        Action::Write { .. } => Completion::Written {
+        Action::Write { .. } => ActionResult::Written {
             buf: Vec::new(),
             result: Err(e()),
         },
-        Action::Zero { .. } => Completion::Zeroed(Err(e())),
-        Action::Flush { .. } => Completion::Flushed(Err(e())),
-        Action::SyncForStop => Completion::Synced(Err(e())),
+        Action::Zero { .. } => ActionResult::Zeroed(Err(e())),
+        Action::Flush { .. } => ActionResult::Flushed(Err(e())),
+        Action::SyncForStop => ActionResult::Synced(Err(e())),
         Action::FailJob(_) => return None,
-        _ => Completion::StreamFinished(Err(Refusal::new(
+        _ => ActionResult::StreamFinished(Err(Refusal::new(
             crate::wire::ErrorCode::Internal,
             "the stream has no job",
         ))),

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
-use super::events::{Action, Completion, End};
+use super::events::{Action, ActionResult, End};
 use super::written::Written;
 use crate::wire::{ErrorCode, ErrorFrame, Frame};
 
@@ -59,27 +59,27 @@ impl Ending {
     }
 
     /// The next action once the last one completed with `done`.
-    pub(super) fn next(&mut self, done: Completion, written: &mut Written) -> Action {
+    pub(super) fn next(&mut self, done: ActionResult, written: &mut Written) -> Action {
         match (self.step, done) {
-            (Step::Flush, Completion::Flushed(Ok(()))) => {
+            (Step::Flush, ActionResult::Flushed(Ok(()))) => {
                 self.step = Step::Durable;
                 written.make_durable()
             }
-            (Step::Flush, Completion::Flushed(Err(e))) => {
+            (Step::Flush, ActionResult::Flushed(Err(e))) => {
                 not_counted(&e.to_string());
                 self.tell_peer()
             }
-            (Step::Durable, Completion::MadeDurable(result)) => {
+            (Step::Durable, ActionResult::MadeDurable(result)) => {
                 match result {
                     Ok(_) => written.settled(),
                     Err(e) => not_counted(&e.to_string()),
                 }
                 self.tell_peer()
             }
-            (Step::SyncForStop, Completion::Synced(result)) => self.send_stopped(result),
+            (Step::SyncForStop, ActionResult::Synced(result)) => self.send_stopped(result),
             // The ERROR frame is the last word: whether it went out or
             // not, the connection closes.
-            (Step::Send, Completion::Sent(_)) => self.close(),
+            (Step::Send, ActionResult::Sent(_)) => self.close(),
             (step, done) => {
                 warn!("{done:?} does not answer the ending's {step:?} step (a bug); closing");
                 self.close()

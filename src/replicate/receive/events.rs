@@ -1,6 +1,6 @@
 //! What goes into a stream's state machine (`session.rs`) and what comes
 //! out of it: [`Input`] from the connection, [`Action`]s for the driver to
-//! carry out, and the [`Completion`] of each action that has a result.
+//! carry out, and the [`ActionResult`] of each action that has a result.
 
 #![forbid(unsafe_code)]
 
@@ -75,23 +75,23 @@ pub struct JobInfo {
 }
 
 /// What the machine asks the driver to do. Those that have a result
-/// ([`Action::needs_completion`]) are answered with a [`Completion`].
+/// ([`Action::needs_completion`]) are answered with a [`ActionResult`].
 #[derive(Debug)]
 pub enum Action {
     /// Attach the stream to the HELLO's job (starting the job on its first
-    /// HELLO) → [`Completion::Attached`] or [`Completion::AttachRefused`].
+    /// HELLO) → [`ActionResult::Attached`] or [`ActionResult::AttachRefused`].
     Attach(Box<Hello>),
-    /// Write all of `buf` at `offset` of the target → [`Completion::Written`]
+    /// Write all of `buf` at `offset` of the target → [`ActionResult::Written`]
     /// (which gives `buf` back).
     Write { offset: u64, buf: Vec<u8> },
-    /// Make the range read as zeros → [`Completion::Zeroed`].
+    /// Make the range read as zeros → [`ActionResult::Zeroed`].
     Zero { offset: u64, len_bytes: u64 },
     /// Flush the target at least up to flush number `sync_need` →
-    /// [`Completion::Flushed`].
+    /// [`ActionResult::Flushed`].
     Flush { sync_need: u64 },
     /// Count `ranges` durable for the job (`data_bytes` of them DATA),
     /// unless its durable set could pass `max_ranges` →
-    /// [`Completion::MadeDurable`]. Only ever after a [`Action::Flush`]
+    /// [`ActionResult::MadeDurable`]. Only ever after a [`Action::Flush`]
     /// that completed.
     MakeDurable {
         ranges: Vec<(u64, u64)>,
@@ -99,15 +99,15 @@ pub enum Action {
         max_ranges: usize,
     },
     /// The stream sent DONE: mark it done, and when it is the job's last,
-    /// finish the job (final flush, journal) → [`Completion::StreamFinished`].
+    /// finish the job (final flush, journal) → [`ActionResult::StreamFinished`].
     FinishStream,
     /// Read the target back in `window_bytes` windows →
-    /// [`Completion::ReadBack`].
+    /// [`ActionResult::ReadBack`].
     ReadBack { window_bytes: u32 },
     /// Flush the target before telling the sender the receiver stops →
-    /// [`Completion::Synced`].
+    /// [`ActionResult::Synced`].
     SyncForStop,
-    /// Send this frame → [`Completion::Sent`].
+    /// Send this frame → [`ActionResult::Sent`].
     Send(Frame),
     /// Mark the job failed (the first failure wins); no result.
     FailJob(Refusal),
@@ -119,7 +119,7 @@ pub enum Action {
 }
 
 impl Action {
-    /// True if the machine waits for this action's [`Completion`].
+    /// True if the machine waits for this action's [`ActionResult`].
     pub fn needs_completion(&self) -> bool {
         !matches!(
             self,
@@ -130,7 +130,7 @@ impl Action {
 
 /// The result of an action.
 #[derive(Debug)]
-pub enum Completion {
+pub enum ActionResult {
     Attached(Box<JobInfo>),
     AttachRefused(Refusal),
     /// The buffer back, and the target's flush number that covers the

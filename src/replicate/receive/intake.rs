@@ -16,7 +16,7 @@ use std::io;
 use std::time::Instant;
 
 use super::ending::not_counted;
-use super::events::{Action, Completion, End, JobInfo};
+use super::events::{Action, ActionResult, End, JobInfo};
 use super::job::Refusal;
 use super::unpack::{Chunk, UnpackError, Unpacker};
 use super::written::{RangeCapError, Written};
@@ -50,7 +50,7 @@ enum Pending {
 
 /// How the data path stands after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Progress {
+pub(super) enum IntakeState {
     /// It waits for the completion of the action it pushed last.
     Waiting,
     /// Nothing outstanding: the next frame may come.
@@ -123,10 +123,15 @@ impl Intake {
         &mut self.written
     }
 
-    fn wait(&mut self, out: &mut VecDeque<Action>, action: Action, pending: Pending) -> Progress {
+    fn wait(
+        &mut self,
+        out: &mut VecDeque<Action>,
+        action: Action,
+        pending: Pending,
+    ) -> IntakeState {
         out.push_back(action);
         self.pending = Some(pending);
-        Progress::Waiting
+        IntakeState::Waiting
     }
 
     pub(super) fn data(
@@ -135,7 +140,7 @@ impl Intake {
         features: Features,
         data: Data,
         out: &mut VecDeque<Action>,
-    ) -> Result<Progress, End> {
+    ) -> Result<IntakeState, End> {
         let head = data.head;
         check_range(job, head.offset, u64::from(head.raw_len_bytes), "data")?;
         let chunk = match self.unpacker.unpack(&data, features, job.chunk_size_bytes) {
@@ -164,7 +169,7 @@ impl Intake {
         job: &JobInfo,
         range: ByteRange,
         out: &mut VecDeque<Action>,
-    ) -> Result<Progress, End> {
+    ) -> Result<IntakeState, End> {
         check_range(job, range.offset, range.len_bytes, "zero range")?;
         let (offset, len_bytes) = (range.offset, range.len_bytes);
         Ok(self.wait(
@@ -179,7 +184,7 @@ impl Intake {
         seq: u64,
         now: Instant,
         out: &mut VecDeque<Action>,
-    ) -> Result<Progress, End> {
+    ) -> Result<IntakeState, End> {
         if self.last_seq.is_some_and(|last| seq <= last) {
             return Err(refuse(
                 ErrorCode::Protocol,
@@ -194,15 +199,20 @@ impl Intake {
     }
 
     /// DONE: what this stream wrote is settled before it finishes.
-    pub(super) fn done(&mut self, now: Instant, out: &mut VecDeque<Action>) -> Progress {
+    pub(super) fn done(&mut self, now: Instant, out: &mut VecDeque<Action>) -> IntakeState {
         if self.written.has_unsynced() {
             self.settle(AfterSettle::Done, now, out)
         } else {
-            Progress::Settled
+            IntakeState::Settled
         }
     }
 
-    fn settle(&mut self, then: AfterSettle, now: Instant, out: &mut VecDeque<Action>) -> Progress {
+    fn settle(
+        &mut self,
+        then: AfterSettle,
+        now: Instant,
+        out: &mut VecDeque<Action>,
+    ) -> IntakeState {
         let flush = self.written.flush(now);
         self.wait(out, flush, Pending::Flush(then))
     }
@@ -211,10 +221,10 @@ impl Intake {
     pub(super) fn complete(
         &mut self,
         job: &JobInfo,
-        done: Completion,
+        done: ActionResult,
         now: Instant,
         out: &mut VecDeque<Action>,
-    ) -> Result<Progress, End> {
+    ) -> Result<IntakeState, End> {
         let pending = self.pending.take();
         match (pending, done) {
             (
@@ -223,7 +233,7 @@ impl Intake {
                     len_bytes,
                     is_payload,
                 }),
-                Completion::Written { buf, result },
+                ActionResult::Written { buf, result },
             ) => {
                 if is_payload {
                     out.push_back(Action::Recycle(buf));
@@ -232,17 +242,17 @@ impl Intake {
                 }
                 self.on_written(job, (offset, len_bytes, len_bytes), result, now, out)
             }
-            (Some(Pending::Zero(r)), Completion::Zeroed(result)) => {
+            (Some(Pending::Zero(r)), ActionResult::Zeroed(result)) => {
                 self.on_written(job, (r.offset, r.len_bytes, 0), result, now, out)
             }
-            (Some(Pending::Flush(then)), Completion::Flushed(result)) => {
+            (Some(Pending::Flush(then)), ActionResult::Flushed(result)) => {
                 self.on_flushed(job, then, result, out)
             }
-            (Some(Pending::Durable(then)), Completion::MadeDurable(result)) => {
+            (Some(Pending::Durable(then)), ActionResult::MadeDurable(result)) => {
                 self.on_durable(then, result, out)
             }
-            (Some(Pending::Ack), Completion::Sent(result)) => result
-                .map(|()| Progress::Ready)
+            (Some(Pending::Ack), ActionResult::Sent(result)) => result
+                .map(|()| IntakeState::Ready)
                 .map_err(|e| End::Lost(format!("write failed: {e}"))),
             (pending, done) => Err(refuse(
                 ErrorCode::Internal,
@@ -260,7 +270,7 @@ impl Intake {
         result: io::Result<u64>,
         now: Instant,
         out: &mut VecDeque<Action>,
-    ) -> Result<Progress, End> {
+    ) -> Result<IntakeState, End> {
         let sync_point = match result {
             Ok(sync_point) => sync_point,
             Err(e) => {
@@ -282,7 +292,7 @@ impl Intake {
         if self.written.has_unsynced() && self.written.settle_due(now, interval, share_bytes) {
             return Ok(self.settle(AfterSettle::Continue, now, out));
         }
-        Ok(Progress::Ready)
+        Ok(IntakeState::Ready)
     }
 
     fn on_flushed(
@@ -291,7 +301,7 @@ impl Intake {
         then: AfterSettle,
         result: io::Result<()>,
         out: &mut VecDeque<Action>,
-    ) -> Result<Progress, End> {
+    ) -> Result<IntakeState, End> {
         match result {
             Ok(()) => {
                 let count = self.written.make_durable();
@@ -299,7 +309,7 @@ impl Intake {
             }
             Err(e) if then == AfterSettle::Done => {
                 not_counted(&e.to_string());
-                Ok(Progress::Settled)
+                Ok(IntakeState::Settled)
             }
             Err(e) => {
                 let message = format!("flushing target {:?} failed: {e}", job.target_name);
@@ -313,7 +323,7 @@ impl Intake {
         then: AfterSettle,
         result: Result<u64, RangeCapError>,
         out: &mut VecDeque<Action>,
-    ) -> Result<Progress, End> {
+    ) -> Result<IntakeState, End> {
         let bytes_durable_total = match result {
             Ok(total) => {
                 self.written.settled();
@@ -321,12 +331,12 @@ impl Intake {
             }
             Err(e) if then == AfterSettle::Done => {
                 not_counted(&e.to_string());
-                return Ok(Progress::Settled);
+                return Ok(IntakeState::Settled);
             }
             Err(e) => return Err(fail_job(out, ErrorCode::Protocol, e.to_string())),
         };
         Ok(match then {
-            AfterSettle::Continue => Progress::Ready,
+            AfterSettle::Continue => IntakeState::Ready,
             AfterSettle::Ack(seq) => {
                 let ack = Ack {
                     seq,
@@ -335,7 +345,7 @@ impl Intake {
                 };
                 self.wait(out, Action::Send(Frame::Ack(ack)), Pending::Ack)
             }
-            AfterSettle::Done => Progress::Settled,
+            AfterSettle::Done => IntakeState::Settled,
         })
     }
 }

@@ -27,7 +27,7 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::registry::unix_now;
-use super::target::Target;
+use super::target::TargetFile;
 use super::written::RangeCapError;
 use crate::journal::{Checkpointer, Journal, JournalStore, RangeSet};
 use crate::sync::lock;
@@ -89,7 +89,7 @@ struct JournalState {
 pub struct Job {
     pub id: [u8; 16],
     pub target_name: String,
-    pub target: Target,
+    pub target: TargetFile,
     pub size_bytes: u64,
     pub chunk_size_bytes: u32,
     pub stream_count: u16,
@@ -388,7 +388,7 @@ impl Job {
 /// What [`Job::new`] is built from.
 pub(super) struct JobStart<'a> {
     pub hello: &'a Hello,
-    pub target: Target,
+    pub target: TargetFile,
     pub journal: Journal,
     pub durable: RangeSet,
     pub policy: &'a JournalPolicy,

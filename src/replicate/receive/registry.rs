@@ -17,7 +17,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::job::{Job, JobStart, JournalPolicy, Refusal, check_same_job, job_id_hex};
-use super::target::{Opened, Target, TargetError, TargetKey, Targets};
+use super::target::{Opened, TargetError, TargetFile, TargetKey, Targets};
 use crate::journal::{self, Decision, Journal, RangeSet, RefuseReason, ResumeRequest};
 use crate::sync::lock;
 use crate::wire::{ErrorCode, Hello};
@@ -183,27 +183,7 @@ impl Registry {
         self.reserve_target(opened.key, hello.job_id, name)?;
         let store = &self.journals.store;
         let restart = hello.flags.restart();
-        let (existing, has_journal) = match store.load(name) {
-            Ok(j) => {
-                let found = j.is_some();
-                (j, found)
-            }
-            Err(e) if restart => {
-                info!(target = ?name, "discarding the journal on RESTART: {e}");
-                (None, true)
-            }
-            Err(e) if e.is_damaged() => {
-                warn!(target = ?name, "journal cannot be trusted: {e}");
-                return Err(Refusal::new(
-                    ErrorCode::JournalDamaged,
-                    format!("refusing to resume target {name:?}: {}", e.peer_text()),
-                ));
-            }
-            Err(e) => {
-                warn!(target = ?name, "cannot read the journal: {e}");
-                return Err(Refusal::new(ErrorCode::TargetIo, e.peer_text()));
-            }
-        };
+        let (existing, has_journal) = self.load_journal(name, restart)?;
         let request = ResumeRequest {
             target_name: name.clone(),
             source_identity: hello.source_identity.clone(),
@@ -234,8 +214,8 @@ impl Registry {
                     warn!(target = ?name, "cannot write the journal: {e}");
                     Refusal::new(ErrorCode::TargetIo, e.peer_text())
                 })?;
-                let target =
-                    Target::fresh(opened, hello.size_bytes).map_err(|e| self.refusal(name, e))?;
+                let target = TargetFile::fresh(opened, hello.size_bytes)
+                    .map_err(|e| self.refusal(name, e))?;
                 let how = if restart { "restarted" } else { "fresh" };
                 (target, journal, RangeSet::new(), how)
             }
@@ -285,6 +265,33 @@ impl Registry {
         Ok(job)
     }
 
+    /// The target's journal, if any, and whether one was there (a damaged
+    /// one discarded on RESTART counts). A journal that cannot be read or
+    /// trusted refuses the job, unless it is a RESTART.
+    fn load_journal(&self, name: &str, restart: bool) -> Result<(Option<Journal>, bool), Refusal> {
+        match self.journals.store.load(name) {
+            Ok(j) => {
+                let found = j.is_some();
+                Ok((j, found))
+            }
+            Err(e) if restart => {
+                info!(target = ?name, "discarding the journal on RESTART: {e}");
+                Ok((None, true))
+            }
+            Err(e) if e.is_damaged() => {
+                warn!(target = ?name, "journal cannot be trusted: {e}");
+                Err(Refusal::new(
+                    ErrorCode::JournalDamaged,
+                    format!("refusing to resume target {name:?}: {}", e.peer_text()),
+                ))
+            }
+            Err(e) => {
+                warn!(target = ?name, "cannot read the journal: {e}");
+                Err(Refusal::new(ErrorCode::TargetIo, e.peer_text()))
+            }
+        }
+    }
+
     /// A fresh job may replace a regular file only if it is new or empty,
     /// its data is ours (a journal of this receiver names it), or the
     /// sender asked to overwrite it. Block devices are the operator's
@@ -323,8 +330,8 @@ impl Registry {
     }
 
     /// A resumed target must still be the one the journal describes.
-    fn open_resumed(&self, opened: Opened, hello: &Hello) -> Result<Target, Refusal> {
-        Target::existing(opened, hello.size_bytes).map_err(|e| {
+    fn open_resumed(&self, opened: Opened, hello: &Hello) -> Result<TargetFile, Refusal> {
+        TargetFile::existing(opened, hello.size_bytes).map_err(|e| {
             let name = &hello.target;
             warn!(target = ?name, path = ?self.targets.local_path(name), "{e}");
             Refusal::new(

@@ -28,9 +28,9 @@ use super::job::{JournalPolicy, Registry};
 use super::limits::{HandshakeGate, HandshakeSlot, PeerLimits, RateLimitedLog};
 pub use super::target::TARGET_MODE_DEFAULT;
 use super::target::Targets;
-use super::transport::{POLL_INTERVAL_MS, Transport, is_timeout};
+use super::transport::{POLL_INTERVAL_MS, PeerStream, is_timeout};
 use crate::journal::JournalStore;
-use crate::net::{self, NetError, Role, SocketTuning, TlsDir, TlsError};
+use crate::net::{self, NetError, SocketTuning, TlsDir, TlsError, TlsRole};
 use crate::sync::lock;
 
 /// Most connections served at once; more are closed on accept.
@@ -140,7 +140,7 @@ impl Server {
             (Some(_), true) => return Err(ServeError::ConflictingTransport),
             (None, false) => return Err(ServeError::TlsRequired),
             (None, true) => None,
-            (Some(dir), false) => Some(net::server_config(&TlsDir::load(dir, Role::Server)?)?),
+            (Some(dir), false) => Some(net::server_config(&TlsDir::load(dir, TlsRole::Server)?)?),
         };
         let root = opts
             .target_root
@@ -326,7 +326,7 @@ impl Server {
                 // A TLS peer is authenticated now; a plaintext one counts
                 // against its address until its HELLO.
                 let unauthenticated = match &transport {
-                    Some(Transport::Plain(_)) => Some(slot),
+                    Some(PeerStream::Plain(_)) => Some(slot),
                     _ => {
                         drop(slot);
                         None
@@ -397,10 +397,10 @@ fn open_transport(
     tls: Option<Arc<ServerConfig>>,
     slot: &HandshakeSlot,
     stop: &AtomicBool,
-) -> Option<Transport> {
+) -> Option<PeerStream> {
     if let Some(cfg) = tls {
         return match net::accept(tcp, cfg, HANDSHAKE_TIMEOUT_MS) {
-            Ok(stream) => Some(Transport::Tls(Box::new(stream))),
+            Ok(stream) => Some(PeerStream::Tls(Box::new(stream))),
             Err(e) => {
                 slot.refused(|| format!("refused connection from {peer}: {e}"));
                 None
@@ -418,7 +418,7 @@ fn open_transport(
             });
             None
         }
-        Ok(Some(_)) => Some(Transport::Plain(tcp)),
+        Ok(Some(_)) => Some(PeerStream::Plain(tcp)),
         Ok(None) => {
             debug!(%peer, "connection closed before sending anything");
             None

@@ -4,13 +4,13 @@
 //!
 //! [`Session`] is fed what happened ([`Input`]: a decoded frame, bytes
 //! arriving, a quiet poll interval, a stop, the connection ending) and the
-//! result of what it asked for ([`Completion`]), and answers with
+//! result of what it asked for ([`ActionResult`]), and answers with
 //! [`Action`]s (attach to the job, write or zero a range of the target,
 //! flush, count ranges durable, send a frame, read back, close). It holds
 //! no socket, file or clock: time comes in with every call, and the driver
 //! (`conn.rs`, a thread per connection today) does the I/O. One action
 //! that asks for a result is outstanding at a time; the driver carries it
-//! out and gives its [`Completion`] back before anything else.
+//! out and gives its [`ActionResult`] back before anything else.
 //!
 //! The machine is in parts: this file the stream's life (HELLO and its
 //! attach, DONE, VERIFY_REQUEST, PING, timeouts), `intake.rs` the data path
@@ -28,8 +28,8 @@ use std::time::Instant;
 use tracing::{debug, warn};
 
 use super::ending::Ending;
-use super::events::{Action, Completion, End, Health, Input, JobInfo};
-use super::intake::{Intake, Progress, hashes_arriving};
+use super::events::{Action, ActionResult, End, Health, Input, JobInfo};
+use super::intake::{Intake, IntakeState, hashes_arriving};
 use super::job::Refusal;
 use super::timers::Timers;
 use super::verify::VerifyError;
@@ -52,7 +52,7 @@ enum Phase {
     Closed,
 }
 
-/// The action whose [`Completion`] the machine waits for.
+/// The action whose [`ActionResult`] the machine waits for.
 #[derive(Debug)]
 enum Wait {
     Attach {
@@ -82,7 +82,7 @@ pub struct Session {
     timers: Timers,
     /// Actions not handed out yet; the last one may wait for a result.
     actions: VecDeque<Action>,
-    /// The action whose [`Completion`] is awaited, and what follows it.
+    /// The action whose [`ActionResult`] is awaited, and what follows it.
     waiting: Option<Wait>,
 }
 
@@ -109,7 +109,7 @@ impl Session {
 
     /// The next action to carry out, if any. An action that asks for a
     /// result ([`Action::needs_completion`]) is the last one until its
-    /// [`Completion`] came back through [`Session::complete`].
+    /// [`ActionResult`] came back through [`Session::complete`].
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
@@ -162,7 +162,7 @@ impl Session {
     }
 
     /// The result of the action the machine waits for.
-    pub fn complete(&mut self, completion: Completion, now: Instant) {
+    pub fn complete(&mut self, completion: ActionResult, now: Instant) {
         let Some(wait) = self.waiting.take() else {
             self.internal(format!("{completion:?} came with no action waiting for it"));
             return;
@@ -299,11 +299,11 @@ impl Session {
     }
 
     /// What the data path's last step leaves to the machine.
-    fn after_intake(&mut self, progress: Progress) {
+    fn after_intake(&mut self, progress: IntakeState) {
         match progress {
-            Progress::Waiting => self.waiting = Some(Wait::Intake),
-            Progress::Ready => {}
-            Progress::Settled => self.finish_stream(),
+            IntakeState::Waiting => self.waiting = Some(Wait::Intake),
+            IntakeState::Ready => {}
+            IntakeState::Settled => self.finish_stream(),
         }
     }
 
@@ -347,21 +347,25 @@ impl Session {
         Ok(())
     }
 
-    fn on_completion(&mut self, wait: Wait, done: Completion, now: Instant) -> Result<(), End> {
+    fn on_completion(&mut self, wait: Wait, done: ActionResult, now: Instant) -> Result<(), End> {
         match (wait, done) {
-            (Wait::Attach { offered }, Completion::Attached(job)) => {
+            (Wait::Attach { offered }, ActionResult::Attached(job)) => {
                 self.on_attached(offered, *job);
                 Ok(())
             }
-            (Wait::Attach { .. }, Completion::AttachRefused(refusal)) => Err(End::Refuse(refusal)),
+            (Wait::Attach { .. }, ActionResult::AttachRefused(refusal)) => {
+                Err(End::Refuse(refusal))
+            }
             (Wait::Intake, done) => {
                 let job = attached(&self.job)?;
                 let progress = self.intake.complete(job, done, now, &mut self.actions)?;
                 self.after_intake(progress);
                 Ok(())
             }
-            (Wait::FinishStream, Completion::StreamFinished(result)) => result.map_err(End::Refuse),
-            (Wait::ReadBack, Completion::ReadBack(result)) => match result {
+            (Wait::FinishStream, ActionResult::StreamFinished(result)) => {
+                result.map_err(End::Refuse)
+            }
+            (Wait::ReadBack, ActionResult::ReadBack(result)) => match result {
                 Ok((digest, bytes_read)) => {
                     let frame = Frame::VerifyResult { digest, bytes_read };
                     self.send(frame);
@@ -370,7 +374,7 @@ impl Session {
                 Err(VerifyError::Stopped) => Err(End::Stopped),
                 Err(VerifyError::Refused(refusal)) => Err(End::Refuse(refusal)),
             },
-            (Wait::Send, Completion::Sent(result)) => {
+            (Wait::Send, ActionResult::Sent(result)) => {
                 result.map_err(|e| End::Lost(format!("write failed: {e}")))
             }
             (wait, done) => Err(refuse(

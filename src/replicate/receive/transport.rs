@@ -19,16 +19,16 @@ const LINGER_MS: u64 = 500;
 const LINGER_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// One accepted connection.
-pub enum Transport {
+pub enum PeerStream {
     Tls(Box<StreamOwned<ServerConnection, TcpStream>>),
     Plain(TcpStream),
 }
 
-impl Transport {
+impl PeerStream {
     fn tcp(&self) -> &TcpStream {
         match self {
-            Transport::Tls(s) => &s.sock,
-            Transport::Plain(s) => s,
+            PeerStream::Tls(s) => &s.sock,
+            PeerStream::Plain(s) => s,
         }
     }
 
@@ -42,7 +42,7 @@ impl Transport {
     /// Ends the connection politely: TLS close_notify (or a TCP FIN), then
     /// a short bounded drain so what we sent is not lost to a reset.
     pub fn close(mut self) {
-        if let Transport::Tls(s) = &mut self {
+        if let PeerStream::Tls(s) = &mut self {
             s.conn.send_close_notify();
             let _ = s.flush();
         }
@@ -69,27 +69,27 @@ pub fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-impl Read for Transport {
+impl Read for PeerStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Transport::Tls(s) => s.read(buf),
-            Transport::Plain(s) => s.read(buf),
+            PeerStream::Tls(s) => s.read(buf),
+            PeerStream::Plain(s) => s.read(buf),
         }
     }
 }
 
-impl Write for Transport {
+impl Write for PeerStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Transport::Tls(s) => s.write(buf),
-            Transport::Plain(s) => s.write(buf),
+            PeerStream::Tls(s) => s.write(buf),
+            PeerStream::Plain(s) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Transport::Tls(s) => s.flush(),
-            Transport::Plain(s) => s.flush(),
+            PeerStream::Tls(s) => s.flush(),
+            PeerStream::Plain(s) => s.flush(),
         }
     }
 }

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::compress::{self, Compressors, LinkState, Mode, Policy};
+use crate::endpoint::open::open_source;
 use crate::engine::{self, EngineKind};
 use crate::journal::RangeSet;
 use crate::net::rate::RateLimiter;
@@ -41,11 +42,10 @@ use crate::net::socket::SocketTuning;
 use crate::pipeline::CopyError;
 use crate::pipeline::control::JobControl;
 use crate::pipeline::exits::Exits;
-use crate::pipeline::open::open_source;
-use crate::pipeline::plan::whole_windows;
 use crate::pipeline::run::{DstPlan, Pipeline, PipelineConfig, Requests, TICK};
 use crate::pipeline::sink::{Sink, SinkChunk};
 use crate::pipeline::stats::{Snapshot, Stats};
+use crate::plan::windows::whole_windows;
 use crate::runtime::{Engine, EngineOptions};
 use crate::wire::{
     self, ByteRange, DataHead, ErrorCode, Features, Frame, FrameDecoder, Hello, HelloFlags,

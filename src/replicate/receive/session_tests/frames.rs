@@ -13,7 +13,7 @@ fn hello_is_answered_by_welcome_after_the_attach() {
     };
     assert_eq!(*h, hello());
     assert!(rig.next().is_none(), "nothing before the attach completed");
-    rig.done(Completion::Attached(Box::new(job_info())));
+    rig.done(ActionResult::Attached(Box::new(job_info())));
     let Some(Action::Send(Frame::Welcome(w))) = rig.next() else {
         panic!("no WELCOME");
     };
@@ -27,7 +27,7 @@ fn a_refused_attach_is_sent_as_error_and_closes() {
     rig.frame(Frame::Hello(hello()));
     rig.next();
     let refusal = Refusal::new(ErrorCode::Busy, "target busy");
-    rig.done(Completion::AttachRefused(refusal.clone()));
+    rig.done(ActionResult::AttachRefused(refusal.clone()));
     let actions = rig.run(healthy);
     assert_eq!(errors(&actions)[0].code, ErrorCode::Busy);
     assert_eq!(closed_with(&actions), Some(&End::Refuse(refusal)));
@@ -69,7 +69,7 @@ fn a_matching_chunk_is_written_as_sent_and_its_buffer_recycled() {
         panic!("no write");
     };
     assert_eq!((offset, &buf), (4096, &raw));
-    rig.done(Completion::Written { buf, result: Ok(1) });
+    rig.done(ActionResult::Written { buf, result: Ok(1) });
     assert!(matches!(rig.next(), Some(Action::Recycle(b)) if b == raw));
     assert!(
         rig.next().is_none(),
@@ -107,7 +107,7 @@ fn a_compressed_chunk_is_checked_and_written_decompressed() {
         panic!("no write");
     };
     assert_eq!(buf, raw);
-    rig.done(Completion::Written { buf, result: Ok(1) });
+    rig.done(ActionResult::Written { buf, result: Ok(1) });
     assert!(
         rig.next().is_none(),
         "the decompression buffer is kept, not recycled"
@@ -121,7 +121,7 @@ fn a_barrier_is_acked_only_after_the_flush_and_the_durable_count() {
     rig.frame(Frame::Barrier { seq: 1 });
     assert!(matches!(rig.next(), Some(Action::Flush { sync_need: 1 })));
     assert!(rig.next().is_none(), "no ACK while the flush runs");
-    rig.done(Completion::Flushed(Ok(())));
+    rig.done(ActionResult::Flushed(Ok(())));
     let Some(Action::MakeDurable {
         ranges, data_bytes, ..
     }) = rig.next()
@@ -130,7 +130,7 @@ fn a_barrier_is_acked_only_after_the_flush_and_the_durable_count() {
     };
     assert_eq!((ranges, data_bytes), (vec![(0, 4096)], 4096));
     assert!(rig.next().is_none(), "no ACK before the job counted them");
-    rig.done(Completion::MadeDurable(Ok(8192)));
+    rig.done(ActionResult::MadeDurable(Ok(8192)));
     let Some(Action::Send(Frame::Ack(ack))) = rig.next() else {
         panic!("no ACK");
     };
@@ -148,10 +148,10 @@ fn a_failed_flush_fails_the_job_and_nothing_is_counted_durable_or_acked() {
     rig.write(0, 4096);
     rig.frame(Frame::Barrier { seq: 1 });
     assert!(matches!(rig.next(), Some(Action::Flush { .. })));
-    rig.done(Completion::Flushed(Err(eio())));
+    rig.done(ActionResult::Flushed(Err(eio())));
     // The ending flushes again (the target says no again).
     let actions = rig.run(|a| match a {
-        Action::Flush { .. } => Completion::Flushed(Err(eio())),
+        Action::Flush { .. } => ActionResult::Flushed(Err(eio())),
         other => healthy(other),
     });
     let bad = |a: &Action| matches!(a, Action::MakeDurable { .. } | Action::Send(Frame::Ack(_)));
@@ -170,7 +170,7 @@ fn a_failed_write_fails_the_job() {
     let Some(Action::Write { buf, .. }) = rig.next() else {
         panic!("no write");
     };
-    rig.done(Completion::Written {
+    rig.done(ActionResult::Written {
         buf,
         result: Err(eio()),
     });
@@ -234,7 +234,7 @@ fn the_job_durable_cap_refused_fails_the_job_without_an_ack() {
     rig.write(0, 4096);
     rig.frame(Frame::Barrier { seq: 5 });
     let actions = rig.run(|a| match a {
-        Action::MakeDurable { max_ranges, .. } => Completion::MadeDurable(Err(
+        Action::MakeDurable { max_ranges, .. } => ActionResult::MadeDurable(Err(
             crate::replicate::receive::written::RangeCapError::Job {
                 ranges: max_ranges + 1,
                 max_ranges: *max_ranges,
@@ -273,7 +273,7 @@ fn a_stream_settles_on_its_own_once_its_share_of_checkpoint_bytes_is_written() {
     rig.next();
     let mut info = job_info();
     info.checkpoint_bytes = 8192;
-    rig.done(Completion::Attached(Box::new(info)));
+    rig.done(ActionResult::Attached(Box::new(info)));
     rig.run(healthy);
     rig.write(0, 4096);
     rig.frame(data(4096, &[1; 4096], true));

@@ -6,7 +6,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::super::events::{Action, Completion, End, Health, Input, JobInfo};
+use super::super::events::{Action, ActionResult, End, Health, Input, JobInfo};
 use super::Session;
 use crate::wire::{
     ByteRange, ChunkDigest, Codec, Data, DataHead, ErrorFrame, Features, Frame, Hello, HelloFlags,
@@ -92,9 +92,9 @@ impl Rig {
         let mut rig = Rig::new(1 << 20);
         rig.frame(Frame::Hello(hello()));
         assert!(matches!(rig.next(), Some(Action::Attach(_))));
-        rig.done(Completion::Attached(Box::new(job_info())));
+        rig.done(ActionResult::Attached(Box::new(job_info())));
         assert!(matches!(rig.next(), Some(Action::Send(Frame::Welcome(_)))));
-        rig.done(Completion::Sent(Ok(())));
+        rig.done(ActionResult::Sent(Ok(())));
         assert!(!rig.s.is_busy());
         rig
     }
@@ -107,12 +107,12 @@ impl Rig {
         self.s.poll_action()
     }
 
-    pub(super) fn done(&mut self, completion: Completion) {
+    pub(super) fn done(&mut self, completion: ActionResult) {
         self.s.complete(completion, self.now);
     }
 
     /// Every action left, answering each that needs it with `answer`.
-    pub(super) fn run(&mut self, mut answer: impl FnMut(&Action) -> Completion) -> Vec<Action> {
+    pub(super) fn run(&mut self, mut answer: impl FnMut(&Action) -> ActionResult) -> Vec<Action> {
         let mut seen = Vec::new();
         while let Some(action) = self.next() {
             let completion = action.needs_completion().then(|| answer(&action));
@@ -130,29 +130,29 @@ impl Rig {
         let Some(Action::Write { buf, .. }) = self.next() else {
             panic!("no write");
         };
-        self.done(Completion::Written { buf, result: Ok(1) });
+        self.done(ActionResult::Written { buf, result: Ok(1) });
         assert!(matches!(self.next(), Some(Action::Recycle(_))));
         assert!(self.next().is_none());
     }
 }
 
 /// Answers every action as a healthy target would.
-pub(super) fn healthy(action: &Action) -> Completion {
+pub(super) fn healthy(action: &Action) -> ActionResult {
     match action {
-        Action::Write { buf, .. } => Completion::Written {
+        Action::Write { buf, .. } => ActionResult::Written {
             buf: buf.clone(),
             result: Ok(1),
         },
-        Action::Zero { .. } => Completion::Zeroed(Ok(1)),
-        Action::Flush { .. } => Completion::Flushed(Ok(())),
+        Action::Zero { .. } => ActionResult::Zeroed(Ok(1)),
+        Action::Flush { .. } => ActionResult::Flushed(Ok(())),
         Action::MakeDurable { ranges, .. } => {
-            Completion::MadeDurable(Ok(ranges.iter().map(|r| r.1).sum()))
+            ActionResult::MadeDurable(Ok(ranges.iter().map(|r| r.1).sum()))
         }
-        Action::FinishStream => Completion::StreamFinished(Ok(())),
-        Action::ReadBack { .. } => Completion::ReadBack(Ok(([3; 32], SIZE))),
-        Action::SyncForStop => Completion::Synced(Ok(())),
-        Action::Attach(_) => Completion::Attached(Box::new(job_info())),
-        _ => Completion::Sent(Ok(())),
+        Action::FinishStream => ActionResult::StreamFinished(Ok(())),
+        Action::ReadBack { .. } => ActionResult::ReadBack(Ok(([3; 32], SIZE))),
+        Action::SyncForStop => ActionResult::Synced(Ok(())),
+        Action::Attach(_) => ActionResult::Attached(Box::new(job_info())),
+        _ => ActionResult::Sent(Ok(())),
     }
 }
 

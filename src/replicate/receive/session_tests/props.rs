@@ -54,17 +54,17 @@ proptest! {
             let actions = rig.run(|a| {
                 let is_failing = fail.next().unwrap_or(0) < 32;
                 match a {
-                    Action::Flush { .. } if is_failing => Completion::Flushed(Err(eio())),
+                    Action::Flush { .. } if is_failing => ActionResult::Flushed(Err(eio())),
                     Action::Flush { .. } => {
                         flushed = true;
-                        Completion::Flushed(Ok(()))
+                        ActionResult::Flushed(Ok(()))
                     }
                     Action::MakeDurable { .. } => {
                         assert!(flushed, "counted durable without a flush");
                         flushed = false;
                         healthy(a)
                     }
-                    Action::Write { buf, .. } if is_failing => Completion::Written {
+                    Action::Write { buf, .. } if is_failing => ActionResult::Written {
                         buf: buf.clone(),
                         result: Err(eio()),
                     },

@@ -1,7 +1,7 @@
 //! Targets on the receiver: opening a HELLO's target name
 //! ([`open::Targets::open`], confined below the target root by
 //! [`beneath`]), preparing it for a job without ever truncating what a
-//! journal vouches for ([`Target::fresh`], [`Target::existing`]) and the I/O
+//! journal vouches for ([`TargetFile::fresh`], [`TargetFile::existing`]) and the I/O
 //! a stream does on it (write, zero, flush, read back).
 //!
 //! Errors name the target as the sender named it, never the receiver's
@@ -111,7 +111,7 @@ pub enum TargetError {
 
 /// An open target.
 #[derive(Debug)]
-pub struct Target {
+pub struct TargetFile {
     /// Writes, reads and fdatasync. Only fdatasync, under `sync_lock`,
     /// takes in writeback errors on this descriptor (see `writeback`).
     file: File,
@@ -140,7 +140,7 @@ pub struct Target {
     /// holds the ranges whose writeback was started, oldest first.
     write_lock: Mutex<std::collections::VecDeque<(u64, u64)>>,
     /// Flushes started and the number of the last one finished (see
-    /// [`Target::sync_point`]).
+    /// [`TargetFile::sync_point`]).
     syncs: Mutex<SyncCount>,
     /// One flush at a time: the streams' barriers share them.
     sync_lock: Mutex<()>,
@@ -162,7 +162,7 @@ struct SyncCount {
 /// the page cache (the same streamed writeback as `copy`).
 const WRITEBACK_WINDOW: usize = 8;
 
-impl Target {
+impl TargetFile {
     /// Prepares an opened target for a new job: a regular file is
     /// truncated and sized to `size_bytes` (all holes); a block device
     /// keeps its content and must hold `size_bytes`.
@@ -170,7 +170,7 @@ impl Target {
     /// The caller decided that nothing in it is to be kept (no journal
     /// vouches for it, and it was empty, new, or the sender asked to
     /// overwrite it).
-    pub fn fresh(opened: Opened, size_bytes: u64) -> Result<Target, TargetError> {
+    pub fn fresh(opened: Opened, size_bytes: u64) -> Result<TargetFile, TargetError> {
         let fresh_zero = match opened.kind {
             FileKind::Regular => {
                 let err = |source| TargetError::Open {
@@ -187,29 +187,29 @@ impl Target {
                 false
             }
         };
-        Target::new(opened, fresh_zero)
+        TargetFile::new(opened, fresh_zero)
     }
 
     /// Opens the target of a resumed (or already complete) job as it is:
     /// nothing is truncated or resized. A regular file must have exactly
     /// `size_bytes` (the size it was given when the job started); a block
     /// device must still hold `size_bytes`.
-    pub fn existing(opened: Opened, size_bytes: u64) -> Result<Target, TargetError> {
+    pub fn existing(opened: Opened, size_bytes: u64) -> Result<TargetFile, TargetError> {
         match opened.kind {
             FileKind::Regular if opened.len_bytes != size_bytes => Err(TargetError::WrongSize {
                 name: opened.name,
                 len_bytes: opened.len_bytes,
                 size_bytes,
             }),
-            FileKind::Regular => Target::new(opened, false),
+            FileKind::Regular => TargetFile::new(opened, false),
             _ => {
                 check_device_size(&opened, size_bytes)?;
-                Target::new(opened, false)
+                TargetFile::new(opened, false)
             }
         }
     }
 
-    fn new(opened: Opened, fresh_zero: bool) -> Result<Target, TargetError> {
+    fn new(opened: Opened, fresh_zero: bool) -> Result<TargetFile, TargetError> {
         forget_stale_writeback_error(&opened.file, &opened.path);
         // The same file or device, reopened through the descriptor (never
         // by path, which may have changed since it was opened). Opened
@@ -222,7 +222,7 @@ impl Target {
                     source,
                 }
             })?;
-        Ok(Target {
+        Ok(TargetFile {
             file: opened.file,
             writeback,
             name: opened.name,
@@ -357,7 +357,7 @@ impl Target {
         lock(&self.syncs).started + 1
     }
 
-    /// Makes durable every write whose [`Target::sync_point`] was `need`
+    /// Makes durable every write whose [`TargetFile::sync_point`] was `need`
     /// or less: returns at once if such a flush already finished, else
     /// waits for the flush in progress and flushes again only if that one
     /// started too early. Streams asking for barriers together share one

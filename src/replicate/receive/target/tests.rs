@@ -43,7 +43,7 @@ fn mode_of(path: &Path) -> u32 {
 fn zero_range_on_a_used_target_reads_back_zeros() {
     let s = setup(Vec::new(), TARGET_MODE_DEFAULT);
     let opened = s.targets.open("t.img").unwrap();
-    let mut target = Target::fresh(opened, 4 << 20).unwrap();
+    let mut target = TargetFile::fresh(opened, 4 << 20).unwrap();
     target.fresh_zero = false; // as a block device or a resumed file
     target.write_at(&[0xAB; 3 << 20], 0).unwrap();
     target.zero_range(4096, (2 << 20) + 4096).unwrap();
@@ -117,12 +117,12 @@ fn new_files_get_the_mode_and_existing_ones_are_not_truncated() {
     ] {
         let opened = s.targets.open(name).unwrap();
         assert!(!opened.created && opened.len_bytes == 4, "{name}");
-        let target = Target::existing(opened, 4).unwrap();
+        let target = TargetFile::existing(opened, 4).unwrap();
         assert_eq!(target.kind(), FileKind::Regular);
         assert_eq!(std::fs::read(&path).unwrap(), b"keep", "{name}");
         let opened = s.targets.open(name).unwrap();
         assert!(matches!(
-            Target::existing(opened, 8),
+            TargetFile::existing(opened, 8),
             Err(TargetError::WrongSize { len_bytes: 4, .. })
         ));
         assert_eq!(std::fs::read(&path).unwrap(), b"keep", "{name}");

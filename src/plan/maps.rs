@@ -1,28 +1,44 @@
-//! Allocation maps of real sources: `SEEK_DATA`/`SEEK_HOLE` on files and
-//! NBD `BLOCK_STATUS` with `base:allocation`.
+//! Allocation maps of opened sources: `SEEK_DATA`/`SEEK_HOLE` on a file's
+//! fd and NBD `BLOCK_STATUS` with `base:allocation` over a negotiated
+//! connection. Opening is [`crate::endpoint::open`]'s work; these take what
+//! it opened ([`map_file`], [`map_nbd`]).
 
 #![forbid(unsafe_code)]
 use std::fs::File;
 
-use super::plan::{Extent, ExtentMap, PlanError};
+use super::windows::{ExtentMap, MapError, MapExtent};
 use crate::nbd::blocking::Client;
 use crate::nbd::uri::NbdStream;
 
 /// NBD_STATE_ZERO: the range reads as zeros.
 const NBD_STATE_ZERO: u32 = 2;
+/// The NBD metadata context that says which ranges hold data.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
-/// SEEK_DATA map of a file (block devices: all data).
-pub struct FileMap {
-    pub file: File,
-    pub size_bytes: u64,
+/// Map the whole of an opened file or block device (`size_bytes` long)
+/// through its fd.
+pub fn map_file(file: &File, size_bytes: u64) -> Result<ExtentList, MapError> {
+    ExtentList::collect(&mut FileMap { file }, size_bytes)
 }
 
-impl ExtentMap for FileMap {
-    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), PlanError> {
+/// Map the whole of an NBD export (`size_bytes` long) over `client`, a
+/// connection negotiated with the [`BASE_ALLOCATION`] context. The
+/// connection is left idle, ready for the workers.
+pub fn map_nbd(client: &mut Client<NbdStream>, size_bytes: u64) -> Result<ExtentList, MapError> {
+    ExtentList::collect(&mut NbdMap { client }, size_bytes)
+}
+
+/// SEEK_DATA map of a file (block devices: all data).
+pub struct FileMap<'a> {
+    /// The opened source.
+    pub file: &'a File,
+}
+
+impl ExtentMap for FileMap<'_> {
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<MapExtent>) -> Result<(), MapError> {
         let mut data = Vec::new();
-        crate::endpoint::file::data_extents(&self.file, offset, len, &mut data)
-            .map_err(|source| PlanError::Io { offset, source })?;
+        crate::endpoint::file::data_extents(self.file, offset, len, &mut data)
+            .map_err(|source| MapError::Io { offset, source })?;
         let mut pos = offset;
         for (o, l) in data {
             let (o, l) = (
@@ -33,13 +49,13 @@ impl ExtentMap for FileMap {
                 continue;
             }
             if o > pos {
-                out.push(Extent {
+                out.push(MapExtent {
                     offset: pos,
                     len: o - pos,
                     data: false,
                 });
             }
-            out.push(Extent {
+            out.push(MapExtent {
                 offset: o,
                 len: l,
                 data: true,
@@ -47,7 +63,7 @@ impl ExtentMap for FileMap {
             pos = o + l;
         }
         if pos < offset + len {
-            out.push(Extent {
+            out.push(MapExtent {
                 offset: pos,
                 len: offset + len - pos,
                 data: false,
@@ -57,26 +73,27 @@ impl ExtentMap for FileMap {
     }
 }
 
-/// BLOCK_STATUS map over a dedicated NBD connection.
-pub struct NbdMap {
-    pub client: Client<NbdStream>,
+/// BLOCK_STATUS map over a negotiated NBD connection.
+pub struct NbdMap<'a> {
+    /// The connection, negotiated with [`BASE_ALLOCATION`].
+    pub client: &'a mut Client<NbdStream>,
 }
 
-impl ExtentMap for NbdMap {
-    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), PlanError> {
+impl ExtentMap for NbdMap<'_> {
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<MapExtent>) -> Result<(), MapError> {
         let ask = u32::try_from(len.min(u64::from(u32::MAX) & !0xFFFF).max(1).min(len))
             .unwrap_or(u32::MAX);
         let extents = self
             .client
             .block_status(offset, ask, BASE_ALLOCATION)
-            .map_err(|source| PlanError::Nbd { offset, source })?;
+            .map_err(|source| MapError::Nbd { offset, source })?;
         let mut pos = offset;
         for e in extents {
             let l = u64::from(e.len).min(offset + len - pos);
             if l == 0 {
                 break;
             }
-            out.push(Extent {
+            out.push(MapExtent {
                 offset: pos,
                 len: l,
                 data: e.flags & NBD_STATE_ZERO == 0,
@@ -84,7 +101,7 @@ impl ExtentMap for NbdMap {
             pos += l;
         }
         if pos == offset {
-            return Err(PlanError::BadMap {
+            return Err(MapError::BadMap {
                 offset,
                 why: "server returned no extents".into(),
             });
@@ -102,7 +119,7 @@ pub struct ExtentList {
 
 impl ExtentList {
     /// Walk `map` over `[0, size_bytes)`.
-    pub fn collect(map: &mut dyn ExtentMap, size_bytes: u64) -> Result<Self, PlanError> {
+    pub fn collect(map: &mut dyn ExtentMap, size_bytes: u64) -> Result<Self, MapError> {
         let mut data: Vec<(u64, u64)> = Vec::new();
         let mut buf = Vec::new();
         let mut offset = 0;
@@ -110,14 +127,14 @@ impl ExtentList {
             buf.clear();
             map.map(offset, (size_bytes - offset).min(1 << 30), &mut buf)?;
             if buf.is_empty() {
-                return Err(PlanError::BadMap {
+                return Err(MapError::BadMap {
                     offset,
                     why: "no extents returned".into(),
                 });
             }
             for e in &buf {
                 if e.offset != offset || e.len == 0 || e.len > size_bytes - offset {
-                    return Err(PlanError::BadMap {
+                    return Err(MapError::BadMap {
                         offset,
                         why: "extents not contiguous".into(),
                     });
@@ -177,13 +194,14 @@ impl ExtentList {
         self.data.len()
     }
 
+    /// No data at all.
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
     }
 }
 
 impl ExtentMap for ExtentList {
-    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), PlanError> {
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<MapExtent>) -> Result<(), MapError> {
         let end = (offset + len).min(self.size_bytes);
         // First data extent ending after `offset`.
         let mut i = self.data.partition_point(|&(o, l)| o + l <= offset);
@@ -192,7 +210,7 @@ impl ExtentMap for ExtentList {
             match self.data.get(i) {
                 Some(&(o, l)) if o < end => {
                     if o > pos {
-                        out.push(Extent {
+                        out.push(MapExtent {
                             offset: pos,
                             len: o - pos,
                             data: false,
@@ -200,7 +218,7 @@ impl ExtentMap for ExtentList {
                         pos = o;
                     }
                     let e = (o + l).min(end);
-                    out.push(Extent {
+                    out.push(MapExtent {
                         offset: pos,
                         len: e - pos,
                         data: true,
@@ -209,7 +227,7 @@ impl ExtentMap for ExtentList {
                     i += 1;
                 }
                 _ => {
-                    out.push(Extent {
+                    out.push(MapExtent {
                         offset: pos,
                         len: end - pos,
                         data: false,

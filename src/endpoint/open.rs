@@ -5,15 +5,15 @@
 use std::fs::File;
 use std::time::Duration;
 
-use super::CopyError;
-use super::maps::{BASE_ALLOCATION, ExtentList, FileMap, NbdMap};
-use super::plan::{AllData, ExtentMap};
-use crate::endpoint::file::RawFile;
-use crate::endpoint::qemu::{self, QemuNbdChild};
-use crate::endpoint::{EndpointError, FileKind, ImageFormat, Role, Spec, parse_spec};
+use super::file::RawFile;
+use super::qemu::{self, QemuNbdChild};
+use super::{EndpointError, FileKind, ImageFormat, Role, Spec, parse_spec};
 use crate::nbd::blocking::Client;
 use crate::nbd::handshake::{ExportInfo, negotiate};
 use crate::nbd::uri::{NbdStream, NbdUri};
+use crate::pipeline::CopyError;
+use crate::plan::maps::{self, BASE_ALLOCATION, ExtentList};
+use crate::plan::windows::{AllData, ExtentMap};
 
 /// One negotiated NBD connection.
 pub type NbdConnection = (NbdStream, ExportInfo);
@@ -24,20 +24,39 @@ pub enum Access {
     /// allows it (targets only): aligned writes go there, skipping the page
     /// cache and its writeback stalls.
     File {
+        /// The file or block device.
         file: File,
+        /// Which of the two.
         kind: FileKind,
+        /// The same file opened with O_DIRECT, where used.
         direct: Option<File>,
     },
+    /// An NBD export.
     Nbd {
+        /// Its negotiated connections (one unless it allows multi-conn).
         conns: Vec<NbdConnection>,
     },
 }
 
+impl Access {
+    /// How many NBD connections it has (None for a file).
+    pub fn nbd_connections(&self) -> Option<usize> {
+        match self {
+            Access::File { .. } => None,
+            Access::Nbd { conns } => Some(conns.len()),
+        }
+    }
+}
+
 /// An opened source, its allocation already mapped.
 pub struct Source {
+    /// The source as the user named it, for messages.
     pub display: String,
+    /// Its size.
     pub size_bytes: u64,
+    /// How its data is reached.
     pub access: Access,
+    /// Its data extents ([`crate::plan::maps`]).
     pub extents: ExtentList,
     /// Keeps the qemu-nbd child (if any) alive for the job.
     pub child: Option<QemuNbdChild>,
@@ -45,11 +64,15 @@ pub struct Source {
 
 /// An opened target, sized and ready.
 pub struct Target {
+    /// The target as the user named it, for messages.
     pub display: String,
+    /// Its size (at least the source's).
     pub size_bytes: u64,
+    /// How its data is reached.
     pub access: Access,
     /// The target reads as zeros everywhere already (fresh file).
     pub fresh_zero: bool,
+    /// Keeps the qemu-nbd child (if any) alive for the job.
     pub child: Option<QemuNbdChild>,
 }
 
@@ -133,15 +156,7 @@ pub fn open_source(
     let (uri, child) = match spec {
         Spec::Raw(path) => {
             let raw = RawFile::open_source(&path)?;
-            let map_file = raw.file.try_clone().map_err(|e| EndpointError::Io {
-                path: arg.to_string(),
-                source: e,
-            })?;
-            let mut map = FileMap {
-                file: map_file,
-                size_bytes: raw.size_bytes,
-            };
-            let extents = ExtentList::collect(&mut map, raw.size_bytes)?;
+            let extents = maps::map_file(&raw.file, raw.size_bytes)?;
             return Ok(Source {
                 display: path.display().to_string(),
                 size_bytes: raw.size_bytes,
@@ -160,28 +175,13 @@ pub fn open_source(
             (child.uri(), Some(child))
         }
     };
-    check_plain(&uri)?;
-    let stream = uri
-        .connect_timeout(io_timeout)
-        .map_err(|e| connect_err(&uri, e))?;
-    let mut client =
-        Client::connect(stream, &uri.export, &[BASE_ALLOCATION]).map_err(|e| nbd_err(&uri, e))?;
-    let info = client.info().clone();
+    let (stream, info) = connect(&uri, &[BASE_ALLOCATION], io_timeout)?;
     let size_bytes = info.size_bytes;
     // Map on the first connection, then hand it to the workers.
-    let extents = if info.context_id(BASE_ALLOCATION).is_some() {
-        let mut map = NbdMap { client };
-        let list = ExtentList::collect(&mut map, size_bytes)?;
-        client = map.client;
-        list
-    } else {
-        tracing::info!(
-            "{} has no base:allocation; reading everything",
-            uri_display(&uri)
-        );
-        ExtentList::collect(&mut AllData as &mut dyn ExtentMap, size_bytes)?
-    };
-    let first = (client.into_parts().0, info);
+    let mut client = Client::from_negotiated(stream, info);
+    let extents = map_nbd_source(&uri, &mut client, size_bytes)?;
+    let (stream, _, info) = client.into_parts();
+    let first = (stream, info);
     let conns = more_connections(&uri, first, connections, &[BASE_ALLOCATION], io_timeout)?;
     Ok(Source {
         display: arg.to_string(),
@@ -190,6 +190,26 @@ pub fn open_source(
         extents,
         child,
     })
+}
+
+/// The data extents of an NBD source over its first connection; all data
+/// when the server has no `base:allocation`.
+fn map_nbd_source(
+    uri: &NbdUri,
+    client: &mut Client<NbdStream>,
+    size_bytes: u64,
+) -> Result<ExtentList, CopyError> {
+    if client.info().context_id(BASE_ALLOCATION).is_some() {
+        return Ok(maps::map_nbd(client, size_bytes)?);
+    }
+    tracing::info!(
+        "{} has no base:allocation; reading everything",
+        uri_display(uri)
+    );
+    Ok(ExtentList::collect(
+        &mut AllData as &mut dyn ExtentMap,
+        size_bytes,
+    )?)
 }
 
 /// Open (creating or sizing where that is what a user means) the target

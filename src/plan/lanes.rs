@@ -18,7 +18,7 @@
 
 #![forbid(unsafe_code)]
 use super::maps::ExtentList;
-use super::plan::{Emit, PlanError, plan_span};
+use super::windows::{Emit, MapError, plan_span};
 
 /// Lanes by default: more than the requests in flight at the local depth
 /// (2 workers × 4 slots), so those never share a region.
@@ -58,7 +58,7 @@ impl Lane {
 
 /// Plan `spans` (sorted, disjoint, whole windows of `chunk_bytes`) in
 /// `lanes` lanes of about equal data, one data window from each lane in
-/// turn. With one lane the items come out as [`super::plan::plan_windows`]
+/// turn. With one lane the items come out as [`super::windows::plan_windows`]
 /// gives them. Returns the number of data bytes planned.
 pub fn plan_lanes(
     list: &mut ExtentList,
@@ -67,7 +67,7 @@ pub fn plan_lanes(
     chunk_bytes: u32,
     lanes: u32,
     emit: Emit<'_>,
-) -> Result<u64, PlanError> {
+) -> Result<u64, MapError> {
     let chunk = u64::from(chunk_bytes.max(1));
     let mut lanes: Vec<Lane> = split(list, spans, size_bytes, chunk, lanes.max(1))
         .into_iter()
@@ -166,7 +166,7 @@ fn split(
 
 #[cfg(test)]
 mod tests {
-    use super::super::plan::{Work, plan_windows};
+    use super::super::windows::{Work, plan_windows};
     use super::*;
     use proptest::prelude::*;
 
@@ -338,7 +338,7 @@ mod tests {
                 .iter()
                 .map(|&(s, l)| (s * 4096 * 5, l * 4096 * 3))
                 .collect();
-            let spans = super::super::plan::whole_windows(&windows, size, chunk);
+            let spans = super::super::windows::whole_windows(&windows, size, chunk);
             let mut want = Vec::new();
             let want_planned = plan_windows(&mut list(&data, size), &spans, size, chunk, &mut |w| {
                 want.push(w);

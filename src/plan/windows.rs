@@ -1,4 +1,4 @@
-//! The extent planner: turns what the source says about its allocation into
+//! Windows: the extent planner turns what the source says about its allocation into
 //! work items, never asking for a byte the source reports as a hole or zero.
 //!
 //! The disk is cut into windows of `chunk_bytes` aligned to the chunk size.
@@ -10,8 +10,10 @@
 #![forbid(unsafe_code)]
 /// One extent as reported by a source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
+pub struct MapExtent {
+    /// First byte.
     pub offset: u64,
+    /// Bytes.
     pub len: u64,
     /// False when the source says the range is a hole or reads as zeros.
     pub data: bool,
@@ -19,31 +21,46 @@ pub struct Extent {
 
 /// Errors while mapping the source.
 #[derive(Debug, thiserror::Error)]
-pub enum PlanError {
+pub enum MapError {
+    /// `SEEK_DATA`/`SEEK_HOLE` on the source's fd failed.
     #[error("mapping source allocation at offset {offset}: {source}")]
-    Io { offset: u64, source: std::io::Error },
+    Io {
+        /// Where the map was asked.
+        offset: u64,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The NBD server failed `BLOCK_STATUS`.
     #[error("mapping source allocation at offset {offset}: {source}")]
     Nbd {
+        /// Where the map was asked.
         offset: u64,
+        /// What failed.
         source: crate::nbd::NbdError,
     },
+    /// The source's answer does not describe the disk.
     #[error("source allocation map is inconsistent at offset {offset}: {why}")]
-    BadMap { offset: u64, why: String },
+    BadMap {
+        /// Where the map was asked.
+        offset: u64,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 /// Something that can say which parts of a source hold data.
 pub trait ExtentMap: Send {
     /// Append extents that start at `offset`, are contiguous, and cover at
     /// least one byte and at most `len` bytes.
-    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), PlanError>;
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<MapExtent>) -> Result<(), MapError>;
 }
 
 /// A source without allocation information: everything is data.
 pub struct AllData;
 
 impl ExtentMap for AllData {
-    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), PlanError> {
-        out.push(Extent {
+    fn map(&mut self, offset: u64, len: u64, out: &mut Vec<MapExtent>) -> Result<(), MapError> {
+        out.push(MapExtent {
             offset,
             len,
             data: true,
@@ -58,12 +75,20 @@ pub enum Work {
     /// Read `data` runs (offset relative to `offset`, length) of the window
     /// `[offset, offset + len)`; the rest of the window is zero.
     Copy {
+        /// First byte of the window.
         offset: u64,
+        /// Bytes in the window.
         len: u32,
+        /// The data runs: (offset in the window, length).
         data: Vec<(u32, u32)>,
     },
     /// Make `[offset, offset + len)` read as zeros on the target.
-    Zero { offset: u64, len: u64 },
+    Zero {
+        /// First byte.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
 }
 
 /// Largest span asked of the source map in one call.
@@ -79,8 +104,8 @@ pub fn plan(
     map: &mut dyn ExtentMap,
     size_bytes: u64,
     chunk_bytes: u32,
-    emit: &mut dyn FnMut(Work) -> Result<(), PlanError>,
-) -> Result<u64, PlanError> {
+    emit: &mut dyn FnMut(Work) -> Result<(), MapError>,
+) -> Result<u64, MapError> {
     plan_span(map, 0, size_bytes, size_bytes, chunk_bytes, emit)
 }
 
@@ -94,8 +119,8 @@ pub fn plan_windows(
     spans: &[(u64, u64)],
     size_bytes: u64,
     chunk_bytes: u32,
-    emit: &mut dyn FnMut(Work) -> Result<(), PlanError>,
-) -> Result<u64, PlanError> {
+    emit: &mut dyn FnMut(Work) -> Result<(), MapError>,
+) -> Result<u64, MapError> {
     let chunk = u64::from(chunk_bytes.max(1));
     let mut planned = 0;
     for &(start, len) in spans {
@@ -140,11 +165,11 @@ pub(super) fn plan_span(
     end: u64,
     size_bytes: u64,
     chunk_bytes: u32,
-    emit: &mut dyn FnMut(Work) -> Result<(), PlanError>,
-) -> Result<u64, PlanError> {
+    emit: &mut dyn FnMut(Work) -> Result<(), MapError>,
+) -> Result<u64, MapError> {
     assert!(chunk_bytes > 0);
     let chunk = u64::from(chunk_bytes);
-    let mut builder = Builder {
+    let mut builder = WindowBuilder {
         size_bytes,
         chunk,
         window: None,
@@ -159,14 +184,14 @@ pub(super) fn plan_span(
         let want = (end - offset).min(MAP_QUERY_BYTES);
         map.map(offset, want, &mut extents)?;
         if extents.is_empty() {
-            return Err(PlanError::BadMap {
+            return Err(MapError::BadMap {
                 offset,
                 why: "no extents returned".into(),
             });
         }
         for e in &extents {
             if e.offset != offset || e.len == 0 || e.len > end - offset {
-                return Err(PlanError::BadMap {
+                return Err(MapError::BadMap {
                     offset,
                     why: format!(
                         "extent {}+{} is not contiguous or overruns the disk",
@@ -184,7 +209,8 @@ pub(super) fn plan_span(
     Ok(builder.planned)
 }
 
-struct Builder {
+/// Cuts data extents into windows and zero items, in ascending order.
+struct WindowBuilder {
     size_bytes: u64,
     chunk: u64,
     /// Start of the window being filled.
@@ -195,10 +221,10 @@ struct Builder {
     planned: u64,
 }
 
-pub(super) type Emit<'a> = &'a mut dyn FnMut(Work) -> Result<(), PlanError>;
+pub(super) type Emit<'a> = &'a mut dyn FnMut(Work) -> Result<(), MapError>;
 
-impl Builder {
-    fn add_data(&mut self, mut offset: u64, len: u64, emit: Emit<'_>) -> Result<(), PlanError> {
+impl WindowBuilder {
+    fn add_data(&mut self, mut offset: u64, len: u64, emit: Emit<'_>) -> Result<(), MapError> {
         let end = offset + len;
         while offset < end {
             let w = offset - offset % self.chunk;
@@ -220,7 +246,7 @@ impl Builder {
         Ok(())
     }
 
-    fn close_window(&mut self, emit: Emit<'_>) -> Result<(), PlanError> {
+    fn close_window(&mut self, emit: Emit<'_>) -> Result<(), MapError> {
         if let Some(w) = self.window.take() {
             let len = self.chunk.min(self.size_bytes - w);
             emit(Work::Copy {
@@ -233,7 +259,7 @@ impl Builder {
         Ok(())
     }
 
-    fn zero_until(&mut self, to: u64, emit: Emit<'_>) -> Result<(), PlanError> {
+    fn zero_until(&mut self, to: u64, emit: Emit<'_>) -> Result<(), MapError> {
         while self.done_to < to {
             let len = (to - self.done_to).min(ZERO_ITEM_MAX_BYTES);
             emit(Work::Zero {
@@ -245,7 +271,7 @@ impl Builder {
         Ok(())
     }
 
-    fn finish(&mut self, end: u64, emit: Emit<'_>) -> Result<(), PlanError> {
+    fn finish(&mut self, end: u64, emit: Emit<'_>) -> Result<(), MapError> {
         self.close_window(emit)?;
         self.zero_until(end, emit)
     }
@@ -256,16 +282,16 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    struct Fixed(Vec<Extent>);
+    struct Fixed(Vec<MapExtent>);
     impl ExtentMap for Fixed {
-        fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), PlanError> {
+        fn map(&mut self, offset: u64, len: u64, out: &mut Vec<MapExtent>) -> Result<(), MapError> {
             for e in &self.0 {
                 let end = e.offset + e.len;
                 if end <= offset || e.offset >= offset + len {
                     continue;
                 }
                 let s = e.offset.max(offset);
-                out.push(Extent {
+                out.push(MapExtent {
                     offset: s,
                     len: end.min(offset + len) - s,
                     data: e.data,
@@ -288,17 +314,17 @@ mod tests {
     #[test]
     fn plan_windows_covers_only_its_spans() {
         let extents = vec![
-            Extent {
+            MapExtent {
                 offset: 0,
                 len: 5000,
                 data: true,
             },
-            Extent {
+            MapExtent {
                 offset: 5000,
                 len: 20_000,
                 data: false,
             },
-            Extent {
+            MapExtent {
                 offset: 25_000,
                 len: 7000,
                 data: true,
@@ -368,17 +394,17 @@ mod tests {
     #[test]
     fn holes_become_zero_items() {
         let ext = vec![
-            Extent {
+            MapExtent {
                 offset: 0,
                 len: 100,
                 data: true,
             },
-            Extent {
+            MapExtent {
                 offset: 100,
                 len: 20_000,
                 data: false,
             },
-            Extent {
+            MapExtent {
                 offset: 20_100,
                 len: 100,
                 data: true,
@@ -413,7 +439,7 @@ mod tests {
         fn items_tile_disk(lens in proptest::collection::vec((1u64..50_000, any::<bool>()), 1..40), chunk in 1u32..9000) {
             let mut ext = Vec::new();
             let mut off = 0;
-            for (l, d) in lens { ext.push(Extent { offset: off, len: l, data: d }); off += l; }
+            for (l, d) in lens { ext.push(MapExtent { offset: off, len: l, data: d }); off += l; }
             let size = off;
             let want: u64 = ext.iter().filter(|e| e.data).map(|e| e.len).sum();
             let (planned, v) = collect(&mut Fixed(ext.clone()), size, chunk);
