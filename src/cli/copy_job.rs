@@ -44,7 +44,7 @@ pub(super) fn run_copy_job(a: &CopyArgs) -> i32 {
     let started = Instant::now();
     let handle = engine.submit(JobSpec {
         name: job.name.clone(),
-        disks,
+        disks: disks.into_iter().map(Into::into).collect(),
         rate_bytes_per_s: a.rate,
     });
     let mut view = JobView::new(a.json, a.no_progress, &targets);
@@ -128,7 +128,7 @@ fn done_event(report: &JobReport, kind: crate::engine::EngineKind) -> serde_json
         total.bytes_written += d.counters.bytes_written;
         total.bytes_zeroed += d.counters.bytes_zeroed;
         total.read_retries += d.counters.read_retries;
-        size_bytes += d.result.as_ref().map_or(0, |r| r.size_bytes);
+        size_bytes += d.result.as_ref().map_or(0, |r| r.size_bytes());
     }
     let failed = report.disks.iter().filter(|d| d.result.is_err()).count();
     serde_json::json!({
