@@ -76,7 +76,7 @@ pub(super) fn run_copy_job(a: &CopyArgs) -> i32 {
 }
 
 /// Print why the job was refused (exit 2).
-fn refuse(json: bool, msg: &str) -> i32 {
+pub(super) fn refuse(json: bool, msg: &str) -> i32 {
     if json {
         emit_json(&serde_json::json!({"event": "error", "message": msg}));
     }
@@ -85,7 +85,7 @@ fn refuse(json: bool, msg: &str) -> i32 {
 }
 
 /// The job file's text, bounded.
-fn read(path: &std::path::Path) -> Result<String, String> {
+pub(super) fn read(path: &std::path::Path) -> Result<String, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read the job file: {e}"))?;
     let mut text = String::new();
     file.take(JOB_FILE_MAX_BYTES as u64 + 1)
@@ -117,7 +117,7 @@ fn same_file_check(job: &JobFile) -> Result<(), String> {
 
 /// The final event: per disk its report (or error) under `disks`, and the
 /// totals at the top.
-fn done_event(report: &JobReport, kind: crate::engine::EngineKind) -> serde_json::Value {
+pub(super) fn done_event(report: &JobReport, kind: crate::engine::EngineKind) -> serde_json::Value {
     let disks: Vec<serde_json::Value> = report.disks.iter().map(disk_done).collect();
     let mut total = crate::pipeline::stats::Snapshot::default();
     let mut size_bytes = 0;

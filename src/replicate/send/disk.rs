@@ -18,7 +18,6 @@ struct Disk<'a> {
     job: Arc<JobShared>,
     connector: Arc<Connector>,
     image: Arc<Mutex<ImageDigest>>,
-    limiter: Arc<RateLimiter>,
     run_digest: ChunkDigest,
     n_streams: usize,
     loopback: bool,
@@ -72,7 +71,8 @@ pub(crate) fn run_disk(
         tracing::info!("{why}");
     }
     let loopback = connector.dialer.addr.ip().is_loopback();
-    if loopback && matches!(opts.compress, Mode::Auto) && opts.rate_bytes_per_s.is_none() {
+    let capped = hooks.control().is_rate_capped();
+    if loopback && matches!(opts.compress, Mode::Auto) && !capped {
         info!("the receiver is on this host: --compress auto sends chunks raw");
     }
     // Every stream of a job gets the same answer; stream 0's decides.
@@ -108,10 +108,6 @@ pub(crate) fn run_disk(
             ImageDigest::new(size_bytes, opts.chunk_bytes)
                 .map_err(|e| CopyError::Internal(e.to_string()))?,
         )),
-        limiter: Arc::new(match opts.rate_bytes_per_s {
-            Some(r) => RateLimiter::with_rate(r),
-            None => RateLimiter::unlimited(),
-        }),
         job,
         connector,
         run_digest,
@@ -326,7 +322,7 @@ impl Disk<'_> {
             sink: Arc::clone(sink),
             shared: Arc::clone(shared),
             image: Arc::clone(&self.image),
-            limiter: Arc::clone(&self.limiter),
+            control: Arc::clone(self.hooks.control()),
             job: Arc::clone(&self.job),
             connector: Arc::clone(&self.connector),
             mode: allowed_mode(opts.compress, features),
@@ -335,7 +331,8 @@ impl Disk<'_> {
             // Compression shares the cores with reading, digests and
             // TLS: count on half of each stream's share.
             cores_per_stream: (cpus / n_streams / 2.0).max(0.1),
-            rate_per_stream: opts.rate_bytes_per_s.map(|r| r as f64 / n_streams),
+            rate_per_stream: (self.hooks.control().rate_bytes_per_s())
+                .map(|r| r as f64 / n_streams),
             loopback: self.loopback,
         }
     }

@@ -39,9 +39,9 @@ use tracing::{debug, info, warn};
 use crate::compress::{self, Compressors, LinkState, Mode, Policy};
 use crate::engine::{self, EngineKind};
 use crate::journal::RangeSet;
-use crate::net::rate::RateLimiter;
 use crate::net::socket::SocketTuning;
 use crate::pipeline::CopyError;
+use crate::pipeline::control::JobControl;
 use crate::pipeline::exits::Exits;
 use crate::pipeline::open::open_source;
 use crate::pipeline::plan::whole_windows;
@@ -123,6 +123,8 @@ pub struct SendOptions {
     pub insecure_plaintext: bool,
     pub streams: u32,
     pub compress: Mode,
+    /// Bytes on the wire per second, for [`run`]; a disk of a job shares
+    /// its job's budget ([`crate::runtime::JobSpec`]) instead.
     pub rate_bytes_per_s: Option<u64>,
     pub verify: bool,
     /// NBD connections to the source.
@@ -475,7 +477,7 @@ pub fn run_on(
     let handle = engine.submit(JobSpec {
         name: opts.target.clone(),
         disks: vec![opts.clone().into()],
-        rate_bytes_per_s: None,
+        rate_bytes_per_s: opts.rate_bytes_per_s,
     });
     let mut last: Option<Instant> = None;
     while !handle.wait_timeout(Duration::from_millis(50)) {
@@ -513,7 +515,10 @@ struct SenderCtx {
     sink: Arc<Sink>,
     shared: Arc<crate::pipeline::Shared>,
     image: Arc<Mutex<ImageDigest>>,
-    limiter: Arc<RateLimiter>,
+    /// The job's control: its rate budget, shared by every stream of
+    /// every disk of the job, is charged with the bytes each frame puts
+    /// on the wire.
+    control: Arc<JobControl>,
     job: Arc<JobShared>,
     connector: Arc<Connector>,
     mode: Mode,

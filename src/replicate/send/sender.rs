@@ -387,7 +387,7 @@ impl StreamSender {
         };
         let header = wire::encode_data_header(&head, frame_len(payload.len())?)?;
         let frame_bytes = (header.len() + payload.len()) as u64;
-        ctx.limiter.acquire(frame_bytes);
+        ctx.control.rate().acquire(frame_bytes);
         let stream = &mut c.stream;
         c.watch.busy(|| stream.write_parts(&[&header, payload]))?;
         // How fast this stream drains: bytes the receiver acknowledged per
