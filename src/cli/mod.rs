@@ -329,7 +329,8 @@ fn run_send(a: SendArgs) -> i32 {
     opts.source_format = a.src_format;
     opts.source_id = a.source_id.clone();
     let mut progress = Progress::new(a.json, a.no_progress);
-    let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {
+    let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el));
+    let result = result.map_err(send_job::cli_error).map(|r| {
         let rate = r.bytes_planned as f64 / r.elapsed_s.max(1e-9) / 1e6;
         let line = format!(
             "sent {} data bytes of {} as {} bytes on the wire (ratio {:.2}) in {:.2}s, {:.0} MB/s{}",

@@ -10,8 +10,9 @@ use super::copy::watch;
 use super::copy_job::{done_event, read, refuse};
 use super::{SendArgs, exit_code};
 use crate::jobfile;
+use crate::pipeline::CopyError;
 use crate::progress::{JobView, job::total_of};
-use crate::replicate::send::{self, SendOptions};
+use crate::replicate::send::{self, SendError, SendOptions};
 use crate::runtime::{Engine, EngineOptions, JobReport, JobSpec};
 
 impl SendArgs {
@@ -45,6 +46,23 @@ impl SendArgs {
     }
 }
 
+/// A send's error as the command line says it: refused options name the
+/// flags.
+pub(super) fn cli_error(e: SendError) -> CopyError {
+    let usage = |m: &str| CopyError::Usage(m.to_string());
+    match e {
+        SendError::NoTransportSecurity => {
+            usage("--tls-dir is required (or --insecure-plaintext on both sides)")
+        }
+        SendError::TlsAndPlaintext => usage(
+            "both --tls-dir and --insecure-plaintext given: choose one (TLS unless the network is trusted)",
+        ),
+        SendError::ZeroIoTimeout => usage("--io-timeout must be more than 0"),
+        SendError::Streams { max, .. } => usage(&format!("--streams must be 1..={max}")),
+        SendError::Copy(e) => e,
+    }
+}
+
 pub(super) fn run_send_job(a: &SendArgs) -> i32 {
     let Some(path) = &a.job else {
         unreachable!("called with --job")
@@ -59,7 +77,7 @@ pub(super) fn run_send_job(a: &SendArgs) -> i32 {
         .map(|d| a.disk(d.source.clone(), d.target.clone()))
         .collect();
     if let Some(e) = disks.iter().find_map(|d| d.check().err()) {
-        return refuse(a.json, &e.to_string());
+        return refuse(a.json, &cli_error(e).to_string());
     }
     if a.insecure_plaintext {
         send::warn_plaintext();
@@ -71,7 +89,7 @@ pub(super) fn run_send_job(a: &SendArgs) -> i32 {
     }) {
         Ok(engine) => engine,
         Err(e) => {
-            let e = crate::pipeline::CopyError::from(e);
+            let e = CopyError::from(e);
             eprintln!("diskferry: {e}");
             return exit_code(&e);
         }

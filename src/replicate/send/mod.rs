@@ -48,7 +48,7 @@ use crate::pipeline::plan::whole_windows;
 use crate::pipeline::run::{DstPlan, Pipeline, PipelineConfig, Requests, TICK};
 use crate::pipeline::sink::{Sink, SinkChunk};
 use crate::pipeline::stats::{Snapshot, Stats};
-use crate::runtime::{Engine, EngineOptions, JobPhase, JobSpec};
+use crate::runtime::Engine;
 use crate::wire::{
     self, ByteRange, DataHead, ErrorCode, Features, Frame, FrameDecoder, Hello, HelloFlags,
     ImageDigest,
@@ -61,12 +61,16 @@ use crate::net::socket::TuningReport;
 use crate::sync::lock;
 
 mod disk;
+mod error;
 mod hooks;
 mod link;
+mod run;
 mod sender;
 mod verify;
 
 pub(crate) use disk::run_disk;
+pub use error::SendError;
+pub use run::{run, run_on, warn_plaintext};
 
 use link::connect_first;
 use sender::sender_thread;
@@ -353,36 +357,6 @@ fn fail_msg(e: impl std::fmt::Display) -> CopyError {
     CopyError::TargetWrite(format!("(replication): {e}"))
 }
 
-impl SendOptions {
-    /// Refuse options out of range, before anything is opened or dialled.
-    pub fn check(&self) -> Result<(), CopyError> {
-        match (&self.tls_dir, self.insecure_plaintext) {
-            (None, false) => {
-                return Err(CopyError::Usage(
-                    "--tls-dir is required (or --insecure-plaintext on both sides)".into(),
-                ));
-            }
-            (Some(_), true) => {
-                return Err(CopyError::Usage(
-                    "both --tls-dir and --insecure-plaintext given: choose one (TLS unless the network is trusted)"
-                        .into(),
-                ));
-            }
-            _ => {}
-        }
-        if self.io_timeout.is_zero() {
-            return Err(CopyError::Usage("--io-timeout must be more than 0".into()));
-        }
-        if self.streams == 0 || self.streams > u32::from(wire::MAX_STREAMS) {
-            return Err(CopyError::Usage(format!(
-                "--streams must be 1..={}",
-                wire::MAX_STREAMS
-            )));
-        }
-        Requests::check_flags(self.connections, self.requests, self.lanes)
-    }
-}
-
 impl JobShared {
     fn new(streams: usize) -> Self {
         JobShared {
@@ -432,69 +406,6 @@ impl Connector {
             job: Arc::clone(job),
         }
     }
-}
-
-/// Warn that a send goes without TLS (once per command).
-pub fn warn_plaintext() {
-    warn!(
-        "--insecure-plaintext: sending without TLS; anyone on the network can read or alter \
-         the disk on its way. Use --tls-dir unless the network is trusted"
-    );
-}
-
-/// How often [`run`] reports progress.
-const REPORT_EVERY: Duration = Duration::from_secs(1);
-
-/// Run a send to completion (every byte durable on the receiver) or to
-/// its first error: one disk, on an engine of its own.
-pub fn run(
-    opts: &SendOptions,
-    progress: &mut dyn FnMut(&Snapshot, Duration),
-) -> Result<SendReport, CopyError> {
-    hooks::announce();
-    opts.check()?;
-    if opts.insecure_plaintext {
-        warn_plaintext();
-    }
-    // The job runs on every worker or, from a server on this host, half of
-    // them (see `Pipeline::start`).
-    let engine = Engine::start(&EngineOptions {
-        threads: opts.threads,
-        kind: opts.engine,
-        ..EngineOptions::default()
-    })?;
-    run_on(&engine, opts, progress)
-}
-
-/// Run one send disk as a job on `engine`, reporting its counters about
-/// every second once it runs, and once at the end.
-pub fn run_on(
-    engine: &Engine,
-    opts: &SendOptions,
-    progress: &mut dyn FnMut(&Snapshot, Duration),
-) -> Result<SendReport, CopyError> {
-    let started = Instant::now();
-    let handle = engine.submit(JobSpec {
-        name: opts.target.clone(),
-        disks: vec![opts.clone().into()],
-        rate_bytes_per_s: opts.rate_bytes_per_s,
-    });
-    let mut last: Option<Instant> = None;
-    while !handle.wait_timeout(Duration::from_millis(50)) {
-        let p = handle.progress();
-        let due = match last {
-            None => p.state != JobPhase::Starting,
-            Some(at) => at.elapsed() >= REPORT_EVERY,
-        };
-        if let (true, Some(d)) = (due, p.disks.first()) {
-            progress(&d.counters, started.elapsed());
-            last = Some(Instant::now());
-        }
-    }
-    let mut report = handle.wait();
-    let outcome = report.disks.remove(0);
-    progress(&outcome.counters, started.elapsed());
-    outcome.result?.into_send()
 }
 
 /// Without the receiver's support for a codec, fall back to what it has.
