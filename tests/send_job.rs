@@ -394,3 +394,76 @@ fn the_rate_is_one_budget_shared_fairly_by_the_disks() {
         after.1
     );
 }
+
+fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|s| s.trim().to_string())
+        .collect()
+}
+
+fn online_cpus() -> usize {
+    let out = Command::new("getconf")
+        .arg("_NPROCESSORS_ONLN")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn a_send_job_runs_one_worker_per_core_however_many_disks() {
+    let cpus = online_cpus();
+    for engine in ENGINES {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let rx = Rx::start(&dir.join("rx"), &[]);
+        let disks: Vec<(String, String)> = (0..4)
+            .map(|i| {
+                let name = format!("d{i}.img");
+                dense_file(&dir.join(&name), 12 * MIB as usize, 30 + i);
+                (name.clone(), name)
+            })
+            .collect();
+        let job = job_file(dir, "four", &disks);
+        let mut child = send_job_cmd(
+            dir,
+            &job,
+            &rx.addr,
+            &rx.tls,
+            &["--io-engine", engine, "--rate", "16M"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        let pid = child.id();
+        let mut samples = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            let names = thread_names(pid);
+            let count = |p: &str| names.iter().filter(|n| n.starts_with(p)).count();
+            // Every disk sending (4 streams each): all four run.
+            if count("disk-") == 4 && count("sender-") == 16 {
+                samples.push(count("worker-"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = child.wait_with_output().unwrap();
+        done_of(&out, engine);
+        assert!(
+            samples.len() >= 5,
+            "{engine}: only {} samples while all four disks sent",
+            samples.len()
+        );
+        assert!(
+            samples.iter().all(|&w| w == cpus),
+            "{engine}: worker threads while four disks sent: {samples:?} (cores: {cpus})"
+        );
+        for (name, _) in &disks {
+            assert_same(&dir.join(name), &rx.target(name));
+        }
+    }
+}
