@@ -85,7 +85,7 @@ fn a_paused_job_does_not_advance_and_finishes_after_resume() {
         // 16 MB/s: about three seconds for 48 MiB, room to pause.
         let h = eng.submit(JobSpec {
             name: "vm-pause".into(),
-            disks: vec![disk(src.uri(), &dst)],
+            disks: vec![disk(src.uri(), &dst).into()],
             rate_bytes_per_s: Some(16_000_000),
         });
         wait_done_over(&h, 2 * MIB);
@@ -112,7 +112,12 @@ fn a_paused_job_does_not_advance_and_finishes_after_resume() {
         h.set_rate(None);
         let report = h.wait();
         let outcome = &report.disks[0];
-        let r = outcome.result.as_ref().expect("the resumed job completes");
+        let r = outcome
+            .result
+            .as_ref()
+            .expect("the resumed job completes")
+            .as_copy()
+            .unwrap();
         assert_eq!(r.bytes_planned, 48 * MIB, "{kind}");
         assert_same(&reference, &dst);
     }
@@ -127,7 +132,7 @@ fn a_rate_cap_holds_the_job_back_and_lifting_it_lets_it_run() {
         let eng = engine(kind);
         let h = eng.submit(JobSpec {
             name: "vm-rate".into(),
-            disks: vec![disk(src.uri(), &dst)],
+            disks: vec![disk(src.uri(), &dst).into()],
             rate_bytes_per_s: Some(8_000_000),
         });
         wait_done_over(&h, MIB);
@@ -162,7 +167,7 @@ fn a_cancelled_job_ends_cancelled_with_what_it_wrote_in_its_target() {
         let eng = engine(kind);
         let h = eng.submit(JobSpec {
             name: "vm-cancel".into(),
-            disks: vec![disk(src.uri(), &dst)],
+            disks: vec![disk(src.uri(), &dst).into()],
             rate_bytes_per_s: Some(8_000_000),
         });
         wait_done_over(&h, 4 * MIB);
@@ -217,14 +222,19 @@ fn jobs_submitted_together_share_the_engine_and_all_complete() {
             let dst = d.path().join(format!("dst{i}.img"));
             let h = eng.submit(JobSpec {
                 name: format!("vm{i}"),
-                disks: vec![disk(src.to_str().unwrap().into(), &dst)],
+                disks: vec![disk(src.to_str().unwrap().into(), &dst).into()],
                 rate_bytes_per_s: None,
             });
             jobs.push((h, src, dst));
         }
         for (h, src, dst) in jobs {
             let report = h.wait();
-            let r = report.disks[0].result.as_ref().expect("each job completes");
+            let r = report.disks[0]
+                .result
+                .as_ref()
+                .expect("each job completes")
+                .as_copy()
+                .unwrap();
             assert!(r.workers <= eng.workers(), "{kind}: {r:?}");
             assert_same(&src, &dst);
         }

@@ -124,7 +124,7 @@ pub(super) fn run_copy(a: CopyArgs) -> i32 {
     let handle = match opts.check().and_then(|()| start(&a)) {
         Ok(engine) => engine.submit(JobSpec {
             name: dst,
-            disks: vec![opts],
+            disks: vec![opts.into()],
             rate_bytes_per_s: a.rate,
         }),
         Err(e) => return finish(&mut progress, a.json, a.no_progress, Err(e)),
@@ -136,7 +136,7 @@ pub(super) fn run_copy(a: CopyArgs) -> i32 {
     });
     let mut report = handle.wait();
     let outcome = report.disks.remove(0);
-    let result = outcome.result.map(|r| {
+    let result = outcome.result.and_then(|r| r.into_copy()).map(|r| {
         progress.update(&outcome.counters, started.elapsed());
         let rate = r.bytes_planned as f64 / r.elapsed_s.max(1e-9) / 1e6;
         let line = format!(

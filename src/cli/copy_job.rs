@@ -44,7 +44,7 @@ pub(super) fn run_copy_job(a: &CopyArgs) -> i32 {
     let started = Instant::now();
     let handle = engine.submit(JobSpec {
         name: job.name.clone(),
-        disks,
+        disks: disks.into_iter().map(Into::into).collect(),
         rate_bytes_per_s: a.rate,
     });
     let mut view = JobView::new(a.json, a.no_progress, &targets);
@@ -76,7 +76,7 @@ pub(super) fn run_copy_job(a: &CopyArgs) -> i32 {
 }
 
 /// Print why the job was refused (exit 2).
-fn refuse(json: bool, msg: &str) -> i32 {
+pub(super) fn refuse(json: bool, msg: &str) -> i32 {
     if json {
         emit_json(&serde_json::json!({"event": "error", "message": msg}));
     }
@@ -85,7 +85,7 @@ fn refuse(json: bool, msg: &str) -> i32 {
 }
 
 /// The job file's text, bounded.
-fn read(path: &std::path::Path) -> Result<String, String> {
+pub(super) fn read(path: &std::path::Path) -> Result<String, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read the job file: {e}"))?;
     let mut text = String::new();
     file.take(JOB_FILE_MAX_BYTES as u64 + 1)
@@ -117,7 +117,7 @@ fn same_file_check(job: &JobFile) -> Result<(), String> {
 
 /// The final event: per disk its report (or error) under `disks`, and the
 /// totals at the top.
-fn done_event(report: &JobReport, kind: crate::engine::EngineKind) -> serde_json::Value {
+pub(super) fn done_event(report: &JobReport, kind: crate::engine::EngineKind) -> serde_json::Value {
     let disks: Vec<serde_json::Value> = report.disks.iter().map(disk_done).collect();
     let mut total = crate::pipeline::stats::Snapshot::default();
     let mut size_bytes = 0;
@@ -128,7 +128,7 @@ fn done_event(report: &JobReport, kind: crate::engine::EngineKind) -> serde_json
         total.bytes_written += d.counters.bytes_written;
         total.bytes_zeroed += d.counters.bytes_zeroed;
         total.read_retries += d.counters.read_retries;
-        size_bytes += d.result.as_ref().map_or(0, |r| r.size_bytes);
+        size_bytes += d.result.as_ref().map_or(0, |r| r.size_bytes());
     }
     let failed = report.disks.iter().filter(|d| d.result.is_err()).count();
     serde_json::json!({

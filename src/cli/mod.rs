@@ -16,6 +16,7 @@ use crate::progress::Progress;
 mod copy;
 mod copy_job;
 mod io_engine;
+mod send_job;
 pub use copy::CopyArgs;
 use copy::run_copy;
 pub use io_engine::{DISABLE_URING_ENV, io_engine_choice};
@@ -126,7 +127,12 @@ fn parse_allow(s: &str) -> Result<(String, std::path::PathBuf), String> {
 #[derive(clap::Args, Debug)]
 pub struct SendArgs {
     /// Source: as for `copy`.
-    pub src: String,
+    #[arg(required_unless_present = "job")]
+    pub src: Option<String>,
+    /// Send every disk of a job file (TOML: `name`, then `[[disk]]` tables
+    /// with `source` and `target`, the name on the receiver), all at once.
+    #[arg(long, conflicts_with_all = ["src", "target", "src_format", "source_id"])]
+    pub job: Option<std::path::PathBuf>,
     /// The source file's image format (default: the one its extension
     /// names, else raw; a file's contents never choose it).
     #[arg(long, value_enum)]
@@ -135,8 +141,8 @@ pub struct SendArgs {
     #[arg(long)]
     pub to: String,
     /// Target name on the receiver (a file under its --target-root, or a name it allows).
-    #[arg(long)]
-    pub target: String,
+    #[arg(long, required_unless_present = "job")]
+    pub target: Option<String>,
     /// Directory with ca.pem, client.pem and client.key (see `diskferry certs init`).
     #[arg(long, required_unless_present = "insecure_plaintext")]
     pub tls_dir: Option<std::path::PathBuf>,
@@ -146,7 +152,8 @@ pub struct SendArgs {
     /// Compression: auto, none, lz4, zstd or zstd:LEVEL.
     #[arg(long, default_value = "auto")]
     pub compress: crate::compress::Mode,
-    /// Cap on the total rate: 100M or 1G bytes/s (SI), 64Mi (binary), 250Mbit (bits/s).
+    /// Cap on the total rate: 100M or 1G bytes/s (SI), 64Mi (binary), 250Mbit (bits/s);
+    /// with --job, one budget shared by every disk.
     #[arg(long, value_parser = crate::net::rate::parse_rate)]
     pub rate: Option<u64>,
     /// After the copy, compare a digest of the whole target (read back by the receiver) with the source's.
@@ -314,6 +321,9 @@ pub(crate) fn finish(
 }
 
 fn run_send(a: SendArgs) -> i32 {
+    if a.job.is_some() {
+        return send_job::run_send_job(&a);
+    }
     let engine = match io_engine::resolve(a.io_engine) {
         Ok(kind) => kind,
         Err(why) => {
@@ -326,32 +336,16 @@ fn run_send(a: SendArgs) -> i32 {
             );
         }
     };
-    let opts = crate::replicate::send::SendOptions {
-        source: a.src,
-        source_format: a.src_format,
-        to: a.to,
-        target: a.target,
-        tls_dir: a.tls_dir,
-        insecure_plaintext: a.insecure_plaintext,
-        streams: a.streams,
-        compress: a.compress,
-        rate_bytes_per_s: a.rate,
-        verify: a.verify,
-        connections: a.connections,
-        requests: a.requests,
-        chunk_bytes: a.chunk_size,
-        threads: a.threads,
-        engine,
-        restart: a.restart,
-        overwrite: a.overwrite,
-        stall_timeout: a.stall_timeout,
-        retry_for: a.retry_for,
-        source_id: a.source_id,
-        lanes: a.lanes,
-        io_timeout: a.io_timeout,
+    let (Some(src), Some(target)) = (a.src.clone(), a.target.clone()) else {
+        unreachable!("clap requires SRC and --target without --job")
     };
+    let mut opts = a.disk(src, target);
+    opts.engine = engine;
+    opts.source_format = a.src_format;
+    opts.source_id = a.source_id.clone();
     let mut progress = Progress::new(a.json, a.no_progress);
-    let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el)).map(|r| {
+    let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el));
+    let result = result.map_err(send_job::cli_error).map(|r| {
         let rate = r.bytes_planned as f64 / r.elapsed_s.max(1e-9) / 1e6;
         let line = format!(
             "sent {} data bytes of {} as {} bytes on the wire (ratio {:.2}) in {:.2}s, {:.0} MB/s{}",

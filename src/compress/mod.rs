@@ -47,10 +47,6 @@ pub mod policy;
 pub use codec::{Compressors, compress, decompress, max_payload_bytes};
 pub use mode::Mode;
 pub use policy::{Choice, CodecEstimate, CompressStats, Estimates, LinkState, Policy, Reason};
-// The old name, still used by src/replicate/send/ (rewritten in parallel);
-// the merge drops it.
-#[doc(hidden)]
-pub use policy::CompressStats as Stats;
 
 /// The largest chunk that is compressed or decompressed (the NBD payload
 /// bound): a peer's declared `raw_len` is never trusted beyond it.

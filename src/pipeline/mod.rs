@@ -40,13 +40,6 @@ pub mod stats;
 pub mod worker;
 pub mod zero;
 
-// Old paths still named outside `use` lines in src/replicate/send/, which
-// is being rewritten in parallel; the merge drops these.
-#[doc(hidden)]
-pub use crate::endpoint::open;
-#[doc(hidden)]
-pub use crate::plan::lanes;
-
 /// Why a copy failed. Each message says which side and where.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {

@@ -40,6 +40,22 @@ pub struct Snapshot {
     pub read_retries: u64,
 }
 
+impl Snapshot {
+    /// These counters followed by `later`'s (a later round of the same
+    /// disk: its planning state wins).
+    pub fn plus(&self, later: &Snapshot) -> Snapshot {
+        Snapshot {
+            bytes_planned: self.bytes_planned + later.bytes_planned,
+            planning_done: later.planning_done,
+            bytes_done: self.bytes_done + later.bytes_done,
+            bytes_read: self.bytes_read + later.bytes_read,
+            bytes_written: self.bytes_written + later.bytes_written,
+            bytes_zeroed: self.bytes_zeroed + later.bytes_zeroed,
+            read_retries: self.read_retries + later.read_retries,
+        }
+    }
+}
+
 impl Stats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);

@@ -5,9 +5,10 @@
 //! the shared workers and flushes its target; a disk that fails does not
 //! stop the others.
 //!
-//! A copy disk writes a local target. A `send` disk will be the same job
-//! whose target is a sink (the network senders) — the pipeline already
-//! has both kinds of target.
+//! A copy disk writes a local target. A `send` disk is the same job whose
+//! target is a sink drained by the network senders
+//! ([`crate::replicate::send`]); it may run in several rounds (one
+//! pipeline each), whose counters add up.
 
 use crate::sync::lock;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -19,14 +20,94 @@ use crate::pipeline::control::JobControl;
 use crate::pipeline::copy::{CopyOptions, CopyReport};
 use crate::pipeline::stats::Snapshot;
 use crate::pipeline::{CopyError, Shared};
+use crate::replicate::send::{SendOptions, SendReport};
+
+/// One disk of a job: a copy to a local target, or a send to a receiver.
+#[derive(Debug, Clone)]
+pub enum DiskSpec {
+    Copy(CopyOptions),
+    Send(Box<SendOptions>),
+}
+
+impl DiskSpec {
+    /// The disk's target (a local path, or the name on the receiver).
+    pub fn target(&self) -> &str {
+        match self {
+            DiskSpec::Copy(o) => &o.target,
+            DiskSpec::Send(o) => &o.target,
+        }
+    }
+}
+
+impl From<CopyOptions> for DiskSpec {
+    fn from(o: CopyOptions) -> Self {
+        DiskSpec::Copy(o)
+    }
+}
+
+impl From<SendOptions> for DiskSpec {
+    fn from(o: SendOptions) -> Self {
+        DiskSpec::Send(Box::new(o))
+    }
+}
+
+/// How a disk that succeeded ended.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum DiskReport {
+    Copy(CopyReport),
+    Send(Box<SendReport>),
+}
+
+impl DiskReport {
+    /// The disk's size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        match self {
+            DiskReport::Copy(r) => r.size_bytes,
+            DiskReport::Send(r) => r.size_bytes,
+        }
+    }
+
+    /// The copy's report (`None` for a send).
+    pub fn as_copy(&self) -> Option<&CopyReport> {
+        match self {
+            DiskReport::Copy(r) => Some(r),
+            DiskReport::Send(_) => None,
+        }
+    }
+
+    /// The copy's report; a send's is an internal error.
+    pub fn into_copy(self) -> Result<CopyReport, CopyError> {
+        match self {
+            DiskReport::Copy(r) => Ok(r),
+            DiskReport::Send(_) => Err(CopyError::Internal("a copy disk ran as a send".into())),
+        }
+    }
+
+    /// The send's report; a copy's is an internal error.
+    pub fn into_send(self) -> Result<SendReport, CopyError> {
+        match self {
+            DiskReport::Send(r) => Ok(*r),
+            DiskReport::Copy(_) => Err(CopyError::Internal("a send disk ran as a copy".into())),
+        }
+    }
+
+    /// The send's report (`None` for a copy).
+    pub fn as_send(&self) -> Option<&SendReport> {
+        match self {
+            DiskReport::Send(r) => Some(r),
+            DiskReport::Copy(_) => None,
+        }
+    }
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
     /// The job's name (the VM's), for logs and listings.
     pub name: String,
-    /// Its disks, copied side by side.
-    pub disks: Vec<CopyOptions>,
+    /// Its disks, run side by side.
+    pub disks: Vec<DiskSpec>,
     /// A cap on the bytes read per second, shared by every disk (`None`:
     /// no cap).
     pub rate_bytes_per_s: Option<u64>,
@@ -104,7 +185,7 @@ pub struct JobReport {
 #[derive(Debug)]
 pub struct DiskOutcome {
     pub target: String,
-    pub result: Result<CopyReport, CopyError>,
+    pub result: Result<DiskReport, CopyError>,
     /// The disk's last counters (also when it failed).
     pub counters: Snapshot,
 }
@@ -114,6 +195,8 @@ pub(crate) struct DiskState {
     target: String,
     phase: AtomicU8,
     shared: Mutex<Option<Arc<Shared>>>,
+    /// The counters of the rounds before the current one (a send's).
+    base: Mutex<Snapshot>,
     last: Mutex<Snapshot>,
 }
 
@@ -129,7 +212,7 @@ impl DiskState {
     fn counters(&self) -> Snapshot {
         let shared = lock(&self.shared);
         match &*shared {
-            Some(s) => s.stats.snapshot(),
+            Some(s) => lock(&self.base).plus(&s.stats.snapshot()),
             None => *lock(&self.last),
         }
     }
@@ -303,6 +386,14 @@ impl DiskHooks<'_> {
         self.disk.set_phase(JobPhase::Flushing);
     }
 
+    /// A round of a multi-round disk ended with these counters (the
+    /// sum of every round so far); the next round's add to them.
+    pub(crate) fn round_over(&self, totals: Snapshot) {
+        *lock(&self.disk.base) = totals;
+        *lock(&self.disk.last) = totals;
+        *lock(&self.disk.shared) = None;
+    }
+
     pub(crate) fn control(&self) -> &Arc<JobControl> {
         &self.job.control
     }
@@ -318,9 +409,10 @@ pub(crate) fn start(engine: Engine, id: u64, spec: JobSpec) -> JobHandle {
             .disks
             .iter()
             .map(|d| DiskState {
-                target: d.target.clone(),
+                target: d.target().to_string(),
                 phase: AtomicU8::new(JobPhase::Starting as u8),
                 shared: Mutex::new(None),
+                base: Mutex::new(Snapshot::default()),
                 last: Mutex::new(Snapshot::default()),
             })
             .collect(),
@@ -341,7 +433,7 @@ pub(crate) fn start(engine: Engine, id: u64, spec: JobSpec) -> JobHandle {
     JobHandle { state, engine }
 }
 
-fn run_disk(engine: &Engine, job: &JobState, index: usize, opts: &CopyOptions) {
+fn run_disk(engine: &Engine, job: &JobState, index: usize, spec: &DiskSpec) {
     let disk = &job.disks[index];
     let hooks = DiskHooks { job, disk };
     let span = tracing::info_span!("disk", job = %job.name, target = %disk.target);
@@ -349,12 +441,18 @@ fn run_disk(engine: &Engine, job: &JobState, index: usize, opts: &CopyOptions) {
     let result = if job.control.is_cancelled() {
         Err(CopyError::Cancelled)
     } else {
-        crate::pipeline::copy::run_disk(engine, opts, &hooks)
+        match spec {
+            DiskSpec::Copy(opts) => {
+                crate::pipeline::copy::run_disk(engine, opts, &hooks).map(DiskReport::Copy)
+            }
+            DiskSpec::Send(opts) => crate::replicate::send::run_disk(engine, opts, &hooks)
+                .map(|r| DiskReport::Send(Box::new(r))),
+        }
     };
     end_disk(job, index, result);
 }
 
-fn end_disk(job: &JobState, index: usize, result: Result<CopyReport, CopyError>) {
+fn end_disk(job: &JobState, index: usize, result: Result<DiskReport, CopyError>) {
     let disk = &job.disks[index];
     let counters = disk.counters();
     disk.set_phase(match &result {

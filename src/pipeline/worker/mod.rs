@@ -304,10 +304,11 @@ impl Worker {
         Ok(())
     }
 
-    /// Take the bytes a window will read from the job's rate budget.
+    /// Take the bytes a window will read from the job's rate budget. A
+    /// sink's bytes are charged on the wire, by its senders.
     fn charge_rate(&self, work: &Work) -> Result<(), Duration> {
         let control = &self.shared.control;
-        if !control.is_rate_capped() {
+        if !control.is_rate_capped() || matches!(self.dst, DstIo::Sink(_)) {
             return Ok(());
         }
         match work {

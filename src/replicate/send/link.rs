@@ -112,6 +112,7 @@ impl Connector {
 
     /// Dial, HELLO, WELCOME; the WELCOME's durable list is applied.
     pub(super) fn connect(&self, i: usize) -> Result<Conn, StreamError> {
+        let _permit = DialPermit::take();
         let (mut stream, report) = self.dialer.dial()?;
         if let Stream::Tls(s) = &mut stream {
             s.conn
@@ -203,6 +204,39 @@ impl Connector {
                 },
             }
         }
+    }
+}
+
+/// Connections this process has between dialling and the receiver's
+/// WELCOME at once, over every disk of every job: a receiver closes the
+/// connections one address has open before they authenticate beyond its
+/// limit (8 by default), and the disks of a job dial together.
+const DIALS_IN_FLIGHT: usize = 4;
+
+static DIALS: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+/// One of the [`DIALS_IN_FLIGHT`] places, given back on drop.
+struct DialPermit;
+
+impl DialPermit {
+    fn take() -> Self {
+        let mut n = lock(&DIALS.0);
+        while *n >= DIALS_IN_FLIGHT {
+            n = DIALS
+                .1
+                .wait(n)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *n += 1;
+        DialPermit
+    }
+}
+
+impl Drop for DialPermit {
+    fn drop(&mut self) {
+        *lock(&DIALS.0) -= 1;
+        DIALS.1.notify_one();
     }
 }
 

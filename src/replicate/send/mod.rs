@@ -22,9 +22,12 @@
 //! journal) replaces the acknowledged set, so anything acknowledged before
 //! but not journaled there is sent again.
 //!
-//! This file is the job and its rounds; `link.rs` dials and re-dials a
+//! A send disk is a job context on the shared engine
+//! ([`crate::runtime`]) whose target is a sink. This file is its options,
+//! the state its streams share and the one-disk entry point; `disk.rs` is
+//! the disk's coordinator and its rounds; `link.rs` dials and re-dials a
 //! stream's connection and classifies its failures; `sender.rs` is the
-//! sender threads.
+//! sender threads; `verify.rs` is DONE and the read-back check.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +40,6 @@ use crate::compress::{self, Compressors, LinkState, Mode, Policy};
 use crate::endpoint::open::open_source;
 use crate::engine::{self, EngineKind};
 use crate::journal::RangeSet;
-use crate::net::rate::RateLimiter;
 use crate::net::socket::SocketTuning;
 use crate::pipeline::CopyError;
 use crate::pipeline::control::JobControl;
@@ -46,7 +48,7 @@ use crate::pipeline::run::{DstPlan, Pipeline, PipelineConfig, Requests, TICK};
 use crate::pipeline::sink::{Sink, SinkChunk};
 use crate::pipeline::stats::{Snapshot, Stats};
 use crate::plan::windows::whole_windows;
-use crate::runtime::{Engine, EngineOptions};
+use crate::runtime::Engine;
 use crate::wire::{
     self, ByteRange, DataHead, ErrorCode, Features, Frame, FrameDecoder, Hello, HelloFlags,
     ImageDigest,
@@ -58,9 +60,17 @@ use super::stream::{
 use crate::net::socket::TuningReport;
 use crate::sync::lock;
 
+mod disk;
+mod error;
 mod hooks;
 mod link;
+mod run;
 mod sender;
+mod verify;
+
+pub(crate) use disk::run_disk;
+pub use error::SendError;
+pub use run::{run, run_on, warn_plaintext};
 
 use link::connect_first;
 use sender::sender_thread;
@@ -117,6 +127,8 @@ pub struct SendOptions {
     pub insecure_plaintext: bool,
     pub streams: u32,
     pub compress: Mode,
+    /// Bytes on the wire per second, for [`run`]; a disk of a job shares
+    /// its job's budget ([`crate::runtime::JobSpec`]) instead.
     pub rate_bytes_per_s: Option<u64>,
     pub verify: bool,
     /// NBD connections to the source.
@@ -138,7 +150,7 @@ pub struct SendOptions {
     pub retry_for: Duration,
     /// Overrides the computed source identity (e.g. a snapshot id).
     pub source_id: Option<String>,
-    /// Regions of the disk read side by side ([`crate::pipeline::lanes`]).
+    /// Regions of the disk read side by side ([`crate::plan::lanes`]).
     pub lanes: u32,
     /// How long an NBD source may leave a connection attempt, the
     /// handshake or a request unanswered before the job fails.
@@ -169,7 +181,7 @@ impl SendOptions {
             stall_timeout: Duration::from_secs(30),
             retry_for: Duration::from_secs(600),
             source_id: None,
-            lanes: crate::pipeline::lanes::LANES_DEFAULT,
+            lanes: crate::plan::lanes::LANES_DEFAULT,
             io_timeout: crate::pipeline::run::IO_TIMEOUT_DEFAULT,
         }
     }
@@ -193,7 +205,7 @@ pub struct SendReport {
     pub congestion_control: String,
     pub image_digest: Option<String>,
     pub verified: bool,
-    pub compression: compress::Stats,
+    pub compression: compress::CompressStats,
     /// Data bytes of the source the receiver already held when this run
     /// started (not sent again).
     pub bytes_resumed_skipped: u64,
@@ -345,451 +357,54 @@ fn fail_msg(e: impl std::fmt::Display) -> CopyError {
     CopyError::TargetWrite(format!("(replication): {e}"))
 }
 
-/// Run a send to completion (every byte durable on the receiver) or to
-/// its first error.
-pub fn run(
-    opts: &SendOptions,
-    progress: &mut dyn FnMut(&Snapshot, Duration),
-) -> Result<SendReport, CopyError> {
-    let started = Instant::now();
-    hooks::announce();
-    match (&opts.tls_dir, opts.insecure_plaintext) {
-        (None, false) => {
-            return Err(CopyError::Usage(
-                "--tls-dir is required (or --insecure-plaintext on both sides)".into(),
-            ));
+impl JobShared {
+    fn new(streams: usize) -> Self {
+        JobShared {
+            acked: Mutex::new(Acked::default()),
+            sent: Mutex::new(RangeSet::new()),
+            bytes_resent: AtomicU64::new(0),
+            bytes_on_wire: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            data_frames: AtomicU64::new(0),
+            watches: Mutex::new(vec![None; streams]),
         }
-        (Some(_), true) => {
-            return Err(CopyError::Usage(
-                "both --tls-dir and --insecure-plaintext given: choose one (TLS unless the network is trusted)"
-                    .into(),
-            ));
-        }
-        (None, true) => warn!(
-            "--insecure-plaintext: sending without TLS; anyone on the network can read or alter \
-             the disk on its way. Use --tls-dir unless the network is trusted"
-        ),
-        (Some(_), false) => {}
     }
-    if opts.io_timeout.is_zero() {
-        return Err(CopyError::Usage("--io-timeout must be more than 0".into()));
-    }
-    if opts.streams == 0 || opts.streams > u32::from(wire::MAX_STREAMS) {
-        return Err(CopyError::Usage(format!(
-            "--streams must be 1..={}",
-            wire::MAX_STREAMS
-        )));
-    }
-    Requests::check_flags(opts.connections, opts.requests, opts.lanes)?;
-    // This job's own engine, for now (send jobs on a shared engine come
-    // next); the job runs on every worker or, from a server on this host,
-    // half of them (see `Pipeline::start`).
-    let runtime = Engine::start(&EngineOptions {
-        threads: opts.threads,
-        kind: opts.engine,
-        ..EngineOptions::default()
-    })?;
-    let kind = runtime.kind();
-    let control = Arc::new(JobControl::default());
-    let tuning = SocketTuning::default();
-    let dialer =
-        Dialer::new(&opts.to, opts.tls_dir.as_deref(), tuning).map_err(CopyError::Usage)?;
-    let mut source = open_source(
-        &opts.source,
-        opts.source_format,
-        opts.connections,
-        opts.io_timeout,
-    )?;
-    debug!(elapsed = ?started.elapsed(), "source open and mapped");
-    let size_bytes = source.size_bytes;
-    let identity = match &opts.source_id {
-        Some(id) => id.clone(),
-        None => super::source::identity(&mut source)?,
-    };
-    debug!(elapsed = ?started.elapsed(), %identity, "source identity");
-    let mut job_id = [0u8; 16];
-    super::random_bytes(&mut job_id);
-    let job = Arc::new(JobShared {
-        acked: Mutex::new(Acked::default()),
-        sent: Mutex::new(RangeSet::new()),
-        bytes_resent: AtomicU64::new(0),
-        bytes_on_wire: AtomicU64::new(0),
-        reconnects: AtomicU64::new(0),
-        data_frames: AtomicU64::new(0),
-        watches: Mutex::new(vec![None; opts.streams as usize]),
-    });
-    let connector = Arc::new(Connector {
-        dialer,
-        hello: Hello {
-            job_id,
-            size_bytes,
-            chunk_size_bytes: opts.chunk_bytes,
-            features: Features(
-                Features::LZ4.0
-                    | Features::ZSTD.0
-                    | Features::BLAKE3.0
-                    | Features::RESUME.0
-                    | Features::XXH3.0,
-            ),
-            stream_index: 0,
-            stream_count: opts.streams as u16,
-            flags: hello_flags(opts),
-            target: opts.target.clone(),
-            source_identity: identity.clone(),
-        },
-        stall_timeout: opts.stall_timeout,
-        retry_for: opts.retry_for,
-        job: Arc::clone(&job),
-    });
+}
 
-    let mut conns = connect_all(&connector, opts.streams as usize)?;
-    debug!(elapsed = ?started.elapsed(), "streams connected");
-    let congestion = conns[0].report.congestion.clone();
-    if let Some(why) = &conns[0].report.congestion_fallback {
-        tracing::info!("{why}");
-    }
-    let n_streams = conns.len();
-    let loopback = connector.dialer.addr.ip().is_loopback();
-    if loopback && matches!(opts.compress, Mode::Auto) && opts.rate_bytes_per_s.is_none() {
-        info!("the receiver is on this host: --compress auto sends chunks raw");
-    }
-    // Every stream of a job gets the same answer; stream 0's decides.
-    let run_digest = crate::wire::ChunkDigest::for_features(conns[0].features);
-    let resumed_bytes = job.covered();
-    let resumed = resumed_bytes > 0;
-    let data_bytes = source.extents.data_bytes();
-    info!(
-        source = %source.display,
-        to = %opts.to,
-        target = %opts.target,
-        size_bytes,
-        data_bytes,
-        durable_on_receiver = resumed_bytes,
-        streams = n_streams,
-        congestion = %congestion,
-        chunk_digest = run_digest.name(),
-        engine = %kind,
-        "send starting"
-    );
-
-    let image = Arc::new(Mutex::new(
-        ImageDigest::new(size_bytes, opts.chunk_bytes)
-            .map_err(|e| CopyError::Internal(e.to_string()))?,
-    ));
-    let limiter = Arc::new(match opts.rate_bytes_per_s {
-        Some(r) => RateLimiter::with_rate(r),
-        None => RateLimiter::unlimited(),
-    });
-    let cpus = engine::pin::online_cpus().max(1) as f64;
-    let display = source.display.clone();
-    let mut totals = Snapshot::default();
-    let mut comp_stats = compress::Stats::default();
-    let mut rounds = 0u32;
-    let mut stuck = 0u32;
-    // Data the receiver holds already (whole windows of it) is skipped.
-    let bytes_resumed_skipped = data_bytes
-        - source.extents.data_bytes_within(&whole_windows(
-            &job.missing(size_bytes),
-            size_bytes,
-            opts.chunk_bytes,
-        ));
-    let mut source = Some(source);
-    let mut last_report = Instant::now();
-    progress(&totals, started.elapsed());
-    loop {
-        let missing = job.missing(size_bytes);
-        if missing.is_empty() {
-            break;
-        }
-        let spans = whole_windows(&missing, size_bytes, opts.chunk_bytes);
-        let src = match source.take() {
-            Some(s) => s,
-            None => open_source(
-                &opts.source,
-                opts.source_format,
-                opts.connections,
-                opts.io_timeout,
-            )?,
-        };
-        let covered_before = job.covered();
-        rounds += 1;
-        if rounds > 1 {
-            info!(
-                round = rounds,
-                missing_bytes = missing.iter().map(|r| r.1).sum::<u64>(),
-                "sending what is not acknowledged yet"
-            );
-        }
-        let cfg = PipelineConfig {
-            threads: opts.threads,
-            connections: opts.connections.max(opts.streams),
-            requests: Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
-            chunk_bytes: opts.chunk_bytes,
-            spans: (covered_before > 0).then_some(spans),
-            read_retries: crate::pipeline::retry::READ_RETRIES_DEFAULT,
-            lanes: opts.lanes,
-            io_timeout: opts.io_timeout,
-        };
-        let child = src.child;
-        let mut pipe = Pipeline::start(
-            &runtime,
-            Arc::clone(&control),
-            &cfg,
-            src.access,
-            src.extents,
-            size_bytes,
-            DstPlan::Sink {
-                window_digests: opts.verify,
-                run_digest,
+impl Connector {
+    /// How to dial the streams of a new run of `opts` (a fresh job id).
+    fn new(
+        dialer: Dialer,
+        opts: &SendOptions,
+        size_bytes: u64,
+        source_identity: String,
+        job: &Arc<JobShared>,
+    ) -> Self {
+        let mut job_id = [0u8; 16];
+        super::random_bytes(&mut job_id);
+        Connector {
+            dialer,
+            hello: Hello {
+                job_id,
+                size_bytes,
+                chunk_size_bytes: opts.chunk_bytes,
+                features: Features(
+                    Features::LZ4.0
+                        | Features::ZSTD.0
+                        | Features::BLAKE3.0
+                        | Features::RESUME.0
+                        | Features::XXH3.0,
+                ),
+                stream_index: 0,
+                stream_count: opts.streams as u16,
+                flags: hello_flags(opts),
+                target: opts.target.clone(),
+                source_identity,
             },
-        )?;
-        let sink = pipe.sink().expect("sink pipeline");
-        let shared = Arc::clone(pipe.shared());
-        let mut senders = Vec::new();
-        let sender_exits = Exits::new(None);
-        for (i, conn) in std::mem::take(&mut conns).into_iter().enumerate() {
-            let ctx = SenderCtx {
-                index: i,
-                sink: Arc::clone(&sink),
-                shared: Arc::clone(&shared),
-                image: Arc::clone(&image),
-                limiter: Arc::clone(&limiter),
-                job: Arc::clone(&job),
-                connector: Arc::clone(&connector),
-                mode: allowed_mode(opts.compress, conn.features),
-                chunk_bytes: opts.chunk_bytes,
-                verify: opts.verify,
-                // Compression shares the cores with reading, digests and
-                // TLS: count on half of each stream's share.
-                cores_per_stream: (cpus / n_streams as f64 / 2.0).max(0.1),
-                rate_per_stream: opts.rate_bytes_per_s.map(|r| r as f64 / n_streams as f64),
-                loopback,
-            };
-            let exit = sender_exits.enter();
-            let h = std::thread::Builder::new()
-                .name(format!("sender-{i}"))
-                .spawn(move || {
-                    let _exit = exit;
-                    sender_thread(ctx, conn)
-                })
-                .map_err(|e| CopyError::Internal(format!("spawning sender {i}: {e}")))?;
-            senders.push(h);
+            stall_timeout: opts.stall_timeout,
+            retry_for: opts.retry_for,
+            job: Arc::clone(job),
         }
-        // The pipeline's last worker tells the sink that production ended
-        // (see `Pipeline::start`).
-        while !sender_exits.wait_all(TICK) {
-            pipe.tick();
-            for (i, w) in lock(&job.watches).iter().enumerate() {
-                if let Some(w) = w {
-                    w.check(opts.stall_timeout, i);
-                }
-            }
-            if last_report.elapsed() >= Duration::from_secs(1) {
-                progress(&add(&totals, &shared.stats.snapshot()), started.elapsed());
-                last_report = Instant::now();
-            }
-        }
-        sink.set_producers_done();
-        for h in senders {
-            match h.join() {
-                Ok(Some((conn, stats))) => {
-                    comp_stats.add(&stats);
-                    conns.push(conn);
-                }
-                Ok(None) => {}
-                Err(_) => shared.fail(CopyError::Internal("a sender thread panicked".into())),
-            }
-        }
-        let joined = pipe.join();
-        let snap = joined.result?;
-        drop(joined.keep);
-        drop(child);
-        if conns.len() != n_streams {
-            return Err(CopyError::Internal(
-                "a stream ended without its final acknowledgement".into(),
-            ));
-        }
-        totals = add(&totals, &snap);
-        if job.covered() <= covered_before {
-            stuck += 1;
-            if stuck >= MAX_STUCK_ROUNDS {
-                return Err(CopyError::Interrupted(format!(
-                    "{stuck} rounds in a row made no progress"
-                )));
-            }
-        } else {
-            stuck = 0;
-        }
-    }
-
-    // Every stream is durable: say DONE (the receiver completes the job).
-    say_done(&mut conns)?;
-    // Verify (the receiver allows it only after DONE): it reads the target back.
-    let image_digest = if opts.verify {
-        Some(verify_target(opts, &image, &mut source, &mut conns[0])?)
-    } else {
-        None
-    };
-    let verified = image_digest.is_some();
-    drop(source);
-    for c in &mut conns {
-        c.stream.close();
-    }
-    let on_wire = job.bytes_on_wire.load(Ordering::Relaxed);
-    progress(&totals, started.elapsed());
-    Ok(SendReport {
-        source: display,
-        target: opts.target.clone(),
-        size_bytes,
-        bytes_planned: totals.bytes_planned,
-        bytes_read: totals.bytes_read,
-        bytes_written: totals.bytes_written,
-        bytes_zeroed: totals.bytes_zeroed,
-        bytes_on_wire: on_wire,
-        compression_ratio: if comp_stats.payload_bytes > 0 {
-            comp_stats.raw_bytes as f64 / comp_stats.payload_bytes as f64
-        } else {
-            1.0
-        },
-        elapsed_s: started.elapsed().as_secs_f64(),
-        engine: kind,
-        streams: n_streams,
-        congestion_control: congestion,
-        image_digest,
-        verified,
-        compression: comp_stats,
-        bytes_resumed_skipped,
-        bytes_resent: job.bytes_resent.load(Ordering::Relaxed),
-        resumed,
-        reconnects: job.reconnects.load(Ordering::Relaxed),
-        rounds,
-        source_identity: identity,
-    })
-}
-
-/// Stream 0 first (it creates or resumes the job on the receiver), then
-/// the others at once. A receiver still busy with this target (the
-/// previous run's connections not yet closed) is waited for.
-fn connect_all(connector: &Connector, streams: usize) -> Result<Vec<Conn>, CopyError> {
-    let first = connect_first(connector, 0)?;
-    let rest: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (1..streams)
-            .map(|i| scope.spawn(move || connect_first(connector, i)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(CopyError::Internal("a dial thread panicked".into())))
-            })
-            .collect()
-    });
-    let mut conns = vec![first];
-    for r in rest {
-        conns.push(r?);
-    }
-    Ok(conns)
-}
-
-/// Ask the receiver, on `c`, to read the whole target back and compare its
-/// digest with the source's (windows the receiver already held before this
-/// run are read from the source first). The digest, in hex, if they match.
-fn verify_target(
-    opts: &SendOptions,
-    image: &Mutex<ImageDigest>,
-    source: &mut Option<crate::pipeline::open::Source>,
-    c: &mut Conn,
-) -> Result<String, CopyError> {
-    let mut img = lock(image);
-    if img.missing_windows() > 0 {
-        let mut src = match source.take() {
-            Some(s) => s,
-            None => open_source(&opts.source, opts.source_format, 1, opts.io_timeout)?,
-        };
-        let read = super::source::digest_missing_windows(&mut src, &mut img)?;
-        debug!(read, "digested the windows the receiver already had");
-    }
-    let want = img
-        .finish()
-        .map_err(|e| CopyError::Internal(e.to_string()))?;
-    drop(img);
-    let mut scratch = Vec::new();
-    write_frame(
-        &mut c.stream,
-        &Frame::VerifyRequest {
-            window_bytes: opts.chunk_bytes,
-        },
-        &mut scratch,
-    )
-    .map_err(fail_msg)?;
-    c.stream.flush().map_err(|e| fail_msg(StreamError::Io(e)))?;
-    // Reading a whole disk back takes a while: no stall timeout here.
-    let _ = c.stream.set_read_timeout(None);
-    let answer = loop {
-        match read_frame(&mut c.stream, &mut c.dec).map_err(fail_msg)? {
-            Frame::Ack(_) | Frame::Pong { .. } => continue,
-            f => break f,
-        }
-    };
-    match answer {
-        Frame::VerifyResult { digest, bytes_read } => {
-            if digest != want {
-                return Err(CopyError::TargetWrite(format!(
-                    "(verify): the target's digest {} differs from the source's {} after reading {bytes_read} bytes",
-                    hex(&digest),
-                    hex(&want)
-                )));
-            }
-            Ok(hex(&want))
-        }
-        other => Err(fail_msg(unexpected(other))),
-    }
-}
-
-/// Say DONE on every stream and wait for the receiver to accept it; the
-/// streams stay open (for the verify pass).
-fn say_done(conns: &mut [Conn]) -> Result<(), CopyError> {
-    let mut scratch = Vec::new();
-    for c in conns {
-        let done = Frame::Done {
-            total_bytes_sent: c.payload_bytes,
-            frames: c.frames,
-        };
-        let s = &mut c.stream;
-        write_frame(s, &done, &mut scratch).map_err(fail_msg)?;
-        // A PING after DONE: its PONG proves the receiver accepted DONE
-        // (frames are handled in order; a refusal would be an ERROR).
-        write_frame(s, &Frame::Ping { nonce: 0xD0_4E }, &mut scratch).map_err(fail_msg)?;
-        s.flush().map_err(|e| fail_msg(StreamError::Io(e)))?;
-        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-        loop {
-            match read_frame(s, &mut c.dec) {
-                Ok(Frame::Pong { .. }) | Err(StreamError::Closed) => break,
-                Ok(Frame::Ack(_)) => continue,
-                Ok(Frame::Error(e)) => {
-                    return Err(fail_msg(format!(
-                        "the receiver refused DONE: {:?}: {}",
-                        e.code,
-                        printable(&e.message)
-                    )));
-                }
-                Ok(other) => return Err(fail_msg(unexpected(other))),
-                Err(e) => return Err(fail_msg(format!("no answer to DONE: {e}"))),
-            }
-        }
-    }
-    Ok(())
-}
-
-fn add(a: &Snapshot, b: &Snapshot) -> Snapshot {
-    Snapshot {
-        bytes_planned: a.bytes_planned + b.bytes_planned,
-        planning_done: b.planning_done,
-        bytes_done: a.bytes_done + b.bytes_done,
-        bytes_read: a.bytes_read + b.bytes_read,
-        bytes_written: a.bytes_written + b.bytes_written,
-        bytes_zeroed: a.bytes_zeroed + b.bytes_zeroed,
-        read_retries: a.read_retries + b.read_retries,
     }
 }
 
@@ -802,10 +417,6 @@ fn allowed_mode(mode: Mode, features: Features) -> Mode {
     }
 }
 
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Bytes in flight at the start of an interval for it to say something
 /// about the link's drain rate.
 const BACKLOG_MIN_BYTES: u64 = 64 << 10;
@@ -815,7 +426,10 @@ struct SenderCtx {
     sink: Arc<Sink>,
     shared: Arc<crate::pipeline::Shared>,
     image: Arc<Mutex<ImageDigest>>,
-    limiter: Arc<RateLimiter>,
+    /// The job's control: its rate budget, shared by every stream of
+    /// every disk of the job, is charged with the bytes each frame puts
+    /// on the wire.
+    control: Arc<JobControl>,
     job: Arc<JobShared>,
     connector: Arc<Connector>,
     mode: Mode,

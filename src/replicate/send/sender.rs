@@ -17,7 +17,7 @@ use super::*;
 /// round); on a fatal error the job fails and the thread keeps handing
 /// slots back so the workers can finish. Returns the connection, all of
 /// its data acknowledged.
-pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compress::Stats)> {
+pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compress::CompressStats)> {
     let mut s = StreamSender {
         policy: Policy::new(ctx.mode),
         comps: Compressors::new(),
@@ -387,7 +387,7 @@ impl StreamSender {
         };
         let header = wire::encode_data_header(&head, frame_len(payload.len())?)?;
         let frame_bytes = (header.len() + payload.len()) as u64;
-        ctx.limiter.acquire(frame_bytes);
+        ctx.control.rate().acquire(frame_bytes);
         let stream = &mut c.stream;
         c.watch.busy(|| stream.write_parts(&[&header, payload]))?;
         // How fast this stream drains: bytes the receiver acknowledged per

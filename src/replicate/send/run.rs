@@ -1,0 +1,150 @@
+//! The entry points of a send: option checks (before anything is opened
+//! or dialled), one disk on an engine of its own ([`run`]) or on a given
+//! engine ([`run_on`]).
+
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use super::{SendError, SendOptions, SendReport, hooks};
+use crate::pipeline::CopyError;
+use crate::pipeline::run::Requests;
+use crate::pipeline::stats::Snapshot;
+use crate::runtime::{Engine, EngineOptions, JobPhase, JobSpec};
+use crate::wire;
+
+impl SendOptions {
+    /// Refuse options out of range, before anything is opened or dialled.
+    pub fn check(&self) -> Result<(), SendError> {
+        match (&self.tls_dir, self.insecure_plaintext) {
+            (None, false) => return Err(SendError::NoTransportSecurity),
+            (Some(_), true) => return Err(SendError::TlsAndPlaintext),
+            _ => {}
+        }
+        if self.io_timeout.is_zero() {
+            return Err(SendError::ZeroIoTimeout);
+        }
+        if self.streams == 0 || self.streams > u32::from(wire::MAX_STREAMS) {
+            return Err(SendError::Streams {
+                got: self.streams,
+                max: wire::MAX_STREAMS,
+            });
+        }
+        Ok(Requests::check_flags(
+            self.connections,
+            self.requests,
+            self.lanes,
+        )?)
+    }
+}
+
+/// Warn that a send goes without TLS (once per command).
+pub fn warn_plaintext() {
+    warn!(
+        "--insecure-plaintext: sending without TLS; anyone on the network can read or alter \
+         the disk on its way. Use --tls-dir unless the network is trusted"
+    );
+}
+
+/// How often [`run`] reports progress.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Run a send to completion (every byte durable on the receiver) or to
+/// its first error: one disk, on an engine of its own.
+pub fn run(
+    opts: &SendOptions,
+    progress: &mut dyn FnMut(&Snapshot, Duration),
+) -> Result<SendReport, SendError> {
+    hooks::announce();
+    opts.check()?;
+    if opts.insecure_plaintext {
+        warn_plaintext();
+    }
+    // The job runs on every worker or, from a server on this host, half of
+    // them (see `Pipeline::start`).
+    let engine = Engine::start(&EngineOptions {
+        threads: opts.threads,
+        kind: opts.engine,
+        ..EngineOptions::default()
+    })
+    .map_err(CopyError::from)?;
+    run_on(&engine, opts, progress)
+}
+
+/// Run one send disk as a job on `engine`, reporting its counters about
+/// every second once it runs, and once at the end.
+pub fn run_on(
+    engine: &Engine,
+    opts: &SendOptions,
+    progress: &mut dyn FnMut(&Snapshot, Duration),
+) -> Result<SendReport, SendError> {
+    let started = Instant::now();
+    let handle = engine.submit(JobSpec {
+        name: opts.target.clone(),
+        disks: vec![opts.clone().into()],
+        rate_bytes_per_s: opts.rate_bytes_per_s,
+    });
+    let mut last: Option<Instant> = None;
+    while !handle.wait_timeout(Duration::from_millis(50)) {
+        let p = handle.progress();
+        let due = match last {
+            None => p.state != JobPhase::Starting,
+            Some(at) => at.elapsed() >= REPORT_EVERY,
+        };
+        if let (true, Some(d)) = (due, p.disks.first()) {
+            progress(&d.counters, started.elapsed());
+            last = Some(Instant::now());
+        }
+    }
+    let mut report = handle.wait();
+    let outcome = report.disks.remove(0);
+    progress(&outcome.counters, started.elapsed());
+    Ok(outcome.result?.into_send()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Case = (SendOptions, fn(&SendError) -> bool);
+
+    #[test]
+    fn bad_options_are_typed_errors_that_name_no_flag() {
+        let base = SendOptions::new("a.img", "127.0.0.1:1", "t.img");
+        let mut tls = base.clone();
+        tls.tls_dir = Some("tls".into());
+        let cases: Vec<Case> = vec![
+            (base.clone(), |e| {
+                matches!(e, SendError::NoTransportSecurity)
+            }),
+            (
+                SendOptions {
+                    insecure_plaintext: true,
+                    ..tls.clone()
+                },
+                |e| matches!(e, SendError::TlsAndPlaintext),
+            ),
+            (
+                SendOptions {
+                    io_timeout: Duration::ZERO,
+                    ..tls.clone()
+                },
+                |e| matches!(e, SendError::ZeroIoTimeout),
+            ),
+            (
+                SendOptions {
+                    streams: 0,
+                    ..tls.clone()
+                },
+                |e| matches!(e, SendError::Streams { got: 0, .. }),
+            ),
+        ];
+        for (opts, want) in cases {
+            let e = opts.check().expect_err("refused");
+            assert!(want(&e), "{e:?}");
+            assert!(e.is_usage(), "{e:?}");
+            assert!(!e.to_string().contains("--"), "names a flag: {e}");
+        }
+        assert!(tls.check().is_ok());
+    }
+}
