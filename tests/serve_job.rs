@@ -212,3 +212,23 @@ fn xxh3_chunk_digests_are_checked_when_negotiated() {
     assert_eq!(&written[..raw.len()], &raw[..]);
     assert!(written[MIB as usize - 4096..].iter().all(|&b| b == 0));
 }
+
+/// A HELLO of a job that arrives while the job is finishing (its last DONE
+/// came in; the final flush and journal are being written) waits for the
+/// finish and then finds the job complete, instead of a stream that
+/// "already sent DONE" (seen once under load in `verify_returns_the_image_digest`).
+/// The window is a few milliseconds and this test does not always hit it; it
+/// checks the behaviour either way.
+#[test]
+fn a_hello_while_the_job_finishes_finds_it_complete() {
+    let h = Harness::start(false);
+    for round in 0..5 {
+        let target = format!("vm1/finishing-{round}.img");
+        let (_s0, _expected) = run_two_stream_job(&h, &target);
+        let mut c = h.connect();
+        match c.hello(&hello(1, &target, SIZE_BYTES, 0, 2)) {
+            Frame::Welcome(w) => assert_eq!(w.durable, vec![range(0, SIZE_BYTES)], "round {round}"),
+            other => panic!("round {round}: expected WELCOME, got {other:?}"),
+        }
+    }
+}

@@ -354,9 +354,27 @@ impl Registry {
     /// Called once every stream sent DONE: the final flush, then the job
     /// leaves the registry (its target is free for the next job).
     pub fn complete(&self, job: &Job) -> Result<(), Refusal> {
-        let finished = job.finish();
-        self.remove(job);
-        finished
+        // Closing while the final flush and journal run: a HELLO of this
+        // job arriving meanwhile (a sender that reconnected, or ran the
+        // same job again) waits and then starts it from the journal, as
+        // complete, instead of finding streams that already sent DONE.
+        let closing = {
+            let mut inner = lock(&self.inner);
+            let ours = matches!(
+                inner.jobs.get(&job.id),
+                Some(Slot::Running(j)) if std::ptr::eq(Arc::as_ptr(j), job)
+            );
+            if ours {
+                inner.jobs.insert(job.id, Slot::Closing);
+            }
+            ours
+        };
+        // Released when dropped, also should `finish` panic (a bug).
+        let _closing = closing.then_some(Reservation {
+            registry: self,
+            id: job.id,
+        });
+        job.finish()
     }
 
     fn detach(&self, job: &Arc<Job>, stream_index: u16, generation: u64) {
@@ -380,23 +398,11 @@ impl Registry {
         }
         self.changed.notify_all();
     }
-
-    fn remove(&self, job: &Job) {
-        let mut inner = lock(&self.inner);
-        let registered = matches!(
-            inner.jobs.get(&job.id),
-            Some(Slot::Running(j)) if std::ptr::eq(Arc::as_ptr(j), job)
-        );
-        if registered {
-            release(&mut inner, job.id);
-        }
-        self.changed.notify_all();
-    }
 }
 
-/// A job id reserved as `Starting`; should the start panic (a bug), the
-/// reservation is dropped so that other HELLOs of the job do not wait for
-/// ever.
+/// A job id held as `Starting` or `Closing`, released when dropped: also
+/// should the start or the finish panic (a bug), so that other HELLOs of
+/// the job do not wait for ever.
 struct Reservation<'a> {
     registry: &'a Registry,
     id: [u8; 16],
