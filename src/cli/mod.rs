@@ -17,6 +17,7 @@ mod copy;
 mod copy_job;
 mod io_engine;
 mod send_job;
+mod test_hooks;
 pub use copy::CopyArgs;
 use copy::run_copy;
 pub use io_engine::{DISABLE_URING_ENV, io_engine_choice};

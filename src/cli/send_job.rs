@@ -42,6 +42,7 @@ impl SendArgs {
             source_id: None,
             lanes: self.lanes,
             io_timeout: self.io_timeout,
+            test_hooks: super::test_hooks::from_env(),
         }
     }
 }

@@ -334,6 +334,7 @@ impl Disk<'_> {
             rate_per_stream: (self.hooks.control().rate_bytes_per_s())
                 .map(|r| r as f64 / n_streams),
             loopback: self.loopback,
+            test_hooks: opts.test_hooks,
         }
     }
 }

@@ -62,7 +62,7 @@ use crate::sync::lock;
 
 mod disk;
 mod error;
-mod hooks;
+pub mod hooks;
 mod link;
 mod run;
 mod sender;
@@ -70,6 +70,7 @@ mod verify;
 
 pub(crate) use disk::run_disk;
 pub use error::SendError;
+pub use hooks::TestHooks;
 pub use run::{run, run_on, warn_plaintext};
 
 use link::connect_first;
@@ -155,6 +156,8 @@ pub struct SendOptions {
     /// How long an NBD source may leave a connection attempt, the
     /// handshake or a request unanswered before the job fails.
     pub io_timeout: Duration,
+    /// Faults to inject, for tests (see [`hooks`]); none by default.
+    pub test_hooks: TestHooks,
 }
 
 impl SendOptions {
@@ -183,6 +186,7 @@ impl SendOptions {
             source_id: None,
             lanes: crate::plan::lanes::LANES_DEFAULT,
             io_timeout: crate::pipeline::run::IO_TIMEOUT_DEFAULT,
+            test_hooks: TestHooks::default(),
         }
     }
 }
@@ -441,6 +445,8 @@ struct SenderCtx {
     /// saves no bandwidth there and takes CPU from the receiver, so `auto`
     /// does not treat a slow drain as a slow link.
     loopback: bool,
+    /// Faults to inject (tests only).
+    test_hooks: TestHooks,
 }
 
 struct StreamSender {

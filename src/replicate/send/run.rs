@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use super::{SendError, SendOptions, SendReport, hooks};
+use super::{SendError, SendOptions, SendReport};
 use crate::pipeline::CopyError;
 use crate::pipeline::run::Requests;
 use crate::pipeline::stats::Snapshot;
@@ -55,7 +55,7 @@ pub fn run(
     opts: &SendOptions,
     progress: &mut dyn FnMut(&Snapshot, Duration),
 ) -> Result<SendReport, SendError> {
-    hooks::announce();
+    opts.test_hooks.announce();
     opts.check()?;
     if opts.insecure_plaintext {
         warn_plaintext();

@@ -7,7 +7,6 @@
     clippy::cast_possible_wrap
 )]
 
-use super::hooks::corrupt_chunk_at;
 use super::link::{classify, explain};
 use super::*;
 
@@ -347,7 +346,7 @@ impl StreamSender {
         let mut payload: &[u8] = raw;
         let frame_no = ctx.job.data_frames.fetch_add(1, Ordering::Relaxed) + 1;
         let corrupted;
-        if corrupt_chunk_at() == Some(frame_no) {
+        if ctx.test_hooks.corrupts(frame_no) {
             warn!(
                 offset,
                 "test hook: corrupting this chunk after its digest was taken"
