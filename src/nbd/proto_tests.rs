@@ -1,6 +1,7 @@
 //! Round trips and bounds of the protocol codecs.
 
 use super::*;
+use crate::nbd::MAX_PAYLOAD_BYTES;
 use proptest::prelude::*;
 
 proptest! {

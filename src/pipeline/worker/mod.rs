@@ -6,10 +6,11 @@
 //!
 //! This file holds the slots and the event loop; `read.rs` is the source
 //! side, `write.rs` the target side, `nbd.rs` the replies on the worker's
-//! NBD connections and `lend.rs` the windows lent to network senders.
+//! NBD connections and `lend.rs` the windows lent to network senders;
+//! `ends.rs` defines the source and target ends, `user_data.rs` how an
+//! op's `user_data` and an NBD cookie name a slot.
 
 #![forbid(unsafe_code)]
-use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ use super::depth::DepthCtl;
 use super::nbd_io::NbdIo;
 use super::pool::PoolShare;
 use super::retry::{self, Due, RetryQueue};
-use super::sink::{Sink, SinkChunk, SinkRun};
+use super::sink::{SinkChunk, SinkRun};
 use super::stats::Stats;
 use super::zero::{self, Run};
 use super::{CopyError, Shared};
@@ -29,70 +30,20 @@ use crate::plan::windows::Work;
 use step::Stage;
 pub use step::Step;
 
+mod ends;
 mod lend;
 mod nbd;
 mod read;
 mod step;
+mod user_data;
 mod write;
 
-/// The source as a worker sees it.
-pub enum SrcIo {
-    File { fd: RawFd },
-    Nbd(Vec<Box<NbdIo>>),
-}
-
-/// The target as a worker sees it.
-pub enum DstIo {
-    /// A regular file or block device. `fresh_zero`: reads as zeros
-    /// everywhere already (a file we just truncated), so zeros are skipped.
-    /// `direct_fd`: the same file with O_DIRECT, used for writes whose
-    /// offset and length are multiples of [`DIRECT_ALIGN_BYTES`].
-    File {
-        fd: RawFd,
-        direct_fd: Option<RawFd>,
-        fresh_zero: bool,
-    },
-    Nbd(Vec<Box<NbdIo>>),
-    /// Chunks are lent to other threads (network senders) through `sink`.
-    Sink(SinkIo),
-}
-
-/// A worker's end of a [`Sink`].
-pub struct SinkIo {
-    pub sink: Arc<Sink>,
-    /// Receiving end of this worker's doorbell.
-    pub doorbell: std::os::unix::net::UnixStream,
-    /// Also take a digest of every whole window (for `--verify`).
-    pub window_digests: bool,
-    /// The digest of every data run.
-    pub run_digest: crate::wire::ChunkDigest,
-    bell_buf: Box<[u8; 64]>,
-    armed: bool,
-    /// Slots lent and not yet returned.
-    lent: usize,
-}
-
-impl SinkIo {
-    pub fn new(
-        sink: Arc<Sink>,
-        doorbell: std::os::unix::net::UnixStream,
-        window_digests: bool,
-        run_digest: crate::wire::ChunkDigest,
-    ) -> Self {
-        Self {
-            sink,
-            doorbell,
-            window_digests,
-            run_digest,
-            bell_buf: Box::new([0; 64]),
-            armed: false,
-            lent: 0,
-        }
-    }
-}
-
-/// Alignment O_DIRECT writes need (buffers are page-aligned by the pool).
-pub const DIRECT_ALIGN_BYTES: u64 = 4096;
+pub use ends::{DIRECT_ALIGN_BYTES, DstIo, SinkIo, SrcIo};
+use user_data::{
+    TAG_DOORBELL, TAG_DST_RECV, TAG_DST_SEND, TAG_FILE_READ, TAG_FILE_WRITE, TAG_FILE_WRITE_BUF,
+    TAG_FILE_ZERO, TAG_SRC_RECV, TAG_SRC_SEND, TAG_WB_START, TAG_WB_WAIT, cookie, cookie_parts, ud,
+    ud_slot, ud_subop, ud_tag,
+};
 
 /// Settings of one worker.
 pub struct WorkerConfig {
@@ -107,49 +58,11 @@ pub struct WorkerConfig {
     pub read_retries: u32,
 }
 
-// user_data layout: tag in the top 4 bits.
-const TAG_SHIFT: u32 = 60;
-const TAG_FILE_READ: u64 = 1;
-const TAG_FILE_WRITE: u64 = 2;
-const TAG_FILE_ZERO: u64 = 3;
-const TAG_SRC_SEND: u64 = 4;
-const TAG_SRC_RECV: u64 = 5;
-const TAG_DST_SEND: u64 = 6;
-const TAG_DST_RECV: u64 = 7;
-const TAG_DOORBELL: u64 = 8;
-/// A write through the page cache (serialised: see `buffered_queue`).
-const TAG_FILE_WRITE_BUF: u64 = 9;
-/// Start writeback of a range just written (nothing to do on completion).
-const TAG_WB_START: u64 = 10;
-/// Wait for an older range's writeback; then drop it from the page cache.
-const TAG_WB_WAIT: u64 = 11;
 /// Ranges whose writeback runs ahead before the oldest is waited for.
 const WRITEBACK_WINDOW: usize = 8;
 /// Longest a worker thread sleeps, while a read waits for its retry, before
 /// it looks at its engine and the work queues again.
 pub const RETRY_POLL_MAX: Duration = Duration::from_millis(1);
-const SUBOP_BITS: u32 = 24;
-
-fn ud(tag: u64, slot: usize, subop: usize) -> u64 {
-    (tag << TAG_SHIFT) | ((slot as u64) << SUBOP_BITS) | subop as u64
-}
-fn ud_tag(u: u64) -> u64 {
-    u >> TAG_SHIFT
-}
-fn ud_slot(u: u64) -> usize {
-    ((u & ((1 << TAG_SHIFT) - 1)) >> SUBOP_BITS) as usize
-}
-fn ud_subop(u: u64) -> usize {
-    (u & ((1 << SUBOP_BITS) - 1)) as usize
-}
-/// NBD cookies: slot and subop (never 0 so a zeroed header is not a cookie).
-fn cookie(slot: usize, subop: usize) -> u64 {
-    (((slot as u64) + 1) << SUBOP_BITS) | subop as u64
-}
-fn cookie_parts(c: u64) -> Option<(usize, usize)> {
-    let slot = (c >> SUBOP_BITS).checked_sub(1)? as usize;
-    Some((slot, (c & ((1 << SUBOP_BITS) - 1)) as usize))
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
