@@ -11,7 +11,7 @@ use super::exit_code;
 use crate::jobfile::{self, JOB_FILE_MAX_BYTES, JobFile};
 use crate::progress::{JobView, emit_json, job::total_of};
 use crate::runtime::job::DiskOutcome;
-use crate::runtime::{JobReport, JobSpec};
+use crate::runtime::{Engine, JobProgress, JobReport, JobSpec};
 
 pub(super) fn run_copy_job(a: &CopyArgs) -> i32 {
     let Some(path) = &a.job else {
@@ -40,27 +40,14 @@ pub(super) fn run_copy_job(a: &CopyArgs) -> i32 {
             return exit_code(&e);
         }
     };
-    let targets: Vec<String> = job.disks.iter().map(|d| d.target.clone()).collect();
-    let started = Instant::now();
-    let handle = engine.submit(JobSpec {
+    let spec = JobSpec {
         name: job.name.clone(),
         disks: disks.into_iter().map(Into::into).collect(),
         rate_bytes_per_s: a.rate,
+    };
+    let (report, last, worst) = run_job(&engine, &job, spec, a.json, a.no_progress, |r| {
+        done_event(r, engine.kind())
     });
-    let mut view = JobView::new(a.json, a.no_progress, &targets);
-    watch(&handle, started, |p, el| view.update(p, el));
-    let last = handle.progress();
-    view.update(&last, started.elapsed());
-    let report = handle.wait();
-    let done = done_event(&report, engine.kind());
-    view.finish(&done);
-    let mut worst = 0;
-    for d in &report.disks {
-        if let Err(e) = &d.result {
-            eprintln!("diskferry: disk {}: {e}", d.target);
-            worst = worst.max(exit_code(e));
-        }
-    }
     if worst == 0 && !a.json && !a.no_progress {
         let total = total_of(&last);
         eprintln!(
@@ -73,6 +60,37 @@ pub(super) fn run_copy_job(a: &CopyArgs) -> i32 {
         );
     }
     worst
+}
+
+/// Runs a job to its end on `engine`: one progress view (a line per disk
+/// and a total), the `done` event `done_of` makes, each failed disk's
+/// error. Returns the report, the last progress and the worst disk's exit
+/// code (0 when every disk succeeded).
+pub(super) fn run_job(
+    engine: &Engine,
+    job: &JobFile,
+    spec: JobSpec,
+    json: bool,
+    no_progress: bool,
+    done_of: impl Fn(&JobReport) -> serde_json::Value,
+) -> (JobReport, JobProgress, i32) {
+    let targets: Vec<String> = job.disks.iter().map(|d| d.target.clone()).collect();
+    let started = Instant::now();
+    let handle = engine.submit(spec);
+    let mut view = JobView::new(json, no_progress, &targets);
+    watch(&handle, started, |p, el| view.update(p, el));
+    let last = handle.progress();
+    view.update(&last, started.elapsed());
+    let report = handle.wait();
+    view.finish(&done_of(&report));
+    let mut worst = 0;
+    for d in &report.disks {
+        if let Err(e) = &d.result {
+            eprintln!("diskferry: disk {}: {e}", d.target);
+            worst = worst.max(exit_code(e));
+        }
+    }
+    (report, last, worst)
 }
 
 /// Print why the job was refused (exit 2).

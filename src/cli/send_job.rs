@@ -4,14 +4,11 @@
 //! opened or dialled; a disk that fails does not stop the others; the exit
 //! code is the worst disk's; `--rate` is one budget for the whole job.
 
-use std::time::Instant;
-
-use super::copy::watch;
-use super::copy_job::{done_event, read, refuse};
+use super::copy_job::{done_event, read, refuse, run_job};
 use super::{SendArgs, exit_code};
 use crate::jobfile;
 use crate::pipeline::CopyError;
-use crate::progress::{JobView, job::total_of};
+use crate::progress::job::total_of;
 use crate::replicate::send::{self, SendError, SendOptions};
 use crate::runtime::{Engine, EngineOptions, JobReport, JobSpec};
 
@@ -103,27 +100,14 @@ pub(super) fn run_send_job(a: &SendArgs) -> i32 {
             return exit_code(&e);
         }
     };
-    let targets: Vec<String> = job.disks.iter().map(|d| d.target.clone()).collect();
-    let started = Instant::now();
-    let handle = engine.submit(JobSpec {
+    let spec = JobSpec {
         name: job.name.clone(),
         disks: disks.into_iter().map(Into::into).collect(),
         rate_bytes_per_s: a.rate,
+    };
+    let (report, last, worst) = run_job(&engine, &job, spec, a.json, a.no_progress, |r| {
+        send_done_event(r, &engine)
     });
-    let mut view = JobView::new(a.json, a.no_progress, &targets);
-    watch(&handle, started, |p, el| view.update(p, el));
-    let last = handle.progress();
-    view.update(&last, started.elapsed());
-    let report = handle.wait();
-    let done = send_done_event(&report, &engine);
-    view.finish(&done);
-    let mut worst = 0;
-    for d in &report.disks {
-        if let Err(e) = &d.result {
-            eprintln!("diskferry: disk {}: {e}", d.target);
-            worst = worst.max(exit_code(e));
-        }
-    }
     if worst == 0 && !a.json && !a.no_progress {
         let total = total_of(&last);
         eprintln!(
@@ -131,7 +115,7 @@ pub(super) fn run_send_job(a: &SendArgs) -> i32 {
             report.disks.len(),
             report.name,
             total.bytes_written,
-            done["bytes_on_wire"],
+            send_done_event(&report, &engine)["bytes_on_wire"],
             report.elapsed.as_secs_f64()
         );
     }
