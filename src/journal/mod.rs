@@ -10,8 +10,10 @@
 //! * [`store`]: [`JournalStore`], one file per target in `--state-dir`,
 //!   replaced atomically (write, fsync, rename, fsync the directory), and
 //!   [`Checkpointer`], when to take the next checkpoint.
-//! * [`decide`]: [`decide()`], what a HELLO gets given the journal found:
-//!   a fresh copy, a resume, "already complete", or a refusal.
+//! * [`decide`]: [`decide()`], what a HELLO gets given the journal found
+//!   and the pass it asks for (full, incremental, delta): a fresh copy, a
+//!   resume, "already complete", an incremental's planned set, a delta
+//!   pass, or a refusal.
 //!
 //! The journal is advanced only after the ranges it adds were flushed
 //! (fdatasync / NBD FLUSH); that ordering is the caller's duty.

@@ -190,6 +190,11 @@ impl Registry {
             size_bytes: hello.size_bytes,
             chunk_size_bytes: hello.chunk_size_bytes,
             restart,
+            mode: hello.mode,
+            base_sync_id: None,
+            plan_digest: hello.plan_digest,
+            plan: RangeSet::new(),
+            target_stamp: None,
         };
         let hint = opened.path.display().to_string();
         let fresh_journal = || {
@@ -226,12 +231,19 @@ impl Registry {
                 journal.chunk_size_bytes = hello.chunk_size_bytes;
                 (target, journal, durable, "resumed")
             }
-            Decision::AlreadyComplete => {
+            Decision::AlreadyComplete { .. } => {
                 let target = self.open_resumed(opened, hello)?;
                 let journal = existing.clone().unwrap_or_else(fresh_journal);
                 let mut all = RangeSet::new();
                 all.insert(0, hello.size_bytes);
                 (target, journal, all, "already complete")
+            }
+            Decision::Incremental { .. } | Decision::Delta { .. } => {
+                // The session refuses these modes before it attaches.
+                return Err(Refusal::new(
+                    ErrorCode::Internal,
+                    format!("{} passes are not run by this receiver yet", hello.mode),
+                ));
             }
             Decision::Refuse { reason, message } => {
                 let code = match reason {
@@ -239,6 +251,8 @@ impl Registry {
                     RefuseReason::SizeMismatch | RefuseReason::SourceIdentityMismatch => {
                         ErrorCode::SourceMismatch
                     }
+                    RefuseReason::BaseMismatch => ErrorCode::BaseMismatch,
+                    RefuseReason::PlanTooLarge => ErrorCode::BadRequest,
                 };
                 return Err(Refusal::new(code, message));
             }
