@@ -17,7 +17,8 @@
 //! | delta | in progress delta of the same source | [`Decision::Delta`] with its durable ranges |
 //! | delta | anything else (none, RESTART, complete, another pass) | [`Decision::Delta`], nothing durable |
 //!
-//! A journal naming another target is refused in every mode.
+//! A journal naming another target is refused in every mode (unless a full
+//! or delta pass asks to RESTART, which discards it).
 
 use super::codec::{Journal, MAX_RANGES_HARD, TargetStamp};
 use super::ranges::RangeSet;
@@ -112,8 +113,12 @@ pub enum Decision {
 
 /// Decides what a job's first HELLO gets (the table in the module doc).
 pub fn decide(existing: Option<&Journal>, request: &ResumeRequest) -> Decision {
+    // RESTART discards the journal of a full or delta pass, whatever it
+    // says; an incremental cannot do without it.
+    let is_discarded = request.restart && request.mode != PassMode::Incremental;
     if let Some(journal) = existing
         && journal.target_name != request.target_name
+        && !is_discarded
     {
         return Decision::Refuse {
             reason: RefuseReason::TargetMismatch,

@@ -152,7 +152,11 @@ fn full_table() {
         assert_eq!(reason(&source), Some(RefuseReason::SourceIdentityMismatch));
         let target = decide(Some(j), &other_target);
         assert_eq!(reason(&target), Some(RefuseReason::TargetMismatch));
-        for r in [other_size.clone(), other_source.clone()] {
+        for r in [
+            other_size.clone(),
+            other_source.clone(),
+            other_target.clone(),
+        ] {
             assert_eq!(decide(Some(j), &restart(r)), Decision::Fresh);
         }
     }
@@ -405,6 +409,21 @@ fn delta_resumes_only_its_own_interrupted_pass_and_never_refuses_a_mismatch() {
     assert_eq!(
         reason(&decide(Some(&running), &other_target)),
         Some(RefuseReason::TargetMismatch)
+    );
+    let restart_other_target = ResumeRequest {
+        restart: true,
+        ..other_target
+    };
+    assert_eq!(decide(Some(&running), &restart_other_target), fresh);
+    let foreign = ResumeRequest {
+        target_name: "vm2".into(),
+        restart: true,
+        ..incremental(BASE, &[(0, 10)])
+    };
+    assert_eq!(
+        reason(&decide(Some(&synced()), &foreign)),
+        Some(RefuseReason::TargetMismatch),
+        "an incremental never trusts a foreign journal"
     );
 }
 
