@@ -16,10 +16,17 @@ const S2: [u8; 16] = [0x22; 16];
 const S3: [u8; 16] = [0x33; 16];
 const WRONG: [u8; 16] = [0x0e; 16];
 
+/// The base sync sent on each I/O engine.
 #[test]
 fn an_incremental_on_its_base_writes_only_its_plan_and_records_the_new_sync() {
-    let dir = tempfile::tempdir().unwrap();
-    let (rx, base, s1) = synced(dir.path());
+    for engine in ["uring", "threads"] {
+        let dir = tempfile::tempdir().unwrap();
+        incremental_on_its_base(dir.path(), engine);
+    }
+}
+
+fn incremental_on_its_base(dir: &std::path::Path, engine: &str) {
+    let (rx, base, s1) = synced_with(dir, engine);
     let plan = [
         range(0, 64 << 10),
         range(MIB, 4096),
