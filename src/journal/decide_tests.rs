@@ -2,7 +2,7 @@
 
 use super::*;
 
-const BASE: SyncId = [0xba; 16];
+pub(super) const BASE: SyncId = [0xba; 16];
 const OTHER: SyncId = [0x0e; 16];
 const STAMP: TargetStamp = TargetStamp {
     inode: 12,
@@ -44,7 +44,7 @@ fn synced() -> Journal {
 }
 
 /// An incremental on `BASE` with `plan`, interrupted with `durable`.
-fn interrupted(plan: &[(u64, u64)], durable: &[(u64, u64)]) -> Journal {
+pub(super) fn interrupted(plan: &[(u64, u64)], durable: &[(u64, u64)]) -> Journal {
     let mut j = synced();
     j.complete = false;
     j.pass_mode = PassMode::Incremental;
@@ -80,7 +80,7 @@ fn request() -> ResumeRequest {
     }
 }
 
-fn incremental(base: SyncId, plan: &[(u64, u64)]) -> ResumeRequest {
+pub(super) fn incremental(base: SyncId, plan: &[(u64, u64)]) -> ResumeRequest {
     ResumeRequest {
         mode: PassMode::Incremental,
         base_sync_id: Some(base),
@@ -469,64 +469,4 @@ fn subtract_cuts_every_way() {
     assert_eq!(subtract(&a, &RangeSet::new()), a);
     assert!(subtract(&a, &a).is_empty());
     assert!(subtract(&RangeSet::new(), &a).is_empty());
-}
-
-mod props {
-    use proptest::collection::vec;
-    use proptest::prelude::*;
-
-    use super::*;
-
-    /// Up to 12 ranges in a 256-byte space.
-    fn arb_set() -> impl Strategy<Value = RangeSet> {
-        vec((0u64..256, 1u64..40), 0..12).prop_map(|raw| {
-            raw.into_iter()
-                .map(|(o, l)| (o, l.min(256 - o).max(1)))
-                .collect()
-        })
-    }
-
-    fn bits(set: &RangeSet) -> Vec<bool> {
-        let mut out = vec![false; 300];
-        for (o, l) in set.iter() {
-            let (start, end) = (usize::try_from(o).unwrap(), usize::try_from(o + l).unwrap());
-            for b in &mut out[start..end] {
-                *b = true;
-            }
-        }
-        out
-    }
-
-    proptest! {
-        #[test]
-        fn subtract_matches_a_byte_model(a in arb_set(), b in arb_set()) {
-            let want: Vec<bool> = bits(&a).iter().zip(bits(&b)).map(|(x, y)| *x && !y).collect();
-            prop_assert_eq!(bits(&subtract(&a, &b)), want);
-        }
-
-        /// Widening: the union is planned, the replan is exactly what only
-        /// the old plan named, and the new plan plus the replan cover it.
-        #[test]
-        fn widening_plans_the_union_and_replans_old_minus_new(old in arb_set(), new in arb_set()) {
-            let to_list = |s: &RangeSet| s.iter().collect::<Vec<_>>();
-            // Everything the old pass planned is durable.
-            let mut j = interrupted(&to_list(&old), &to_list(&old));
-            j.size_bytes = 1000;
-            let r = ResumeRequest { size_bytes: 1000, ..incremental(BASE, &to_list(&new)) };
-            let Decision::Incremental { planned, durable, replan } = decide(Some(&j), &r) else {
-                panic!("same base: an incremental");
-            };
-            let union: Vec<bool> = bits(&old).iter().zip(bits(&new)).map(|(x, y)| *x || y).collect();
-            prop_assert_eq!(bits(&planned), union.clone());
-            prop_assert_eq!(bits(&replan), bits(&subtract(&old, &new)));
-            let mut sent = new.clone();
-            sent.extend(replan.iter());
-            prop_assert_eq!(bits(&sent), union);
-            if old == new {
-                prop_assert_eq!(durable, old, "the same plan resumes");
-            } else {
-                prop_assert!(durable.is_empty(), "another plan counts nothing durable");
-            }
-        }
-    }
 }
