@@ -63,6 +63,7 @@ use crate::sync::lock;
 mod disk;
 mod error;
 pub mod hooks;
+mod incremental;
 mod link;
 pub mod pass;
 mod run;
@@ -271,6 +272,11 @@ struct JobShared {
     data_frames: AtomicU64,
     /// The stall watchdog's view of each stream's current connection.
     watches: Mutex<Vec<Option<Arc<Watch>>>>,
+    /// An incremental pass's changed extents (`None`: a full or delta
+    /// pass, which covers the whole disk).
+    pass: Option<Mutex<crate::plan::pass_work::PassWork>>,
+    /// Ranges WELCOMEs asked to be sent too, not yet added to `pass`.
+    replan: Mutex<Vec<(u64, u64)>>,
 }
 
 impl JobShared {
@@ -390,8 +396,10 @@ fn fail_msg(e: impl std::fmt::Display) -> CopyError {
 }
 
 impl JobShared {
-    fn new(streams: usize) -> Self {
+    fn new(streams: usize, pass: Option<crate::plan::pass_work::PassWork>) -> Self {
         JobShared {
+            pass: pass.map(Mutex::new),
+            replan: Mutex::new(Vec::new()),
             acked: Mutex::new(Acked::default()),
             sent: Mutex::new(RangeSet::new()),
             bytes_resent: AtomicU64::new(0),
