@@ -41,15 +41,15 @@ pub(crate) fn run_disk(
     hooks: &DiskHooks<'_>,
 ) -> Result<SendReport, CopyError> {
     let started = Instant::now();
-    if matches!(opts.pass, PassRequest::Incremental { .. }) {
-        return Err(CopyError::Usage(
-            "incremental passes are not planned yet (this build parses them only)".into(),
-        ));
-    }
     let tuning = SocketTuning::default();
     let dialer =
         Dialer::new(&opts.to, opts.tls_dir.as_deref(), tuning).map_err(CopyError::Usage)?;
     let (mut source, pass) = open_for_pass(opts)?;
+    if matches!(opts.pass, PassRequest::Incremental { .. }) {
+        return Err(CopyError::Usage(
+            "incremental passes are planned but not sent yet: the wire does not carry them in this build".into(),
+        ));
+    }
     debug!(elapsed = ?started.elapsed(), "source open and mapped");
     let size_bytes = source.size_bytes;
     let identity = match &opts.source_id {
