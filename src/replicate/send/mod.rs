@@ -51,7 +51,7 @@ use crate::plan::windows::whole_windows;
 use crate::runtime::Engine;
 use crate::wire::{
     self, ByteRange, DataHead, ErrorCode, Features, Frame, FrameDecoder, Hello, HelloFlags,
-    ImageDigest,
+    ImageDigest, PassMode,
 };
 
 use super::stream::{
@@ -422,10 +422,7 @@ impl Connector {
     ) -> Self {
         let mut job_id = [0u8; 16];
         super::random_bytes(&mut job_id);
-        let mut sync_id = [0u8; 16];
-        while sync_id == [0; 16] {
-            super::random_bytes(&mut sync_id);
-        }
+        let sync_id = super::new_sync_id();
         Connector {
             dialer,
             sync_id,
@@ -445,6 +442,11 @@ impl Connector {
                 flags: hello_flags(opts),
                 target: opts.target.clone(),
                 source_identity,
+                mode: PassMode::Full,
+                sync_id,
+                base_sync_id: [0; 16],
+                plan_digest: [0; 32],
+                change_id: String::new(),
             },
             stall_timeout: opts.stall_timeout,
             retry_for: opts.retry_for,
