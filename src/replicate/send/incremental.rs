@@ -18,7 +18,48 @@ use crate::plan::pass_work::PassWork;
 use crate::plan::{PassExtent, PassKind, changed_areas};
 
 /// Most ranges a PLAN frame carries.
-const MAX_PLAN_RANGES: usize = 1 << 20;
+const MAX_PLAN_RANGES: usize = wire::pass::MAX_PLAN_RANGES as usize;
+
+/// What a HELLO says of the pass, and the PLAN that follows it.
+pub(super) struct PassHello {
+    pub mode: wire::PassMode,
+    pub base_sync_id: SyncId,
+    pub plan_digest: [u8; 32],
+    pub plan: Option<Frame>,
+}
+
+impl PassHello {
+    /// For `opts`'s pass; an incremental's plan is `job`'s changed ranges
+    /// now (before any WELCOME adds to them).
+    pub(super) fn new(opts: &SendOptions, job: &JobShared) -> Self {
+        let none = PassHello {
+            mode: wire::PassMode::Full,
+            base_sync_id: wire::pass::NO_SYNC_ID,
+            plan_digest: [0; 32],
+            plan: None,
+        };
+        match (&opts.pass, &job.pass) {
+            (PassRequest::Incremental { base, .. }, Some(pass)) => {
+                let ranges: Vec<ByteRange> = lock(pass)
+                    .changed_ranges()
+                    .into_iter()
+                    .map(|(offset, len_bytes)| ByteRange { offset, len_bytes })
+                    .collect();
+                PassHello {
+                    mode: wire::PassMode::Incremental,
+                    base_sync_id: *base,
+                    plan_digest: wire::plan_digest(&ranges),
+                    plan: Some(Frame::Plan(ranges)),
+                }
+            }
+            (PassRequest::Delta { .. }, _) => PassHello {
+                mode: wire::PassMode::Delta,
+                ..none
+            },
+            _ => none,
+        }
+    }
+}
 
 /// What the next round moves.
 pub(super) enum RoundPlan {
@@ -129,11 +170,20 @@ impl JobShared {
 
     /// Remember ranges a WELCOME asks to be sent too (planned at the next
     /// round, from the source's allocation then).
-    #[allow(dead_code)] // used once the receiver sends them (wire v2)
     pub(super) fn push_replan(&self, ranges: &[ByteRange]) {
         if self.pass.is_some() && !ranges.is_empty() {
             lock(&self.replan).extend(ranges.iter().map(|r| (r.offset, r.len_bytes)));
         }
+    }
+
+    /// A WELCOME's sync id: the one the receiver records for this job.
+    pub(super) fn note_sync_id(&self, id: SyncId) {
+        *lock(&self.welcome_sync_id) = Some(id);
+    }
+
+    /// The sync id to report: the receiver's, else this run's.
+    pub(super) fn sync_id_or(&self, own: SyncId) -> SyncId {
+        lock(&self.welcome_sync_id).unwrap_or(own)
     }
 
     /// Whether WELCOMEs asked for ranges not yet added to the pass.
