@@ -194,6 +194,11 @@ impl JobShared {
     /// Add the ranges WELCOMEs asked for to the pass, planned from
     /// `source`'s allocation (data → copy, holes → zero).
     pub(super) fn apply_replan(&self, source: &Source) -> Result<(), CopyError> {
+        self.apply_replan_with(source.extents.extents())
+    }
+
+    /// [`Self::apply_replan`] with the source's `data` ranges.
+    fn apply_replan_with(&self, data: &[(u64, u64)]) -> Result<(), CopyError> {
         let (Some(pass), ranges) = (&self.pass, std::mem::take(&mut *lock(&self.replan))) else {
             return Ok(());
         };
@@ -201,7 +206,7 @@ impl JobShared {
             return Ok(());
         }
         let added = lock(pass)
-            .add(&ranges, source.extents.extents())
+            .add(&ranges, data)
             .map_err(|e| CopyError::Internal(format!("adding the receiver's ranges: {e}")))?;
         info!(
             added_bytes = added,
@@ -225,5 +230,91 @@ impl JobShared {
     /// The pass's changed bytes (copy and zero), replanned ranges included.
     pub(super) fn pass_changed_bytes(&self) -> Option<u64> {
         Some(lock(self.pass.as_ref()?).changed_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::PassPlan;
+
+    fn pass(size: u64, changed: &[(u64, u64)], data: &[(u64, u64)]) -> PassWork {
+        PassWork::from_plan(&PassPlan::from_changed(changed, data, size).unwrap())
+    }
+
+    fn exact(job: &JobShared) -> Vec<(u64, u64, PassKind)> {
+        match job.next_round(1 << 20, 4096) {
+            Some((RoundPlan::Exact(items), bytes)) => {
+                assert_eq!(bytes, items.iter().map(|e| e.len).sum::<u64>());
+                items.iter().map(|e| (e.offset, e.len, e.kind)).collect()
+            }
+            Some((RoundPlan::Windows(_), _)) => panic!("a pass planned windows"),
+            None => Vec::new(),
+        }
+    }
+
+    fn range(offset: u64, len_bytes: u64) -> ByteRange {
+        ByteRange { offset, len_bytes }
+    }
+
+    #[test]
+    fn rounds_of_a_pass_move_planned_minus_acknowledged() {
+        let job = JobShared::new(
+            1,
+            Some(pass(1 << 20, &[(0, 8192), (65536, 4096)], &[(4096, 65536)])),
+        );
+        assert_eq!(
+            exact(&job),
+            vec![
+                (0, 4096, PassKind::Zero),
+                (4096, 4096, PassKind::Copy),
+                (65536, 4096, PassKind::Copy)
+            ]
+        );
+        // The receiver resumes the pass: its durable ranges are not sent.
+        job.apply_welcome(7, &[range(0, 6000)]);
+        assert_eq!(
+            exact(&job),
+            vec![(6000, 2192, PassKind::Copy), (65536, 4096, PassKind::Copy)]
+        );
+        assert_eq!(job.pass_copy_bytes_held(1 << 20), Some(1904));
+        assert!(job.apply_ack(7, &[range(6000, 2192), range(65536, 4096)]));
+        assert!(job.next_round(1 << 20, 4096).is_none());
+        assert_eq!(job.pass_changed_bytes(), Some(12288));
+    }
+
+    #[test]
+    fn replanned_ranges_are_sent_from_the_allocation_at_the_next_round() {
+        let job = JobShared::new(1, Some(pass(1 << 20, &[(0, 4096)], &[(0, 4096)])));
+        job.apply_welcome(1, &[range(0, 4096)]);
+        assert!(job.next_round(1 << 20, 4096).is_none());
+        job.push_replan(&[range(8192, 8192)]);
+        assert!(job.has_replan());
+        job.apply_replan_with(&[(0, 12288)]).unwrap();
+        assert!(!job.has_replan());
+        assert_eq!(
+            exact(&job),
+            vec![(8192, 4096, PassKind::Copy), (12288, 4096, PassKind::Zero)]
+        );
+        assert_eq!(job.pass_changed_bytes(), Some(4096 + 8192));
+    }
+
+    #[test]
+    fn a_full_pass_plans_windows_and_ignores_replan() {
+        let job = JobShared::new(1, None);
+        job.push_replan(&[range(0, 4096)]);
+        assert!(!job.has_replan());
+        assert!(matches!(
+            job.next_round(1 << 20, 4096),
+            Some((RoundPlan::Windows(None), 1_048_576))
+        ));
+        job.apply_welcome(1, &[range(0, 5000)]);
+        match job.next_round(1 << 20, 4096) {
+            Some((RoundPlan::Windows(Some(spans)), bytes)) => {
+                assert_eq!(spans, vec![(4096, (1 << 20) - 4096)]);
+                assert_eq!(bytes, (1 << 20) - 5000);
+            }
+            _ => panic!("a resumed full pass plans the windows it misses"),
+        }
     }
 }
