@@ -108,14 +108,19 @@ pub(super) fn open_for_pass(opts: &SendOptions) -> Result<(Source, Option<PassWo
             (source, PassWork::from_plan(&plan))
         }
     };
+    let mut work = work;
     let ranges = work.changed_ranges().len();
     if ranges > MAX_PLAN_RANGES {
-        return Err(CopyError::Usage(format!(
-            "the pass changes {ranges} separate ranges, more than the {} a plan may hold; \
-             send it as a delta pass (no base needed) instead",
-            MAX_PLAN_RANGES
-        )));
+        let added = work
+            .coalesce(MAX_PLAN_RANGES, source.extents.extents())
+            .map_err(|e| CopyError::Internal(format!("joining the pass's ranges: {e}")))?;
+        info!(
+            ranges,
+            added_bytes = added,
+            "the pass has more ranges than a plan holds: joined across the smallest gaps"
+        );
     }
+    let ranges = work.changed_ranges().len();
     info!(
         copy_bytes = work.bytes(PassKind::Copy),
         zero_bytes = work.bytes(PassKind::Zero),
