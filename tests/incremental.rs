@@ -448,3 +448,62 @@ fn incremental_from_an_nbd_server_exporting_the_bitmap_is_identical_and_verifies
         );
     }
 }
+
+#[test]
+fn receiver_killed_mid_incremental_the_send_reconnects_and_the_target_is_identical() {
+    for engine in ENGINES {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let mut rng = Rng::from_env(&format!("incremental, receiver kill -9 ({engine})"));
+        let img = source_image(dir, rng.next());
+        let mut rx = Rx::start(&dir.join("rx"), &["--checkpoint-interval", "200ms"]);
+        let target = rx.target("t.img");
+        let full = done(&rx.send(s(&img), "t.img", &[]));
+        let sync1 = text(&full, "sync_id").to_string();
+        let changes: Vec<Change> = (0..24)
+            .map(|i| Change::Write(i * 2 * MIB + rng.range(0, 4) * 4 * KIB, MIB))
+            .collect();
+        apply(dir, &img, &changes, rng.next());
+        let bg = Bg::spawn(rx.send_cmd(
+            s(&img),
+            "t.img",
+            &[
+                "--io-engine",
+                engine,
+                "--compress",
+                "none",
+                "--changed",
+                "dirty-bitmap:b0",
+                "--base",
+                &sync1,
+                "--rate",
+                "6M",
+                "--stall-timeout",
+                "3s",
+                "--retry-for",
+                "60s",
+            ],
+        ));
+        std::thread::sleep(Duration::from_millis(2000));
+        rx.kill9();
+        std::thread::sleep(Duration::from_millis(500));
+        rx.spawn();
+        let inc = done(&bg.wait(Duration::from_secs(120)));
+        assert!(num(&inc, "reconnects") >= 1, "{engine}: {inc}");
+        assert_eq!(text(&inc, "base_sync_id"), sync1);
+        assert_identical(&img, &target, "incremental after the receiver's kill -9");
+        // The receiver recorded this pass as its last sync: the next pass
+        // starts from it.
+        let next = rx.send(
+            s(&img),
+            "t.img",
+            &[
+                "--changed",
+                "dirty-bitmap:b0",
+                "--base",
+                text(&inc, "sync_id"),
+            ],
+        );
+        done(&next);
+    }
+}
