@@ -507,3 +507,57 @@ fn receiver_killed_mid_incremental_the_send_reconnects_and_the_target_is_identic
         done(&next);
     }
 }
+
+#[test]
+fn a_rerun_with_another_plan_also_sends_what_the_interrupted_pass_may_have_changed() {
+    for engine in ENGINES {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let mut rng = Rng::from_env(&format!("incremental replan ({engine})"));
+        let img = source_image(dir, rng.next());
+        let rx = Rx::start(&dir.join("rx"), &["--checkpoint-interval", "200ms"]);
+        let target = rx.target("t.img");
+        let sync1 = text(&done(&rx.send(s(&img), "t.img", &[])), "sync_id").to_string();
+        // Pass A (24 MiB at 6 MB/s), killed part way.
+        let a: Vec<Change> = (0..24)
+            .map(|i| Change::Write(i * 2 * MIB + rng.range(0, 4) * 4 * KIB, MIB))
+            .collect();
+        apply(dir, &img, &a, rng.next());
+        let list_a = dir.join("a.json");
+        changed_areas_json(&list_a, &merged(&a));
+        let flags = |list: &Path, rate: Option<&'static str>| -> Vec<String> {
+            let mut v: Vec<String> = ["--io-engine", engine, "--compress", "none", "--base"]
+                .map(String::from)
+                .to_vec();
+            v.push(sync1.clone());
+            v.push("--changed-areas".into());
+            v.push(s(list).into());
+            if let Some(r) = rate {
+                v.extend(["--rate".into(), r.into()]);
+            }
+            v
+        };
+        let slow = flags(&list_a, Some("6M"));
+        let slow: Vec<&str> = slow.iter().map(String::as_str).collect();
+        let mut bg = Bg::spawn(rx.send_cmd(s(&img), "t.img", &slow));
+        std::thread::sleep(Duration::from_millis(2000));
+        assert!(bg.running(), "{engine}: pass A ended before the kill");
+        bg.kill9();
+        // Then other changes, and a pass that names only those (B): the
+        // receiver asks for A ∖ B too, which the sender plans from the
+        // source's allocation.
+        let b = random_changes(&mut rng, 20);
+        apply(dir, &img, &b, rng.next());
+        let list_b = dir.join("b.json");
+        changed_areas_json(&list_b, &merged(&b));
+        let rerun = flags(&list_b, None);
+        let rerun: Vec<&str> = rerun.iter().map(String::as_str).collect();
+        let inc = done(&rx.send(s(&img), "t.img", &rerun));
+        assert_identical(&img, &target, "rerun with another plan");
+        let only_b: u64 = merged(&b).iter().map(|r| r.1).sum();
+        assert!(
+            num(&inc, "bytes_changed") > only_b,
+            "{engine}: the rerun sent only its own plan: {inc}"
+        );
+    }
+}
