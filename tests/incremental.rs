@@ -285,6 +285,12 @@ fn incremental_from_a_dirty_bitmap_then_a_changed_areas_list_is_identical_and_mo
             num(&inc, "bytes_read") <= bytes_changed,
             "{engine}: read more than changed: {inc}"
         );
+        // Progress counted what the pass moves, not the disk.
+        let planned = num(&inc, "bytes_planned");
+        assert!(
+            planned > 0 && planned <= bytes_changed,
+            "{engine}: {planned} bytes planned for {bytes_changed} changed"
+        );
 
         // More changes, described by a changed-areas list built from the
         // recorded writes (exact bytes, not granules).
