@@ -435,6 +435,14 @@ fn bad_incremental_input_is_refused_before_anything_is_written() {
         &["--delta", "--changed", "dirty-bitmap:b0"],
         &["--changed", "bitmap:b0"],
         &["--changed", "dirty-bitmap:b0", "--base", "123"],
+        &[
+            "--changed-areas",
+            "/nonexistent/changes.json",
+            "--base",
+            base,
+        ],
+        &["--delta", "--delta-block", "3000"],
+        &["--delta-block", "64k"],
     ] {
         let out = rx.send(s(&raw), "a.img", bad);
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
