@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use crate::progress::Progress;
 use super::{SendArgs, done_event, exit_code};
+use crate::progress::Progress;
 use crate::replicate::passes::driver::{
     ChangeSource, PassEvent, PassesError, PassesOptions, PassesOutcome, run_passes,
 };
@@ -18,7 +18,9 @@ pub(super) fn passes_options(a: &SendArgs) -> Result<PassesOptions, String> {
     let changes = match (&a.changed_cmd, a.delta) {
         (Some(cmd), false) => ChangeSource::Command(cmd.clone()),
         (None, true) => ChangeSource::Delta {
-            block_bytes: a.delta_block,
+            block_bytes: a
+                .delta_block
+                .unwrap_or(crate::replicate::send::pass::DELTA_BLOCK_DEFAULT_BYTES),
         },
         (Some(_), true) => return Err("--passes: give --delta or --changed-cmd, not both".into()),
         (None, false) => {
@@ -77,9 +79,7 @@ fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
 }
 
-fn hex(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
+use crate::replicate::send::pass::sync_id_hex as hex;
 
 /// Prints one event: a JSON line, or a line for people on stderr.
 fn report(json: bool, quiet: bool, e: &PassEvent<'_>) {

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::model::{Convergence, PassFigures, Verdict};
+use crate::replicate::send::pass::{SyncId, sync_id_hex};
 use crate::replicate::send::{ChangedSource, PassRequest, SendError, SendOptions, SendReport};
-use crate::wire::SyncId;
 
 /// Where each pass's changes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,18 +263,7 @@ fn parse_spec(printed: &str, pass: u32, base: Option<SyncId>) -> Result<PassRequ
     if line == "full" {
         return Ok(PassRequest::Full);
     }
-    let changed = if let Some(name) = line.strip_prefix("dirty-bitmap:") {
-        ChangedSource::DirtyBitmap(name.to_owned())
-    } else if let Some(file) = line.strip_prefix("changed-areas:") {
-        ChangedSource::ChangedAreas(file.into())
-    } else {
-        return Err(bad());
-    };
-    if matches!(&changed, ChangedSource::DirtyBitmap(n) if n.is_empty())
-        || matches!(&changed, ChangedSource::ChangedAreas(p) if p.as_os_str().is_empty())
-    {
-        return Err(bad());
-    }
+    let changed: ChangedSource = line.parse().map_err(|_| bad())?;
     let base = base.ok_or(PassesError::NoBase { pass })?;
     Ok(PassRequest::Incremental { changed, base })
 }
@@ -298,7 +287,7 @@ fn run_command(
         .env("DISKFERRY_PASS", pass.to_string())
         .env(
             "DISKFERRY_BASE_SYNC_ID",
-            base.map(|b| hex(&b)).unwrap_or_default(),
+            base.map(|b| sync_id_hex(&b)).unwrap_or_default(),
         )
         .env("DISKFERRY_FINAL", if is_final { "1" } else { "0" })
         .stdin(Stdio::null())
@@ -319,11 +308,6 @@ fn run_command(
         return Err(fail(format!("failed ({status})")));
     }
     String::from_utf8(out).map_err(|_| fail("printed something that is not UTF-8".into()))
-}
-
-/// A sync id as users see it: 32 lowercase hex digits.
-fn hex(id: &SyncId) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -5,4 +5,5 @@
 //! [`model`] decides (sans-IO); the driver runs the passes.
 #![forbid(unsafe_code)]
 
+pub mod driver;
 pub mod model;
