@@ -1,6 +1,6 @@
-//! One receiver stream's protocol as a sans-IO state machine: HELLO →
-//! WELCOME, then DATA / ZERO / BARRIER → ACK, DONE, VERIFY_REQUEST →
-//! VERIFY_RESULT, PING → PONG.
+//! One receiver stream's protocol as a sans-IO state machine: HELLO (and
+//! PLAN for an incremental pass) → WELCOME, then DATA / ZERO / BARRIER →
+//! ACK, DONE, VERIFY_REQUEST → VERIFY_RESULT, PING → PONG.
 //!
 //! [`Session`] is fed what happened ([`Input`]: a decoded frame, bytes
 //! arriving, a quiet poll interval, a stop, the connection ending) and the
@@ -28,12 +28,13 @@ use std::time::Instant;
 use tracing::{debug, warn};
 
 use super::ending::Ending;
-use super::events::{Action, ActionResult, End, Health, Input, JobInfo};
+use super::events::{Action, ActionResult, AttachRequest, End, Health, Input, JobInfo};
 use super::intake::{Intake, IntakeState, hashes_arriving};
 use super::job::Refusal;
+use super::pass::check_plan;
 use super::timers::Timers;
 use super::verify::VerifyError;
-use crate::wire::{Codec, ErrorCode, Features, Frame, Hello, Welcome};
+use crate::wire::{ByteRange, Codec, ErrorCode, Features, Frame, Hello, PassMode, Welcome};
 
 /// Features this receiver supports.
 pub const SUPPORTED_FEATURES: Features = Features(
@@ -43,6 +44,8 @@ pub const SUPPORTED_FEATURES: Features = Features(
 #[derive(Debug)]
 enum Phase {
     AwaitHello,
+    /// An incremental HELLO came: its PLAN must follow.
+    AwaitPlan(Box<Hello>),
     Streaming,
     /// DONE received: only VERIFY_REQUEST (once) and PING may follow.
     Finished,
@@ -202,7 +205,8 @@ impl Session {
     }
 
     fn check_hello(&self, now: Instant) -> Result<(), End> {
-        let is_awaiting_hello = matches!(self.phase, Phase::AwaitHello);
+        // The PLAN of an incremental is part of the HELLO's time.
+        let is_awaiting_hello = matches!(self.phase, Phase::AwaitHello | Phase::AwaitPlan(_));
         self.timers.check_hello(is_awaiting_hello, now)
     }
 
@@ -224,6 +228,9 @@ impl Session {
                     ),
                 )),
             };
+        }
+        if let Phase::AwaitPlan(_) = self.phase {
+            return self.on_plan(frame);
         }
         self.frames += 1;
         health.check()?;
@@ -256,6 +263,14 @@ impl Session {
             (Phase::Finished, Frame::VerifyRequest { window_bytes }) => {
                 self.on_verify(window_bytes)
             }
+            (
+                Phase::Streaming,
+                Frame::DigestRequest {
+                    offset,
+                    len_bytes,
+                    block_bytes,
+                },
+            ) => self.on_digest_request(offset, len_bytes, block_bytes),
             (Phase::Streaming, Frame::VerifyRequest { .. }) => Err(refuse(
                 ErrorCode::Protocol,
                 "VERIFY_REQUEST before DONE: a stream asks for a verify pass only after its DONE",
@@ -287,15 +302,72 @@ impl Session {
         if !hello.features.contains(Features::BLAKE3) {
             return Err(refuse(
                 ErrorCode::BadRequest,
-                "the sender does not offer BLAKE3 digests, which protocol v1 requires",
+                "the sender does not offer BLAKE3 digests, which the protocol requires",
             ));
         }
+        if hello.mode == PassMode::Incremental {
+            self.phase = Phase::AwaitPlan(Box::new(hello));
+            return Ok(());
+        }
+        self.attach(hello, Vec::new());
+        Ok(())
+    }
+
+    /// The frame after an incremental HELLO: its PLAN, whose digest must
+    /// be the HELLO's (the frame's size was bounded before it was read).
+    fn on_plan(&mut self, frame: Frame) -> Result<(), End> {
+        let Frame::Plan(plan) = frame else {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!(
+                    "an incremental HELLO must be followed by PLAN, got {}",
+                    frame.frame_type().name()
+                ),
+            ));
+        };
+        let Phase::AwaitPlan(hello) = std::mem::replace(&mut self.phase, Phase::AwaitHello) else {
+            return Err(refuse(ErrorCode::Internal, "PLAN without its HELLO"));
+        };
+        check_plan(&hello, &plan).map_err(End::Refuse)?;
+        self.attach(*hello, plan);
+        Ok(())
+    }
+
+    fn attach(&mut self, hello: Hello, plan: Vec<ByteRange>) {
         let offered = hello.features;
+        let request = AttachRequest { hello, plan };
         self.push(
-            Action::Attach(Box::new(hello)),
+            Action::Attach(Box::new(request)),
             Some(Wait::Attach { offered }),
         );
-        Ok(())
+    }
+
+    /// DIGEST_REQUEST, delta jobs only, before DONE.
+    fn on_digest_request(
+        &mut self,
+        offset: u64,
+        len_bytes: u32,
+        block_bytes: u32,
+    ) -> Result<(), End> {
+        let job = attached(&self.job)?;
+        if job.mode != PassMode::Delta {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!(
+                    "DIGEST_REQUEST on a {} pass: only delta passes ask for digests",
+                    job.mode
+                ),
+            ));
+        }
+        // HOOK(delta): read the target's bytes in [offset, offset +
+        // len_bytes) (bounded like verify's read-back; past the target's
+        // end reads as zeros) and answer DIGESTS with wire::block_digest of
+        // each block_bytes block: an Action here, carried out in conn.rs.
+        debug!(offset, len_bytes, block_bytes, "DIGEST_REQUEST");
+        Err(refuse(
+            ErrorCode::Protocol,
+            "DIGEST_REQUEST is not answered by this receiver yet",
+        ))
     }
 
     /// What the data path's last step leaves to the machine.
@@ -392,7 +464,9 @@ impl Session {
         let welcome = Welcome {
             features: self.features,
             instance: job.instance,
+            sync_id: job.sync_id,
             durable: job.durable.clone(),
+            replan: job.replan.clone(),
         };
         self.job = Some(job);
         self.phase = Phase::Streaming;

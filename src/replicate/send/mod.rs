@@ -277,6 +277,10 @@ struct JobShared {
     pass: Option<Mutex<crate::plan::pass_work::PassWork>>,
     /// Ranges WELCOMEs asked to be sent too, not yet added to `pass`.
     replan: Mutex<Vec<(u64, u64)>>,
+    /// The sync id the receiver's last WELCOME named: what it records
+    /// when this job completes (for a target already complete, the id it
+    /// recorded then).
+    welcome_sync_id: Mutex<Option<SyncId>>,
 }
 
 impl JobShared {
@@ -327,6 +331,9 @@ struct Connector {
     hello: Hello,
     /// This run's sync id (random, never all-zero).
     sync_id: SyncId,
+    /// An incremental pass's PLAN, sent right after HELLO on every
+    /// stream: its changed ranges when the run began.
+    plan: Option<Frame>,
     stall_timeout: Duration,
     retry_for: Duration,
     job: Arc<JobShared>,
@@ -400,6 +407,7 @@ impl JobShared {
         JobShared {
             pass: pass.map(Mutex::new),
             replan: Mutex::new(Vec::new()),
+            welcome_sync_id: Mutex::new(None),
             acked: Mutex::new(Acked::default()),
             sent: Mutex::new(RangeSet::new()),
             bytes_resent: AtomicU64::new(0),
@@ -422,13 +430,12 @@ impl Connector {
     ) -> Self {
         let mut job_id = [0u8; 16];
         super::random_bytes(&mut job_id);
-        let mut sync_id = [0u8; 16];
-        while sync_id == [0; 16] {
-            super::random_bytes(&mut sync_id);
-        }
+        let sync_id = super::new_sync_id();
+        let pass = incremental::PassHello::new(opts, job);
         Connector {
             dialer,
             sync_id,
+            plan: pass.plan,
             hello: Hello {
                 job_id,
                 size_bytes,
@@ -445,6 +452,11 @@ impl Connector {
                 flags: hello_flags(opts),
                 target: opts.target.clone(),
                 source_identity,
+                mode: pass.mode,
+                sync_id,
+                base_sync_id: pass.base_sync_id,
+                plan_digest: pass.plan_digest,
+                change_id: opts.change_id.clone().unwrap_or_default(),
             },
             stall_timeout: opts.stall_timeout,
             retry_for: opts.retry_for,
