@@ -16,10 +16,17 @@ const S2: [u8; 16] = [0x22; 16];
 const S3: [u8; 16] = [0x33; 16];
 const WRONG: [u8; 16] = [0x0e; 16];
 
+/// The base sync sent on each I/O engine.
 #[test]
 fn an_incremental_on_its_base_writes_only_its_plan_and_records_the_new_sync() {
-    let dir = tempfile::tempdir().unwrap();
-    let (rx, base, s1) = synced(dir.path());
+    for engine in ["uring", "threads"] {
+        let dir = tempfile::tempdir().unwrap();
+        incremental_on_its_base(dir.path(), engine);
+    }
+}
+
+fn incremental_on_its_base(dir: &std::path::Path, engine: &str) {
+    let (rx, base, s1) = synced_with(dir, engine);
     let plan = [
         range(0, 64 << 10),
         range(MIB, 4096),
@@ -51,6 +58,14 @@ fn an_incremental_on_its_base_writes_only_its_plan_and_records_the_new_sync() {
     assert!(j.planned.is_empty() && j.base_sync_id.is_none());
     let stamp = j.target_stamp.expect("a regular file's stamp is recorded");
     assert_eq!(stamp.size_bytes, SIZE);
+
+    // The sender reconnecting with the same HELLO (its answer to DONE
+    // lost): already complete, the same id.
+    let mut again = connect(&rx);
+    let w = welcome_incremental(&mut again, &incremental_hello(2, S2, s1, &plan), &plan);
+    assert_eq!(w.sync_id, S2);
+    assert_eq!(w.durable, vec![range(0, SIZE)]);
+    drop(again);
 
     // The old base is no longer the last sync.
     let mut again = connect(&rx);
@@ -296,4 +311,43 @@ fn a_v1_hello_gets_a_version_error() {
     assert_eq!(code, ErrorCode::Version, "{message}");
     assert!(message.contains("version 1"), "{message}");
     assert!(!rx.target("v1.img").exists());
+}
+
+#[test]
+fn a_pass_journaled_before_a_receiver_kill_is_widened_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rx, base, s1) = synced(dir.path());
+    let p1 = [range(0, 64 << 10), range(MIB, 64 << 10)];
+    let interrupted = changed(&base, &p1, 21);
+    let mut c = connect(&rx);
+    welcome_incremental(&mut c, &incremental_hello(2, S2, s1, &p1), &p1);
+    send_ranges(&mut c, &interrupted, &p1);
+    c.barrier(1);
+    rx.kill9(); // no checkpoint, no journal at exit
+    drop(c);
+    let j = journal(&rx, TARGET).unwrap();
+    assert!(
+        !j.complete && j.base_sync_id == Some(s1),
+        "journaled at start: {j:?}"
+    );
+    assert_eq!(j.planned.covered_bytes(), 2 * (64 << 10));
+
+    rx.spawn();
+    let p2 = [range(2 * MIB, 4096)];
+    let source = changed(&base, &p2, 23);
+    let mut c = connect(&rx);
+    let w = welcome_incremental(&mut c, &incremental_hello(3, S3, s1, &p2), &p2);
+    assert_eq!(
+        w.replan,
+        p1.to_vec(),
+        "what the killed pass may have written"
+    );
+    send_ranges(&mut c, &source, &p2);
+    send_ranges(&mut c, &source, &w.replan);
+    c.barrier(1);
+    c.done();
+    drop(c);
+    wait_for_journal(&rx, |j| j.complete);
+    assert_eq!(std::fs::read(rx.target(TARGET)).unwrap(), source);
+    assert_eq!(journal(&rx, TARGET).unwrap().last_sync_id, Some(S3));
 }

@@ -9,6 +9,7 @@
 //! | full | none, or RESTART | [`Decision::Fresh`] |
 //! | full | same target, size and identity, in progress | [`Decision::Resume`] its durable ranges |
 //! | full | same, complete | [`Decision::AlreadyComplete`] with the recorded sync id |
+//! | any | complete, and its last sync is this HELLO's sync id | [`Decision::AlreadyComplete`] (a reconnect after completion) |
 //! | full | another size or identity | refused (`SOURCE_MISMATCH`) |
 //! | incremental | complete, last sync = base, target unchanged | [`Decision::Incremental`]: planned = plan, nothing durable |
 //! | incremental | in progress on the same base, same plan and source | resume: its durable ranges |
@@ -39,6 +40,9 @@ pub struct ResumeRequest {
     pub restart: bool,
     /// What the pass does.
     pub mode: PassMode,
+    /// The send run's sync id: a target that completed this very sync is
+    /// already complete, whatever the pass.
+    pub sync_id: SyncId,
     /// Incremental: the sync the changes are relative to.
     pub base_sync_id: Option<SyncId>,
     /// Incremental: the digest of `plan` (checked against the PLAN frame).
@@ -127,6 +131,18 @@ pub fn decide(existing: Option<&Journal>, request: &ResumeRequest) -> Decision {
                  damaged journal file); rerun with --restart to start a clean full copy",
                 request.target_name, journal.target_name
             ),
+        };
+    }
+    if let Some(journal) = existing
+        && journal.complete
+        && journal.last_sync_id == Some(request.sync_id)
+        && journal.size_bytes == request.size_bytes
+        && !request.restart
+    {
+        // A sender reconnecting after its job completed (its DONE was
+        // taken, the answer lost): nothing to do, the same id to report.
+        return Decision::AlreadyComplete {
+            last_sync_id: journal.last_sync_id,
         };
     }
     match request.mode {

@@ -72,6 +72,7 @@ fn request() -> ResumeRequest {
         chunk_size_bytes: 64,
         restart: false,
         mode: PassMode::Full,
+        sync_id: [0x51; 16],
         base_sync_id: None,
         plan_digest: [0; 32],
         plan: RangeSet::new(),
@@ -425,6 +426,36 @@ fn delta_resumes_only_its_own_interrupted_pass_and_never_refuses_a_mismatch() {
         Some(RefuseReason::TargetMismatch),
         "an incremental never trusts a foreign journal"
     );
+}
+
+#[test]
+fn a_reconnect_after_its_own_sync_completed_is_already_complete_in_every_mode() {
+    let plan = [(0, 10)];
+    let done = synced();
+    for mode_request in [
+        ResumeRequest {
+            sync_id: BASE,
+            ..incremental(OTHER, &plan)
+        },
+        ResumeRequest {
+            sync_id: BASE,
+            ..delta()
+        },
+        ResumeRequest {
+            sync_id: BASE,
+            source_identity: "another".into(),
+            ..request()
+        },
+    ] {
+        assert_eq!(
+            decide(Some(&done), &mode_request),
+            Decision::AlreadyComplete {
+                last_sync_id: Some(BASE)
+            },
+            "{:?}",
+            mode_request.mode
+        );
+    }
 }
 
 #[test]

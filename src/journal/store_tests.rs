@@ -206,6 +206,7 @@ fn a_journal_copied_to_another_target_is_refused() {
         chunk_size_bytes: 512,
         restart: false,
         mode: crate::wire::PassMode::Full,
+        sync_id: [1; 16],
         base_sync_id: None,
         plan_digest: [0; 32],
         plan: RangeSet::new(),

@@ -37,11 +37,17 @@ pub fn connect(rx: &Rx) -> Client {
 /// a random `SIZE`-byte source (sent by `diskferry send`); returns the
 /// receiver, the source's bytes and the recorded sync id.
 pub fn synced(dir: &Path) -> (Rx, Vec<u8>, SyncId) {
+    synced_with(dir, "threads")
+}
+
+/// [`synced`], the full sync sent with I/O engine `engine`.
+pub fn synced_with(dir: &Path, engine: &str) -> (Rx, Vec<u8>, SyncId) {
     let rx = Rx::start(dir, &[]);
     let src = dir.join("src.img");
     let bytes = serve_support::random_bytes(SIZE as usize, 1);
     std::fs::write(&src, &bytes).unwrap();
-    let out = rx.send(src.to_str().unwrap(), TARGET, &["--streams", "1"]);
+    let args = ["--streams", "1", "--io-engine", engine];
+    let out = rx.send(src.to_str().unwrap(), TARGET, &args);
     done(&out);
     let j = journal(&rx, TARGET).expect("a journal after a full sync");
     assert!(j.complete);

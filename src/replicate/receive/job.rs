@@ -8,7 +8,8 @@
 //! asked to overwrite it), a resume (the target is opened as it is; the
 //! durable ranges go back in WELCOME), "already complete" (opened as it
 //! is, too), and a refusal (another source, a damaged journal: the sender
-//! must ask for `RESTART`). Later HELLOs of the same job attach to it after
+//! must ask for `RESTART`); protocol v2 adds incremental and delta passes
+//! (`pass.rs`: journaled before any write, recorded on completion). Later HELLOs of the same job attach to it after
 //! checking they describe the same job; a HELLO for a stream that is still
 //! attached takes the stream over (the sender reconnected after a stall the
 //! receiver did not notice). A target is written by one job at a time.

@@ -112,6 +112,7 @@ pub fn request(hello: &Hello, plan: &[ByteRange], stamp: Option<TargetStamp>) ->
         chunk_size_bytes: hello.chunk_size_bytes,
         restart: hello.flags.restart(),
         mode: hello.mode,
+        sync_id: hello.sync_id,
         base_sync_id: (hello.mode == PassMode::Incremental).then_some(hello.base_sync_id),
         plan_digest: hello.plan_digest,
         plan: plan.iter().map(|r| (r.offset, r.len_bytes)).collect(),

@@ -159,3 +159,18 @@ fn digest_request_on_a_full_pass_is_a_protocol_error() {
     assert_eq!(sent[0].code, ErrorCode::Protocol);
     assert!(sent[0].message.contains("delta"), "{}", sent[0].message);
 }
+
+#[test]
+fn a_delta_hello_attaches_at_once_without_a_plan() {
+    let mut rig = Rig::new(1 << 20);
+    let h = Hello {
+        mode: PassMode::Delta,
+        ..hello()
+    };
+    rig.frame(Frame::Hello(h.clone()));
+    let Some(Action::Attach(request)) = rig.next() else {
+        panic!("a delta HELLO attaches");
+    };
+    assert_eq!(request.hello, h);
+    assert!(request.plan.is_empty());
+}
