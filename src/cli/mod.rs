@@ -16,6 +16,7 @@ use crate::progress::Progress;
 mod copy;
 mod copy_job;
 mod io_engine;
+mod passes;
 mod send_job;
 mod send_pass;
 mod test_hooks;
@@ -44,7 +45,7 @@ pub enum Command {
     /// (qcow2, vmdk, vhdx, …) opened through qemu-nbd.
     Copy(CopyArgs),
     /// Replicate SRC to a `diskferry serve` receiver over several TLS 1.3 streams.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// Receive replication jobs from `diskferry send` (runs until SIGTERM/SIGINT).
     Serve(ServeArgs),
     /// Certificates for mutual TLS.
@@ -233,6 +234,26 @@ pub struct SendArgs {
     /// Bytes per block compared by --delta (power of two, 4k..1M; default 64k).
     #[arg(long, value_parser = send_pass::parse_delta_block)]
     pub delta_block: Option<u32>,
+    /// Converging passes: `auto` runs passes of what changed (from
+    /// --changed-cmd, or --delta) until the next one fits --max-downtime,
+    /// then stops ready for cut-over, or runs --final-cmd and the final pass.
+    #[arg(long, value_parser = ["auto"], conflicts_with = "job")]
+    pub passes: Option<String>,
+    /// The downtime budget of the final pass (with --passes auto).
+    #[arg(long, default_value = "30s", value_parser = crate::size::parse_duration, requires = "passes")]
+    pub max_downtime: std::time::Duration,
+    /// Give up (exit 7, not converging) after this many passes.
+    #[arg(long, default_value_t = crate::replicate::passes::model::MAX_PASSES_DEFAULT, requires = "passes")]
+    pub max_passes: u32,
+    /// Run before each pass (sh -c; DISKFERRY_PASS, DISKFERRY_BASE_SYNC_ID and
+    /// DISKFERRY_FINAL in its environment); prints what the pass sends:
+    /// `full`, `dirty-bitmap:NAME` or `changed-areas:FILE`.
+    #[arg(long, requires = "passes")]
+    pub changed_cmd: Option<String>,
+    /// Stops or quiesces the source once a pass fits --max-downtime (sh -c);
+    /// then the final pass runs and `cutover` reports the downtime.
+    #[arg(long, requires = "passes")]
+    pub final_cmd: Option<String>,
     /// Newline-delimited JSON events on stdout.
     #[arg(long)]
     pub json: bool,
@@ -284,7 +305,7 @@ pub fn main() -> i32 {
     init_logging(cli.verbose);
     match cli.command {
         Command::Copy(args) => run_copy(args),
-        Command::Send(args) => run_send(args),
+        Command::Send(args) => run_send(*args),
         Command::Serve(args) => run_serve(args),
         Command::Certs(CertsCommand::Init { dir, sans, force }) => {
             match crate::net::certs::init(&dir, &sans, force) {
@@ -366,7 +387,12 @@ fn run_send(a: SendArgs) -> i32 {
     let (Some(src), Some(target)) = (a.src.clone(), a.target.clone()) else {
         unreachable!("clap requires SRC and --target without --job")
     };
-    let pass = match a.pass() {
+    // A series chooses each pass's kind itself (--passes, cli/passes.rs).
+    let pass = match a.passes {
+        Some(_) => Ok(crate::replicate::send::PassRequest::Full),
+        None => a.pass(),
+    };
+    let pass = match pass {
         Ok(pass) => pass,
         Err(msg) => return copy_job::refuse(a.json, &msg),
     };
@@ -376,6 +402,12 @@ fn run_send(a: SendArgs) -> i32 {
     opts.source_id = a.source_id.clone();
     opts.pass = pass;
     opts.change_id = a.change_id.clone();
+    if a.passes.is_some() {
+        return match passes::passes_options(&a) {
+            Ok(series) => passes::run(&a, &opts, &series),
+            Err(msg) => copy_job::refuse(a.json, &msg),
+        };
+    }
     let mut progress = Progress::new(a.json, a.no_progress);
     let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el));
     let result = result.map_err(send_job::cli_error).map(|r| {

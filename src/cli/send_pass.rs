@@ -8,17 +8,7 @@ use crate::replicate::send::{ChangedSource, PassRequest};
 
 /// `--changed`: `dirty-bitmap:NAME` or `changed-areas:FILE`.
 pub(super) fn parse_changed(s: &str) -> Result<ChangedSource, String> {
-    let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
-    match (kind, rest) {
-        (_, "") => Err(format!(
-            "{s}: expected dirty-bitmap:NAME or changed-areas:FILE"
-        )),
-        ("dirty-bitmap", name) => Ok(ChangedSource::DirtyBitmap(name.to_string())),
-        ("changed-areas", path) => Ok(ChangedSource::ChangedAreas(path.into())),
-        _ => Err(format!(
-            "{s}: expected dirty-bitmap:NAME or changed-areas:FILE"
-        )),
-    }
+    s.parse()
 }
 
 /// `--base`: a sync id, 32 hex characters.
@@ -103,7 +93,7 @@ mod tests {
         v.extend_from_slice(&["--insecure-plaintext"]);
         v.extend_from_slice(extra);
         match super::super::Cli::try_parse_from(v)?.command {
-            super::super::Command::Send(a) => Ok(a),
+            super::super::Command::Send(a) => Ok(*a),
             _ => unreachable!(),
         }
     }

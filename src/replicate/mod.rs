@@ -8,6 +8,7 @@
 //! Receiver: [`receive`] (accept loop, per-stream state machine and its I/O
 //! loop, jobs, limits, and `receive::target`: target names, opening and I/O).
 
+pub mod passes;
 pub mod receive;
 pub mod send;
 mod source;

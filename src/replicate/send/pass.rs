@@ -24,6 +24,22 @@ pub enum ChangedSource {
     ChangedAreas(PathBuf),
 }
 
+impl std::str::FromStr for ChangedSource {
+    type Err = String;
+
+    /// `dirty-bitmap:NAME` or `changed-areas:FILE` (the `--changed` flag,
+    /// and what a change command prints).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s}: expected dirty-bitmap:NAME or changed-areas:FILE");
+        match s.split_once(':') {
+            Some((_, "")) | None => Err(bad()),
+            Some(("dirty-bitmap", name)) => Ok(ChangedSource::DirtyBitmap(name.to_string())),
+            Some(("changed-areas", path)) => Ok(ChangedSource::ChangedAreas(path.into())),
+            Some(_) => Err(bad()),
+        }
+    }
+}
+
 /// What one send pass does.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum PassRequest {
