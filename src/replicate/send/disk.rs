@@ -40,6 +40,11 @@ pub(crate) fn run_disk(
     hooks: &DiskHooks<'_>,
 ) -> Result<SendReport, CopyError> {
     let started = Instant::now();
+    if matches!(opts.pass, PassRequest::Incremental { .. }) {
+        return Err(CopyError::Usage(
+            "incremental passes are not planned yet (this build parses them only)".into(),
+        ));
+    }
     let tuning = SocketTuning::default();
     let dialer =
         Dialer::new(&opts.to, opts.tls_dir.as_deref(), tuning).map_err(CopyError::Usage)?;
@@ -166,6 +171,13 @@ pub(crate) fn run_disk(
         reconnects: job.reconnects.load(Ordering::Relaxed),
         rounds: tally.rounds,
         source_identity: identity,
+        sync_id: disk.connector.sync_id,
+        base_sync_id: match &opts.pass {
+            PassRequest::Incremental { base, .. } => Some(*base),
+            PassRequest::Full | PassRequest::Delta { .. } => None,
+        },
+        change_id: opts.change_id.clone(),
+        bytes_changed: data_bytes,
     })
 }
 

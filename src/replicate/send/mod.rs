@@ -66,6 +66,7 @@ mod disk;
 mod error;
 pub mod hooks;
 mod link;
+pub mod pass;
 mod run;
 mod sender;
 mod verify;
@@ -73,6 +74,7 @@ mod verify;
 pub(crate) use disk::run_disk;
 pub use error::SendError;
 pub use hooks::TestHooks;
+pub use pass::{ChangedSource, PassRequest, SyncId};
 pub use run::{run, run_on, warn_plaintext};
 
 use link::connect_first;
@@ -160,6 +162,12 @@ pub struct SendOptions {
     pub io_timeout: Duration,
     /// Faults to inject, for tests (see [`hooks`]); none by default.
     pub test_hooks: TestHooks,
+    /// What the pass sends: everything, what changed since a base, or
+    /// the blocks that differ ([`PassRequest`]).
+    pub pass: PassRequest,
+    /// An external change id (e.g. VMware's changeId) the receiver
+    /// records with the sync and the report echoes.
+    pub change_id: Option<String>,
 }
 
 impl SendOptions {
@@ -189,6 +197,8 @@ impl SendOptions {
             lanes: crate::plan::lanes::LANES_DEFAULT,
             io_timeout: crate::pipeline::run::IO_TIMEOUT_DEFAULT,
             test_hooks: TestHooks::default(),
+            pass: PassRequest::Full,
+            change_id: None,
         }
     }
 }
@@ -225,6 +235,22 @@ pub struct SendReport {
     /// Planning rounds (1 without failures).
     pub rounds: u32,
     pub source_identity: String,
+    /// The sync this run completed (for a target already complete, the
+    /// sync it recorded then).
+    #[serde(serialize_with = "pass::ser_sync_id")]
+    pub sync_id: SyncId,
+    /// The sync an incremental pass started from.
+    #[serde(
+        serialize_with = "pass::ser_opt_sync_id",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub base_sync_id: Option<SyncId>,
+    /// The external change id given with the send.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<String>,
+    /// The pass's changed bytes: incremental, its copy and zero extents;
+    /// delta, the blocks that differed; full, the source's data bytes.
+    pub bytes_changed: u64,
 }
 
 /// What the receiver has said is durable, and which receiver instance
@@ -295,6 +321,8 @@ impl JobShared {
 struct Connector {
     dialer: Dialer,
     hello: Hello,
+    /// This run's sync id (random, never all-zero).
+    sync_id: SyncId,
     stall_timeout: Duration,
     retry_for: Duration,
     job: Arc<JobShared>,
@@ -388,8 +416,13 @@ impl Connector {
     ) -> Self {
         let mut job_id = [0u8; 16];
         super::random_bytes(&mut job_id);
+        let mut sync_id = [0u8; 16];
+        while sync_id == [0; 16] {
+            super::random_bytes(&mut sync_id);
+        }
         Connector {
             dialer,
+            sync_id,
             hello: Hello {
                 job_id,
                 size_bytes,
