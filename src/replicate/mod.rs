@@ -27,3 +27,13 @@ pub(crate) fn random_bytes(out: &mut [u8]) {
         h.finalize_xof().fill(out);
     }
 }
+
+/// A fresh sync id for one send run: random, never all zero (all zero
+/// means "none" on the wire).
+pub(crate) fn new_sync_id() -> crate::wire::SyncId {
+    let mut id = crate::wire::pass::NO_SYNC_ID;
+    while id == crate::wire::pass::NO_SYNC_ID {
+        random_bytes(&mut id);
+    }
+    id
+}

@@ -33,7 +33,7 @@ use super::intake::{Intake, IntakeState, hashes_arriving};
 use super::job::Refusal;
 use super::timers::Timers;
 use super::verify::VerifyError;
-use crate::wire::{Codec, ErrorCode, Features, Frame, Hello, Welcome};
+use crate::wire::{Codec, ErrorCode, Features, Frame, Hello, PassMode, SyncId, Welcome};
 
 /// Features this receiver supports.
 pub const SUPPORTED_FEATURES: Features = Features(
@@ -57,6 +57,8 @@ enum Phase {
 enum Wait {
     Attach {
         offered: Features,
+        /// The HELLO's sync id: the id this job records when it completes.
+        sync_id: SyncId,
     },
     /// The data path's action (see `intake.rs`).
     Intake,
@@ -290,10 +292,19 @@ impl Session {
                 "the sender does not offer BLAKE3 digests, which protocol v1 requires",
             ));
         }
+        if hello.mode != PassMode::Full {
+            // Incremental and delta passes need the v2 journal and open
+            // rules; until they are in, only full passes are accepted.
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!("this receiver does not run {} passes yet", hello.mode),
+            ));
+        }
         let offered = hello.features;
+        let sync_id = hello.sync_id;
         self.push(
             Action::Attach(Box::new(hello)),
-            Some(Wait::Attach { offered }),
+            Some(Wait::Attach { offered, sync_id }),
         );
         Ok(())
     }
@@ -349,8 +360,8 @@ impl Session {
 
     fn on_completion(&mut self, wait: Wait, done: ActionResult, now: Instant) -> Result<(), End> {
         match (wait, done) {
-            (Wait::Attach { offered }, ActionResult::Attached(job)) => {
-                self.on_attached(offered, *job);
+            (Wait::Attach { offered, sync_id }, ActionResult::Attached(job)) => {
+                self.on_attached(offered, sync_id, *job);
                 Ok(())
             }
             (Wait::Attach { .. }, ActionResult::AttachRefused(refusal)) => {
@@ -384,7 +395,7 @@ impl Session {
         }
     }
 
-    fn on_attached(&mut self, offered: Features, job: JobInfo) {
+    fn on_attached(&mut self, offered: Features, sync_id: SyncId, job: JobInfo) {
         self.features = offered.intersect(SUPPORTED_FEATURES);
         // Every WELCOME lists what is durable now: a sender that believed
         // more (acknowledged before this receiver restarted from an older
@@ -392,7 +403,11 @@ impl Session {
         let welcome = Welcome {
             features: self.features,
             instance: job.instance,
+            // Full passes only for now: the job completes under the
+            // HELLO's id, and there is no plan to widen.
+            sync_id,
             durable: job.durable.clone(),
+            replan: Vec::new(),
         };
         self.job = Some(job);
         self.phase = Phase::Streaming;

@@ -4,6 +4,7 @@
 //! workers whose windows the sender threads drain into the streams — until
 //! the receiver holds every byte; then DONE and, if asked, verify.
 
+use super::incremental::{RoundPlan, open_for_pass};
 use super::verify::{say_done, verify_target};
 use super::*;
 use crate::endpoint::open::Source;
@@ -40,20 +41,15 @@ pub(crate) fn run_disk(
     hooks: &DiskHooks<'_>,
 ) -> Result<SendReport, CopyError> {
     let started = Instant::now();
-    if matches!(opts.pass, PassRequest::Incremental { .. }) {
-        return Err(CopyError::Usage(
-            "incremental passes are not planned yet (this build parses them only)".into(),
-        ));
-    }
     let tuning = SocketTuning::default();
     let dialer =
         Dialer::new(&opts.to, opts.tls_dir.as_deref(), tuning).map_err(CopyError::Usage)?;
-    let mut source = open_source(
-        &opts.source,
-        opts.source_format,
-        opts.connections,
-        opts.io_timeout,
-    )?;
+    let (mut source, pass) = open_for_pass(opts)?;
+    if matches!(opts.pass, PassRequest::Incremental { .. }) {
+        return Err(CopyError::Usage(
+            "incremental passes are planned but not sent yet: the wire does not carry them in this build".into(),
+        ));
+    }
     debug!(elapsed = ?started.elapsed(), "source open and mapped");
     let size_bytes = source.size_bytes;
     let identity = match &opts.source_id {
@@ -61,7 +57,7 @@ pub(crate) fn run_disk(
         None => crate::replicate::source::identity(&mut source)?,
     };
     debug!(elapsed = ?started.elapsed(), %identity, "source identity");
-    let job = Arc::new(JobShared::new(opts.streams as usize));
+    let job = Arc::new(JobShared::new(opts.streams as usize, pass));
     let connector = Arc::new(Connector::new(
         dialer,
         opts,
@@ -97,13 +93,19 @@ pub(crate) fn run_disk(
         engine = %engine.kind(),
         "send starting"
     );
-    // Data the receiver holds already (whole windows of it) is skipped.
-    let bytes_resumed_skipped = data_bytes
-        - source.extents.data_bytes_within(&whole_windows(
-            &job.missing(size_bytes),
-            size_bytes,
-            opts.chunk_bytes,
-        ));
+    // Data the receiver holds already (whole windows of it; of a pass,
+    // its copy extents) is skipped.
+    let bytes_resumed_skipped = match job.pass_copy_bytes_held(size_bytes) {
+        Some(held) => held,
+        None => {
+            data_bytes
+                - source.extents.data_bytes_within(&whole_windows(
+                    &job.missing(size_bytes),
+                    size_bytes,
+                    opts.chunk_bytes,
+                ))
+        }
+    };
     let display = source.display.clone();
     let disk = Disk {
         opts,
@@ -177,7 +179,7 @@ pub(crate) fn run_disk(
             PassRequest::Full | PassRequest::Delta { .. } => None,
         },
         change_id: opts.change_id.clone(),
-        bytes_changed: data_bytes,
+        bytes_changed: job.pass_changed_bytes().unwrap_or(data_bytes),
     })
 }
 
@@ -192,35 +194,44 @@ impl Disk<'_> {
         let opts = self.opts;
         let mut tally = Tally::default();
         let mut stuck = 0u32;
+        let reopen = || {
+            open_source(
+                &opts.source,
+                opts.source_format,
+                opts.connections,
+                opts.io_timeout,
+            )
+        };
         loop {
-            let missing = self.job.missing(self.size_bytes);
-            if missing.is_empty() {
-                return Ok(tally);
+            // Ranges a WELCOME asked for are planned from the source's
+            // allocation now, before the round that sends them.
+            if self.job.has_replan() && source.is_none() {
+                *source = Some(reopen()?);
             }
+            if let Some(src) = source.as_ref() {
+                self.job.apply_replan(src)?;
+            }
+            let Some((plan, missing_bytes)) =
+                self.job.next_round(self.size_bytes, opts.chunk_bytes)
+            else {
+                return Ok(tally);
+            };
             if self.hooks.control().is_cancelled() {
                 return Err(CopyError::Cancelled);
             }
-            let spans = whole_windows(&missing, self.size_bytes, opts.chunk_bytes);
             let src = match source.take() {
                 Some(s) => s,
-                None => open_source(
-                    &opts.source,
-                    opts.source_format,
-                    opts.connections,
-                    opts.io_timeout,
-                )?,
+                None => reopen()?,
             };
             let covered_before = self.job.covered();
             tally.rounds += 1;
             if tally.rounds > 1 {
                 info!(
                     round = tally.rounds,
-                    missing_bytes = missing.iter().map(|r| r.1).sum::<u64>(),
-                    "sending what is not acknowledged yet"
+                    missing_bytes, "sending what is not acknowledged yet"
                 );
             }
-            let spans = (covered_before > 0).then_some(spans);
-            let snap = self.round(src, spans, conns, &mut tally.comp_stats)?;
+            let snap = self.round(src, plan, conns, &mut tally.comp_stats)?;
             tally.totals = tally.totals.plus(&snap);
             self.hooks.round_over(tally.totals);
             if self.job.covered() <= covered_before {
@@ -241,12 +252,17 @@ impl Disk<'_> {
     fn round(
         &self,
         src: Source,
-        spans: Option<Vec<(u64, u64)>>,
+        plan: RoundPlan,
         conns: &mut Vec<Conn>,
         comp_stats: &mut compress::CompressStats,
     ) -> Result<Snapshot, CopyError> {
         let opts = self.opts;
+        let (spans, exact) = match plan {
+            RoundPlan::Windows(spans) => (spans, None),
+            RoundPlan::Exact(items) => (None, Some(items)),
+        };
         let cfg = PipelineConfig {
+            exact,
             threads: opts.threads,
             connections: opts.connections.max(opts.streams),
             requests: Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
@@ -265,7 +281,7 @@ impl Disk<'_> {
             src.extents,
             self.size_bytes,
             DstPlan::Sink {
-                window_digests: opts.verify,
+                window_digests: self.image_windows(),
                 run_digest: self.run_digest,
             },
         )?;
@@ -319,6 +335,13 @@ impl Disk<'_> {
         Ok(snap)
     }
 
+    /// Whether the rounds feed the image digest window by window: only
+    /// a full pass, whose items are whole windows. A `--verify` after an
+    /// incremental pass reads the whole source for it instead.
+    fn image_windows(&self) -> bool {
+        self.opts.verify && self.job.pass.is_none()
+    }
+
     fn sender_ctx(
         &self,
         index: usize,
@@ -339,7 +362,7 @@ impl Disk<'_> {
             connector: Arc::clone(&self.connector),
             mode: allowed_mode(opts.compress, features),
             chunk_bytes: opts.chunk_bytes,
-            verify: opts.verify,
+            verify: self.image_windows(),
             // Compression shares the cores with reading, digests and
             // TLS: count on half of each stream's share.
             cores_per_stream: (cpus / n_streams / 2.0).max(0.1),

@@ -51,7 +51,7 @@ use crate::plan::windows::whole_windows;
 use crate::runtime::Engine;
 use crate::wire::{
     self, ByteRange, DataHead, ErrorCode, Features, Frame, FrameDecoder, Hello, HelloFlags,
-    ImageDigest,
+    ImageDigest, PassMode,
 };
 
 use super::stream::{
@@ -65,6 +65,7 @@ mod delta;
 mod disk;
 mod error;
 pub mod hooks;
+mod incremental;
 mod link;
 pub mod pass;
 mod run;
@@ -273,6 +274,11 @@ struct JobShared {
     data_frames: AtomicU64,
     /// The stall watchdog's view of each stream's current connection.
     watches: Mutex<Vec<Option<Arc<Watch>>>>,
+    /// An incremental pass's changed extents (`None`: a full or delta
+    /// pass, which covers the whole disk).
+    pass: Option<Mutex<crate::plan::pass_work::PassWork>>,
+    /// Ranges WELCOMEs asked to be sent too, not yet added to `pass`.
+    replan: Mutex<Vec<(u64, u64)>>,
 }
 
 impl JobShared {
@@ -392,8 +398,10 @@ fn fail_msg(e: impl std::fmt::Display) -> CopyError {
 }
 
 impl JobShared {
-    fn new(streams: usize) -> Self {
+    fn new(streams: usize, pass: Option<crate::plan::pass_work::PassWork>) -> Self {
         JobShared {
+            pass: pass.map(Mutex::new),
+            replan: Mutex::new(Vec::new()),
             acked: Mutex::new(Acked::default()),
             sent: Mutex::new(RangeSet::new()),
             bytes_resent: AtomicU64::new(0),
@@ -416,10 +424,7 @@ impl Connector {
     ) -> Self {
         let mut job_id = [0u8; 16];
         super::random_bytes(&mut job_id);
-        let mut sync_id = [0u8; 16];
-        while sync_id == [0; 16] {
-            super::random_bytes(&mut sync_id);
-        }
+        let sync_id = super::new_sync_id();
         Connector {
             dialer,
             sync_id,
@@ -439,6 +444,11 @@ impl Connector {
                 flags: hello_flags(opts),
                 target: opts.target.clone(),
                 source_identity,
+                mode: PassMode::Full,
+                sync_id,
+                base_sync_id: [0; 16],
+                plan_digest: [0; 32],
+                change_id: String::new(),
             },
             stall_timeout: opts.stall_timeout,
             retry_for: opts.retry_for,

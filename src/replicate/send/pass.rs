@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 
 /// A sync's id: 16 random bytes, shown as 32 lowercase hex characters.
-pub type SyncId = [u8; 16];
+pub use crate::wire::SyncId;
 
 /// Where an incremental pass learns what changed since its base.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +56,7 @@ pub const MAX_CHANGE_ID_BYTES: usize = 4096;
 
 /// A sync id as users see it: 32 lowercase hex characters.
 pub fn sync_id_hex(id: &SyncId) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
+    crate::wire::pass::sync_id_hex(id)
 }
 
 /// Why a sync id given as text was refused.

@@ -10,10 +10,12 @@ use super::super::events::{Action, ActionResult, End, Health, Input, JobInfo};
 use super::Session;
 use crate::wire::{
     ByteRange, ChunkDigest, Codec, Data, DataHead, ErrorFrame, Features, Frame, Hello, HelloFlags,
+    PassMode,
 };
 
 mod ending;
 mod frames;
+mod pass;
 mod props;
 
 pub(super) const SIZE: u64 = 1 << 20;
@@ -30,6 +32,11 @@ pub(super) fn hello() -> Hello {
         flags: HelloFlags::default(),
         target: "vm1/disk0.img".into(),
         source_identity: "test".into(),
+        mode: PassMode::Full,
+        sync_id: [5; 16],
+        base_sync_id: [0; 16],
+        plan_digest: [0; 32],
+        change_id: String::new(),
     }
 }
 
