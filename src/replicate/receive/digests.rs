@@ -14,13 +14,81 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::events::{Action, End, JobInfo};
+use super::job::Refusal;
+use super::limits::RANGES_PER_STREAM_MAX;
+use crate::journal::RangeSet;
+use crate::wire::{ErrorCode, Frame, PassMode};
+
+/// A DIGEST_REQUEST `(offset, len_bytes, block_bytes)`.
+pub type DigestSpan = (u64, u32, u32);
+
+fn refuse(code: ErrorCode, message: String) -> End {
+    End::Refuse(Refusal::new(code, message))
+}
+
+/// The action a DIGEST_REQUEST asks for on a stream of a `mode` pass, or
+/// why it is refused (only a delta pass asks; the span within the image).
+pub fn request(mode: PassMode, job: &JobInfo, span: DigestSpan) -> Result<Action, End> {
+    if mode != PassMode::Delta {
+        return Err(refuse(
+            ErrorCode::Protocol,
+            format!("DIGEST_REQUEST in a {mode} pass: only a delta pass asks for digests"),
+        ));
+    }
+    let (offset, len_bytes, block_bytes) = span;
+    check_request(offset, len_bytes, block_bytes, job.size_bytes)
+        .map_err(|m| refuse(ErrorCode::BadRequest, m))?;
+    Ok(Action::ReadDigests {
+        offset,
+        len_bytes,
+        block_bytes,
+    })
+}
+
+/// The DIGESTS frame answering `span` with what the read gave; the range
+/// is noted in `compared`.
+pub fn answer(
+    span: DigestSpan,
+    result: Result<(Vec<[u8; 16]>, u64), DigestReadError>,
+    compared: &mut Compared,
+    target_name: &str,
+) -> Result<Frame, End> {
+    let (offset, len_bytes, block_bytes) = span;
+    let (digests, sync_point) = match result {
+        Ok(read) => read,
+        Err(DigestReadError::Stopped) => return Err(End::Stopped),
+        Err(DigestReadError::Io(e)) => {
+            return Err(refuse(
+                ErrorCode::TargetIo,
+                format!("reading target {target_name:?} for its block digests failed: {e}"),
+            ));
+        }
+    };
+    let want = crate::wire::pass::digest_count(len_bytes, block_bytes) as usize;
+    if digests.len() != want {
+        return Err(refuse(
+            ErrorCode::Internal,
+            format!("{} digests for {want} blocks (a bug)", digests.len()),
+        ));
+    }
+    compared
+        .add(offset, len_bytes, sync_point)
+        .map_err(|m| refuse(ErrorCode::Protocol, m))?;
+    Ok(Frame::Digests {
+        offset,
+        block_bytes,
+        digests,
+    })
+}
+
 /// Bytes read from the target at a time.
 pub const DIGEST_READ_BYTES: usize = 1 << 20;
-/// Most bytes one request covers.
-pub const DIGEST_REQUEST_MAX_BYTES: u32 = 32 << 20;
+/// Most bytes one request covers (the wire's bound, checked again here).
+pub const DIGEST_REQUEST_MAX_BYTES: u32 = crate::wire::pass::MAX_DIGEST_SPAN_BYTES;
 /// Smallest and largest block.
-pub const DIGEST_BLOCK_MIN_BYTES: u32 = 4 << 10;
-pub const DIGEST_BLOCK_MAX_BYTES: u32 = 1 << 20;
+pub const DIGEST_BLOCK_MIN_BYTES: u32 = crate::wire::pass::MIN_DIGEST_BLOCK_BYTES;
+pub const DIGEST_BLOCK_MAX_BYTES: u32 = crate::wire::pass::MAX_DIGEST_BLOCK_BYTES;
 
 /// Why a request is refused (before anything is read).
 pub fn check_request(
@@ -81,10 +149,13 @@ impl BlockSource for super::target::TargetFile {
 
 /// The block digests of `[offset, offset + len_bytes)` of `target` (the
 /// last block may be short), for a request [`check_request`] accepted.
+/// `buf` is the stream's read buffer (grown to at most
+/// [`DIGEST_READ_BYTES`]).
 pub fn digest_blocks(
     target: &impl BlockSource,
     (offset, len_bytes, block_bytes): (u64, u32, u32),
     stop: &AtomicBool,
+    buf: &mut Vec<u8>,
     digest: impl Fn(&[u8]) -> [u8; 16],
 ) -> Result<Vec<[u8; 16]>, DigestReadError> {
     let block = block_bytes as usize;
@@ -96,7 +167,9 @@ pub fn digest_blocks(
         .map_err(DigestReadError::Io)?;
     // Whole blocks per piece (a block is at most a piece).
     let piece_bytes = DIGEST_READ_BYTES.max(block) / block * block;
-    let mut buf = vec![0u8; piece_bytes.min(len)];
+    if buf.len() < piece_bytes.min(len) {
+        buf.resize(piece_bytes.min(len), 0);
+    }
     let mut zero_digests: Vec<(usize, [u8; 16])> = Vec::new();
     let mut done = 0usize;
     while done < len {
@@ -140,12 +213,51 @@ pub fn digest_blocks(
     Ok(digests)
 }
 
+/// The ranges a stream compared since its last BARRIER, and the flush that
+/// covers the bytes read for them. They count as written (the target's
+/// bytes there are what the sender wants, once it sent its corrections)
+/// only at the stream's next BARRIER or DONE: the sender sends every
+/// correction of a range before either, and a stream that just ends
+/// counts none of them.
+#[derive(Debug, Default)]
+pub struct Compared {
+    ranges: RangeSet,
+    sync_need: u64,
+}
+
+impl Compared {
+    /// `[offset, offset + len_bytes)` was read, and flush number
+    /// `sync_point` covers what was read. Refused past the stream's cap on
+    /// ranges (a sender barriers every 256 MiB or second).
+    pub fn add(&mut self, offset: u64, len_bytes: u32, sync_point: u64) -> Result<(), String> {
+        self.ranges.insert(offset, u64::from(len_bytes));
+        self.sync_need = self.sync_need.max(sync_point);
+        if self.ranges.len() > RANGES_PER_STREAM_MAX {
+            return Err(format!(
+                "this stream compared {} separate ranges since its last BARRIER, more than \
+                 the receiver allows ({RANGES_PER_STREAM_MAX})",
+                self.ranges.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The ranges and the flush that covers them, emptied.
+    pub fn take(&mut self) -> Option<(Vec<(u64, u64)>, u64)> {
+        if self.ranges.is_empty() {
+            return None;
+        }
+        let ranges = std::mem::take(&mut self.ranges).iter().collect();
+        Some((ranges, self.sync_need))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn digest(bytes: &[u8]) -> [u8; 16] {
-        twox_hash::XxHash3_128::oneshot(bytes).to_le_bytes()
+        crate::wire::block_digest(bytes)
     }
 
     /// A target in memory with declared data extents.
@@ -189,15 +301,17 @@ mod tests {
         let stop = AtomicBool::new(false);
         let (offset, len, block) = (65536u64, (4u32 << 20) + 1000, 65536u32);
         check_request(offset, len, block, size as u64).unwrap();
-        let got = digest_blocks(&target, (offset, len, block), &stop, digest).unwrap();
+        let mut buf = Vec::new();
+        let got = digest_blocks(&target, (offset, len, block), &stop, &mut buf, digest).unwrap();
         let want: Vec<_> = bytes[offset as usize..offset as usize + len as usize]
             .chunks(block as usize)
             .map(digest)
             .collect();
         assert_eq!(got, want);
         assert_eq!(target.reads.get(), 300_000, "only the data extent is read");
+        assert_eq!(buf.len(), DIGEST_READ_BYTES, "one buffer of 1 MiB");
         stop.store(true, Ordering::Relaxed);
-        let stopped = digest_blocks(&target, (offset, len, block), &stop, digest);
+        let stopped = digest_blocks(&target, (offset, len, block), &stop, &mut buf, digest);
         assert!(matches!(stopped, Err(DigestReadError::Stopped)));
     }
 
@@ -214,5 +328,26 @@ mod tests {
         assert!(check_request(0, 4096, 12288, size).is_err());
         assert!(check_request(size - 4096, 8192, 4096, size).is_err());
         assert!(check_request(u64::MAX, 8192, 4096, size).is_err());
+    }
+}
+
+#[cfg(test)]
+mod compared_tests {
+    use super::*;
+
+    #[test]
+    fn compared_ranges_merge_and_keep_the_latest_flush() {
+        let mut c = Compared::default();
+        assert!(c.take().is_none());
+        c.add(0, 4096, 3).unwrap();
+        c.add(4096, 4096, 2).unwrap();
+        c.add(1 << 20, 4096, 5).unwrap();
+        assert_eq!(c.take(), Some((vec![(0, 8192), (1 << 20, 4096)], 5)));
+        assert!(c.take().is_none());
+        for i in 0..RANGES_PER_STREAM_MAX as u64 {
+            c.add(i * 8192, 4096, 1).unwrap();
+        }
+        let e = c.add(u64::MAX / 2, 4096, 1).unwrap_err();
+        assert!(e.contains("BARRIER"), "{e}");
     }
 }

@@ -13,7 +13,6 @@
 //! * [`limits`]: the caps on peers; `transport`: the TLS / TCP byte stream.
 
 mod conn;
-#[allow(dead_code)] // until the state machine asks for digests (next commits)
 mod digests;
 mod ending;
 mod events;

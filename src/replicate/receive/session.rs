@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
+use super::digests::{self, Compared, DigestSpan};
 use super::ending::Ending;
 use super::events::{Action, ActionResult, End, Health, Input, JobInfo};
 use super::intake::{Intake, IntakeState, hashes_arriving};
@@ -64,6 +65,8 @@ enum Wait {
     Intake,
     FinishStream,
     ReadBack,
+    /// A delta pass's DIGEST_REQUEST being read.
+    Digests(DigestSpan),
     Send,
     /// The ending's last action.
     Ending,
@@ -79,6 +82,10 @@ pub struct Session {
     intake: Intake,
     /// A verify pass was asked for on this stream (one is allowed).
     verify_asked: bool,
+    /// The pass the HELLO declared, and (a delta pass) the ranges compared
+    /// since the last BARRIER (`digests.rs`).
+    mode: PassMode,
+    compared: Compared,
     /// Frames received after HELLO.
     frames: u64,
     timers: Timers,
@@ -102,6 +109,8 @@ impl Session {
             features: Features::default(),
             intake: Intake::new(max_ranges_per_job, now),
             verify_asked: false,
+            mode: PassMode::Full,
+            compared: Compared::default(),
             frames: 0,
             timers: Timers::new(now),
             actions: VecDeque::new(),
@@ -244,6 +253,7 @@ impl Session {
                 Ok(())
             }
             (Phase::Streaming, Frame::Barrier { seq }) => {
+                self.note_compared()?;
                 let progress = self.intake.barrier(seq, now, &mut self.actions)?;
                 self.after_intake(progress);
                 Ok(())
@@ -255,6 +265,19 @@ impl Session {
                     frames,
                 },
             ) => self.on_done(total_bytes_sent, frames, now),
+            (
+                Phase::Streaming,
+                Frame::DigestRequest {
+                    offset,
+                    len_bytes,
+                    block_bytes,
+                },
+            ) => {
+                let span = (offset, len_bytes, block_bytes);
+                let action = digests::request(self.mode, attached(&self.job)?, span)?;
+                self.push(action, Some(Wait::Digests(span)));
+                Ok(())
+            }
             (Phase::Finished, Frame::VerifyRequest { window_bytes }) => {
                 self.on_verify(window_bytes)
             }
@@ -302,10 +325,22 @@ impl Session {
         }
         let offered = hello.features;
         let sync_id = hello.sync_id;
+        self.mode = hello.mode;
         self.push(
             Action::Attach(Box::new(hello)),
             Some(Wait::Attach { offered, sync_id }),
         );
+        Ok(())
+    }
+
+    /// At a BARRIER or DONE the ranges compared since count as written
+    /// (the sender sent their corrections before it).
+    fn note_compared(&mut self) -> Result<(), End> {
+        if let Some((ranges, sync_point)) = self.compared.take() {
+            for (offset, len_bytes) in ranges {
+                self.intake.note_compared(offset, len_bytes, sync_point)?;
+            }
+        }
         Ok(())
     }
 
@@ -336,6 +371,7 @@ impl Session {
             frames_after_hello = self.frames,
             "stream sent DONE"
         );
+        self.note_compared()?;
         let progress = self.intake.done(now, &mut self.actions);
         self.after_intake(progress);
         Ok(())
@@ -385,6 +421,12 @@ impl Session {
                 Err(VerifyError::Stopped) => Err(End::Stopped),
                 Err(VerifyError::Refused(refusal)) => Err(End::Refuse(refusal)),
             },
+            (Wait::Digests(span), ActionResult::Digests(result)) => {
+                let target_name = &attached(&self.job)?.target_name;
+                let frame = digests::answer(span, result, &mut self.compared, target_name)?;
+                self.send(frame);
+                Ok(())
+            }
             (Wait::Send, ActionResult::Sent(result)) => {
                 result.map_err(|e| End::Lost(format!("write failed: {e}")))
             }

@@ -16,11 +16,8 @@
 
 use crate::pipeline::sink::SinkRun;
 
-/// Smallest and largest block (`--delta-block`), as the receiver allows.
-pub const DELTA_BLOCK_MIN_BYTES: u32 = 4 << 10;
-pub const DELTA_BLOCK_MAX_BYTES: u32 = 1 << 20;
-/// Most bytes one digest request covers (the receiver's bound).
-pub const DIGEST_REQUEST_MAX_BYTES: u32 = 32 << 20;
+/// Most bytes one digest request covers (the wire's bound).
+pub const DIGEST_REQUEST_MAX_BYTES: u32 = crate::wire::pass::MAX_DIGEST_SPAN_BYTES;
 
 /// Why a digest reply cannot be used (a receiver bug: the job fails).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,6 +78,7 @@ pub enum Piece {
 }
 
 impl Piece {
+    #[cfg(test)]
     pub fn range(&self) -> (u32, u32) {
         match *self {
             Piece::Data { rel, len } | Piece::Zero { rel, len } => (rel, len),

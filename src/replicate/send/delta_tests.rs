@@ -7,8 +7,7 @@ use super::*;
 use crate::pipeline::zero;
 
 fn digest(bytes: &[u8]) -> [u8; 16] {
-    // What `wire::block_digest` is (XXH3-128, little-endian).
-    twox_hash::XxHash3_128::oneshot(bytes).to_le_bytes()
+    crate::wire::block_digest(bytes)
 }
 
 /// The source's runs as the workers find them (4 KiB granules).

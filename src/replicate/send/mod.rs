@@ -60,8 +60,8 @@ use super::stream::{
 use crate::net::socket::TuningReport;
 use crate::sync::lock;
 
-#[allow(dead_code)] // until the sender uses it (next commits)
 mod delta;
+mod delta_sender;
 mod disk;
 mod error;
 pub mod hooks;
@@ -272,6 +272,8 @@ struct JobShared {
     reconnects: AtomicU64,
     /// DATA frames sent (for the test hook).
     data_frames: AtomicU64,
+    /// A delta pass: bytes of the blocks that differed.
+    bytes_changed: AtomicU64,
     /// The stall watchdog's view of each stream's current connection.
     watches: Mutex<Vec<Option<Arc<Watch>>>>,
     /// An incremental pass's changed extents (`None`: a full or delta
@@ -353,6 +355,12 @@ struct Conn {
     unbarriered_since: Option<Instant>,
     last_write: Instant,
     watch: Arc<Watch>,
+    /// A delta pass: digest requests whose corrections are not all sent
+    /// (no barrier goes out while there are any), the replies received
+    /// and not handled yet, and the bytes compared since the last barrier.
+    digests_open: usize,
+    digests: VecDeque<delta_sender::DigestsReply>,
+    unbarriered_compared_bytes: u64,
 }
 
 /// What the stall watchdog knows of one connection. A socket timeout alone
@@ -408,6 +416,7 @@ impl JobShared {
             bytes_on_wire: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             data_frames: AtomicU64::new(0),
+            bytes_changed: AtomicU64::new(0),
             watches: Mutex::new(vec![None; streams]),
         }
     }
@@ -444,7 +453,10 @@ impl Connector {
                 flags: hello_flags(opts),
                 target: opts.target.clone(),
                 source_identity,
-                mode: PassMode::Full,
+                mode: match opts.pass {
+                    PassRequest::Delta { .. } => PassMode::Delta,
+                    _ => PassMode::Full,
+                },
                 sync_id,
                 base_sync_id: [0; 16],
                 plan_digest: [0; 32],
@@ -492,6 +504,8 @@ struct SenderCtx {
     loopback: bool,
     /// Faults to inject (tests only).
     test_hooks: TestHooks,
+    /// A delta pass: compare block digests before sending.
+    delta: Option<delta_sender::DeltaCtx>,
 }
 
 struct StreamSender {

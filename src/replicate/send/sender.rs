@@ -7,6 +7,7 @@
     clippy::cast_possible_wrap
 )]
 
+use super::delta_sender::{DELTA_BARRIER_COMPARED_BYTES, DeltaQueue, DigestsReply};
 use super::link::{classify, explain};
 use super::*;
 
@@ -26,6 +27,8 @@ pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compres
         last_sample: None,
         written_bytes: 0,
     };
+    // A delta pass holds its windows until the receiver's digests came.
+    let mut delta = ctx.delta.map(DeltaQueue::new);
     let mut conn = Some(conn);
     let mut broken_since: Option<Instant> = None;
     let mut failed = false;
@@ -50,12 +53,31 @@ pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compres
         }
         if let Some(c) = conn.as_mut()
             && !failed
-            && let Err(b) = s.service(&ctx, c, false)
+            && let Err(b) = service_stream(&mut s, &mut delta, &ctx, c, false)
         {
             s.broken(&ctx, &mut conn, &mut failed, b);
+            release_delta(&mut delta, &ctx);
         }
         let Some(chunk) = ctx.sink.pop() else {
-            if ctx.sink.producers_done() && ctx.sink.is_empty() {
+            let is_end = ctx.sink.producers_done() && ctx.sink.is_empty();
+            if let (Some(d), Some(c)) = (delta.as_mut(), conn.as_mut())
+                && !d.is_empty()
+                && !failed
+            {
+                // Nothing new to ask for: handle the oldest reply (all of
+                // them at the end) instead of parking.
+                let handled = if is_end {
+                    d.drain(&mut s, &ctx, c)
+                } else {
+                    d.handle_front(&mut s, &ctx, c)
+                };
+                if let Err(b) = handled {
+                    s.broken(&ctx, &mut conn, &mut failed, b);
+                    release_delta(&mut delta, &ctx);
+                }
+                continue;
+            }
+            if is_end {
                 break;
             }
             // Nothing to send: now and then read ACKs, send a barrier
@@ -65,9 +87,10 @@ pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compres
                 last_service = Instant::now();
                 if let Some(c) = conn.as_mut()
                     && !failed
-                    && let Err(b) = s.service(&ctx, c, true)
+                    && let Err(b) = service_stream(&mut s, &mut delta, &ctx, c, true)
                 {
                     s.broken(&ctx, &mut conn, &mut failed, b);
+                    release_delta(&mut delta, &ctx);
                 }
             }
             ctx.sink.wait(PARK_MAX);
@@ -75,14 +98,22 @@ pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compres
         };
         let (worker, slot) = chunk.owner();
         if !failed && !ctx.shared.aborted() {
-            match conn.as_mut() {
-                Some(c) => {
+            match (conn.as_mut(), delta.as_mut()) {
+                (Some(c), Some(d)) => {
+                    // The queue gives the slot back once the window is done.
+                    if let Err(b) = d.ask(&mut s, &ctx, c, chunk) {
+                        s.broken(&ctx, &mut conn, &mut failed, b);
+                        release_delta(&mut delta, &ctx);
+                    }
+                    continue;
+                }
+                (Some(c), None) => {
                     if let Err(e) = s.send_chunk(&ctx, c, &chunk) {
                         let b = explain(e, c);
                         s.broken(&ctx, &mut conn, &mut failed, b);
                     }
                 }
-                None => {
+                (None, _) => {
                     // Reconnecting failed fatally; the job is failing.
                 }
             }
@@ -90,6 +121,7 @@ pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compres
         drop(chunk);
         ctx.sink.release(worker, slot);
     }
+    release_delta(&mut delta, &ctx);
     if failed || ctx.shared.aborted() {
         if let Some(mut c) = conn {
             c.stream.close();
@@ -126,6 +158,29 @@ pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compres
                 }
             }
         }
+    }
+}
+
+/// The stream's periodic duties; a delta stream first handles the digest
+/// replies that came (all outstanding ones when a barrier is due).
+fn service_stream(
+    s: &mut StreamSender,
+    delta: &mut Option<DeltaQueue>,
+    ctx: &SenderCtx,
+    c: &mut Conn,
+    idle: bool,
+) -> Result<(), Broken> {
+    if let Some(d) = delta.as_mut() {
+        d.service(s, ctx, c)?;
+    }
+    s.service(ctx, c, idle)
+}
+
+/// Gives back the windows a delta stream still holds (after a broken
+/// connection, a failure, or at the end where it holds none).
+fn release_delta(delta: &mut Option<DeltaQueue>, ctx: &SenderCtx) {
+    if let Some(d) = delta.as_mut() {
+        d.release_all(ctx);
     }
 }
 
@@ -172,11 +227,9 @@ impl StreamSender {
         idle: bool,
     ) -> Result<(), Broken> {
         self.poll(ctx, c, false)?;
-        let due = c.unbarriered_bytes >= BARRIER_BYTES
-            || (c.unbarriered_bytes > 0
-                && c.unbarriered_since
-                    .is_some_and(|t| t.elapsed() >= BARRIER_INTERVAL));
-        if due {
+        // No barrier while a digest request's corrections are unsent (see
+        // `delta_sender.rs`).
+        if self.barrier_due(c) && c.digests_open == 0 {
             self.barrier(c).map_err(classify)?;
         }
         while c.outstanding.len() > MAX_OUTSTANDING_BARRIERS {
@@ -199,6 +252,17 @@ impl StreamSender {
         Ok(())
     }
 
+    /// Whether the stream should ask for a barrier now: enough bytes sent
+    /// (or, in a delta pass, compared) or the first of them long enough ago.
+    pub(super) fn barrier_due(&self, c: &Conn) -> bool {
+        let unbarriered = c.unbarriered_bytes > 0 || c.unbarriered_compared_bytes > 0;
+        c.unbarriered_bytes >= BARRIER_BYTES
+            || c.unbarriered_compared_bytes >= DELTA_BARRIER_COMPARED_BYTES
+            || (unbarriered
+                && c.unbarriered_since
+                    .is_some_and(|t| t.elapsed() >= BARRIER_INTERVAL))
+    }
+
     pub(super) fn barrier(&mut self, c: &mut Conn) -> Result<(), StreamError> {
         let seq = c.next_seq;
         c.next_seq += 1;
@@ -210,6 +274,7 @@ impl StreamSender {
         })?;
         c.outstanding.push_back((seq, Instant::now()));
         c.unbarriered_bytes = 0;
+        c.unbarriered_compared_bytes = 0;
         c.unbarriered_since = None;
         c.last_write = Instant::now();
         Ok(())
@@ -258,6 +323,12 @@ impl StreamSender {
 
     /// Barrier for everything sent, then wait until it is acknowledged.
     pub(super) fn final_barrier(&mut self, ctx: &SenderCtx, c: &mut Conn) -> Result<(), Broken> {
+        if c.digests_open > 0 {
+            return Err(Broken::Fatal(CopyError::Internal(format!(
+                "stream {}: a final barrier with {} digest requests not answered (a bug)",
+                ctx.index, c.digests_open
+            ))));
+        }
         self.barrier(c).map_err(classify)?;
         while !c.outstanding.is_empty() {
             self.poll(ctx, c, true)?;
@@ -274,19 +345,11 @@ impl StreamSender {
         match chunk {
             SinkChunk::Zero { offset, len, .. } => {
                 self.zero(ctx, c, *offset, *len)?;
-                if ctx.verify {
-                    let mut img = lock(&ctx.image);
-                    let w = u64::from(ctx.chunk_bytes);
-                    for i in offset / w..(offset + len).div_ceil(w) {
-                        img.zero_window(i)?;
-                    }
-                }
             }
             SinkChunk::Data {
                 offset,
                 lease,
                 runs,
-                window_digest,
                 ..
             } => {
                 let bytes = lease.bytes();
@@ -299,13 +362,9 @@ impl StreamSender {
                     let raw = &bytes[r.rel as usize..(r.rel + r.len) as usize];
                     self.data(ctx, c, at, raw, r.digest)?;
                 }
-                if let Some(d) = window_digest {
-                    let i = offset / u64::from(ctx.chunk_bytes);
-                    lock(&ctx.image).set_window(i, *d)?;
-                }
             }
         }
-        Ok(())
+        note_image(ctx, chunk)
     }
 
     pub(super) fn zero(
@@ -429,6 +488,30 @@ impl StreamSender {
     }
 }
 
+/// A chunk was sent: with a verify asked for, its windows' digests go
+/// into the source's image digest.
+pub(super) fn note_image(ctx: &SenderCtx, chunk: &SinkChunk) -> Result<(), StreamError> {
+    match chunk {
+        SinkChunk::Zero { offset, len, .. } if ctx.verify => {
+            let mut img = lock(&ctx.image);
+            let w = u64::from(ctx.chunk_bytes);
+            for i in offset / w..(offset + len).div_ceil(w) {
+                img.zero_window(i)?;
+            }
+        }
+        SinkChunk::Data {
+            offset,
+            window_digest: Some(d),
+            ..
+        } => {
+            let i = offset / u64::from(ctx.chunk_bytes);
+            lock(&ctx.image).set_window(i, *d)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// One frame from the receiver while sending.
 pub(super) fn handle_reply(ctx: &SenderCtx, c: &mut Conn, frame: Frame) -> Result<(), Broken> {
     match frame {
@@ -444,6 +527,18 @@ pub(super) fn handle_reply(ctx: &SenderCtx, c: &mut Conn, frame: Frame) -> Resul
             Ok(())
         }
         Frame::Pong { .. } => Ok(()),
+        Frame::Digests {
+            offset,
+            block_bytes,
+            digests,
+        } if ctx.delta.is_some() && c.digests.len() < c.digests_open => {
+            c.digests.push_back(DigestsReply {
+                offset,
+                block_bytes,
+                digests,
+            });
+            Ok(())
+        }
         Frame::Error(e) => Err(classify(refused(e))),
         other => Err(classify(unexpected(other))),
     }
