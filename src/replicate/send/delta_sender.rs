@@ -9,6 +9,11 @@
 //! target bytes, as they are) only at the stream's next BARRIER or DONE,
 //! so the sender sends every correction of a range before either:
 //! [`Conn::digests_open`] is zero whenever a barrier goes out.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 
 use std::borrow::Cow;
 use std::collections::VecDeque;

@@ -26,8 +26,11 @@
 //! ([`crate::runtime`]) whose target is a sink. This file is its options,
 //! the state its streams share and the one-disk entry point; `disk.rs` is
 //! the disk's coordinator and its rounds; `link.rs` dials and re-dials a
-//! stream's connection and classifies its failures; `sender.rs` is the
-//! sender threads; `verify.rs` is DONE and the read-back check.
+//! stream's connection and classifies its failures; `sender_loop.rs` is the
+//! sender threads and `sender.rs` what they do on a stream (frames,
+//! barriers, replies); `delta.rs` and `delta_sender.rs` a delta pass's
+//! comparison and digest requests; `verify.rs` is DONE and the read-back
+//! check.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +73,7 @@ mod link;
 pub mod pass;
 mod run;
 mod sender;
+mod sender_loop;
 mod verify;
 
 pub(crate) use disk::run_disk;
@@ -79,7 +83,7 @@ pub use pass::{ChangedSource, PassRequest, SyncId};
 pub use run::{run, run_on, warn_plaintext};
 
 use link::connect_first;
-use sender::sender_thread;
+use sender_loop::sender_thread;
 
 /// A stream asks for a durability barrier after this many bytes …
 const BARRIER_BYTES: u64 = 64 << 20;
