@@ -39,6 +39,10 @@ pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compres
     let mut last_service = Instant::now();
     let abort = || ctx.shared.aborted();
     loop {
+        if failed || ctx.shared.aborted() {
+            // Windows waiting for digests go back at once.
+            release_delta(&mut delta, &ctx);
+        }
         if !failed && conn.is_none() {
             let since = *broken_since.get_or_insert_with(Instant::now);
             match ctx.connector.reconnect(ctx.index, since, &abort) {
