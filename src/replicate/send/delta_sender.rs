@@ -122,6 +122,13 @@ impl DeltaQueue {
         chunk: SinkChunk,
     ) -> Result<(), Broken> {
         let (offset, len) = chunk_span(&chunk);
+        if len == 0 {
+            // Nothing to compare (no planner makes one): straight back.
+            let (worker, slot) = chunk.owner();
+            drop(chunk);
+            ctx.sink.release(worker, slot);
+            return Ok(());
+        }
         self.chunks.push_back(chunk);
         let mut rel = 0u64;
         while rel < len {
