@@ -19,7 +19,7 @@ use std::time::Instant;
 use tracing::{debug, warn};
 
 use super::digests;
-use super::events::{Action, ActionResult, End, Health, Input, JobInfo};
+use super::events::{Action, ActionResult, AttachRequest, End, Health, Input, JobInfo};
 use super::job::{Attachment, Refusal, Registry};
 use super::limits::HandshakeSlot;
 use super::session::Session;
@@ -152,8 +152,8 @@ impl Conn<'_> {
 
     /// Carries out `action`; its result, if the machine waits for one.
     fn execute(&mut self, action: Action) -> Option<ActionResult> {
-        if let Action::Attach(hello) = &action {
-            return Some(self.attach(hello));
+        if let Action::Attach(request) = &action {
+            return Some(self.attach(request));
         }
         if let Action::Send(frame) = &action {
             return Some(ActionResult::Sent(self.send(frame)));
@@ -231,9 +231,10 @@ impl Conn<'_> {
         Some(done)
     }
 
-    fn attach(&mut self, hello: &crate::wire::Hello) -> ActionResult {
+    fn attach(&mut self, request: &AttachRequest) -> ActionResult {
+        let hello = &request.hello;
         // A refusal is logged (with the peer) when the stream ends.
-        let attachment = match self.ctx.registry.attach(hello) {
+        let attachment = match self.ctx.registry.attach(request) {
             Ok(a) => a,
             Err(refusal) => return ActionResult::AttachRefused(refusal),
         };
@@ -254,6 +255,10 @@ impl Conn<'_> {
                 .into_iter()
                 .map(|(offset, len_bytes)| ByteRange { offset, len_bytes })
                 .collect(),
+            mode: job.pass.mode,
+            sync_id: job.pass.welcome_sync_id,
+            replan: job.pass.replan.clone(),
+            planned: job.pass.planned.clone(),
         };
         self.attachment = Some(attachment);
         self.unauthenticated = None;

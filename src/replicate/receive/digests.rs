@@ -27,13 +27,16 @@ fn refuse(code: ErrorCode, message: String) -> End {
     End::Refuse(Refusal::new(code, message))
 }
 
-/// The action a DIGEST_REQUEST asks for on a stream of a `mode` pass, or
-/// why it is refused (only a delta pass asks; the span within the image).
-pub fn request(mode: PassMode, job: &JobInfo, span: DigestSpan) -> Result<Action, End> {
-    if mode != PassMode::Delta {
+/// The action a DIGEST_REQUEST asks for on a stream of `job`, or why it
+/// is refused (only a delta pass asks; the span within the image).
+pub fn request(job: &JobInfo, span: DigestSpan) -> Result<Action, End> {
+    if job.mode != PassMode::Delta {
         return Err(refuse(
             ErrorCode::Protocol,
-            format!("DIGEST_REQUEST in a {mode} pass: only a delta pass asks for digests"),
+            format!(
+                "DIGEST_REQUEST on a {} pass: only delta passes ask for digests",
+                job.mode
+            ),
         ));
     }
     let (offset, len_bytes, block_bytes) = span;

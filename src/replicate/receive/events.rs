@@ -5,13 +5,15 @@
 #![forbid(unsafe_code)]
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::digests::DigestReadError;
 use super::job::Refusal;
 use super::verify::VerifyError;
 use super::written::RangeCapError;
-use crate::wire::{ByteRange, Frame, Hello};
+use crate::journal::RangeSet;
+use crate::wire::{ByteRange, Frame, Hello, PassMode, SyncId};
 
 /// How the stream's job stands, as the driver sees it when a frame or a
 /// quiet interval comes (other streams may have failed the job, or a
@@ -73,6 +75,25 @@ pub struct JobInfo {
     pub instance: u64,
     /// What is durable now, for WELCOME.
     pub durable: Vec<ByteRange>,
+    /// What the job's pass does.
+    pub mode: PassMode,
+    /// The id the target records when the job completes, for WELCOME.
+    pub sync_id: SyncId,
+    /// Incremental: planned ranges the sender's plan does not list, for
+    /// WELCOME.
+    pub replan: Vec<ByteRange>,
+    /// Incremental: the only ranges the pass may write (everything else of
+    /// the target stays as the base left it).
+    pub planned: Option<Arc<RangeSet>>,
+}
+
+/// A stream's HELLO and, for an incremental pass, the PLAN that came
+/// right after it (its digest checked against the HELLO's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachRequest {
+    pub hello: Hello,
+    /// Incremental: the pass's changed set; empty otherwise.
+    pub plan: Vec<ByteRange>,
 }
 
 /// What the machine asks the driver to do. Those that have a result
@@ -81,7 +102,7 @@ pub struct JobInfo {
 pub enum Action {
     /// Attach the stream to the HELLO's job (starting the job on its first
     /// HELLO) → [`ActionResult::Attached`] or [`ActionResult::AttachRefused`].
-    Attach(Box<Hello>),
+    Attach(Box<AttachRequest>),
     /// Write all of `buf` at `offset` of the target → [`ActionResult::Written`]
     /// (which gives `buf` back).
     Write { offset: u64, buf: Vec<u8> },

@@ -1,6 +1,6 @@
-//! One receiver stream's protocol as a sans-IO state machine: HELLO →
-//! WELCOME, then DATA / ZERO / BARRIER → ACK, DONE, VERIFY_REQUEST →
-//! VERIFY_RESULT, PING → PONG.
+//! One receiver stream's protocol as a sans-IO state machine: HELLO (and
+//! PLAN for an incremental pass) → WELCOME, then DATA / ZERO / BARRIER →
+//! ACK, DONE, VERIFY_REQUEST → VERIFY_RESULT, PING → PONG.
 //!
 //! [`Session`] is fed what happened ([`Input`]: a decoded frame, bytes
 //! arriving, a quiet poll interval, a stop, the connection ending) and the
@@ -29,12 +29,13 @@ use tracing::{debug, warn};
 
 use super::digests::{self, Compared, DigestSpan};
 use super::ending::Ending;
-use super::events::{Action, ActionResult, End, Health, Input, JobInfo};
+use super::events::{Action, ActionResult, AttachRequest, End, Health, Input, JobInfo};
 use super::intake::{Intake, IntakeState, hashes_arriving};
 use super::job::Refusal;
+use super::pass::check_plan;
 use super::timers::Timers;
 use super::verify::VerifyError;
-use crate::wire::{Codec, ErrorCode, Features, Frame, Hello, PassMode, SyncId, Welcome};
+use crate::wire::{ByteRange, Codec, ErrorCode, Features, Frame, Hello, PassMode, Welcome};
 
 /// Features this receiver supports.
 pub const SUPPORTED_FEATURES: Features = Features(
@@ -44,6 +45,8 @@ pub const SUPPORTED_FEATURES: Features = Features(
 #[derive(Debug)]
 enum Phase {
     AwaitHello,
+    /// An incremental HELLO came: its PLAN must follow.
+    AwaitPlan(Box<Hello>),
     Streaming,
     /// DONE received: only VERIFY_REQUEST (once) and PING may follow.
     Finished,
@@ -58,8 +61,6 @@ enum Phase {
 enum Wait {
     Attach {
         offered: Features,
-        /// The HELLO's sync id: the id this job records when it completes.
-        sync_id: SyncId,
     },
     /// The data path's action (see `intake.rs`).
     Intake,
@@ -82,9 +83,8 @@ pub struct Session {
     intake: Intake,
     /// A verify pass was asked for on this stream (one is allowed).
     verify_asked: bool,
-    /// The pass the HELLO declared, and (a delta pass) the ranges compared
-    /// since the last BARRIER (`digests.rs`).
-    mode: PassMode,
+    /// A delta pass: the ranges compared since the last BARRIER
+    /// (`digests.rs`).
     compared: Compared,
     /// Frames received after HELLO.
     frames: u64,
@@ -109,7 +109,6 @@ impl Session {
             features: Features::default(),
             intake: Intake::new(max_ranges_per_job, now),
             verify_asked: false,
-            mode: PassMode::Full,
             compared: Compared::default(),
             frames: 0,
             timers: Timers::new(now),
@@ -213,7 +212,8 @@ impl Session {
     }
 
     fn check_hello(&self, now: Instant) -> Result<(), End> {
-        let is_awaiting_hello = matches!(self.phase, Phase::AwaitHello);
+        // The PLAN of an incremental is part of the HELLO's time.
+        let is_awaiting_hello = matches!(self.phase, Phase::AwaitHello | Phase::AwaitPlan(_));
         self.timers.check_hello(is_awaiting_hello, now)
     }
 
@@ -235,6 +235,9 @@ impl Session {
                     ),
                 )),
             };
+        }
+        if let Phase::AwaitPlan(_) = self.phase {
+            return self.on_plan(frame);
         }
         self.frames += 1;
         health.check()?;
@@ -265,6 +268,9 @@ impl Session {
                     frames,
                 },
             ) => self.on_done(total_bytes_sent, frames, now),
+            (Phase::Finished, Frame::VerifyRequest { window_bytes }) => {
+                self.on_verify(window_bytes)
+            }
             (
                 Phase::Streaming,
                 Frame::DigestRequest {
@@ -272,15 +278,7 @@ impl Session {
                     len_bytes,
                     block_bytes,
                 },
-            ) => {
-                let span = (offset, len_bytes, block_bytes);
-                let action = digests::request(self.mode, attached(&self.job)?, span)?;
-                self.push(action, Some(Wait::Digests(span)));
-                Ok(())
-            }
-            (Phase::Finished, Frame::VerifyRequest { window_bytes }) => {
-                self.on_verify(window_bytes)
-            }
+            ) => self.on_digest_request(offset, len_bytes, block_bytes),
             (Phase::Streaming, Frame::VerifyRequest { .. }) => Err(refuse(
                 ErrorCode::Protocol,
                 "VERIFY_REQUEST before DONE: a stream asks for a verify pass only after its DONE",
@@ -312,24 +310,58 @@ impl Session {
         if !hello.features.contains(Features::BLAKE3) {
             return Err(refuse(
                 ErrorCode::BadRequest,
-                "the sender does not offer BLAKE3 digests, which protocol v1 requires",
+                "the sender does not offer BLAKE3 digests, which the protocol requires",
             ));
         }
-        if hello.mode != PassMode::Full {
-            // Incremental and delta passes need the v2 journal and open
-            // rules; until they are in, only full passes are accepted.
+        if hello.mode == PassMode::Incremental {
+            self.phase = Phase::AwaitPlan(Box::new(hello));
+            return Ok(());
+        }
+        self.attach(hello, Vec::new());
+        Ok(())
+    }
+
+    /// The frame after an incremental HELLO: its PLAN, whose digest must
+    /// be the HELLO's (the frame's size was bounded before it was read).
+    fn on_plan(&mut self, frame: Frame) -> Result<(), End> {
+        let Frame::Plan(plan) = frame else {
             return Err(refuse(
-                ErrorCode::BadRequest,
-                format!("this receiver does not run {} passes yet", hello.mode),
+                ErrorCode::Protocol,
+                format!(
+                    "an incremental HELLO must be followed by PLAN, got {}",
+                    frame.frame_type().name()
+                ),
             ));
-        }
+        };
+        let Phase::AwaitPlan(hello) = std::mem::replace(&mut self.phase, Phase::AwaitHello) else {
+            return Err(refuse(ErrorCode::Internal, "PLAN without its HELLO"));
+        };
+        check_plan(&hello, &plan).map_err(End::Refuse)?;
+        self.attach(*hello, plan);
+        Ok(())
+    }
+
+    fn attach(&mut self, hello: Hello, plan: Vec<ByteRange>) {
         let offered = hello.features;
-        let sync_id = hello.sync_id;
-        self.mode = hello.mode;
+        let request = AttachRequest { hello, plan };
         self.push(
-            Action::Attach(Box::new(hello)),
-            Some(Wait::Attach { offered, sync_id }),
+            Action::Attach(Box::new(request)),
+            Some(Wait::Attach { offered }),
         );
+    }
+
+    /// DIGEST_REQUEST, delta jobs only, before DONE.
+    fn on_digest_request(
+        &mut self,
+        offset: u64,
+        len_bytes: u32,
+        block_bytes: u32,
+    ) -> Result<(), End> {
+        // The target is read by the driver (`digests.rs`); the span is
+        // noted at the reply and counted at the next BARRIER or DONE.
+        let span = (offset, len_bytes, block_bytes);
+        let action = digests::request(attached(&self.job)?, span)?;
+        self.push(action, Some(Wait::Digests(span)));
         Ok(())
     }
 
@@ -396,8 +428,8 @@ impl Session {
 
     fn on_completion(&mut self, wait: Wait, done: ActionResult, now: Instant) -> Result<(), End> {
         match (wait, done) {
-            (Wait::Attach { offered, sync_id }, ActionResult::Attached(job)) => {
-                self.on_attached(offered, sync_id, *job);
+            (Wait::Attach { offered }, ActionResult::Attached(job)) => {
+                self.on_attached(offered, *job);
                 Ok(())
             }
             (Wait::Attach { .. }, ActionResult::AttachRefused(refusal)) => {
@@ -437,7 +469,7 @@ impl Session {
         }
     }
 
-    fn on_attached(&mut self, offered: Features, sync_id: SyncId, job: JobInfo) {
+    fn on_attached(&mut self, offered: Features, job: JobInfo) {
         self.features = offered.intersect(SUPPORTED_FEATURES);
         // Every WELCOME lists what is durable now: a sender that believed
         // more (acknowledged before this receiver restarted from an older
@@ -445,11 +477,9 @@ impl Session {
         let welcome = Welcome {
             features: self.features,
             instance: job.instance,
-            // Full passes only for now: the job completes under the
-            // HELLO's id, and there is no plan to widen.
-            sync_id,
+            sync_id: job.sync_id,
             durable: job.durable.clone(),
-            replan: Vec::new(),
+            replan: job.replan.clone(),
         };
         self.job = Some(job);
         self.phase = Phase::Streaming;

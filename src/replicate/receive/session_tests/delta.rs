@@ -4,11 +4,21 @@
 use super::*;
 use crate::wire::{ErrorCode, PassMode};
 
-/// Attached to a delta pass. The HELLO's mode is set directly: this
-/// receiver refuses delta HELLOs until its journal runs them.
+/// Attached to a delta pass, WELCOME sent.
 fn delta_rig() -> Rig {
-    let mut rig = Rig::attached();
-    rig.s.mode = PassMode::Delta;
+    let mut rig = Rig::new(1 << 20);
+    rig.frame(Frame::Hello(Hello {
+        mode: PassMode::Delta,
+        ..hello()
+    }));
+    assert!(matches!(rig.next(), Some(Action::Attach(_))));
+    rig.done(ActionResult::Attached(Box::new(JobInfo {
+        mode: PassMode::Delta,
+        ..job_info()
+    })));
+    assert!(matches!(rig.next(), Some(Action::Send(Frame::Welcome(_)))));
+    rig.done(ActionResult::Sent(Ok(())));
+    assert!(!rig.s.is_busy());
     rig
 }
 

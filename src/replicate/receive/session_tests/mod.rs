@@ -54,6 +54,10 @@ pub(super) fn job_info() -> JobInfo {
             offset: 0,
             len_bytes: 4096,
         }],
+        mode: PassMode::Full,
+        sync_id: [5; 16],
+        replan: vec![],
+        planned: None,
     }
 }
 
