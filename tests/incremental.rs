@@ -237,6 +237,11 @@ fn incremental_from_a_dirty_bitmap_then_a_changed_areas_list_is_identical_and_mo
             "{engine}: {bytes_changed} bytes changed; the writes touch {granules} bytes of granules"
         );
         let wire = num(&inc, "bytes_on_wire");
+        eprintln!(
+            "{engine}: bitmap pass: {bytes_changed} bytes changed ({} written by qemu-io), {} read, {wire} on the wire",
+            changed.iter().map(|r| r.1).sum::<u64>(),
+            num(&inc, "bytes_read")
+        );
         let bound = bytes_changed + bytes_changed / 20 + overhead_bytes(changed.len());
         assert!(
             wire <= bound,
@@ -260,6 +265,7 @@ fn incremental_from_a_dirty_bitmap_then_a_changed_areas_list_is_identical_and_mo
         let out = send(&["--changed-areas", s(&list), "--base", &sync1]);
         assert_eq!(out.status.code(), Some(4), "{engine}: {}", stderr(&out));
         let err = stderr(&out);
+        eprintln!("{engine}: wrong base: {err}");
         assert!(
             err.contains(&sync2) && err.contains("--delta"),
             "{engine}: the refusal names the target's last sync and suggests --delta: {err}"
@@ -280,6 +286,7 @@ fn incremental_from_a_dirty_bitmap_then_a_changed_areas_list_is_identical_and_mo
         assert_eq!(text(&inc, "change_id"), "52 de/17");
         assert_eq!(text(&inc, "base_sync_id"), sync2);
         let wire = num(&inc, "bytes_on_wire");
+        eprintln!("{engine}: changed-areas pass: {exact} bytes changed, {wire} on the wire");
         let bound = exact + exact / 20 + overhead_bytes(changed.len());
         assert!(
             wire <= bound,
@@ -320,6 +327,11 @@ fn sender_killed_mid_incremental_reruns_to_an_identical_target() {
         assert!(bg.running(), "{engine}: the pass ended before the kill");
         bg.kill9();
         let again = done(&rx.send(s(&img), "t.img", &extra));
+        eprintln!(
+            "{engine}: rerun after kill -9: {} bytes skipped, {} written",
+            num(&again, "bytes_resumed_skipped"),
+            num(&again, "bytes_written")
+        );
         assert_identical(&img, &target, "rerun after kill -9");
         assert_eq!(text(&again, "base_sync_id"), sync1);
         assert!(
@@ -388,4 +400,164 @@ fn bad_incremental_input_is_refused_before_anything_is_written() {
         !rx.target("a.img").exists() && !rx.target("b.img").exists(),
         "a refused send created its target"
     );
+}
+
+#[test]
+fn incremental_from_an_nbd_server_exporting_the_bitmap_is_identical_and_verifies() {
+    for engine in ENGINES {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let mut rng = Rng::from_env(&format!("incremental over NBD ({engine})"));
+        let img = source_image(dir, rng.next());
+        let rx = Rx::start(&dir.join("rx"), &[]);
+        let target = rx.target("n.img");
+        let send = |uri: &str, extra: &[&str]| {
+            let mut args = vec!["--io-engine", engine, "--verify"];
+            args.extend_from_slice(extra);
+            rx.send(uri, "n.img", &args)
+        };
+        let sync1 = {
+            let server = common::qemu_nbd(dir, "src", &img, "qcow2", true, &[]);
+            let full = done(&send(&server.uri(), &[]));
+            text(&full, "sync_id").to_string()
+        };
+        let changes = random_changes(&mut rng, 30);
+        apply(dir, &img, &changes, rng.next());
+        // An NBD server without the bitmap's context: refused, naming it.
+        {
+            let server = common::qemu_nbd(dir, "src", &img, "qcow2", true, &[]);
+            let out = send(
+                &server.uri(),
+                &["--changed", "dirty-bitmap:b0", "--base", &sync1],
+            );
+            assert_eq!(out.status.code(), Some(3), "{engine}: {}", stderr(&out));
+            assert!(stderr(&out).contains("qemu-nbd -B b0"), "{}", stderr(&out));
+        }
+        let server = common::qemu_nbd(dir, "src", &img, "qcow2", true, &["-B", "b0"]);
+        let inc = done(&send(
+            &server.uri(),
+            &["--changed", "dirty-bitmap:b0", "--base", &sync1],
+        ));
+        drop(server);
+        assert_identical(&img, &target, "incremental over NBD");
+        assert_eq!(inc["verified"], true, "{engine}: {inc}");
+        assert_eq!(text(&inc, "base_sync_id"), sync1);
+        assert!(
+            num(&inc, "bytes_changed") <= granule_bytes(&merged(&changes)),
+            "{engine}: {inc}"
+        );
+    }
+}
+
+#[test]
+fn receiver_killed_mid_incremental_the_send_reconnects_and_the_target_is_identical() {
+    for engine in ENGINES {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let mut rng = Rng::from_env(&format!("incremental, receiver kill -9 ({engine})"));
+        let img = source_image(dir, rng.next());
+        let mut rx = Rx::start(&dir.join("rx"), &["--checkpoint-interval", "200ms"]);
+        let target = rx.target("t.img");
+        let full = done(&rx.send(s(&img), "t.img", &[]));
+        let sync1 = text(&full, "sync_id").to_string();
+        let changes: Vec<Change> = (0..24)
+            .map(|i| Change::Write(i * 2 * MIB + rng.range(0, 4) * 4 * KIB, MIB))
+            .collect();
+        apply(dir, &img, &changes, rng.next());
+        let bg = Bg::spawn(rx.send_cmd(
+            s(&img),
+            "t.img",
+            &[
+                "--io-engine",
+                engine,
+                "--compress",
+                "none",
+                "--changed",
+                "dirty-bitmap:b0",
+                "--base",
+                &sync1,
+                "--rate",
+                "6M",
+                "--stall-timeout",
+                "3s",
+                "--retry-for",
+                "60s",
+            ],
+        ));
+        std::thread::sleep(Duration::from_millis(2000));
+        rx.kill9();
+        std::thread::sleep(Duration::from_millis(500));
+        rx.spawn();
+        let inc = done(&bg.wait(Duration::from_secs(120)));
+        assert!(num(&inc, "reconnects") >= 1, "{engine}: {inc}");
+        assert_eq!(text(&inc, "base_sync_id"), sync1);
+        assert_identical(&img, &target, "incremental after the receiver's kill -9");
+        // The receiver recorded this pass as its last sync: the next pass
+        // starts from it.
+        let next = rx.send(
+            s(&img),
+            "t.img",
+            &[
+                "--changed",
+                "dirty-bitmap:b0",
+                "--base",
+                text(&inc, "sync_id"),
+            ],
+        );
+        done(&next);
+    }
+}
+
+#[test]
+fn a_rerun_with_another_plan_also_sends_what_the_interrupted_pass_may_have_changed() {
+    for engine in ENGINES {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let mut rng = Rng::from_env(&format!("incremental replan ({engine})"));
+        let img = source_image(dir, rng.next());
+        let rx = Rx::start(&dir.join("rx"), &["--checkpoint-interval", "200ms"]);
+        let target = rx.target("t.img");
+        let sync1 = text(&done(&rx.send(s(&img), "t.img", &[])), "sync_id").to_string();
+        // Pass A (24 MiB at 6 MB/s), killed part way.
+        let a: Vec<Change> = (0..24)
+            .map(|i| Change::Write(i * 2 * MIB + rng.range(0, 4) * 4 * KIB, MIB))
+            .collect();
+        apply(dir, &img, &a, rng.next());
+        let list_a = dir.join("a.json");
+        changed_areas_json(&list_a, &merged(&a));
+        let flags = |list: &Path, rate: Option<&'static str>| -> Vec<String> {
+            let mut v: Vec<String> = ["--io-engine", engine, "--compress", "none", "--base"]
+                .map(String::from)
+                .to_vec();
+            v.push(sync1.clone());
+            v.push("--changed-areas".into());
+            v.push(s(list).into());
+            if let Some(r) = rate {
+                v.extend(["--rate".into(), r.into()]);
+            }
+            v
+        };
+        let slow = flags(&list_a, Some("6M"));
+        let slow: Vec<&str> = slow.iter().map(String::as_str).collect();
+        let mut bg = Bg::spawn(rx.send_cmd(s(&img), "t.img", &slow));
+        std::thread::sleep(Duration::from_millis(2000));
+        assert!(bg.running(), "{engine}: pass A ended before the kill");
+        bg.kill9();
+        // Then other changes, and a pass that names only those (B): the
+        // receiver asks for A ∖ B too, which the sender plans from the
+        // source's allocation.
+        let b = random_changes(&mut rng, 20);
+        apply(dir, &img, &b, rng.next());
+        let list_b = dir.join("b.json");
+        changed_areas_json(&list_b, &merged(&b));
+        let rerun = flags(&list_b, None);
+        let rerun: Vec<&str> = rerun.iter().map(String::as_str).collect();
+        let inc = done(&rx.send(s(&img), "t.img", &rerun));
+        assert_identical(&img, &target, "rerun with another plan");
+        let only_b: u64 = merged(&b).iter().map(|r| r.1).sum();
+        assert!(
+            num(&inc, "bytes_changed") > only_b,
+            "{engine}: the rerun sent only its own plan: {inc}"
+        );
+    }
 }

@@ -91,6 +91,28 @@ impl PassWork {
         Ok(bytes)
     }
 
+    /// Join the changed ranges across their smallest gaps until at most
+    /// `max_ranges` remain (a PLAN's bound), the gaps planned from the
+    /// source's `data` like [`Self::add`]. Sending an unchanged gap again
+    /// is harmless: the source holds there what the target holds. Returns
+    /// the bytes added.
+    pub fn coalesce(&mut self, max_ranges: usize, data: &[(u64, u64)]) -> Result<u64, PlanError> {
+        let ranges = self.changed_ranges();
+        let Some(excess) = ranges.len().checked_sub(max_ranges.max(1)) else {
+            return Ok(0);
+        };
+        if excess == 0 {
+            return Ok(0);
+        }
+        let mut gaps: Vec<(u64, u64)> = ranges
+            .windows(2)
+            .map(|w| (w[1].0 - (w[0].0 + w[0].1), w[0].0 + w[0].1))
+            .collect();
+        gaps.select_nth_unstable(excess - 1);
+        let joined: Vec<(u64, u64)> = gaps[..excess].iter().map(|&(len, at)| (at, len)).collect();
+        self.add(&joined, data)
+    }
+
     /// The parts of the pass inside `spans` (sorted, disjoint): what a
     /// round still has to move.
     pub fn within(&self, spans: &[(u64, u64)]) -> Vec<PassExtent> {
@@ -323,6 +345,20 @@ mod tests {
             ]
         );
         assert_eq!(w.add(&[(10_000, 5_000)], &[]).unwrap(), 0);
+    }
+
+    #[test]
+    fn too_many_ranges_are_joined_across_their_smallest_gaps() {
+        let changed = [(0, 10), (12, 10), (100, 10), (113, 10), (200, 10)];
+        let mut w = work(1000, &changed, &[(0, 1000)]);
+        assert_eq!(w.coalesce(5, &[]).unwrap(), 0);
+        assert_eq!(w.coalesce(3, &[(0, 20)]).unwrap(), 2 + 3);
+        assert_eq!(w.changed_ranges(), vec![(0, 22), (100, 23), (200, 10)]);
+        // The gap at 10 holds data now, the one at 110 does not.
+        assert!(w.extents().contains(&ext(0, 22, PassKind::Copy)));
+        assert!(w.extents().contains(&ext(110, 3, PassKind::Zero)));
+        assert_eq!(w.coalesce(1, &[(0, 1000)]).unwrap(), 78 + 77);
+        assert_eq!(w.changed_ranges(), vec![(0, 210)]);
     }
 
     #[test]

@@ -52,11 +52,6 @@ pub(crate) fn run_disk(
     let dialer =
         Dialer::new(&opts.to, opts.tls_dir.as_deref(), tuning).map_err(CopyError::Usage)?;
     let (mut source, pass) = open_for_pass(opts)?;
-    if matches!(opts.pass, PassRequest::Incremental { .. }) {
-        return Err(CopyError::Usage(
-            "incremental passes are planned but not sent yet: the wire does not carry them in this build".into(),
-        ));
-    }
     debug!(elapsed = ?started.elapsed(), "source open and mapped");
     let size_bytes = source.size_bytes;
     let identity = match &opts.source_id {
@@ -180,7 +175,7 @@ pub(crate) fn run_disk(
         reconnects: job.reconnects.load(Ordering::Relaxed),
         rounds: tally.rounds,
         source_identity: identity,
-        sync_id: disk.connector.sync_id,
+        sync_id: job.sync_id_or(disk.connector.sync_id),
         base_sync_id: match &opts.pass {
             PassRequest::Incremental { base, .. } => Some(*base),
             PassRequest::Full | PassRequest::Delta { .. } => None,
