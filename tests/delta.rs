@@ -219,13 +219,22 @@ fn an_empty_or_short_target_is_extended_and_becomes_identical() {
         let done_empty = done(&out);
         assert_same(&src, &empty);
         assert_eq!(u(&done_empty, "bytes_changed"), 12 * MIB, "{done_empty}");
-        // Short: its first 10 MiB are the source's.
+        // Short: its first 10 MiB are the source's. 8 MiB windows in 4 KiB
+        // blocks take two digest requests each (1024 digests per reply).
         let short = rx.target("short.img");
         std::fs::write(&short, &std::fs::read(&src).unwrap()[..(10 << 20)]).unwrap();
         let out = rx.send(
             src.to_str().unwrap(),
             "short.img",
-            &["--delta", "--delta-block", "4k", "--io-engine", engine],
+            &[
+                "--delta",
+                "--delta-block",
+                "4k",
+                "--chunk-size",
+                "8M",
+                "--io-engine",
+                engine,
+            ],
         );
         let done_short = done(&out);
         assert_same(&src, &short);
