@@ -224,6 +224,26 @@ impl DeltaPlan {
     }
 }
 
+/// The runs of `runs` within `[rel, rel + len)`, relative to `rel` (their
+/// digests are not used: a clipped run is not the run that was digested).
+pub fn clip_runs(runs: &[SinkRun], rel: u64, len: u32) -> Vec<SinkRun> {
+    let (start, end) = (rel, rel + u64::from(len));
+    runs.iter()
+        .filter_map(|r| {
+            let (rs, re) = (
+                u64::from(r.rel).max(start),
+                u64::from(r.rel + r.len).min(end),
+            );
+            (rs < re).then(|| SinkRun {
+                rel: u32::try_from(rs - start).expect("within a request"),
+                len: u32::try_from(re - rs).expect("within a request"),
+                zero: r.zero,
+                digest: [0; 32],
+            })
+        })
+        .collect()
+}
+
 /// True if `[start, end)` lies within zero runs.
 fn all_zero(runs: &[SinkRun], start: u32, end: u32) -> bool {
     let mut at = start;

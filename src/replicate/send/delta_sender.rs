@@ -19,7 +19,9 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
-use super::delta::{DIGEST_REQUEST_MAX_BYTES, Piece, SourceBytes, check_reply, plan_delta};
+use super::delta::{
+    DIGEST_REQUEST_MAX_BYTES, Piece, SourceBytes, check_reply, clip_runs, plan_delta,
+};
 use super::link::explain;
 use super::sender::note_image;
 use super::{Broken, Conn, SenderCtx, StreamSender, fail_msg, write_frame};
@@ -50,26 +52,6 @@ pub(super) struct DigestsReply {
     pub offset: u64,
     pub block_bytes: u32,
     pub digests: Vec<[u8; 16]>,
-}
-
-/// The runs of `runs` within `[rel, rel + len)`, relative to `rel` (their
-/// digests are not used: a clipped run is not the run that was digested).
-fn clip_runs(runs: &[SinkRun], rel: u64, len: u32) -> Vec<SinkRun> {
-    let (start, end) = (rel, rel + u64::from(len));
-    runs.iter()
-        .filter_map(|r| {
-            let (rs, re) = (
-                u64::from(r.rel).max(start),
-                u64::from(r.rel + r.len).min(end),
-            );
-            (rs < re).then(|| SinkRun {
-                rel: u32::try_from(rs - start).expect("within a request"),
-                len: u32::try_from(re - rs).expect("within a request"),
-                zero: r.zero,
-                digest: [0; 32],
-            })
-        })
-        .collect()
 }
 
 /// One request sent and not answered yet.

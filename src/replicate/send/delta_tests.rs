@@ -189,6 +189,28 @@ fn a_reply_with_the_wrong_number_of_digests_is_refused() {
     assert!(check_reply((4096, 8193, 4096), (4096, 4096), 2).is_err());
 }
 
+#[test]
+fn runs_clipped_to_a_request_are_relative_to_it() {
+    let run = |rel, len, zero| SinkRun {
+        rel,
+        len,
+        zero,
+        digest: [1; 32],
+    };
+    let runs = [
+        run(0, 5000, false),
+        run(5000, 3192, true),
+        run(8192, 8192, false),
+    ];
+    let clipped = clip_runs(&runs, 4096, 8192);
+    let got: Vec<_> = clipped.iter().map(|r| (r.rel, r.len, r.zero)).collect();
+    assert_eq!(
+        got,
+        vec![(0, 904, false), (904, 3192, true), (4096, 4096, false)]
+    );
+    assert!(clipped.iter().all(|r| r.digest == [0; 32]));
+}
+
 /// A source of `granules` 4 KiB granules, each zero or data.
 fn source_strategy() -> impl Strategy<Value = Vec<u8>> {
     (
