@@ -14,6 +14,7 @@ use super::delta_sender::DeltaQueue;
 use super::link::explain;
 use super::{Broken, Conn, IDLE_SERVICE, PARK_MAX, SenderCtx, StreamSender};
 use crate::compress::{self, Compressors, Policy};
+use crate::pipeline::sink::SinkChunk;
 
 /// One stream's sender for one round: takes lent windows from the sink
 /// until the workers are done, then a final barrier. A broken connection
@@ -22,103 +23,161 @@ use crate::compress::{self, Compressors, Policy};
 /// slots back so the workers can finish. Returns the connection, all of
 /// its data acknowledged.
 pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compress::CompressStats)> {
-    let mut s = StreamSender {
-        policy: Policy::new(ctx.mode),
-        comps: Compressors::new(),
-        out: Vec::with_capacity(ctx.chunk_bytes as usize + 4096),
-        scratch: Vec::with_capacity(64),
-        link_bytes_per_s: None,
-        last_sample: None,
-        written_bytes: 0,
+    let mut l = StreamLoop {
+        s: StreamSender {
+            policy: Policy::new(ctx.mode),
+            comps: Compressors::new(),
+            out: Vec::with_capacity(ctx.chunk_bytes as usize + 4096),
+            scratch: Vec::with_capacity(64),
+            link_bytes_per_s: None,
+            last_sample: None,
+            written_bytes: 0,
+        },
+        // A delta pass holds its windows until the receiver's digests came.
+        delta: ctx.delta.map(DeltaQueue::new),
+        ctx,
+        conn: Some(conn),
+        broken_since: None,
+        failed: false,
+        last_service: Instant::now(),
     };
-    // A delta pass holds its windows until the receiver's digests came.
-    let mut delta = ctx.delta.map(DeltaQueue::new);
-    let mut conn = Some(conn);
-    let mut broken_since: Option<Instant> = None;
-    let mut failed = false;
-    let mut last_service = Instant::now();
-    let abort = || ctx.shared.aborted();
-    loop {
-        if failed || ctx.shared.aborted() {
+    while l.step() {}
+    l.release_delta();
+    if l.failed || l.ctx.shared.aborted() {
+        if let Some(mut c) = l.conn.take() {
+            c.stream.close();
+        }
+        return None;
+    }
+    l.final_barrier()
+}
+
+/// A sender thread's state for one round.
+struct StreamLoop {
+    ctx: SenderCtx,
+    s: StreamSender,
+    delta: Option<DeltaQueue>,
+    /// `None` while broken (until reconnected) or after a fatal error.
+    conn: Option<Conn>,
+    broken_since: Option<Instant>,
+    /// The job is failing: no more sending, only slots handed back.
+    failed: bool,
+    last_service: Instant,
+}
+
+impl StreamLoop {
+    /// One turn: reconnect if needed, service the stream, then send (or
+    /// ask digests for) the next window, or wait for one. False once the
+    /// workers are done and every window was handled.
+    fn step(&mut self) -> bool {
+        if self.failed || self.ctx.shared.aborted() {
             // Windows waiting for digests go back at once.
-            release_delta(&mut delta, &ctx);
+            self.release_delta();
         }
-        if !failed && conn.is_none() {
-            let since = *broken_since.get_or_insert_with(Instant::now);
-            match ctx.connector.reconnect(ctx.index, since, &abort) {
-                Ok(c) => {
-                    conn = Some(c);
-                    broken_since = None;
-                    s.last_sample = None;
-                }
-                Err(e) => {
-                    failed = true;
-                    if !ctx.shared.aborted() {
-                        ctx.shared.fail(e);
-                    }
+        self.reconnect_if_broken();
+        self.service(false);
+        match self.ctx.sink.pop() {
+            Some(chunk) => {
+                self.take(chunk);
+                true
+            }
+            None => self.idle(),
+        }
+    }
+
+    fn reconnect_if_broken(&mut self) {
+        if self.failed || self.conn.is_some() {
+            return;
+        }
+        let since = *self.broken_since.get_or_insert_with(Instant::now);
+        let abort = || self.ctx.shared.aborted();
+        match self.ctx.connector.reconnect(self.ctx.index, since, &abort) {
+            Ok(c) => {
+                self.conn = Some(c);
+                self.broken_since = None;
+                self.s.last_sample = None;
+            }
+            Err(e) => {
+                self.failed = true;
+                if !self.ctx.shared.aborted() {
+                    self.ctx.shared.fail(e);
                 }
             }
         }
-        if let Some(c) = conn.as_mut()
-            && !failed
-            && let Err(b) = service_stream(&mut s, &mut delta, &ctx, c, false)
-        {
-            s.broken(&ctx, &mut conn, &mut failed, b);
-            release_delta(&mut delta, &ctx);
-        }
-        let Some(chunk) = ctx.sink.pop() else {
-            let is_end = ctx.sink.producers_done() && ctx.sink.is_empty();
-            if let (Some(d), Some(c)) = (delta.as_mut(), conn.as_mut())
-                && !d.is_empty()
-                && !failed
-            {
-                // Nothing new to ask for: handle the oldest reply (all of
-                // them at the end) instead of parking.
-                let handled = if is_end {
-                    d.drain(&mut s, &ctx, c)
-                } else {
-                    d.handle_front(&mut s, &ctx, c)
-                };
-                if let Err(b) = handled {
-                    s.broken(&ctx, &mut conn, &mut failed, b);
-                    release_delta(&mut delta, &ctx);
-                }
-                continue;
-            }
-            if is_end {
-                break;
-            }
-            // Nothing to send: now and then read ACKs, send a barrier
-            // that came due, keep an idle stream alive; otherwise park
-            // until a worker hands over a chunk.
-            if last_service.elapsed() >= IDLE_SERVICE {
-                last_service = Instant::now();
-                if let Some(c) = conn.as_mut()
-                    && !failed
-                    && let Err(b) = service_stream(&mut s, &mut delta, &ctx, c, true)
-                {
-                    s.broken(&ctx, &mut conn, &mut failed, b);
-                    release_delta(&mut delta, &ctx);
-                }
-            }
-            ctx.sink.wait(PARK_MAX);
-            continue;
+    }
+
+    /// The stream's periodic duties; a delta stream first handles the
+    /// digest replies that came (all outstanding ones when a barrier is
+    /// due).
+    fn service(&mut self, idle: bool) {
+        let Some(c) = self.conn.as_mut() else {
+            return;
         };
+        if self.failed {
+            return;
+        }
+        let served = match self.delta.as_mut() {
+            Some(d) => d.service(&mut self.s, &self.ctx, c),
+            None => Ok(()),
+        }
+        .and_then(|()| self.s.service(&self.ctx, c, idle));
+        if let Err(b) = served {
+            self.broken(b);
+        }
+    }
+
+    /// Nothing in the sink: handle a digest reply, or now and then service
+    /// the stream and park until a worker hands over a window. False at
+    /// the round's end.
+    fn idle(&mut self) -> bool {
+        let is_end = self.ctx.sink.producers_done() && self.ctx.sink.is_empty();
+        if let (Some(d), Some(c)) = (self.delta.as_mut(), self.conn.as_mut())
+            && !d.is_empty()
+            && !self.failed
+        {
+            // Nothing new to ask for: handle the oldest reply (all of them
+            // at the end) instead of parking.
+            let handled = if is_end {
+                d.drain(&mut self.s, &self.ctx, c)
+            } else {
+                d.handle_front(&mut self.s, &self.ctx, c)
+            };
+            if let Err(b) = handled {
+                self.broken(b);
+            }
+            return true;
+        }
+        if is_end {
+            return false;
+        }
+        // Now and then read ACKs, send a barrier that came due, keep an
+        // idle stream alive; otherwise park until a worker hands over a
+        // chunk.
+        if self.last_service.elapsed() >= IDLE_SERVICE {
+            self.last_service = Instant::now();
+            self.service(true);
+        }
+        self.ctx.sink.wait(PARK_MAX);
+        true
+    }
+
+    /// A window from the sink: sent, or (delta) its digests asked for;
+    /// its slot goes back once it is done with.
+    fn take(&mut self, chunk: SinkChunk) {
         let (worker, slot) = chunk.owner();
-        if !failed && !ctx.shared.aborted() {
-            match (conn.as_mut(), delta.as_mut()) {
+        if !self.failed && !self.ctx.shared.aborted() {
+            match (self.conn.as_mut(), self.delta.as_mut()) {
                 (Some(c), Some(d)) => {
                     // The queue gives the slot back once the window is done.
-                    if let Err(b) = d.ask(&mut s, &ctx, c, chunk) {
-                        s.broken(&ctx, &mut conn, &mut failed, b);
-                        release_delta(&mut delta, &ctx);
+                    if let Err(b) = d.ask(&mut self.s, &self.ctx, c, chunk) {
+                        self.broken(b);
                     }
-                    continue;
+                    return;
                 }
                 (Some(c), None) => {
-                    if let Err(e) = s.send_chunk(&ctx, c, &chunk) {
+                    if let Err(e) = self.s.send_chunk(&self.ctx, c, &chunk) {
                         let b = explain(e, c);
-                        s.broken(&ctx, &mut conn, &mut failed, b);
+                        self.broken(b);
                     }
                 }
                 (None, _) => {
@@ -127,67 +186,57 @@ pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compres
             }
         }
         drop(chunk);
-        ctx.sink.release(worker, slot);
+        self.ctx.sink.release(worker, slot);
     }
-    release_delta(&mut delta, &ctx);
-    if failed || ctx.shared.aborted() {
-        if let Some(mut c) = conn {
-            c.stream.close();
+
+    /// The connection broke (or the job cannot go on): see
+    /// [`StreamSender::broken`]; a delta stream's windows go back.
+    fn broken(&mut self, b: Broken) {
+        self.s
+            .broken(&self.ctx, &mut self.conn, &mut self.failed, b);
+        self.release_delta();
+    }
+
+    /// Gives back the windows a delta stream still holds.
+    fn release_delta(&mut self) {
+        if let Some(d) = self.delta.as_mut() {
+            d.release_all(&self.ctx);
         }
-        return None;
     }
-    // The round's end: everything this stream sent must be acknowledged.
-    loop {
-        let mut c = match conn.take() {
-            Some(c) => c,
-            None => {
-                let since = *broken_since.get_or_insert_with(Instant::now);
-                match ctx.connector.reconnect(ctx.index, since, &abort) {
-                    Ok(c) => {
-                        broken_since = None;
-                        c
-                    }
-                    Err(e) => {
-                        if !ctx.shared.aborted() {
-                            ctx.shared.fail(e);
+
+    /// The round's end: everything this stream sent must be acknowledged.
+    fn final_barrier(mut self) -> Option<(Conn, compress::CompressStats)> {
+        loop {
+            let mut c = match self.conn.take() {
+                Some(c) => c,
+                None => {
+                    let since = *self.broken_since.get_or_insert_with(Instant::now);
+                    let abort = || self.ctx.shared.aborted();
+                    match self.ctx.connector.reconnect(self.ctx.index, since, &abort) {
+                        Ok(c) => {
+                            self.broken_since = None;
+                            c
                         }
+                        Err(e) => {
+                            if !self.ctx.shared.aborted() {
+                                self.ctx.shared.fail(e);
+                            }
+                            return None;
+                        }
+                    }
+                }
+            };
+            match self.s.final_barrier(&self.ctx, &mut c) {
+                Ok(()) => return Some((c, *self.s.policy.stats())),
+                Err(b) => {
+                    self.conn = Some(c);
+                    self.s
+                        .broken(&self.ctx, &mut self.conn, &mut self.failed, b);
+                    if self.failed {
                         return None;
                     }
                 }
             }
-        };
-        match s.final_barrier(&ctx, &mut c) {
-            Ok(()) => return Some((c, *s.policy.stats())),
-            Err(b) => {
-                conn = Some(c);
-                s.broken(&ctx, &mut conn, &mut failed, b);
-                if failed {
-                    return None;
-                }
-            }
         }
-    }
-}
-
-/// The stream's periodic duties; a delta stream first handles the digest
-/// replies that came (all outstanding ones when a barrier is due).
-fn service_stream(
-    s: &mut StreamSender,
-    delta: &mut Option<DeltaQueue>,
-    ctx: &SenderCtx,
-    c: &mut Conn,
-    idle: bool,
-) -> Result<(), Broken> {
-    if let Some(d) = delta.as_mut() {
-        d.service(s, ctx, c)?;
-    }
-    s.service(ctx, c, idle)
-}
-
-/// Gives back the windows a delta stream still holds (after a broken
-/// connection, a failure, or at the end where it holds none).
-fn release_delta(delta: &mut Option<DeltaQueue>, ctx: &SenderCtx) {
-    if let Some(d) = delta.as_mut() {
-        d.release_all(ctx);
     }
 }
