@@ -1,9 +1,11 @@
 //! `send --delta`: the receiver digests its existing target block by block,
 //! the sender sends only the blocks that differ. Real files, a real
 //! `diskferry serve` over mutual TLS on loopback, real `qemu-img` and
-//! `qemu-io`; the CLI on both I/O engines. Every test ends with a byte
-//! comparison of source and target.
+//! `qemu-io`, a real loop device; the CLI on both I/O engines. Every test
+//! ends with a byte comparison of source and target.
 
+#[path = "support/blockdev.rs"]
+mod blockdev;
 mod common;
 #[path = "support/rx.rs"]
 mod rx;
@@ -386,4 +388,49 @@ fn a_target_longer_than_the_source_is_refused_and_left_as_it_was() {
         before,
         "the target changed"
     );
+}
+
+#[test]
+fn an_allow_listed_loop_device_holding_an_older_copy_becomes_identical() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let size = 32 * MIB;
+    let src = dir.join("src.img");
+    sparse_file(&src, size, &[(0, 6 << 20), (10 << 20, 14 << 20)], 21);
+    // The device: the source's bytes, garbage in its holes, and 20 blocks
+    // of its data changed.
+    let backing = dir.join("backing.img");
+    let mut bytes = std::fs::read(&src).unwrap();
+    let garbage = random_bytes(size as usize, 77);
+    for (o, l) in [(6 << 20, 4 << 20), (24 << 20, 8 << 20)] {
+        bytes[o..o + l].copy_from_slice(&garbage[o..o + l]);
+    }
+    for k in 0..20u64 {
+        let at = (k * 17 % 96) * BLOCK + if k % 2 == 0 { 0 } else { 10 * MIB };
+        let at = at as usize;
+        bytes[at..at + BLOCK as usize].copy_from_slice(&random_bytes(BLOCK as usize, 500 + k));
+    }
+    std::fs::write(&backing, &bytes).unwrap();
+    drop(bytes);
+    let dev = blockdev::LoopDevice::attach(&backing);
+    let allow = format!("disk={}", dev.path_str());
+    let rx = Rx::start(&dir.join("rx"), &["--allow", &allow]);
+    for engine in ENGINES {
+        let out = rx.send(
+            src.to_str().unwrap(),
+            "disk",
+            &["--delta", "--io-engine", engine],
+        );
+        let done = done(&out);
+        blockdev::assert_range_same(&src, &dev.path, 0, size);
+        let changed = u(&done, "bytes_changed");
+        // First engine: 12 MiB of holes over garbage and the changed blocks;
+        // second: nothing left to change.
+        let want = if engine == ENGINES[0] {
+            12 * MIB + 20 * BLOCK
+        } else {
+            0
+        };
+        assert_eq!(changed, want, "{engine}: {done}");
+    }
 }
