@@ -336,18 +336,21 @@ fn receiver_killed_mid_delta_with_a_power_loss_is_repaired_and_the_send_complete
             engine,
             "--rate",
             "8M",
-            "--stall-timeout",
-            "3s",
             "--retry-for",
             "60s",
             "--verify",
         ];
-        let bg = Bg::spawn(rx.send_cmd(src.to_str().unwrap(), "t.img", &args));
+        let mut bg = Bg::spawn(rx.send_cmd(src.to_str().unwrap(), "t.img", &args));
         let started = Instant::now();
         while rx.journal("t.img").map_or(0, |j| j.durable.covered_bytes()) < 4 * MIB {
+            if !bg.running() {
+                let out = bg.wait(Duration::from_secs(1));
+                panic!("{engine}: the send ended before the kill: {}", stderr(&out));
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
-                "{engine}: nothing journaled"
+                "{engine}: nothing journaled; receiver log: {}",
+                rx.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -239,13 +239,9 @@ impl DeltaQueue {
                 Piece::Zero { rel, len } => s.zero(ctx, c, offset + u64::from(rel), u64::from(len)),
                 Piece::Data { rel, len } => {
                     let raw = &bytes[rel as usize..(rel + len) as usize];
-                    // A whole run of a whole window keeps the digest taken
-                    // right after the read.
-                    let whole = matches!(runs, Cow::Borrowed(_));
-                    let digest = runs
-                        .iter()
-                        .find(|r| whole && !r.zero && r.rel == rel && r.len == len)
-                        .map_or_else(|| self.cfg.run_digest.digest(raw), |r| r.digest);
+                    // The workers took no run digests for a delta pass:
+                    // only what differs is digested, from the lent bytes.
+                    let digest = self.cfg.run_digest.digest(raw);
                     s.data(ctx, c, offset + u64::from(rel), raw, digest)
                 }
             };

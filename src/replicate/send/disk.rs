@@ -293,7 +293,11 @@ impl Disk<'_> {
             self.size_bytes,
             DstPlan::Sink {
                 window_digests: self.image_windows(),
-                run_digest: self.run_digest,
+                // A delta pass digests only what differs, as it sends it.
+                run_digest: match opts.pass {
+                    PassRequest::Delta { .. } => None,
+                    _ => Some(self.run_digest),
+                },
             },
         )?;
         self.hooks.started(pipe.shared());
