@@ -29,6 +29,16 @@ fn digest_allowance(size: u64) -> u64 {
     (size / CHUNK + 64) * 64 + 64 * 1024
 }
 
+/// The durable bytes of the receiver's journal file `path`, read directly
+/// while the receiver runs (opening the journal store would remove its
+/// in-flight temporary files).
+fn journaled_bytes(path: &Path) -> u64 {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| diskferry::journal::Journal::decode(&b).ok())
+        .map_or(0, |j| j.durable.covered_bytes())
+}
+
 fn u(v: &serde_json::Value, key: &str) -> u64 {
     v[key]
         .as_u64()
@@ -276,11 +286,12 @@ fn sender_killed_mid_delta_reruns_to_identical_without_sending_it_all_again() {
             write_at(&target, i * MIB, &random_bytes(MIB as usize, 900 + i));
         }
         let args = ["--delta", "--io-engine", engine, "--rate", "8M"];
+        let journal = rx.journal_path("t.img");
         let mut bg = Bg::spawn(rx.send_cmd(src.to_str().unwrap(), "t.img", &args));
         let started = Instant::now();
         let journaled = loop {
             std::thread::sleep(Duration::from_millis(100));
-            let held = rx.journal("t.img").map_or(0, |j| j.durable.covered_bytes());
+            let held = journaled_bytes(&journal);
             if held >= 8 * MIB {
                 break held;
             }
@@ -340,9 +351,10 @@ fn receiver_killed_mid_delta_with_a_power_loss_is_repaired_and_the_send_complete
             "60s",
             "--verify",
         ];
+        let journal_file = rx.journal_path("t.img");
         let mut bg = Bg::spawn(rx.send_cmd(src.to_str().unwrap(), "t.img", &args));
         let started = Instant::now();
-        while rx.journal("t.img").map_or(0, |j| j.durable.covered_bytes()) < 4 * MIB {
+        while journaled_bytes(&journal_file) < 4 * MIB {
             if !bg.running() {
                 let out = bg.wait(Duration::from_secs(1));
                 panic!("{engine}: the send ended before the kill: {}", stderr(&out));
