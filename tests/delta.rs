@@ -97,13 +97,22 @@ fn one_percent_of_blocks_changed_some_zeroed_becomes_identical_and_only_they_cro
     // Two blocks in a source hole hold data on the target.
     changed.insert(66 * MIB / BLOCK);
     changed.insert(203 * MIB / BLOCK + 1);
+    // Blocks the source has as zeros over target data: sent as ZERO.
+    let mut zeroed_bytes = 0;
     for (k, &i) in changed.iter().enumerate() {
         match (in_hole(i), k % 3) {
-            (true, _) | (false, 0) => set_block(&old, i, None, 1000 + i),
+            (true, _) => {
+                set_block(&old, i, None, 1000 + i);
+                zeroed_bytes += BLOCK;
+            }
+            (false, 0) => set_block(&old, i, None, 1000 + i),
             // The target lost data the source has.
             (false, 1) => set_block(&old, i, Some(0), 0),
             // The source was zeroed where the target holds data.
-            (false, _) => set_block(&src, i, Some(0), 0),
+            (false, _) => {
+                set_block(&src, i, Some(0), 0);
+                zeroed_bytes += BLOCK;
+            }
         }
     }
     let changed_bytes = changed.len() as u64 * BLOCK;
@@ -129,6 +138,12 @@ fn one_percent_of_blocks_changed_some_zeroed_becomes_identical_and_only_they_cro
             "{engine}: the target was replaced, not updated"
         );
         assert_eq!(u(&done, "bytes_changed"), changed_bytes, "{engine}: {done}");
+        assert_eq!(u(&done, "bytes_zeroed"), zeroed_bytes, "{engine}: {done}");
+        assert_eq!(
+            u(&done, "bytes_written"),
+            changed_bytes - zeroed_bytes,
+            "{engine}: {done}"
+        );
         let wire = u(&done, "bytes_on_wire");
         eprintln!(
             "{engine}: {changed_bytes} bytes changed, {wire} on the wire, {:.2} s",

@@ -236,7 +236,12 @@ impl DeltaQueue {
             .map_err(|e| Broken::Fatal(fail_msg(e)))?;
         for piece in &plan.pieces {
             let sent = match *piece {
-                Piece::Zero { rel, len } => s.zero(ctx, c, offset + u64::from(rel), u64::from(len)),
+                Piece::Zero { rel, len } => {
+                    ctx.job
+                        .delta_zeroed_bytes
+                        .fetch_add(u64::from(len), Ordering::Relaxed);
+                    s.zero(ctx, c, offset + u64::from(rel), u64::from(len))
+                }
                 Piece::Data { rel, len } => {
                     let raw = &bytes[rel as usize..(rel + len) as usize];
                     // The workers took no run digests for a delta pass:

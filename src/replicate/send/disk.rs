@@ -155,7 +155,11 @@ pub(crate) fn run_disk(
         bytes_planned: totals.bytes_planned,
         bytes_read: totals.bytes_read,
         bytes_written: totals.bytes_written,
-        bytes_zeroed: totals.bytes_zeroed,
+        // A delta pass zeroes only where the target held data.
+        bytes_zeroed: match opts.pass {
+            PassRequest::Delta { .. } => job.delta_zeroed_bytes.load(Ordering::Relaxed),
+            _ => totals.bytes_zeroed,
+        },
         bytes_on_wire: job.bytes_on_wire.load(Ordering::Relaxed),
         compression_ratio: if comp_stats.payload_bytes > 0 {
             comp_stats.raw_bytes as f64 / comp_stats.payload_bytes as f64

@@ -142,8 +142,10 @@ struct JobShared {
     reconnects: AtomicU64,
     /// DATA frames sent (for the test hook).
     data_frames: AtomicU64,
-    /// A delta pass: bytes of the blocks that differed.
+    /// A delta pass: bytes of the blocks that differed, and the bytes of
+    /// them sent as ZERO.
     bytes_changed: AtomicU64,
+    delta_zeroed_bytes: AtomicU64,
     /// The stall watchdog's view of each stream's current connection.
     watches: Mutex<Vec<Option<Arc<Watch>>>>,
     /// An incremental pass's changed extents (`None`: a full or delta
@@ -295,6 +297,7 @@ impl JobShared {
             reconnects: AtomicU64::new(0),
             data_frames: AtomicU64::new(0),
             bytes_changed: AtomicU64::new(0),
+            delta_zeroed_bytes: AtomicU64::new(0),
             watches: Mutex::new(vec![None; streams]),
         }
     }
