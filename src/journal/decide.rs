@@ -346,3 +346,7 @@ pub fn subtract(a: &RangeSet, b: &RangeSet) -> RangeSet {
 #[cfg(test)]
 #[path = "decide_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "decide_props.rs"]
+mod props;

@@ -2,7 +2,7 @@
 
 use super::*;
 
-const BASE: SyncId = [0xba; 16];
+pub(super) const BASE: SyncId = [0xba; 16];
 const OTHER: SyncId = [0x0e; 16];
 const STAMP: TargetStamp = TargetStamp {
     inode: 12,
@@ -44,7 +44,7 @@ fn synced() -> Journal {
 }
 
 /// An incremental on `BASE` with `plan`, interrupted with `durable`.
-fn interrupted(plan: &[(u64, u64)], durable: &[(u64, u64)]) -> Journal {
+pub(super) fn interrupted(plan: &[(u64, u64)], durable: &[(u64, u64)]) -> Journal {
     let mut j = synced();
     j.complete = false;
     j.pass_mode = PassMode::Incremental;
@@ -80,7 +80,7 @@ fn request() -> ResumeRequest {
     }
 }
 
-fn incremental(base: SyncId, plan: &[(u64, u64)]) -> ResumeRequest {
+pub(super) fn incremental(base: SyncId, plan: &[(u64, u64)]) -> ResumeRequest {
     ResumeRequest {
         mode: PassMode::Incremental,
         base_sync_id: Some(base),

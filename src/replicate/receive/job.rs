@@ -415,6 +415,8 @@ impl Job {
             bytes_durable = self.bytes_durable_total(),
             duration_s = format!("{secs:.3}"),
             rate_mb_per_s = format!("{:.1}", bytes as f64 / secs.max(1e-9) / 1e6),
+            mode = %self.pass.mode,
+            sync_id = %crate::wire::sync_id_hex(&self.pass.welcome_sync_id),
             "job finished"
         );
         Ok(())

@@ -203,9 +203,6 @@ impl Registry {
         })?;
         let resume = pass::request(hello, &request.plan, stamp);
         let decision = journal::decide(existing.as_ref(), &resume);
-        if let Decision::Refuse { reason, message } = decision {
-            return Err(refusal_for(reason, message));
-        }
         let pass = PassState::new(hello, &decision);
         let hint = opened.path.display().to_string();
         let new_journal = || pass::new_journal(hello, &hint, unix_now());
@@ -265,7 +262,7 @@ impl Registry {
                     .map_err(|e| self.refusal(name, e))?;
                 (target, journal, durable, "delta")
             }
-            Decision::Refuse { .. } => unreachable!("refusals returned above"),
+            Decision::Refuse { reason, message } => return Err(refusal_for(reason, message)),
         };
         let job = Job::new(JobStart {
             hello,
