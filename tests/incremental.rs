@@ -14,6 +14,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::ENGINES;
+use diskferry::journal::Journal;
+use diskferry::wire::PassMode;
 use rx::{Bg, Rng, Rx, done, stderr};
 
 const MIB: u64 = 1 << 20;
@@ -196,6 +198,38 @@ fn overhead_bytes(ranges: usize) -> u64 {
     64 * KIB + 256 * ranges as u64
 }
 
+/// Wait until the receiver has journaled part of an incremental pass as
+/// durable in its journal file `journal` (at most a minute), while `bg`
+/// (the send) runs. The file is read directly: opening the journal store
+/// would remove the receiver's in-flight temporary files.
+fn wait_for_pass_progress(journal: &Path, bg: &mut Bg) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = std::fs::read(journal)
+            .ok()
+            .and_then(|b| Journal::decode(&b).ok())
+            .map(|j| (j.complete, j.pass_mode, j.durable.covered_bytes()));
+        if let Some((false, PassMode::Incremental, durable)) = state
+            && durable > 0
+        {
+            return;
+        }
+        if !bg.running() {
+            let out = bg.0.take().unwrap().wait_with_output().unwrap();
+            panic!(
+                "the pass ended before it was interrupted ({}): {}",
+                out.status,
+                stderr(&out)
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no durable progress of the pass within a minute: {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn incremental_from_a_dirty_bitmap_then_a_changed_areas_list_is_identical_and_moves_only_changes() {
     for engine in ENGINES {
@@ -251,6 +285,12 @@ fn incremental_from_a_dirty_bitmap_then_a_changed_areas_list_is_identical_and_mo
             num(&inc, "bytes_read") <= bytes_changed,
             "{engine}: read more than changed: {inc}"
         );
+        // Progress counted what the pass moves, not the disk.
+        let planned = num(&inc, "bytes_planned");
+        assert!(
+            planned > 0 && planned <= bytes_changed,
+            "{engine}: {planned} bytes planned for {bytes_changed} changed"
+        );
 
         // More changes, described by a changed-areas list built from the
         // recorded writes (exact bytes, not granules).
@@ -304,6 +344,8 @@ fn sender_killed_mid_incremental_reruns_to_an_identical_target() {
         let img = source_image(dir, rng.next());
         let rx = Rx::start(&dir.join("rx"), &["--checkpoint-interval", "200ms"]);
         let target = rx.target("t.img");
+        // Before any send: opening the store removes temporary files.
+        let journal = rx.journal_path("t.img");
         let args = |extra: &[&str]| -> Vec<String> {
             let mut v: Vec<String> = ["--io-engine", engine, "--compress", "none"]
                 .map(String::from)
@@ -313,7 +355,8 @@ fn sender_killed_mid_incremental_reruns_to_an_identical_target() {
         };
         let full = done(&rx.send(s(&img), "t.img", &[]));
         let sync1 = text(&full, "sync_id").to_string();
-        // About 24 MiB of writes, sent at 6 MB/s: killed after 2 s.
+        // About 24 MiB of writes, sent at 6 MB/s: killed once part of the
+        // pass is durable on the receiver.
         let changes: Vec<Change> = (0..24)
             .map(|i| Change::Write(i * 2 * MIB + rng.range(0, 4) * 4 * KIB, MIB))
             .collect();
@@ -323,7 +366,7 @@ fn sender_killed_mid_incremental_reruns_to_an_identical_target() {
         let mut slow = extra.clone();
         slow.extend(["--rate", "6M"]);
         let mut bg = Bg::spawn(rx.send_cmd(s(&img), "t.img", &slow));
-        std::thread::sleep(Duration::from_millis(2500));
+        wait_for_pass_progress(&journal, &mut bg);
         assert!(bg.running(), "{engine}: the pass ended before the kill");
         bg.kill9();
         let again = done(&rx.send(s(&img), "t.img", &extra));
@@ -392,6 +435,14 @@ fn bad_incremental_input_is_refused_before_anything_is_written() {
         &["--delta", "--changed", "dirty-bitmap:b0"],
         &["--changed", "bitmap:b0"],
         &["--changed", "dirty-bitmap:b0", "--base", "123"],
+        &[
+            "--changed-areas",
+            "/nonexistent/changes.json",
+            "--base",
+            base,
+        ],
+        &["--delta", "--delta-block", "3000"],
+        &["--delta-block", "64k"],
     ] {
         let out = rx.send(s(&raw), "a.img", bad);
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
@@ -458,13 +509,15 @@ fn receiver_killed_mid_incremental_the_send_reconnects_and_the_target_is_identic
         let img = source_image(dir, rng.next());
         let mut rx = Rx::start(&dir.join("rx"), &["--checkpoint-interval", "200ms"]);
         let target = rx.target("t.img");
+        // Before any send: opening the store removes temporary files.
+        let journal = rx.journal_path("t.img");
         let full = done(&rx.send(s(&img), "t.img", &[]));
         let sync1 = text(&full, "sync_id").to_string();
         let changes: Vec<Change> = (0..24)
             .map(|i| Change::Write(i * 2 * MIB + rng.range(0, 4) * 4 * KIB, MIB))
             .collect();
         apply(dir, &img, &changes, rng.next());
-        let bg = Bg::spawn(rx.send_cmd(
+        let mut bg = Bg::spawn(rx.send_cmd(
             s(&img),
             "t.img",
             &[
@@ -484,7 +537,7 @@ fn receiver_killed_mid_incremental_the_send_reconnects_and_the_target_is_identic
                 "60s",
             ],
         ));
-        std::thread::sleep(Duration::from_millis(2000));
+        wait_for_pass_progress(&journal, &mut bg);
         rx.kill9();
         std::thread::sleep(Duration::from_millis(500));
         rx.spawn();
@@ -517,6 +570,8 @@ fn a_rerun_with_another_plan_also_sends_what_the_interrupted_pass_may_have_chang
         let img = source_image(dir, rng.next());
         let rx = Rx::start(&dir.join("rx"), &["--checkpoint-interval", "200ms"]);
         let target = rx.target("t.img");
+        // Before any send: opening the store removes temporary files.
+        let journal = rx.journal_path("t.img");
         let sync1 = text(&done(&rx.send(s(&img), "t.img", &[])), "sync_id").to_string();
         // Pass A (24 MiB at 6 MB/s), killed part way.
         let a: Vec<Change> = (0..24)
@@ -540,7 +595,7 @@ fn a_rerun_with_another_plan_also_sends_what_the_interrupted_pass_may_have_chang
         let slow = flags(&list_a, Some("6M"));
         let slow: Vec<&str> = slow.iter().map(String::as_str).collect();
         let mut bg = Bg::spawn(rx.send_cmd(s(&img), "t.img", &slow));
-        std::thread::sleep(Duration::from_millis(2000));
+        wait_for_pass_progress(&journal, &mut bg);
         assert!(bg.running(), "{engine}: pass A ended before the kill");
         bg.kill9();
         // Then other changes, and a pass that names only those (B): the

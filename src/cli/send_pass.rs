@@ -49,6 +49,11 @@ impl SendArgs {
             (Some(_), true) => Err(
                 "--delta compares content and takes no --changed/--changed-areas: give one".into(),
             ),
+            (Some(_), false) if self.restart => Err(
+                "--restart discards what the receiver holds and sends everything: it cannot \
+                 start from a --base (drop --changed/--changed-areas)"
+                    .into(),
+            ),
             (Some(changed), false) => Ok(PassRequest::Incremental {
                 changed,
                 base: self.base.unwrap_or([0; 16]),
@@ -164,6 +169,7 @@ mod tests {
             &["--base", &"0".repeat(32), "--changed", "dirty-bitmap:b0"],
             &["--changed", "dirty-bitmap:b0", "--delta"],
             &["--changed", "dirty-bitmap:b0", "--changed-areas", "f"],
+            &["--changed", "dirty-bitmap:b0", "--restart"],
         ] {
             let refused = args(bad).map_or(true, |a| a.pass().is_err());
             assert!(refused, "{bad:?}");
