@@ -7,6 +7,8 @@
 #[path = "support/blockdev.rs"]
 mod blockdev;
 mod common;
+#[path = "support/faultproxy.rs"]
+mod faultproxy;
 #[path = "support/rx.rs"]
 mod rx;
 
@@ -462,5 +464,51 @@ fn an_allow_listed_loop_device_holding_an_older_copy_becomes_identical() {
             0
         };
         assert_eq!(changed, want, "{engine}: {done}");
+    }
+}
+
+#[test]
+fn every_stream_reset_mid_delta_reconnects_and_the_pass_completes_identical() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let size = 64 * MIB;
+    let src = dir.join("src.img");
+    dense_file(&src, size as usize, 13);
+    for engine in ENGINES {
+        let rx = Rx::start(&dir.join(format!("rx-{engine}")), &[]);
+        let target = rx.target("t.img");
+        run(Command::new("cp").arg(&src).arg(&target));
+        for i in (0..size / MIB).step_by(2) {
+            write_at(&target, i * MIB, &random_bytes(MIB as usize, 300 + i));
+        }
+        let proxy = faultproxy::FaultProxy::start(rx.addr.parse().unwrap());
+        let args = [
+            "--delta",
+            "--io-engine",
+            engine,
+            "--rate",
+            "8M",
+            "--stall-timeout",
+            "3s",
+        ];
+        let to = proxy.addr().to_string();
+        let mut bg = Bg::spawn(rx.send_cmd_to(&to, src.to_str().unwrap(), "t.img", &args));
+        let started = Instant::now();
+        while proxy.bytes_forwarded() < 8 * MIB {
+            assert!(bg.running(), "{engine}: the send ended before the reset");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{engine}: no progress through the proxy"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Every stream loses its connection with digest requests in flight.
+        proxy.reset_all();
+        let out = bg.wait(Duration::from_secs(120));
+        let done = done(&out);
+        assert!(u(&done, "reconnects") >= 1, "{engine}: {done}");
+        assert!(proxy.connections() > 4, "{engine}: no new connection");
+        assert!(u(&done, "bytes_changed") >= size / 2, "{engine}: {done}");
+        assert_same(&src, &target);
     }
 }
