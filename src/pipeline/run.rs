@@ -73,7 +73,9 @@ pub enum DstPlan {
     /// Lend chunks to other threads (network senders).
     Sink {
         window_digests: bool,
-        run_digest: crate::wire::ChunkDigest,
+        /// The digest each data run takes right after its read (`None`:
+        /// none; a delta pass digests only the pieces it sends).
+        run_digest: Option<crate::wire::ChunkDigest>,
     },
 }
 

@@ -7,8 +7,8 @@
 //! Memory per connection is bounded by the protocol: the decoder holds at
 //! most one frame (plus one recycled DATA buffer), the machine one
 //! decompression buffer of at most the job's chunk size and capped written
-//! ranges, and a verify pass (only after DONE, once per stream) one 1 MiB
-//! read buffer (`verify`).
+//! ranges, and a verify pass (only after DONE, once per stream) or a delta
+//! pass's digests one 1 MiB read buffer (`verify`, `digests`).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
+use super::digests;
 use super::events::{Action, ActionResult, AttachRequest, End, Health, Input, JobInfo};
 use super::job::{Attachment, Refusal, Registry};
 use super::limits::HandshakeSlot;
@@ -49,6 +50,8 @@ struct Conn<'a> {
     /// A plaintext stream's place among its address's unauthenticated
     /// connections, given back at HELLO.
     unauthenticated: Option<HandshakeSlot>,
+    /// A delta pass's read buffer for digests (at most 1 MiB).
+    digest_buf: Vec<u8>,
 }
 
 /// Runs the protocol on an accepted, authenticated connection until it
@@ -73,6 +76,7 @@ pub fn serve_connection(
         out: Vec::new(),
         attachment: None,
         unauthenticated,
+        digest_buf: Vec::new(),
     };
     let mut session = Session::new(ctx.max_ranges_per_job, Instant::now());
     loop {
@@ -200,6 +204,21 @@ impl Conn<'_> {
                 &self.ctx.verifying,
                 &self.ctx.stop,
             )),
+            Action::ReadDigests {
+                offset,
+                len_bytes,
+                block_bytes,
+            } => ActionResult::Digests(
+                digests::digest_blocks(
+                    &job.target,
+                    (offset, len_bytes, block_bytes),
+                    &self.ctx.stop,
+                    &mut self.digest_buf,
+                    crate::wire::block_digest,
+                )
+                // A flush that starts after the read covers what it read.
+                .map(|d| (d, job.target.sync_point())),
+            ),
             Action::SyncForStop => ActionResult::Synced(job.target.sync()),
             Action::FailJob(refusal) => {
                 job.fail(refusal);

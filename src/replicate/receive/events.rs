@@ -8,6 +8,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::digests::DigestReadError;
 use super::job::Refusal;
 use super::verify::VerifyError;
 use super::written::RangeCapError;
@@ -125,6 +126,13 @@ pub enum Action {
     /// Read the target back in `window_bytes` windows →
     /// [`ActionResult::ReadBack`].
     ReadBack { window_bytes: u32 },
+    /// A delta pass: digest the target's `block_bytes` blocks of
+    /// `[offset, offset + len_bytes)` → [`ActionResult::Digests`].
+    ReadDigests {
+        offset: u64,
+        len_bytes: u32,
+        block_bytes: u32,
+    },
     /// Flush the target before telling the sender the receiver stops →
     /// [`ActionResult::Synced`].
     SyncForStop,
@@ -168,6 +176,9 @@ pub enum ActionResult {
     StreamFinished(Result<(), Refusal>),
     /// The image digest and the bytes read.
     ReadBack(Result<([u8; 32], u64), VerifyError>),
+    /// The block digests, and the target's flush number that covers the
+    /// bytes they were taken of.
+    Digests(Result<(Vec<[u8; 16]>, u64), DigestReadError>),
     Synced(io::Result<()>),
     /// Whether the frame was written out (the error, for the log).
     Sent(io::Result<()>),

@@ -212,6 +212,19 @@ impl Intake {
         Ok(self.settle(AfterSettle::Ack(seq), now, out))
     }
 
+    /// A delta pass's compared range (`digests.rs`), at a BARRIER or DONE:
+    /// counted like a write that flush number `sync_point` covers.
+    pub(super) fn note_compared(
+        &mut self,
+        offset: u64,
+        len_bytes: u64,
+        sync_point: u64,
+    ) -> Result<(), End> {
+        self.written
+            .note(offset, len_bytes, 0, sync_point)
+            .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))
+    }
+
     /// DONE: what this stream wrote is settled before it finishes.
     pub(super) fn done(&mut self, now: Instant, out: &mut VecDeque<Action>) -> IntakeState {
         if self.written.has_unsynced() {

@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
+use super::digests::{self, Compared, DigestSpan};
 use super::ending::Ending;
 use super::events::{Action, ActionResult, AttachRequest, End, Health, Input, JobInfo};
 use super::intake::{Intake, IntakeState, hashes_arriving};
@@ -65,6 +66,8 @@ enum Wait {
     Intake,
     FinishStream,
     ReadBack,
+    /// A delta pass's DIGEST_REQUEST being read.
+    Digests(DigestSpan),
     Send,
     /// The ending's last action.
     Ending,
@@ -80,6 +83,9 @@ pub struct Session {
     intake: Intake,
     /// A verify pass was asked for on this stream (one is allowed).
     verify_asked: bool,
+    /// A delta pass: the ranges compared since the last BARRIER
+    /// (`digests.rs`).
+    compared: Compared,
     /// Frames received after HELLO.
     frames: u64,
     timers: Timers,
@@ -103,6 +109,7 @@ impl Session {
             features: Features::default(),
             intake: Intake::new(max_ranges_per_job, now),
             verify_asked: false,
+            compared: Compared::default(),
             frames: 0,
             timers: Timers::new(now),
             actions: VecDeque::new(),
@@ -249,6 +256,7 @@ impl Session {
                 Ok(())
             }
             (Phase::Streaming, Frame::Barrier { seq }) => {
+                self.note_compared()?;
                 let progress = self.intake.barrier(seq, now, &mut self.actions)?;
                 self.after_intake(progress);
                 Ok(())
@@ -349,25 +357,23 @@ impl Session {
         len_bytes: u32,
         block_bytes: u32,
     ) -> Result<(), End> {
-        let job = attached(&self.job)?;
-        if job.mode != PassMode::Delta {
-            return Err(refuse(
-                ErrorCode::Protocol,
-                format!(
-                    "DIGEST_REQUEST on a {} pass: only delta passes ask for digests",
-                    job.mode
-                ),
-            ));
+        // The target is read by the driver (`digests.rs`); the span is
+        // noted at the reply and counted at the next BARRIER or DONE.
+        let span = (offset, len_bytes, block_bytes);
+        let action = digests::request(attached(&self.job)?, span)?;
+        self.push(action, Some(Wait::Digests(span)));
+        Ok(())
+    }
+
+    /// At a BARRIER or DONE the ranges compared since count as written
+    /// (the sender sent their corrections before it).
+    fn note_compared(&mut self) -> Result<(), End> {
+        if let Some((ranges, sync_point)) = self.compared.take() {
+            for (offset, len_bytes) in ranges {
+                self.intake.note_compared(offset, len_bytes, sync_point)?;
+            }
         }
-        // HOOK(delta): read the target's bytes in [offset, offset +
-        // len_bytes) (bounded like verify's read-back; past the target's
-        // end reads as zeros) and answer DIGESTS with wire::block_digest of
-        // each block_bytes block: an Action here, carried out in conn.rs.
-        debug!(offset, len_bytes, block_bytes, "DIGEST_REQUEST");
-        Err(refuse(
-            ErrorCode::Protocol,
-            "DIGEST_REQUEST is not answered by this receiver yet",
-        ))
+        Ok(())
     }
 
     /// What the data path's last step leaves to the machine.
@@ -397,6 +403,7 @@ impl Session {
             frames_after_hello = self.frames,
             "stream sent DONE"
         );
+        self.note_compared()?;
         let progress = self.intake.done(now, &mut self.actions);
         self.after_intake(progress);
         Ok(())
@@ -446,6 +453,12 @@ impl Session {
                 Err(VerifyError::Stopped) => Err(End::Stopped),
                 Err(VerifyError::Refused(refusal)) => Err(End::Refuse(refusal)),
             },
+            (Wait::Digests(span), ActionResult::Digests(result)) => {
+                let target_name = &attached(&self.job)?.target_name;
+                let frame = digests::answer(span, result, &mut self.compared, target_name)?;
+                self.send(frame);
+                Ok(())
+            }
             (Wait::Send, ActionResult::Sent(result)) => {
                 result.map_err(|e| End::Lost(format!("write failed: {e}")))
             }

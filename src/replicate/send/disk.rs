@@ -11,6 +11,13 @@ use crate::endpoint::open::Source;
 use crate::runtime::job::DiskHooks;
 use crate::wire::ChunkDigest;
 
+use super::delta_sender::{DELTA_ASKED_MAX, DeltaCtx};
+
+/// Requests in flight per source connection in a delta pass from a source
+/// on this host: room for every stream's [`DELTA_ASKED_MAX`] windows
+/// waiting for their digests, and reads going on meanwhile.
+const DELTA_REQUESTS_NEAR: u32 = 2 * DELTA_ASKED_MAX as u32;
+
 /// What every round of one disk shares.
 struct Disk<'a> {
     opts: &'a SendOptions,
@@ -148,7 +155,11 @@ pub(crate) fn run_disk(
         bytes_planned: totals.bytes_planned,
         bytes_read: totals.bytes_read,
         bytes_written: totals.bytes_written,
-        bytes_zeroed: totals.bytes_zeroed,
+        // A delta pass zeroes only where the target held data.
+        bytes_zeroed: match opts.pass {
+            PassRequest::Delta { .. } => job.delta_zeroed_bytes.load(Ordering::Relaxed),
+            _ => totals.bytes_zeroed,
+        },
         bytes_on_wire: job.bytes_on_wire.load(Ordering::Relaxed),
         compression_ratio: if comp_stats.payload_bytes > 0 {
             comp_stats.raw_bytes as f64 / comp_stats.payload_bytes as f64
@@ -174,7 +185,10 @@ pub(crate) fn run_disk(
             PassRequest::Full | PassRequest::Delta { .. } => None,
         },
         change_id: opts.change_id.clone(),
-        bytes_changed: job.pass_changed_bytes().unwrap_or(data_bytes),
+        bytes_changed: match opts.pass {
+            PassRequest::Delta { .. } => job.bytes_changed.load(Ordering::Relaxed),
+            _ => job.pass_changed_bytes().unwrap_or(data_bytes),
+        },
     })
 }
 
@@ -260,7 +274,13 @@ impl Disk<'_> {
             exact,
             threads: opts.threads,
             connections: opts.connections.max(opts.streams),
-            requests: Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
+            requests: match opts.pass {
+                // Each stream holds windows until their digests came.
+                PassRequest::Delta { .. } => {
+                    Requests::from_flag(opts.requests, DELTA_REQUESTS_NEAR, REQUESTS_FAR)
+                }
+                _ => Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
+            },
             chunk_bytes: opts.chunk_bytes,
             spans,
             read_retries: crate::pipeline::retry::READ_RETRIES_DEFAULT,
@@ -277,7 +297,11 @@ impl Disk<'_> {
             self.size_bytes,
             DstPlan::Sink {
                 window_digests: self.image_windows(),
-                run_digest: self.run_digest,
+                // A delta pass digests only what differs, as it sends it.
+                run_digest: match opts.pass {
+                    PassRequest::Delta { .. } => None,
+                    _ => Some(self.run_digest),
+                },
             },
         )?;
         self.hooks.started(pipe.shared());
@@ -365,6 +389,13 @@ impl Disk<'_> {
                 .map(|r| r as f64 / n_streams),
             loopback: self.loopback,
             test_hooks: opts.test_hooks,
+            delta: match opts.pass {
+                PassRequest::Delta { block_bytes } => Some(DeltaCtx {
+                    block_bytes,
+                    run_digest: self.run_digest,
+                }),
+                _ => None,
+            },
         }
     }
 }

@@ -168,6 +168,9 @@ impl Connector {
             unbarriered_bytes: 0,
             unbarriered_since: None,
             last_write: Instant::now(),
+            digests_open: 0,
+            digests: VecDeque::new(),
+            unbarriered_compared_bytes: 0,
         })
     }
 

@@ -26,8 +26,11 @@
 //! ([`crate::runtime`]) whose target is a sink. This file is its options,
 //! the state its streams share and the one-disk entry point; `disk.rs` is
 //! the disk's coordinator and its rounds; `link.rs` dials and re-dials a
-//! stream's connection and classifies its failures; `sender.rs` is the
-//! sender threads; `verify.rs` is DONE and the read-back check.
+//! stream's connection and classifies its failures; `sender_loop.rs` is the
+//! sender threads and `sender.rs` what they do on a stream (frames,
+//! barriers, replies); `delta.rs` and `delta_sender.rs` a delta pass's
+//! comparison and digest requests; `verify.rs` is DONE and the read-back
+//! check.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,6 +63,8 @@ use super::stream::{
 use crate::net::socket::TuningReport;
 use crate::sync::lock;
 
+mod delta;
+mod delta_sender;
 mod disk;
 mod error;
 pub mod hooks;
@@ -69,6 +74,7 @@ mod options;
 pub mod pass;
 mod run;
 mod sender;
+mod sender_loop;
 mod verify;
 
 pub(crate) use disk::run_disk;
@@ -79,7 +85,7 @@ pub use pass::{ChangedSource, PassRequest, SyncId};
 pub use run::{run, run_on, warn_plaintext};
 
 use link::connect_first;
-use sender::sender_thread;
+use sender_loop::sender_thread;
 
 /// A stream asks for a durability barrier after this many bytes …
 const BARRIER_BYTES: u64 = 64 << 20;
@@ -136,6 +142,10 @@ struct JobShared {
     reconnects: AtomicU64,
     /// DATA frames sent (for the test hook).
     data_frames: AtomicU64,
+    /// A delta pass: bytes of the blocks that differed, and the bytes of
+    /// them sent as ZERO.
+    bytes_changed: AtomicU64,
+    delta_zeroed_bytes: AtomicU64,
     /// The stall watchdog's view of each stream's current connection.
     watches: Mutex<Vec<Option<Arc<Watch>>>>,
     /// An incremental pass's changed extents (`None`: a full or delta
@@ -224,6 +234,12 @@ struct Conn {
     unbarriered_since: Option<Instant>,
     last_write: Instant,
     watch: Arc<Watch>,
+    /// A delta pass: digest requests whose corrections are not all sent
+    /// (no barrier goes out while there are any), the replies received
+    /// and not handled yet, and the bytes compared since the last barrier.
+    digests_open: usize,
+    digests: VecDeque<delta_sender::DigestsReply>,
+    unbarriered_compared_bytes: u64,
 }
 
 /// What the stall watchdog knows of one connection. A socket timeout alone
@@ -280,6 +296,8 @@ impl JobShared {
             bytes_on_wire: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             data_frames: AtomicU64::new(0),
+            bytes_changed: AtomicU64::new(0),
+            delta_zeroed_bytes: AtomicU64::new(0),
             watches: Mutex::new(vec![None; streams]),
         }
     }
@@ -366,6 +384,8 @@ struct SenderCtx {
     loopback: bool,
     /// Faults to inject (tests only).
     test_hooks: TestHooks,
+    /// A delta pass: compare block digests before sending.
+    delta: Option<delta_sender::DeltaCtx>,
 }
 
 struct StreamSender {

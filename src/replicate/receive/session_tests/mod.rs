@@ -13,6 +13,7 @@ use crate::wire::{
     PassMode,
 };
 
+mod delta;
 mod ending;
 mod frames;
 mod pass;
