@@ -62,9 +62,9 @@ pub enum PassRequest {
 }
 
 /// Smallest and largest delta block (the wire's DigestRequest bounds).
-pub const DELTA_BLOCK_MIN_BYTES: u32 = 4 << 10;
+pub const DELTA_BLOCK_MIN_BYTES: u32 = crate::wire::pass::MIN_DIGEST_BLOCK_BYTES;
 /// See [`DELTA_BLOCK_MIN_BYTES`].
-pub const DELTA_BLOCK_MAX_BYTES: u32 = 1 << 20;
+pub const DELTA_BLOCK_MAX_BYTES: u32 = crate::wire::pass::MAX_DIGEST_BLOCK_BYTES;
 /// `--delta-block`'s default.
 pub const DELTA_BLOCK_DEFAULT_BYTES: u32 = 64 << 10;
 /// Longest change id (the wire's bound on HELLO strings).
@@ -89,22 +89,18 @@ pub enum SyncIdError {
     Zero,
 }
 
-/// Parse a sync id written as 32 hex characters (either case).
+/// Parse a sync id written as 32 hex characters (either case), saying
+/// why one is refused.
 pub fn parse_sync_id(s: &str) -> Result<SyncId, SyncIdError> {
-    let bad = || SyncIdError::NotHex {
-        got: s.chars().take(64).collect(),
-    };
-    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(bad());
+    if let Some(id) = crate::wire::pass::parse_sync_id(s) {
+        return Ok(id);
     }
-    let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    if id == [0; 16] {
+    if s.len() == 32 && s.bytes().all(|b| b == b'0') {
         return Err(SyncIdError::Zero);
     }
-    Ok(id)
+    Err(SyncIdError::NotHex {
+        got: s.chars().take(64).collect(),
+    })
 }
 
 /// Serde: a sync id as its hex text.
