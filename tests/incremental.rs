@@ -15,10 +15,10 @@ mod rx;
 
 use common::ENGINES;
 use incr::{
-    MIB, apply, assert_identical, changed_areas_json, digest, granule_bytes, merged, num,
+    MIB, apply, assert_identical, changed_areas_json, digest, granule_bytes, merged,
     overhead_bytes, random_changes, run, s, source_image, text,
 };
-use rx::{Rng, Rx, done, stderr};
+use rx::{Rng, Rx, done, json_u64, stderr};
 
 #[test]
 fn incremental_from_a_dirty_bitmap_then_a_changed_areas_list_is_identical_and_moves_only_changes() {
@@ -52,7 +52,7 @@ fn incremental_from_a_dirty_bitmap_then_a_changed_areas_list_is_identical_and_mo
         let sync2 = text(&inc, "sync_id").to_string();
         assert_ne!(sync2, sync1);
         assert_eq!(text(&inc, "base_sync_id"), sync1);
-        let bytes_changed = num(&inc, "bytes_changed");
+        let bytes_changed = json_u64(&inc, "bytes_changed");
         // The bitmap marks whole granules: what it names covers the
         // changes and is no more than their granules.
         let granules = granule_bytes(&changed);
@@ -60,11 +60,11 @@ fn incremental_from_a_dirty_bitmap_then_a_changed_areas_list_is_identical_and_mo
             bytes_changed >= changed.iter().map(|r| r.1).sum::<u64>() && bytes_changed <= granules,
             "{engine}: {bytes_changed} bytes changed; the writes touch {granules} bytes of granules"
         );
-        let wire = num(&inc, "bytes_on_wire");
+        let wire = json_u64(&inc, "bytes_on_wire");
         eprintln!(
             "{engine}: bitmap pass: {bytes_changed} bytes changed ({} written by qemu-io), {} read, {wire} on the wire",
             changed.iter().map(|r| r.1).sum::<u64>(),
-            num(&inc, "bytes_read")
+            json_u64(&inc, "bytes_read")
         );
         let bound = bytes_changed + bytes_changed / 20 + overhead_bytes(changed.len());
         assert!(
@@ -72,11 +72,11 @@ fn incremental_from_a_dirty_bitmap_then_a_changed_areas_list_is_identical_and_mo
             "{engine}: {wire} bytes on the wire for {bytes_changed} changed (bound {bound})"
         );
         assert!(
-            num(&inc, "bytes_read") <= bytes_changed,
+            json_u64(&inc, "bytes_read") <= bytes_changed,
             "{engine}: read more than changed: {inc}"
         );
         // Progress counted what the pass moves, not the disk.
-        let planned = num(&inc, "bytes_planned");
+        let planned = json_u64(&inc, "bytes_planned");
         assert!(
             planned > 0 && planned <= bytes_changed,
             "{engine}: {planned} bytes planned for {bytes_changed} changed"
@@ -112,10 +112,10 @@ fn incremental_from_a_dirty_bitmap_then_a_changed_areas_list_is_identical_and_mo
         ]));
         assert_identical(&img, &target, "incremental from the changed-areas list");
         let exact: u64 = changed.iter().map(|r| r.1).sum();
-        assert_eq!(num(&inc, "bytes_changed"), exact, "{engine}: {inc}");
+        assert_eq!(json_u64(&inc, "bytes_changed"), exact, "{engine}: {inc}");
         assert_eq!(text(&inc, "change_id"), "52 de/17");
         assert_eq!(text(&inc, "base_sync_id"), sync2);
-        let wire = num(&inc, "bytes_on_wire");
+        let wire = json_u64(&inc, "bytes_on_wire");
         eprintln!("{engine}: changed-areas pass: {exact} bytes changed, {wire} on the wire");
         let bound = exact + exact / 20 + overhead_bytes(changed.len());
         assert!(
@@ -231,7 +231,7 @@ fn incremental_from_an_nbd_server_exporting_the_bitmap_is_identical_and_verifies
         assert_eq!(inc["verified"], true, "{engine}: {inc}");
         assert_eq!(text(&inc, "base_sync_id"), sync1);
         assert!(
-            num(&inc, "bytes_changed") <= granule_bytes(&merged(&changes)),
+            json_u64(&inc, "bytes_changed") <= granule_bytes(&merged(&changes)),
             "{engine}: {inc}"
         );
     }

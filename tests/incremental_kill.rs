@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use common::ENGINES;
 use incr::{
-    Change, GRANULE, KIB, MIB, apply, assert_identical, changed_areas_json, merged, num,
-    random_changes, s, source_image, text, wait_for_pass_progress,
+    Change, GRANULE, KIB, MIB, apply, assert_identical, changed_areas_json, merged, random_changes,
+    s, source_image, text, wait_for_pass_progress,
 };
-use rx::{Bg, Rng, Rx, done};
+use rx::{Bg, Rng, Rx, done, json_u64};
 
 #[test]
 fn sender_killed_mid_incremental_reruns_to_an_identical_target() {
@@ -57,17 +57,17 @@ fn sender_killed_mid_incremental_reruns_to_an_identical_target() {
         let again = done(&rx.send(s(&img), "t.img", &extra));
         eprintln!(
             "{engine}: rerun after kill -9: {} bytes skipped, {} written",
-            num(&again, "bytes_resumed_skipped"),
-            num(&again, "bytes_written")
+            json_u64(&again, "bytes_resumed_skipped"),
+            json_u64(&again, "bytes_written")
         );
         assert_identical(&img, &target, "rerun after kill -9");
         assert_eq!(text(&again, "base_sync_id"), sync1);
         assert!(
-            num(&again, "bytes_resumed_skipped") > 0,
+            json_u64(&again, "bytes_resumed_skipped") > 0,
             "{engine}: the rerun sent the whole pass again: {again}"
         );
         assert!(
-            num(&again, "bytes_written") < 24 * MIB + 2 * GRANULE * 24,
+            json_u64(&again, "bytes_written") < 24 * MIB + 2 * GRANULE * 24,
             "{engine}: {again}"
         );
     }
@@ -115,7 +115,7 @@ fn receiver_killed_mid_incremental_the_send_reconnects_and_the_target_is_identic
         std::thread::sleep(Duration::from_millis(500));
         rx.spawn();
         let inc = done(&bg.wait(Duration::from_secs(120)));
-        assert!(num(&inc, "reconnects") >= 1, "{engine}: {inc}");
+        assert!(json_u64(&inc, "reconnects") >= 1, "{engine}: {inc}");
         assert_eq!(text(&inc, "base_sync_id"), sync1);
         assert_identical(&img, &target, "incremental after the receiver's kill -9");
         // The receiver recorded this pass as its last sync: the next pass
@@ -184,7 +184,7 @@ fn a_rerun_with_another_plan_also_sends_what_the_interrupted_pass_may_have_chang
         assert_identical(&img, &target, "rerun with another plan");
         let only_b: u64 = merged(&b).iter().map(|r| r.1).sum();
         assert!(
-            num(&inc, "bytes_changed") > only_b,
+            json_u64(&inc, "bytes_changed") > only_b,
             "{engine}: the rerun sent only its own plan: {inc}"
         );
     }

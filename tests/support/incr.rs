@@ -181,10 +181,6 @@ pub fn digest(p: &Path) -> blake3::Hash {
     blake3::hash(&std::fs::read(p).unwrap())
 }
 
-pub fn num(v: &serde_json::Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
-}
-
 pub fn text<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_else(|| panic!("no {key} in {v}"))
 }
