@@ -12,10 +12,11 @@
 //! that asks for a result is outstanding at a time; the driver carries it
 //! out and gives its [`ActionResult`] back before anything else.
 //!
-//! The machine is in parts: this file the stream's life (its attach after
-//! `opening.rs` checked HELLO and PLAN, DONE, VERIFY_REQUEST, PING, timeouts), `intake.rs` the data path
-//! (DATA / ZERO written only after their checks, flushes, durable counts,
-//! ACKs), `ending.rs` how a stream ends, `timers.rs` its timeouts.
+//! The machine is in parts: this file the stream's life (its attach once
+//! `opening.rs` checked HELLO and PLAN, DONE, VERIFY_REQUEST, PING,
+//! timeouts), `intake.rs` the data path (DATA / ZERO written only after
+//! their checks, flushes, durable counts, ACKs), `ending.rs` how a stream
+//! ends, `timers.rs` its timeouts.
 //!
 //! Memory is bounded by the protocol: one decompression buffer of at most
 //! the job's chunk size, and written ranges capped by `written`.
