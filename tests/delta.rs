@@ -29,21 +29,6 @@ fn digest_allowance(size: u64) -> u64 {
     (size / CHUNK + 64) * 64 + 64 * 1024
 }
 
-fn u(v: &serde_json::Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing in {v}"))
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Fills 64 KiB block `i` of `p` with `fill` (None: pseudo-random bytes).
 fn set_block(p: &Path, i: u64, fill: Option<u8>, seed: u64) {
     let bytes = match fill {
@@ -75,10 +60,12 @@ fn one_percent_of_blocks_changed_some_zeroed_becomes_identical_and_only_they_cro
     sparse_file(&src, size, &regions, 7);
     // The old copy: the source as it was, then 1 % of its blocks changed.
     let old = dir.join("old.img");
-    run(Command::new("cp")
-        .arg("--sparse=always")
-        .arg(&src)
-        .arg(&old));
+    run_ok(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&src)
+            .arg(&old),
+    );
     let mut rng = Rng::from_env("delta_one_percent");
     let mut changed = std::collections::BTreeSet::new();
     while changed.len() < (blocks / 100) as usize {
@@ -109,10 +96,12 @@ fn one_percent_of_blocks_changed_some_zeroed_becomes_identical_and_only_they_cro
     for engine in ENGINES {
         let rx = Rx::start(&dir.join(format!("rx-{engine}")), &[]);
         let target = rx.target("t.img");
-        run(Command::new("cp")
-            .arg("--sparse=always")
-            .arg(&old)
-            .arg(&target));
+        run_ok(
+            Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&old)
+                .arg(&target),
+        );
         let inode = std::fs::metadata(&target).unwrap().ino();
         let out = rx.send(
             src.to_str().unwrap(),
@@ -127,14 +116,22 @@ fn one_percent_of_blocks_changed_some_zeroed_becomes_identical_and_only_they_cro
             inode,
             "{engine}: the target was replaced, not updated"
         );
-        assert_eq!(u(&done, "bytes_changed"), changed_bytes, "{engine}: {done}");
-        assert_eq!(u(&done, "bytes_zeroed"), zeroed_bytes, "{engine}: {done}");
         assert_eq!(
-            u(&done, "bytes_written"),
+            json_u64(&done, "bytes_changed"),
+            changed_bytes,
+            "{engine}: {done}"
+        );
+        assert_eq!(
+            json_u64(&done, "bytes_zeroed"),
+            zeroed_bytes,
+            "{engine}: {done}"
+        );
+        assert_eq!(
+            json_u64(&done, "bytes_written"),
             changed_bytes - zeroed_bytes,
             "{engine}: {done}"
         );
-        let wire = u(&done, "bytes_on_wire");
+        let wire = json_u64(&done, "bytes_on_wire");
         eprintln!(
             "{engine}: {changed_bytes} bytes changed, {wire} on the wire, {:.2} s",
             done["elapsed_s"].as_f64().unwrap_or(0.0)
@@ -165,52 +162,60 @@ fn a_target_filled_by_qemu_img_convert_from_an_older_copy_becomes_identical() {
     // The source: a qcow2 of the older copy, changed since with qemu-io
     // (writes, zeroed ranges, a discard, data where there was a hole).
     let src = dir.join("src.qcow2");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(&older)
-        .arg(&src));
-    run(Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x5a 3M 200k",
-            "-c",
-            "write -z 21M 1M",
-            "-c",
-            "discard 44M 2M",
-            "-c",
-            "write -P 0x11 30M 64k",
-            "-c",
-            "write -P 0x77 63M 1M",
-        ])
-        .arg(&src));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&older)
+            .arg(&src),
+    );
+    run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x5a 3M 200k",
+                "-c",
+                "write -z 21M 1M",
+                "-c",
+                "discard 44M 2M",
+                "-c",
+                "write -P 0x11 30M 64k",
+                "-c",
+                "write -P 0x77 63M 1M",
+            ])
+            .arg(&src),
+    );
     let changed_at_most = 5 * MIB;
     for engine in ENGINES {
         let rx = Rx::start(&dir.join(format!("rx-{engine}")), &[]);
         let target = rx.target("t.img");
         // Another tool filled the target from the older copy.
-        run(Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(&older)
-            .arg(&target));
+        run_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "raw"])
+                .arg(&older)
+                .arg(&target),
+        );
         let out = rx.send(
             src.to_str().unwrap(),
             "t.img",
             &["--delta", "--delta-block", "64k", "--io-engine", engine],
         );
         let done = done(&out);
-        run(Command::new("qemu-img")
-            .args(["compare", "-f", "qcow2", "-F", "raw"])
-            .arg(&src)
-            .arg(&target));
-        let changed = u(&done, "bytes_changed");
+        run_ok(
+            Command::new("qemu-img")
+                .args(["compare", "-f", "qcow2", "-F", "raw"])
+                .arg(&src)
+                .arg(&target),
+        );
+        let changed = json_u64(&done, "bytes_changed");
         assert!(
             changed > 0 && changed <= changed_at_most,
             "{engine}: {changed} bytes changed: {done}"
         );
         assert!(
-            u(&done, "bytes_on_wire") <= changed + changed / 10 + digest_allowance(size),
+            json_u64(&done, "bytes_on_wire") <= changed + changed / 10 + digest_allowance(size),
             "{engine}: {done}"
         );
         // Again: every block is equal now, nothing but digest requests moves.
@@ -220,9 +225,9 @@ fn a_target_filled_by_qemu_img_convert_from_an_older_copy_becomes_identical() {
             &["--delta", "--io-engine", engine],
         );
         let again = rx::done(&again);
-        assert_eq!(u(&again, "bytes_changed"), 0, "{engine}: {again}");
+        assert_eq!(json_u64(&again, "bytes_changed"), 0, "{engine}: {again}");
         assert!(
-            u(&again, "bytes_on_wire") <= digest_allowance(size),
+            json_u64(&again, "bytes_on_wire") <= digest_allowance(size),
             "{engine}: {again}"
         );
         assert_ne!(again["sync_id"], done["sync_id"], "a new pass, a new sync");
@@ -248,7 +253,11 @@ fn an_empty_or_short_target_is_extended_and_becomes_identical() {
         );
         let done_empty = done(&out);
         assert_same(&src, &empty);
-        assert_eq!(u(&done_empty, "bytes_changed"), 12 * MIB, "{done_empty}");
+        assert_eq!(
+            json_u64(&done_empty, "bytes_changed"),
+            12 * MIB,
+            "{done_empty}"
+        );
         // Short: its first 10 MiB are the source's. 8 MiB windows in 4 KiB
         // blocks take two digest requests each (1024 digests per reply).
         let short = rx.target("short.img");
@@ -268,7 +277,11 @@ fn an_empty_or_short_target_is_extended_and_becomes_identical() {
         );
         let done_short = done(&out);
         assert_same(&src, &short);
-        assert_eq!(u(&done_short, "bytes_changed"), 6 * MIB, "{done_short}");
+        assert_eq!(
+            json_u64(&done_short, "bytes_changed"),
+            6 * MIB,
+            "{done_short}"
+        );
     }
 }
 
@@ -329,7 +342,7 @@ fn an_allow_listed_loop_device_holding_an_older_copy_becomes_identical() {
         );
         let done = done(&out);
         blockdev::assert_range_same(&src, &dev.path, 0, size);
-        let changed = u(&done, "bytes_changed");
+        let changed = json_u64(&done, "bytes_changed");
         // First engine: 12 MiB of holes over garbage and the changed blocks;
         // second: nothing left to change.
         let want = if engine == ENGINES[0] {

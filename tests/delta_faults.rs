@@ -29,25 +29,10 @@ fn journaled_bytes(path: &Path) -> u64 {
         .map_or(0, |j| j.durable.covered_bytes())
 }
 
-fn u(v: &serde_json::Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing in {v}"))
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// An older copy of `src` at `target`: every other MiB from `first` on
 /// holds other bytes.
 fn older_copy(src: &Path, target: &Path, size: u64, first: u64, seed: u64) {
-    run(Command::new("cp").arg(src).arg(target));
+    run_ok(Command::new("cp").arg(src).arg(target));
     for i in (first..size / MIB).step_by(2) {
         write_at(target, i * MIB, &random_bytes(MIB as usize, seed + i));
     }
@@ -99,7 +84,7 @@ fn sender_killed_mid_delta_reruns_to_identical_without_sending_it_all_again() {
         // What was durable is not compared again, and what arrived but was
         // not journaled compares equal: less than the whole change moves.
         assert!(
-            u(&done, "bytes_on_wire") < size / 2 - MIB,
+            json_u64(&done, "bytes_on_wire") < size / 2 - MIB,
             "{engine}: the rerun sent {}",
             done
         );
@@ -156,7 +141,7 @@ fn receiver_killed_mid_delta_with_a_power_loss_is_repaired_and_the_send_complete
         let out = bg.wait(Duration::from_secs(120));
         let done = done(&out);
         assert_eq!(done["verified"], true, "{done}");
-        assert!(u(&done, "reconnects") >= 1, "{done}");
+        assert!(json_u64(&done, "reconnects") >= 1, "{done}");
         assert_same(&src, &target);
     }
 }
@@ -197,9 +182,12 @@ fn every_stream_reset_mid_delta_reconnects_and_the_pass_completes_identical() {
         proxy.reset_all();
         let out = bg.wait(Duration::from_secs(120));
         let done = done(&out);
-        assert!(u(&done, "reconnects") >= 1, "{engine}: {done}");
+        assert!(json_u64(&done, "reconnects") >= 1, "{engine}: {done}");
         assert!(proxy.connections() > 4, "{engine}: no new connection");
-        assert!(u(&done, "bytes_changed") >= size / 2, "{engine}: {done}");
+        assert!(
+            json_u64(&done, "bytes_changed") >= size / 2,
+            "{engine}: {done}"
+        );
         assert_same(&src, &target);
     }
 }

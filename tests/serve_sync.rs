@@ -46,12 +46,7 @@ fn incremental_on_its_base(dir: &std::path::Path, engine: &str) {
     assert_eq!(j.planned.covered_bytes(), (64 << 10) + 8192);
 
     send_ranges(&mut c, &new, &plan);
-    c.barrier(1);
-    c.done();
-    drop(c);
-    wait_for_journal(&rx, |j| j.complete);
-    assert_eq!(std::fs::read(rx.target(TARGET)).unwrap(), new);
-    let j = journal(&rx, TARGET).unwrap();
+    let j = finish_pass(&rx, c, &new);
     assert_eq!(j.last_sync_id, Some(S2));
     assert_eq!(j.change_id, "CHG-2");
     assert_eq!(j.source_identity, "source-after-2");
@@ -235,12 +230,7 @@ fn an_interrupted_pass_resumes_with_its_plan_and_widens_with_another() {
     // the new source (the interrupted pass's bytes are overwritten).
     send_ranges(&mut c, &source, &p2);
     send_ranges(&mut c, &source, &w.replan);
-    c.barrier(1);
-    c.done();
-    drop(c);
-    wait_for_journal(&rx, |j| j.complete);
-    assert_eq!(std::fs::read(rx.target(TARGET)).unwrap(), source);
-    assert_eq!(journal(&rx, TARGET).unwrap().last_sync_id, Some(S3));
+    assert_eq!(finish_pass(&rx, c, &source).last_sync_id, Some(S3));
 }
 
 #[test]
@@ -344,10 +334,5 @@ fn a_pass_journaled_before_a_receiver_kill_is_widened_after_the_restart() {
     );
     send_ranges(&mut c, &source, &p2);
     send_ranges(&mut c, &source, &w.replan);
-    c.barrier(1);
-    c.done();
-    drop(c);
-    wait_for_journal(&rx, |j| j.complete);
-    assert_eq!(std::fs::read(rx.target(TARGET)).unwrap(), source);
-    assert_eq!(journal(&rx, TARGET).unwrap().last_sync_id, Some(S3));
+    assert_eq!(finish_pass(&rx, c, &source).last_sync_id, Some(S3));
 }

@@ -74,12 +74,7 @@ fn a_delta_onto_a_shorter_file_extends_it_keeps_its_bytes_and_completes() {
         .map(|i| range(i * MIB, MIB))
         .collect();
     send_ranges(&mut c, &source, &chunks);
-    c.barrier(1);
-    c.done();
-    drop(c);
-    wait_for_journal(&rx, |j| j.complete);
-    assert_eq!(std::fs::read(rx.target(TARGET)).unwrap(), source);
-    let j = journal(&rx, TARGET).unwrap();
+    let j = finish_pass(&rx, c, &source);
     assert_eq!(j.last_sync_id, Some(D1));
     assert_eq!(j.pass_mode, PassMode::Delta);
 

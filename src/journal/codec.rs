@@ -296,27 +296,49 @@ impl Journal {
     }
 }
 
+/// The fields both versions read right after their flags.
+struct Head {
+    size_bytes: u64,
+    chunk_size_bytes: u32,
+    job_id: [u8; 16],
+    updated_unix_s: u64,
+}
+
+impl Head {
+    fn read(r: &mut Reader<'_>) -> Result<Head, JournalError> {
+        Ok(Head {
+            size_bytes: r.u64("size_bytes")?,
+            chunk_size_bytes: r.u32("chunk_size_bytes")?,
+            job_id: r.array::<16>("job_id")?,
+            updated_unix_s: r.u64("updated_unix_s")?,
+        })
+    }
+
+    /// The journal of these fields and the names that follow the
+    /// version's own fields.
+    fn journal(&self, r: &mut Reader<'_>) -> Result<Journal, JournalError> {
+        Ok(Journal::new(
+            &r.string("target_name")?,
+            &r.string("target_path_hint")?,
+            &r.string("source_identity")?,
+            self.size_bytes,
+            self.chunk_size_bytes,
+            self.job_id,
+            self.updated_unix_s,
+        ))
+    }
+}
+
 /// Version 1: the fields after the version, up to the checksum.
 fn decode_v1_body(r: &mut Reader<'_>) -> Result<Journal, JournalError> {
     let flags = r.u32("flags")?;
     if flags & !FLAG_COMPLETE != 0 {
         return Err(JournalError::UnknownFlags { flags });
     }
-    let size_bytes = r.u64("size_bytes")?;
-    let chunk_size_bytes = r.u32("chunk_size_bytes")?;
-    let job_id = r.array::<16>("job_id")?;
-    let updated_unix_s = r.u64("updated_unix_s")?;
-    let mut j = Journal::new(
-        &r.string("target_name")?,
-        &r.string("target_path_hint")?,
-        &r.string("source_identity")?,
-        size_bytes,
-        chunk_size_bytes,
-        job_id,
-        updated_unix_s,
-    );
+    let head = Head::read(r)?;
+    let mut j = head.journal(r)?;
     j.version = 1;
-    j.durable = r.ranges("durable ranges", size_bytes)?;
+    j.durable = r.ranges("durable ranges", head.size_bytes)?;
     j.complete = flags & FLAG_COMPLETE != 0;
     Ok(j)
 }
@@ -327,10 +349,7 @@ fn decode_v2_body(r: &mut Reader<'_>) -> Result<Journal, JournalError> {
     if flags & !(FLAG_COMPLETE | FLAG_STAMP) != 0 {
         return Err(JournalError::UnknownFlags { flags });
     }
-    let size_bytes = r.u64("size_bytes")?;
-    let chunk_size_bytes = r.u32("chunk_size_bytes")?;
-    let job_id = r.array::<16>("job_id")?;
-    let updated_unix_s = r.u64("updated_unix_s")?;
+    let head = Head::read(r)?;
     let mode = r.u32("pass_mode")?;
     let pass_mode = u8::try_from(mode)
         .ok()
@@ -355,18 +374,10 @@ fn decode_v2_body(r: &mut Reader<'_>) -> Result<Journal, JournalError> {
     } else {
         None
     };
-    let mut j = Journal::new(
-        &r.string("target_name")?,
-        &r.string("target_path_hint")?,
-        &r.string("source_identity")?,
-        size_bytes,
-        chunk_size_bytes,
-        job_id,
-        updated_unix_s,
-    );
+    let mut j = head.journal(r)?;
     j.change_id = r.string("change_id")?;
-    j.durable = r.ranges("durable ranges", size_bytes)?;
-    j.planned = r.ranges("planned ranges", size_bytes)?;
+    j.durable = r.ranges("durable ranges", head.size_bytes)?;
+    j.planned = r.ranges("planned ranges", head.size_bytes)?;
     j.complete = flags & FLAG_COMPLETE != 0;
     j.pass_mode = pass_mode;
     j.last_sync_id = last_sync_id;

@@ -152,6 +152,18 @@ pub fn wait_for_journal(rx: &Rx, ok: impl Fn(&Journal) -> bool) {
     }
 }
 
+/// Ends a pass (BARRIER 1, DONE, hang up), waits until the receiver
+/// journals `TARGET` complete, checks that it holds `expected` and returns
+/// its journal.
+pub fn finish_pass(rx: &Rx, mut c: Client, expected: &[u8]) -> Journal {
+    c.barrier(1);
+    c.done();
+    drop(c);
+    wait_for_journal(rx, |j| j.complete);
+    assert_eq!(std::fs::read(rx.target(TARGET)).unwrap(), expected);
+    journal(rx, TARGET).unwrap()
+}
+
 /// The message of a refusal must name no receiver path.
 pub fn assert_names_no_path(rx: &Rx, message: &str) {
     let root: PathBuf = rx.root.clone();

@@ -19,6 +19,7 @@ mod events;
 mod intake;
 mod job;
 pub mod limits;
+mod opening;
 mod pass;
 mod registry;
 pub mod serve;

@@ -12,10 +12,11 @@
 //! that asks for a result is outstanding at a time; the driver carries it
 //! out and gives its [`ActionResult`] back before anything else.
 //!
-//! The machine is in parts: this file the stream's life (HELLO and its
-//! attach, DONE, VERIFY_REQUEST, PING, timeouts), `intake.rs` the data path
-//! (DATA / ZERO written only after their checks, flushes, durable counts,
-//! ACKs), `ending.rs` how a stream ends, `timers.rs` its timeouts.
+//! The machine is in parts: this file the stream's life (its attach once
+//! `opening.rs` checked HELLO and PLAN, DONE, VERIFY_REQUEST, PING,
+//! timeouts), `intake.rs` the data path (DATA / ZERO written only after
+//! their checks, flushes, durable counts, ACKs), `ending.rs` how a stream
+//! ends, `timers.rs` its timeouts.
 //!
 //! Memory is bounded by the protocol: one decompression buffer of at most
 //! the job's chunk size, and written ranges capped by `written`.
@@ -29,13 +30,13 @@ use tracing::{debug, warn};
 
 use super::digests::{self, Compared, DigestSpan};
 use super::ending::Ending;
-use super::events::{Action, ActionResult, AttachRequest, End, Health, Input, JobInfo};
+use super::events::{Action, ActionResult, End, Health, Input, JobInfo};
 use super::intake::{Intake, IntakeState, hashes_arriving};
 use super::job::Refusal;
-use super::pass::check_plan;
+use super::opening::{Opening, first_frame, plan_frame};
 use super::timers::Timers;
 use super::verify::VerifyError;
-use crate::wire::{ByteRange, Codec, ErrorCode, Features, Frame, Hello, PassMode, Welcome};
+use crate::wire::{Codec, ErrorCode, Features, Frame, Hello, Welcome};
 
 /// Features this receiver supports.
 pub const SUPPORTED_FEATURES: Features = Features(
@@ -224,20 +225,13 @@ impl Session {
     }
 
     fn on_frame(&mut self, frame: Frame, health: Health, now: Instant) -> Result<(), End> {
-        if matches!(self.phase, Phase::AwaitHello) {
-            return match frame {
-                Frame::Hello(hello) => self.on_hello(hello),
-                other => Err(refuse(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "the first frame of a stream must be HELLO, got {}",
-                        other.frame_type().name()
-                    ),
-                )),
-            };
-        }
-        if let Phase::AwaitPlan(_) = self.phase {
-            return self.on_plan(frame);
+        match std::mem::replace(&mut self.phase, Phase::AwaitHello) {
+            Phase::AwaitHello => return self.on_opening(first_frame(frame)),
+            Phase::AwaitPlan(hello) => {
+                let request = plan_frame(*hello, frame).map(Opening::Attach);
+                return self.on_opening(request);
+            }
+            phase => self.phase = phase,
         }
         self.frames += 1;
         health.check()?;
@@ -306,48 +300,19 @@ impl Session {
         }
     }
 
-    fn on_hello(&mut self, hello: Hello) -> Result<(), End> {
-        if !hello.features.contains(Features::BLAKE3) {
-            return Err(refuse(
-                ErrorCode::BadRequest,
-                "the sender does not offer BLAKE3 digests, which the protocol requires",
-            ));
+    /// What a stream's first frames decided (see `opening.rs`).
+    fn on_opening(&mut self, opening: Result<Opening, Refusal>) -> Result<(), End> {
+        match opening.map_err(End::Refuse)? {
+            Opening::AwaitPlan(hello) => self.phase = Phase::AwaitPlan(hello),
+            Opening::Attach(request) => {
+                let offered = request.hello.features;
+                self.push(
+                    Action::Attach(Box::new(request)),
+                    Some(Wait::Attach { offered }),
+                );
+            }
         }
-        if hello.mode == PassMode::Incremental {
-            self.phase = Phase::AwaitPlan(Box::new(hello));
-            return Ok(());
-        }
-        self.attach(hello, Vec::new());
         Ok(())
-    }
-
-    /// The frame after an incremental HELLO: its PLAN, whose digest must
-    /// be the HELLO's (the frame's size was bounded before it was read).
-    fn on_plan(&mut self, frame: Frame) -> Result<(), End> {
-        let Frame::Plan(plan) = frame else {
-            return Err(refuse(
-                ErrorCode::Protocol,
-                format!(
-                    "an incremental HELLO must be followed by PLAN, got {}",
-                    frame.frame_type().name()
-                ),
-            ));
-        };
-        let Phase::AwaitPlan(hello) = std::mem::replace(&mut self.phase, Phase::AwaitHello) else {
-            return Err(refuse(ErrorCode::Internal, "PLAN without its HELLO"));
-        };
-        check_plan(&hello, &plan).map_err(End::Refuse)?;
-        self.attach(*hello, plan);
-        Ok(())
-    }
-
-    fn attach(&mut self, hello: Hello, plan: Vec<ByteRange>) {
-        let offered = hello.features;
-        let request = AttachRequest { hello, plan };
-        self.push(
-            Action::Attach(Box::new(request)),
-            Some(Wait::Attach { offered }),
-        );
     }
 
     /// DIGEST_REQUEST, delta jobs only, before DONE.

@@ -4,7 +4,7 @@
 //! workers whose windows the sender threads drain into the streams — until
 //! the receiver holds every byte; then DONE and, if asked, verify.
 
-use super::incremental::{RoundPlan, open_for_pass};
+use super::incremental::{RoundPlan, open_for_pass, open_plain};
 use super::verify::{say_done, verify_target};
 use super::*;
 use crate::endpoint::open::Source;
@@ -203,19 +203,11 @@ impl Disk<'_> {
         let opts = self.opts;
         let mut tally = Tally::default();
         let mut stuck = 0u32;
-        let reopen = || {
-            open_source(
-                &opts.source,
-                opts.source_format,
-                opts.connections,
-                opts.io_timeout,
-            )
-        };
         loop {
             // Ranges a WELCOME asked for are planned from the source's
             // allocation now, before the round that sends them.
             if self.job.has_replan() && source.is_none() {
-                *source = Some(reopen()?);
+                *source = Some(open_plain(opts)?);
             }
             if let Some(src) = source.as_ref() {
                 self.job.apply_replan(src)?;
@@ -230,7 +222,7 @@ impl Disk<'_> {
             }
             let src = match source.take() {
                 Some(s) => s,
-                None => reopen()?,
+                None => open_plain(opts)?,
             };
             let covered_before = self.job.covered();
             tally.rounds += 1;

@@ -69,17 +69,21 @@ pub(super) enum RoundPlan {
     Exact(Vec<PassExtent>),
 }
 
+/// Open the source alone, on `opts.connections` connections.
+pub(super) fn open_plain(opts: &SendOptions) -> Result<Source, CopyError> {
+    open_source(
+        &opts.source,
+        opts.source_format,
+        opts.connections,
+        opts.io_timeout,
+    )
+}
+
 /// Open the source as `opts.pass` needs it: with the plan of an
 /// incremental pass, or alone.
 pub(super) fn open_for_pass(opts: &SendOptions) -> Result<(Source, Option<PassWork>), CopyError> {
     let PassRequest::Incremental { changed, .. } = &opts.pass else {
-        let source = open_source(
-            &opts.source,
-            opts.source_format,
-            opts.connections,
-            opts.io_timeout,
-        )?;
-        return Ok((source, None));
+        return Ok((open_plain(opts)?, None));
     };
     let (source, work) = match changed {
         ChangedSource::DirtyBitmap(name) => {
@@ -94,12 +98,7 @@ pub(super) fn open_for_pass(opts: &SendOptions) -> Result<(Source, Option<PassWo
         }
         ChangedSource::ChangedAreas(path) => {
             let text = read_changed_areas(path)?;
-            let source = open_source(
-                &opts.source,
-                opts.source_format,
-                opts.connections,
-                opts.io_timeout,
-            )?;
+            let source = open_plain(opts)?;
             let areas = changed_areas::parse(&text, source.size_bytes)
                 .map_err(|e| CopyError::Usage(format!("{}: {e}", path.display())))?;
             let plan = areas

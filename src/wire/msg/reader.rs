@@ -69,13 +69,8 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A u32-count-prefixed list of ranges; the count is checked against
-    /// `max` and against the bytes present before anything is allocated.
-    pub(super) fn ranges(
-        &mut self,
-        field: &'static str,
-        max: u32,
-    ) -> Result<Vec<ByteRange>, WireError> {
+    /// A list's u32 count, refused above `max`.
+    fn count(&mut self, field: &'static str, max: u32) -> Result<usize, WireError> {
         let count = self.u32(field)?;
         if count > max {
             return Err(WireError::ListTooLong {
@@ -84,7 +79,17 @@ impl<'a> Reader<'a> {
                 max: u64::from(max),
             });
         }
-        let count = count as usize;
+        Ok(count as usize)
+    }
+
+    /// A u32-count-prefixed list of ranges; the count is checked against
+    /// `max` and against the bytes present before anything is allocated.
+    pub(super) fn ranges(
+        &mut self,
+        field: &'static str,
+        max: u32,
+    ) -> Result<Vec<ByteRange>, WireError> {
+        let count = self.count(field, max)?;
         let body = self.take(field, count * RANGE_LEN as usize)?;
         let mut out = Vec::with_capacity(count);
         for entry in body.chunks_exact(RANGE_LEN as usize) {
@@ -104,15 +109,7 @@ impl<'a> Reader<'a> {
         field: &'static str,
         max: u32,
     ) -> Result<Vec<[u8; 16]>, WireError> {
-        let count = self.u32(field)?;
-        if count > max {
-            return Err(WireError::ListTooLong {
-                field,
-                count: u64::from(count),
-                max: u64::from(max),
-            });
-        }
-        let count = count as usize;
+        let count = self.count(field, max)?;
         let body = self.take(field, count * 16)?;
         let mut out = Vec::with_capacity(count);
         for entry in body.chunks_exact(16) {

@@ -18,19 +18,21 @@
 )]
 
 pub mod beneath;
+mod fileops;
 pub mod open;
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::endpoint::FileKind;
-use crate::engine::sys;
 use crate::journal::TargetStamp;
 use crate::sync::lock;
+pub use fileops::stamp_of;
+use fileops::{drop_cached, forget_stale_writeback_error, punch_hole, sync_range};
 pub use open::{Opened, TARGET_MODE_DEFAULT, TargetKey, Targets};
 
 /// Zeros written per `pwrite` where a hole cannot be punched.
@@ -454,25 +456,6 @@ impl TargetFile {
     }
 }
 
-/// A regular file's inode, modification time and length, as the journal
-/// records them when a job completes; `None` for a block device (its
-/// metadata says nothing of its content).
-pub fn stamp_of(file: &File, kind: FileKind) -> io::Result<Option<TargetStamp>> {
-    if kind != FileKind::Regular {
-        return Ok(None);
-    }
-    let meta = file.metadata()?;
-    let mtime_ns = meta
-        .mtime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(meta.mtime_nsec());
-    Ok(Some(TargetStamp {
-        inode: meta.ino(),
-        mtime_ns,
-        size_bytes: meta.len(),
-    }))
-}
-
 fn check_device_size(opened: &Opened, size_bytes: u64) -> Result<(), TargetError> {
     if opened.len_bytes < size_bytes {
         return Err(TargetError::TooSmall {
@@ -482,38 +465,6 @@ fn check_device_size(opened: &Opened, size_bytes: u64) -> Result<(), TargetError
         });
     }
     Ok(())
-}
-
-/// Takes in a writeback error left by writes of an earlier job on this
-/// file or device: Linux reports such an error to the next file opened on
-/// it, so this job's first flush would fail for writes it never made. The
-/// journal vouches only for ranges flushed before the earlier job's first
-/// error (see `Target::failed`), so whatever was lost is sent again.
-fn forget_stale_writeback_error(file: &File, path: &Path) {
-    if let Err(e) = file.sync_data() {
-        tracing::warn!(
-            target_path = %path.display(),
-            "an earlier write to this target was lost ({e}); what the journal does not \
-             vouch for is sent again"
-        );
-    }
-}
-
-/// `sync_file_range(2)` over the range with `flags`.
-fn sync_range(file: &File, offset: u64, len_bytes: u64, flags: u32) -> io::Result<()> {
-    sys::sync_file_range(file, offset, len_bytes, flags)
-}
-
-/// `posix_fadvise(DONTNEED)`: the range is on disk; free its cache pages.
-/// Advisory, so a failure is ignored.
-fn drop_cached(file: &File, offset: u64, len_bytes: u64) {
-    let _ = sys::fadvise(file, offset, len_bytes, libc::POSIX_FADV_DONTNEED);
-}
-
-/// `fallocate(PUNCH_HOLE | KEEP_SIZE)` over the range.
-fn punch_hole(file: &File, offset: u64, len_bytes: u64) -> io::Result<()> {
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    sys::fallocate(file, mode, offset, len_bytes)
 }
 
 #[cfg(test)]
