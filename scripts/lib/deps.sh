@@ -92,3 +92,8 @@ ensure_deps() {
     case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="$PATH:/usr/sbin:/sbin" ;; esac
     ensure_cargo
 }
+
+# ensure_rsync — rsync (the delta peer of scripts/bench-net --incremental).
+ensure_rsync() {
+    command -v rsync >/dev/null 2>&1 || _df_apt_install rsync
+}
