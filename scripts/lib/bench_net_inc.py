@@ -265,11 +265,19 @@ def summary(ctx: Context, base_raw: Path, rsyncd: RsyncDaemon) -> dict:
     tools = {}
     for name, res in ctx.results.items():
         s = bl.summarise(res, size, alloc)
-        wire = [r.wire_bytes for r in res.counted() if getattr(r, "wire_bytes", None) is not None]
+        counted = res.counted()
+        wire = [r.wire_bytes for r in counted if r.wire_bytes is not None]
+        # What the pass itself counts as changed (the done event's
+        # bytes_changed: an incremental's planned extents, a delta's
+        # differing blocks), else the bytes the change wrote.
+        own = [r.done_event["bytes_changed"] for r in counted
+               if r.done_event and r.done_event.get("bytes_changed") is not None]
+        if counted and not res.error and name not in ("full", "read-source", "read-target"):
+            s["changed_bytes_median"] = statistics.median(own) if own else changed
         if wire and not res.error:
             s["wire_bytes_median"] = statistics.median(wire)
-            if changed:
-                s["wire_per_changed"] = s["wire_bytes_median"] / changed
+            if s.get("changed_bytes_median"):
+                s["wire_per_changed"] = s["wire_bytes_median"] / s["changed_bytes_median"]
         tools[name] = s
     subst = {str(ctx.serve.tls): "TLS", f"127.0.0.1:{ctx.serve.port}": "127.0.0.1:PORT",
              f"127.0.0.1:{rsyncd.port}": "127.0.0.1:PORT", str(ctx.diskferry): "diskferry",
@@ -300,9 +308,9 @@ def markdown_table(inc: dict, runs: int) -> str:
     med = {name: s.get("median_s") for name, s in t.items()}
     full, rsync = med.get("full"), med.get("rsync")
     reads = [x for x in (med.get("read-source"), med.get("read-target")) if x is not None]
-    rows = ["| pass | rounds | median s | min s | max s | wire MiB (median) | wire / changed "
+    rows = ["| pass | rounds | median s | min s | max s | wire MiB | changed MiB | wire / changed "
             "| pass / full | pass / rsync | CPU s (sender) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in t.items():
         m = s.get("median_s")
         err = s.get("error") or ""
@@ -310,6 +318,7 @@ def markdown_table(inc: dict, runs: int) -> str:
         cells = [name, status,
                  fmt(m), fmt(s.get("min_s")), fmt(s.get("max_s")),
                  fmt(s["wire_bytes_median"] / 2**20, 1) if "wire_bytes_median" in s else "—",
+                 fmt(s["changed_bytes_median"] / 2**20, 1) if s.get("changed_bytes_median") else "—",
                  fmt(s.get("wire_per_changed"), 3),
                  fmt(m / full) if m and full and name not in ("full", "read-source", "read-target") else "—",
                  fmt(m / rsync) if m and rsync and name != "rsync" and not name.startswith("read") else "—",
