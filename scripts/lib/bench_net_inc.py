@@ -281,13 +281,14 @@ def summary(ctx: Context, base_raw: Path, rsyncd: RsyncDaemon) -> dict:
         tools[name] = s
     subst = {str(ctx.serve.tls): "TLS", f"127.0.0.1:{ctx.serve.port}": "127.0.0.1:PORT",
              f"127.0.0.1:{rsyncd.port}": "127.0.0.1:PORT", str(ctx.diskferry): "diskferry",
-             str(ctx.workdir): "WORK", str(ctx.serve.root): "ROOT", str(ctx.scratch): "SCRATCH"}
-    display = {}
-    for name, cmd in ctx.display.items():
-        text = " ".join(cmd)
+             f"--port={rsyncd.port}": "--port=PORT", str(ctx.workdir): "WORK", str(ctx.serve.root): "ROOT",
+             str(ctx.scratch): "SCRATCH"}
+    def placeholders(text: str) -> str:
         for k, v in subst.items():
             text = text.replace(k, v)
-        display[name] = text
+        return text
+
+    display = {name: placeholders(" ".join(cmd)) for name, cmd in ctx.display.items()}
     return {
         "image": f"ext4 {ctx.args.inc_size}",
         "path": str(base_raw),
@@ -298,7 +299,7 @@ def summary(ctx: Context, base_raw: Path, rsyncd: RsyncDaemon) -> dict:
         "dirty_bitmap_bytes": ctx.dirty_bytes,
         "checks": ctx.checks,
         "display_commands": display,
-        "rsync_daemon": " ".join(rsyncd.cmd),
+        "rsync_daemon": placeholders(" ".join(rsyncd.cmd)),
         "tools": tools,
     }
 
