@@ -9,9 +9,8 @@
 #![forbid(unsafe_code)]
 use clap::{Parser, Subcommand};
 
-use crate::endpoint::EndpointError;
 use crate::engine::EngineKind;
-use crate::pipeline::{CopyError, Side};
+use crate::pipeline::CopyError;
 use crate::progress::Progress;
 
 mod copy;
@@ -228,11 +227,18 @@ pub fn exit_code(e: &CopyError) -> i32 {
         CopyError::Usage(_) => 2,
         CopyError::SourceRead(_) | CopyError::Map(_) => 3,
         CopyError::TargetWrite(_) | CopyError::Flush(_) => 4,
-        CopyError::Endpoint { side, error } => match (side, error) {
-            (_, EndpointError::BadUri { .. } | EndpointError::FormatForUri { .. }) => 2,
-            (Side::Target, _) | (_, EndpointError::TargetTooSmall { .. }) => 4,
-            (Side::Source, _) => 3,
-        },
+        CopyError::Endpoint(ep) | CopyError::TargetEndpoint(ep)
+            if matches!(
+                ep,
+                crate::endpoint::EndpointError::BadUri { .. }
+                    | crate::endpoint::EndpointError::FormatForUri { .. }
+            ) =>
+        {
+            2
+        }
+        CopyError::Endpoint(crate::endpoint::EndpointError::TargetTooSmall { .. })
+        | CopyError::TargetEndpoint(_) => 4,
+        CopyError::Endpoint(_) => 3,
         CopyError::Engine(_) | CopyError::Internal(_) => 5,
         CopyError::Interrupted(_) | CopyError::Cancelled => 6,
     }

@@ -77,7 +77,7 @@ pub struct Target {
 }
 
 fn nbd_err(uri: &NbdUri, e: crate::nbd::NbdError) -> CopyError {
-    CopyError::from(EndpointError::Other(format!("{}: {e}", uri_display(uri))))
+    CopyError::Endpoint(EndpointError::Other(format!("{}: {e}", uri_display(uri))))
 }
 
 fn uri_display(uri: &NbdUri) -> String {
@@ -102,7 +102,7 @@ fn check_plain(uri: &NbdUri) -> Result<(), CopyError> {
 }
 
 fn connect_err(uri: &NbdUri, e: std::io::Error) -> CopyError {
-    CopyError::from(EndpointError::Other(format!(
+    CopyError::Endpoint(EndpointError::Other(format!(
         "connecting to {}: {e}",
         uri_display(uri)
     )))

@@ -40,29 +40,19 @@ pub mod stats;
 pub mod worker;
 pub mod zero;
 
-/// Which end of a copy an error is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// What is read.
-    Source,
-    /// What is written.
-    Target,
-}
-
 /// Why a copy failed. Each message says which side and where.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
     #[error("bad arguments: {0}")]
     Usage(String),
-    /// Opening, negotiating with or mapping an endpoint failed; `side`
-    /// says which (an NBD server that never answers reads the same on
-    /// both).
-    #[error("{error}")]
-    Endpoint {
-        side: Side,
-        #[source]
-        error: crate::endpoint::EndpointError,
-    },
+    /// Opening, negotiating with or mapping the source failed.
+    #[error("{0}")]
+    Endpoint(#[from] crate::endpoint::EndpointError),
+    /// The same for the target ([`CopyError::on_target`]): an NBD server
+    /// that never answers fails the same way on either side, and the exit
+    /// code says which.
+    #[error("{0}")]
+    TargetEndpoint(crate::endpoint::EndpointError),
     #[error("reading the source failed {0}; nothing was written in place of unread data")]
     SourceRead(String),
     #[error("writing the target failed {0}")]
@@ -85,26 +75,12 @@ pub enum CopyError {
     Cancelled,
 }
 
-/// An endpoint error met on the source: what opens the target marks its
-/// errors with [`CopyError::on_target`].
-impl From<crate::endpoint::EndpointError> for CopyError {
-    fn from(error: crate::endpoint::EndpointError) -> Self {
-        CopyError::Endpoint {
-            side: Side::Source,
-            error,
-        }
-    }
-}
-
 impl CopyError {
-    /// The same error, its endpoint errors the target's: for errors of
-    /// opening the target.
+    /// The same error, an endpoint error now the target's: for what
+    /// opening the target met.
     pub fn on_target(self) -> Self {
         match self {
-            CopyError::Endpoint { error, .. } => CopyError::Endpoint {
-                side: Side::Target,
-                error,
-            },
+            CopyError::Endpoint(e) => CopyError::TargetEndpoint(e),
             other => other,
         }
     }
