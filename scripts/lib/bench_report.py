@@ -59,7 +59,9 @@ def tool_versions(diskferry: Path, tools: list[str]) -> dict:
     }
     if "diskferry" in tools:
         git = first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
-        v["diskferry"] = f"{first_line([str(diskferry), '--version'])} (git {git})"
+        built_here = diskferry.resolve() == (REPO / "target" / "release" / "diskferry").resolve()
+        origin = f"git {git}" if built_here else f"{diskferry}, not this checkout's build (git {git} here)"
+        v["diskferry"] = f"{first_line([str(diskferry), '--version'])} ({origin})"
     return v
 
 
