@@ -11,7 +11,9 @@ on 127.0.0.1 (mutual TLS) and an rsync daemon on 127.0.0.1:
    (ID: the delta's sync id; the target now holds the change already, so
    this rewrites the same bytes: the same work as onto the base);
 5. `incremental-areas`: `send SRC --changed-areas FILE --base ID` (ID: the
-   bitmap pass's sync id), FILE listing the writes in VMware's shape;
+   bitmap pass's sync id), FILE listing the writes in VMware's shape; then
+   `incremental-empty`, the same with an empty list: what any send costs
+   when nothing moves (process, TLS, the source's connections);
 6. `rsync`: `rsync --inplace --no-whole-file --block-size=65536` of the
    changed raw file onto a copy of the base in the daemon's module (before
    the diskferry passes in odd rounds, after them in even ones);
@@ -42,9 +44,10 @@ from bench_net_image import last_json_event
 from net_procs import free_port, stop_pid, wait_listening
 
 log, fmt, tail = bl.log, bl.fmt, bl.tail
-PASSES = ("full", "delta", "incremental-bitmap", "incremental-areas", "rsync", "read-source", "read-target")
+PASSES = ("full", "delta", "incremental-bitmap", "incremental-areas", "incremental-empty", "rsync",
+          "read-source", "read-target")
 NEEDS = {"delta": ["--delta"], "incremental-bitmap": ["--changed", "--base"],
-         "incremental-areas": ["--changed-areas", "--base"]}
+         "incremental-areas": ["--changed-areas", "--base"], "incremental-empty": ["--changed-areas", "--base"]}
 RSYNC = ["rsync", "--inplace", "--no-whole-file", "--block-size=65536"]
 
 
@@ -221,8 +224,11 @@ def one_round(ctx: Context, rnd: int, base_raw: Path, base_qcow2: Path, rsyncd: 
         if r.send("delta", ["--delta", "--delta-block", args.delta_block]) is not None:
             r.verify("target after --delta", work_raw, target)
         # 4., 5. incrementals, each based on the pass before
+        empty = ctx.workdir / "changed-areas-empty.json"
+        inc_change.write_changed_areas(empty, size, [])
         for name, changed in (("incremental-bitmap", ["--changed", f"dirty-bitmap:{inc_change.BITMAP}"]),
-                              ("incremental-areas", ["--changed-areas", str(areas)])):
+                              ("incremental-areas", ["--changed-areas", str(areas)]),
+                              ("incremental-empty", ["--changed-areas", str(empty)])):
             if ctx.available(name) and not r.sync_id:
                 ctx.results[name].error = "no sync_id in the done event of the pass before"
             if ctx.available(name) and r.send(name, [*changed, "--base", r.sync_id]) is not None:
