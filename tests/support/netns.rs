@@ -36,86 +36,22 @@ impl Netns {
         };
         let va = format!("va{id}");
         let vb = format!("vb{id}");
-        let steps: Vec<Vec<String>> = vec![
-            vec!["netns".into(), "add".into(), b.clone()],
-            vec![
-                "link".into(),
-                "add".into(),
-                va.clone(),
-                "type".into(),
-                "veth".into(),
-                "peer".into(),
-                "name".into(),
-                vb.clone(),
-            ],
-            vec![
-                "link".into(),
-                "set".into(),
-                va.clone(),
-                "netns".into(),
-                a.clone(),
-            ],
-            vec![
-                "link".into(),
-                "set".into(),
-                vb.clone(),
-                "netns".into(),
-                b.clone(),
-            ],
-            vec![
-                "-n".into(),
-                a.clone(),
-                "addr".into(),
-                "add".into(),
-                "10.213.7.1/24".into(),
-                "dev".into(),
-                va.clone(),
-            ],
-            vec![
-                "-n".into(),
-                b.clone(),
-                "addr".into(),
-                "add".into(),
-                "10.213.7.2/24".into(),
-                "dev".into(),
-                vb.clone(),
-            ],
-            vec![
-                "-n".into(),
-                a.clone(),
-                "link".into(),
-                "set".into(),
-                va.clone(),
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                b.clone(),
-                "link".into(),
-                "set".into(),
-                vb.clone(),
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                a.clone(),
-                "link".into(),
-                "set".into(),
-                "lo".into(),
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                b.clone(),
-                "link".into(),
-                "set".into(),
-                "lo".into(),
-                "up".into(),
-            ],
+        // Names and addresses hold no spaces: each step splits into its args.
+        let steps = [
+            format!("netns add {b}"),
+            format!("link add {va} type veth peer name {vb}"),
+            format!("link set {va} netns {a}"),
+            format!("link set {vb} netns {b}"),
+            format!("-n {a} addr add 10.213.7.1/24 dev {va}"),
+            format!("-n {b} addr add 10.213.7.2/24 dev {vb}"),
+            format!("-n {a} link set {va} up"),
+            format!("-n {b} link set {vb} up"),
+            format!("-n {a} link set lo up"),
+            format!("-n {b} link set lo up"),
         ];
-        for s in steps {
-            let args: Vec<&str> = s.iter().map(String::as_str).collect();
-            assert!(run(&args), "ip {} failed", args.join(" "));
+        for step in &steps {
+            let args: Vec<&str> = step.split_whitespace().collect();
+            assert!(run(&args), "ip {step} failed");
         }
         if let Some(rate) = shape {
             let st = Command::new("ip")
