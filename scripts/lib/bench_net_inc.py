@@ -13,7 +13,9 @@ on 127.0.0.1 (mutual TLS) and an rsync daemon on 127.0.0.1:
 5. `incremental-areas`: `send SRC --changed-areas FILE --base ID` (ID: the
    bitmap pass's sync id), FILE listing the writes in VMware's shape; then
    `incremental-empty`, the same with an empty list: what any send costs
-   when nothing moves (process, TLS, the source's connections);
+   when nothing moves (process, TLS, the source's connections); and
+   `delta-same`, `--delta` again onto the now identical target: the
+   reading and digests of a delta with nothing to send;
 6. `rsync`: `rsync --inplace --no-whole-file --block-size=65536` of the
    changed raw file onto a copy of the base in the daemon's module (before
    the diskferry passes in odd rounds, after them in even ones);
@@ -44,9 +46,9 @@ from bench_net_image import last_json_event
 from net_procs import free_port, stop_pid, wait_listening
 
 log, fmt, tail = bl.log, bl.fmt, bl.tail
-PASSES = ("full", "delta", "incremental-bitmap", "incremental-areas", "incremental-empty", "rsync",
-          "read-source", "read-target")
-NEEDS = {"delta": ["--delta"], "incremental-bitmap": ["--changed", "--base"],
+PASSES = ("full", "delta", "incremental-bitmap", "incremental-areas", "incremental-empty", "delta-same",
+          "rsync", "read-source", "read-target")
+NEEDS = {"delta": ["--delta"], "delta-same": ["--delta"], "incremental-bitmap": ["--changed", "--base"],
          "incremental-areas": ["--changed-areas", "--base"], "incremental-empty": ["--changed-areas", "--base"]}
 RSYNC = ["rsync", "--inplace", "--no-whole-file", "--block-size=65536"]
 
@@ -233,6 +235,8 @@ def one_round(ctx: Context, rnd: int, base_raw: Path, base_qcow2: Path, rsyncd: 
                 ctx.results[name].error = "no sync_id in the done event of the pass before"
             if ctx.available(name) and r.send(name, [*changed, "--base", r.sync_id]) is not None:
                 r.verify(f"target after {name}", work_raw, target)
+        # a delta with nothing to send: reading and digests alone
+        r.send("delta-same", ["--delta", "--delta-block", args.delta_block])
         if not rnd % 2:
             r.timed("rsync", rsync_cmd)
         r.verify("rsync's target", work_raw, rsync_dst)
