@@ -3,7 +3,7 @@
 
 mod serve_support;
 
-use diskferry::wire::{Codec, ErrorCode, Frame, HEADER_LEN, MAGIC, chunk_digest};
+use diskferry::wire::{Codec, ErrorCode, Frame, HEADER_LEN, MAGIC, PROTOCOL_VERSION, chunk_digest};
 use serve_support::*;
 
 const MIB: u64 = 1 << 20;
@@ -18,6 +18,25 @@ fn header(magic: [u8; 4], version: u8, frame_type: u8, payload_len: u32) -> Vec<
     h
 }
 
+/// A HELLO exactly as a protocol v1 sender writes it (version byte 1, no
+/// pass fields).
+fn v1_hello() -> Vec<u8> {
+    let mut payload = vec![3u8; 16]; // job id
+    payload.extend_from_slice(&MIB.to_le_bytes());
+    payload.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    payload.extend_from_slice(&0b100u32.to_le_bytes()); // BLAKE3
+    payload.extend_from_slice(&0u16.to_le_bytes());
+    payload.extend_from_slice(&1u16.to_le_bytes());
+    payload.extend_from_slice(&0u32.to_le_bytes());
+    for s in ["v1.img", "test-source"] {
+        payload.extend_from_slice(&u16::try_from(s.len()).unwrap().to_le_bytes());
+        payload.extend_from_slice(s.as_bytes());
+    }
+    let mut bytes = header(MAGIC, 1, 1, u32::try_from(payload.len()).unwrap());
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
 enum Expect {
     Error(ErrorCode),
     Close,
@@ -30,22 +49,34 @@ fn malformed_frames_are_refused_and_the_receiver_keeps_serving() {
     let cases: Vec<Case> = vec![
         (
             "bad magic",
-            Box::new(|c| c.send_raw(&header(*b"NOPE", 1, 1, 44))),
+            Box::new(|c| c.send_raw(&header(*b"NOPE", PROTOCOL_VERSION, 1, 44))),
             Expect::Error(ErrorCode::Protocol),
         ),
         (
             "oversized DATA length",
-            Box::new(|c| c.send_raw(&header(MAGIC, 1, 3, 48 + 32 * 1024 * 1024 + 1))),
+            Box::new(|c| {
+                c.send_raw(&header(
+                    MAGIC,
+                    PROTOCOL_VERSION,
+                    3,
+                    48 + 32 * 1024 * 1024 + 1,
+                ))
+            }),
             Expect::Error(ErrorCode::Protocol),
         ),
         (
-            "wrong version",
-            Box::new(|c| c.send_raw(&header(MAGIC, 2, 1, 44))),
+            "a whole v1 HELLO (a v1 sender)",
+            Box::new(|c| c.send_raw(&v1_hello())),
+            Expect::Error(ErrorCode::Version),
+        ),
+        (
+            "version 3",
+            Box::new(|c| c.send_raw(&header(MAGIC, 3, 1, 111))),
             Expect::Error(ErrorCode::Version),
         ),
         (
             "unknown frame type",
-            Box::new(|c| c.send_raw(&header(MAGIC, 1, 99, 8))),
+            Box::new(|c| c.send_raw(&header(MAGIC, PROTOCOL_VERSION, 99, 8))),
             Expect::Error(ErrorCode::Protocol),
         ),
         (
@@ -143,6 +174,10 @@ fn malformed_frames_are_refused_and_the_receiver_keeps_serving() {
         assert!(bytes.iter().all(|&b| b == 0), "{name} was written");
     }
     assert!(!h.root.join("cut.img").exists());
+    assert!(
+        !h.root.join("v1.img").exists(),
+        "a v1 sender creates nothing"
+    );
 
     // The receiver still serves a good job.
     let mut good = h.connect();

@@ -16,7 +16,9 @@ use crate::progress::Progress;
 mod copy;
 mod copy_job;
 mod io_engine;
+mod passes;
 mod send_job;
+mod send_pass;
 mod test_hooks;
 pub use copy::CopyArgs;
 use copy::run_copy;
@@ -43,7 +45,7 @@ pub enum Command {
     /// (qcow2, vmdk, vhdx, …) opened through qemu-nbd.
     Copy(CopyArgs),
     /// Replicate SRC to a `diskferry serve` receiver over several TLS 1.3 streams.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// Receive replication jobs from `diskferry send` (runs until SIGTERM/SIGINT).
     Serve(ServeArgs),
     /// Certificates for mutual TLS.
@@ -208,6 +210,50 @@ pub struct SendArgs {
     /// size, allocation map, sampled blocks, and inode+mtime for files).
     #[arg(long)]
     pub source_id: Option<String>,
+    /// Send only what changed since --base: dirty-bitmap:NAME (the NBD
+    /// source's qemu:dirty-bitmap:NAME; a qcow2 source is exported with
+    /// that bitmap) or changed-areas:FILE (as --changed-areas).
+    #[arg(long, value_parser = send_pass::parse_changed, conflicts_with_all = ["job", "delta"])]
+    pub changed: Option<crate::replicate::send::ChangedSource>,
+    /// Send only the areas a changed-areas list names (JSON in the shape
+    /// of VMware's QueryChangedDiskAreas), since --base.
+    #[arg(long, conflicts_with_all = ["job", "delta"])]
+    pub changed_areas: Option<std::path::PathBuf>,
+    /// The sync id (32 hex characters, from the `done` event of the sync
+    /// the target is at) an incremental starts from; the receiver refuses any other.
+    #[arg(long, value_parser = send_pass::parse_base, conflicts_with = "job")]
+    pub base: Option<crate::replicate::send::SyncId>,
+    /// An external change id (e.g. VMware's changeId) recorded with the
+    /// sync and echoed in the `done` event.
+    #[arg(long, conflicts_with = "job")]
+    pub change_id: Option<String>,
+    /// Send only the blocks that differ from what the target holds (the
+    /// receiver digests its target; no base or change tracking needed).
+    #[arg(long)]
+    pub delta: bool,
+    /// Bytes per block compared by --delta (power of two, 4k..1M; default 64k).
+    #[arg(long, value_parser = send_pass::parse_delta_block)]
+    pub delta_block: Option<u32>,
+    /// Converging passes: `auto` runs passes of what changed (from
+    /// --changed-cmd, or --delta) until the next one fits --max-downtime,
+    /// then stops ready for cut-over, or runs --final-cmd and the final pass.
+    #[arg(long, value_parser = ["auto"], conflicts_with = "job")]
+    pub passes: Option<String>,
+    /// The downtime budget of the final pass (with --passes auto).
+    #[arg(long, default_value = "30s", value_parser = crate::size::parse_duration, requires = "passes")]
+    pub max_downtime: std::time::Duration,
+    /// Give up (exit 7, not converging) after this many passes.
+    #[arg(long, default_value_t = crate::replicate::passes::model::MAX_PASSES_DEFAULT, requires = "passes")]
+    pub max_passes: u32,
+    /// Run before each pass (sh -c; DISKFERRY_PASS, DISKFERRY_BASE_SYNC_ID and
+    /// DISKFERRY_FINAL in its environment); prints what the pass sends:
+    /// `full`, `dirty-bitmap:NAME` or `changed-areas:FILE`.
+    #[arg(long, requires = "passes")]
+    pub changed_cmd: Option<String>,
+    /// Stops or quiesces the source once a pass fits --max-downtime (sh -c);
+    /// then the final pass runs and `cutover` reports the downtime.
+    #[arg(long, requires = "passes")]
+    pub final_cmd: Option<String>,
     /// Newline-delimited JSON events on stdout.
     #[arg(long)]
     pub json: bool,
@@ -265,7 +311,7 @@ pub fn main() -> i32 {
     init_logging(cli.verbose);
     match cli.command {
         Command::Copy(args) => run_copy(args),
-        Command::Send(args) => run_send(args),
+        Command::Send(args) => run_send(*args),
         Command::Serve(args) => run_serve(args),
         Command::Certs(CertsCommand::Init { dir, sans, force }) => {
             match crate::net::certs::init(&dir, &sans, force) {
@@ -328,6 +374,7 @@ pub(crate) fn finish(
 }
 
 fn run_send(a: SendArgs) -> i32 {
+    use crate::replicate::send::pass::sync_id_hex;
     if a.job.is_some() {
         return send_job::run_send_job(&a);
     }
@@ -346,23 +393,47 @@ fn run_send(a: SendArgs) -> i32 {
     let (Some(src), Some(target)) = (a.src.clone(), a.target.clone()) else {
         unreachable!("clap requires SRC and --target without --job")
     };
+    // A series chooses each pass's kind itself (--passes, cli/passes.rs).
+    let pass = match a.passes {
+        Some(_) => Ok(crate::replicate::send::PassRequest::Full),
+        None => a.pass(),
+    };
+    let pass = match pass {
+        Ok(pass) => pass,
+        Err(msg) => return copy_job::refuse(a.json, &msg),
+    };
     let mut opts = a.disk(src, target);
     opts.engine = engine;
     opts.source_format = a.src_format;
     opts.source_id = a.source_id.clone();
+    opts.pass = pass;
+    opts.change_id = a.change_id.clone();
+    if a.passes.is_some() {
+        return match passes::passes_options(&a) {
+            Ok(series) => passes::run(&a, &opts, &series),
+            Err(msg) => copy_job::refuse(a.json, &msg),
+        };
+    }
     let mut progress = Progress::new(a.json, a.no_progress);
     let result = crate::replicate::send::run(&opts, &mut |s, el| progress.update(s, el));
     let result = result.map_err(send_job::cli_error).map(|r| {
         let rate = r.bytes_planned as f64 / r.elapsed_s.max(1e-9) / 1e6;
+        let base = match &r.base_sync_id {
+            Some(b) => format!(" (incremental from {})", sync_id_hex(b)),
+            None => String::new(),
+        };
         let line = format!(
-            "sent {} data bytes of {} as {} bytes on the wire (ratio {:.2}) in {:.2}s, {:.0} MB/s{}",
+            "sent {} data bytes of {} as {} bytes on the wire (ratio {:.2}) in {:.2}s, {:.0} MB/s{}; \
+             {} bytes changed; sync id {}{base}",
             r.bytes_written,
             r.size_bytes,
             r.bytes_on_wire,
             r.compression_ratio,
             r.elapsed_s,
             rate,
-            if r.verified { ", verified" } else { "" }
+            if r.verified { ", verified" } else { "" },
+            r.bytes_changed,
+            sync_id_hex(&r.sync_id),
         );
         (done_event(&r), line)
     });

@@ -40,6 +40,17 @@ impl SendArgs {
             lanes: self.lanes,
             io_timeout: self.io_timeout,
             test_hooks: super::test_hooks::from_env(),
+            // A job's disks take --delta; the other pass flags conflict
+            // with --job (see `SendArgs::pass` for a single disk).
+            pass: match self.delta {
+                true => crate::replicate::send::PassRequest::Delta {
+                    block_bytes: self
+                        .delta_block
+                        .unwrap_or(crate::replicate::send::pass::DELTA_BLOCK_DEFAULT_BYTES),
+                },
+                false => crate::replicate::send::PassRequest::Full,
+            },
+            change_id: None,
         }
     }
 }
@@ -57,6 +68,15 @@ pub(super) fn cli_error(e: SendError) -> CopyError {
         ),
         SendError::ZeroIoTimeout => usage("--io-timeout must be more than 0"),
         SendError::Streams { max, .. } => usage(&format!("--streams must be 1..={max}")),
+        SendError::NoChangedSource => {
+            usage("--changed needs dirty-bitmap:NAME or changed-areas:FILE")
+        }
+        SendError::DeltaBlock { min, max, got } => usage(&format!(
+            "--delta-block must be a power of two in {min}..={max} bytes, not {got}"
+        )),
+        SendError::ChangeIdTooLong { max, got } => {
+            usage(&format!("--change-id has {got} bytes; at most {max}"))
+        }
         SendError::Copy(e) => e,
     }
 }
@@ -65,6 +85,9 @@ pub(super) fn run_send_job(a: &SendArgs) -> i32 {
     let Some(path) = &a.job else {
         unreachable!("called with --job")
     };
+    if let Err(msg) = a.pass() {
+        return refuse(a.json, &msg);
+    }
     let job = match read(path).and_then(|text| jobfile::parse(&text).map_err(|e| e.to_string())) {
         Ok(job) => job,
         Err(msg) => return refuse(a.json, &format!("{}: {msg}", path.display())),
@@ -139,6 +162,7 @@ fn send_done_event(report: &JobReport, engine: &Engine) -> serde_json::Value {
         .into();
     done["bytes_resent"] = sends.iter().map(|r| r.bytes_resent).sum::<u64>().into();
     done["reconnects"] = sends.iter().map(|r| r.reconnects).sum::<u64>().into();
+    done["bytes_changed"] = sends.iter().map(|r| r.bytes_changed).sum::<u64>().into();
     done["verified"] = (!sends.is_empty() && sends.iter().all(|r| r.verified)).into();
     done
 }

@@ -12,6 +12,8 @@ use crate::nbd::blocking::Client;
 use crate::nbd::handshake::{ExportInfo, negotiate};
 use crate::nbd::uri::{NbdStream, NbdUri};
 use crate::pipeline::CopyError;
+use crate::plan::PassPlan;
+use crate::plan::dirty::{self, DirtyMapError};
 use crate::plan::maps::{self, BASE_ALLOCATION, ExtentList};
 use crate::plan::windows::{AllData, ExtentMap};
 
@@ -152,12 +154,44 @@ pub fn open_source(
     connections: u32,
     io_timeout: Duration,
 ) -> Result<Source, CopyError> {
+    Ok(open(arg, format, connections, io_timeout, None)?.0)
+}
+
+/// [`open_source`], and the plan of a pass from the source's dirty bitmap
+/// `bitmap` ([`crate::plan::dirty`]): an NBD export must offer
+/// `qemu:dirty-bitmap:NAME`; an image file is served by a qemu-nbd child
+/// exporting that bitmap (`-B NAME`); a raw file has no bitmap.
+pub fn open_source_with_bitmap(
+    arg: &str,
+    format: Option<ImageFormat>,
+    connections: u32,
+    io_timeout: Duration,
+    bitmap: &str,
+) -> Result<(Source, PassPlan), CopyError> {
+    let (source, plan) = open(arg, format, connections, io_timeout, Some(bitmap))?;
+    Ok((source, plan.expect("a bitmap was asked for")))
+}
+
+fn open(
+    arg: &str,
+    format: Option<ImageFormat>,
+    connections: u32,
+    io_timeout: Duration,
+    bitmap: Option<&str>,
+) -> Result<(Source, Option<PassPlan>), CopyError> {
     let spec = parse_spec(arg, Role::Source, format)?;
     let (uri, child) = match spec {
+        Spec::Raw(path) if bitmap.is_some() => {
+            return Err(CopyError::Usage(format!(
+                "{}: a raw file has no dirty bitmap; it takes a qcow2 image with a persistent \
+                 bitmap or an NBD export of qemu:dirty-bitmap:NAME",
+                path.display()
+            )));
+        }
         Spec::Raw(path) => {
             let raw = RawFile::open_source(&path)?;
             let extents = maps::map_file(&raw.file, raw.size_bytes)?;
-            return Ok(Source {
+            let source = Source {
                 display: path.display().to_string(),
                 size_bytes: raw.size_bytes,
                 access: Access::File {
@@ -167,29 +201,51 @@ pub fn open_source(
                 },
                 extents,
                 child: None,
-            });
+            };
+            return Ok((source, None));
         }
         Spec::Nbd(uri) => (uri, None),
         Spec::Image { path, format } => {
-            let child = QemuNbdChild::start(&path, &format, true, connections.max(1))?;
+            let n = connections.max(1);
+            let child = QemuNbdChild::start_with_bitmap(&path, &format, true, n, bitmap)?;
             (child.uri(), Some(child))
         }
     };
-    let (stream, info) = connect(&uri, &[BASE_ALLOCATION], io_timeout)?;
+    let context = bitmap
+        .map(dirty::bitmap_context)
+        .transpose()
+        .map_err(bitmap_err(&uri))?;
+    let mut meta = vec![BASE_ALLOCATION];
+    meta.extend(context.as_deref());
+    let (stream, info) = connect(&uri, &meta, io_timeout)?;
     let size_bytes = info.size_bytes;
     // Map on the first connection, then hand it to the workers.
     let mut client = Client::from_negotiated(stream, info);
     let extents = map_nbd_source(&uri, &mut client, size_bytes)?;
+    let plan = match bitmap {
+        Some(name) => Some(dirty::map_pass(&mut client, name).map_err(bitmap_err(&uri))?),
+        None => None,
+    };
     let (stream, _, info) = client.into_parts();
     let first = (stream, info);
     let conns = more_connections(&uri, first, connections, &[BASE_ALLOCATION], io_timeout)?;
-    Ok(Source {
+    let source = Source {
         display: arg.to_string(),
         size_bytes,
         access: Access::Nbd { conns },
         extents,
         child,
-    })
+    };
+    Ok((source, plan))
+}
+
+/// A dirty bitmap that cannot be read: the source's fault (or its
+/// server's), named.
+fn bitmap_err(uri: &NbdUri) -> impl Fn(DirtyMapError) -> CopyError + '_ {
+    move |e| match e {
+        DirtyMapError::BadName { .. } => CopyError::Usage(e.to_string()),
+        e => CopyError::Endpoint(EndpointError::Other(format!("{}: {e}", uri_display(uri)))),
+    }
 }
 
 /// The data extents of an NBD source over its first connection; all data

@@ -131,6 +131,19 @@ impl QemuNbdChild {
         read_only: bool,
         connections: u32,
     ) -> Result<QemuNbdChild, EndpointError> {
+        Self::start_with_bitmap(path, format, read_only, connections, None)
+    }
+
+    /// [`Self::start`], also exporting the image's persistent dirty bitmap
+    /// `bitmap` as the meta context `qemu:dirty-bitmap:NAME` (qemu-nbd
+    /// `-B NAME`); qemu-nbd refuses to start when the image lacks it.
+    pub fn start_with_bitmap(
+        path: &Path,
+        format: &str,
+        read_only: bool,
+        connections: u32,
+        bitmap: Option<&str>,
+    ) -> Result<QemuNbdChild, EndpointError> {
         if !(1..=MAX_CONNECTIONS).contains(&connections) {
             return Err(qemu_nbd_error(
                 path,
@@ -171,6 +184,10 @@ impl QemuNbdChild {
             command.arg("-r");
         } else {
             command.arg("--discard=unmap").arg("--detect-zeroes=unmap");
+        }
+        if let Some(name) = bitmap {
+            // One argument, so a name starting with '-' stays a name.
+            command.arg(format!("--bitmap={name}"));
         }
         command.arg("--").arg(path);
         command

@@ -4,8 +4,9 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::wire::PassMode;
 
-fn sample() -> Journal {
+pub(super) fn sample() -> Journal {
     let mut j = Journal::new(
         "vm1/disk0",
         "/dev/vg0/vm1-disk0",
@@ -21,18 +22,55 @@ fn sample() -> Journal {
     j
 }
 
-fn complete_sample() -> Journal {
+pub(super) fn complete_sample() -> Journal {
     let mut j = sample();
     j.durable.insert(0, j.size_bytes);
     j.complete = true;
     j
 }
 
+/// A journal with an incremental pass in progress on top of sync `[5; 16]`.
+pub(super) fn incremental_sample() -> Journal {
+    let mut j = sample();
+    j.pass_mode = PassMode::Incremental;
+    j.last_sync_id = Some([5; 16]);
+    j.base_sync_id = Some([5; 16]);
+    j.plan_digest = [9; 32];
+    j.change_id = "CHG-7".into();
+    j.target_stamp = Some(TargetStamp {
+        inode: 77,
+        mtime_ns: -3,
+        size_bytes: 1 << 20,
+    });
+    j.planned.insert(0, 8192);
+    j.planned.insert(500_000, 4096);
+    j
+}
+
+/// A complete journal of an incremental pass: its sync recorded.
+pub(super) fn complete_incremental_sample() -> Journal {
+    let mut j = complete_sample();
+    j.pass_mode = PassMode::Incremental;
+    j.last_sync_id = Some([6; 16]);
+    j.change_id = "CHG-8".into();
+    j.target_stamp = Some(TargetStamp {
+        inode: 77,
+        mtime_ns: 1_700_000_000_123_456_789,
+        size_bytes: 1 << 20,
+    });
+    j
+}
+
 /// Re-seals `body` (everything but the checksum) so a test reaches the
-/// checks behind the checksum.
-fn reseal(mut bytes: Vec<u8>) -> Vec<u8> {
+/// checks behind the checksum (with the checksum of the version it names).
+pub(super) fn reseal(mut bytes: Vec<u8>) -> Vec<u8> {
     let body_len = bytes.len() - 32;
-    let mut hasher = blake3::Hasher::new_derive_key("diskferry journal v1 checksum");
+    let context = if bytes[8] == 1 {
+        "diskferry journal v1 checksum"
+    } else {
+        "diskferry journal v2 checksum"
+    };
+    let mut hasher = blake3::Hasher::new_derive_key(context);
     hasher.update(&bytes[..body_len]);
     bytes.truncate(body_len);
     bytes.extend_from_slice(hasher.finalize().as_bytes());
@@ -41,7 +79,12 @@ fn reseal(mut bytes: Vec<u8>) -> Vec<u8> {
 
 #[test]
 fn round_trips() {
-    for j in [sample(), complete_sample()] {
+    for j in [
+        sample(),
+        complete_sample(),
+        incremental_sample(),
+        complete_incremental_sample(),
+    ] {
         assert_eq!(Journal::decode(&j.encode()).unwrap(), j);
     }
     let empty = Journal::new("", "", "", 0, 0, [0; 16], 0);
@@ -50,7 +93,7 @@ fn round_trips() {
 
 #[test]
 fn every_byte_flip_is_detected() {
-    for j in [sample(), complete_sample()] {
+    for j in [sample(), complete_sample(), incremental_sample()] {
         let good = j.encode();
         for i in 0..good.len() {
             for bit in 0..8 {
@@ -90,10 +133,10 @@ fn errors_are_distinct_and_say_what_to_do() {
     bad[0] = b'X';
     assert!(matches!(Journal::decode(&bad), Err(JournalError::BadMagic)));
     let mut bad = good.clone();
-    bad[8] = 2;
+    bad[8] = 3;
     assert!(matches!(
         Journal::decode(&bad),
-        Err(JournalError::UnsupportedVersion { found: 2 })
+        Err(JournalError::UnsupportedVersion { found: 3 })
     ));
     let mut bad = good.clone();
     let last = bad.len() - 1;
@@ -134,11 +177,12 @@ fn errors_are_distinct_and_say_what_to_do() {
     }
 }
 
-/// Builds a journal's bytes field by field (to forge bad ones).
+/// Builds a version 1 journal's bytes field by field (to forge bad ones;
+/// the range checks are the same in both versions).
 fn forge(strings: [&[u8]; 3], size_bytes: u64, ranges: &[(u64, u64)], count: u32) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&JOURNAL_VERSION.to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&size_bytes.to_le_bytes());
     out.extend_from_slice(&4096u32.to_le_bytes());
@@ -162,7 +206,9 @@ type ErrorCheck = fn(&JournalError) -> bool;
 #[test]
 fn forged_fields_are_refused() {
     let ok = forge([b"t", b"p", b"s"], 100, &[(0, 10), (20, 10)], 2);
-    assert_eq!(Journal::decode(&ok).unwrap().durable.covered_bytes(), 20);
+    let v1 = Journal::decode(&ok).unwrap();
+    assert_eq!(v1.durable.covered_bytes(), 20);
+    assert_eq!((v1.version, v1.last_sync_id), (1, None));
 
     let long = vec![b'a'; MAX_STRING_BYTES + 1];
     let max = vec![b'a'; MAX_STRING_BYTES];
@@ -204,15 +250,15 @@ fn forged_fields_are_refused() {
         ),
         (
             forge([b"t", b"p", b"s"], 100, &[(20, 10), (0, 10)], 2),
-            |e| matches!(e, JournalError::RangesNotCanonical { index: 1 }),
+            |e| matches!(e, JournalError::RangesNotCanonical { index: 1, .. }),
         ),
         (
             forge([b"t", b"p", b"s"], 100, &[(0, 10), (5, 10)], 2),
-            |e| matches!(e, JournalError::RangesNotCanonical { index: 1 }),
+            |e| matches!(e, JournalError::RangesNotCanonical { index: 1, .. }),
         ),
         (
             forge([b"t", b"p", b"s"], 100, &[(0, 10), (10, 10)], 2),
-            |e| matches!(e, JournalError::RangesNotCanonical { index: 1 }),
+            |e| matches!(e, JournalError::RangesNotCanonical { index: 1, .. }),
         ),
     ];
     for (i, (bytes, check)) in cases.iter().enumerate() {
@@ -243,7 +289,54 @@ fn cap_keeps_the_largest_and_claims_nothing_extra() {
     assert_eq!(Journal::decode(&j.encode()).unwrap(), j);
 }
 
+/// Raw pass fields: mode byte, last sync id, (inode, mtime) of a stamp,
+/// change id, planned ranges.
+type PassFields = (u8, [u8; 16], Option<(u64, i64)>, String, Vec<(u64, u64)>);
+
+/// The v2 pass fields of `j`, consistent with each other: a sync, a
+/// stamp and a change id, or an incremental pass in progress on top of the
+/// sync with planned ranges.
+fn with_pass_fields(
+    mut j: Journal,
+    (mode, last, stamp, change_id, raw_planned): PassFields,
+) -> Journal {
+    j.pass_mode = PassMode::from_u8(mode % 3).unwrap();
+    j.last_sync_id = (last != [0; 16]).then_some(last);
+    j.target_stamp = stamp.map(|(inode, mtime_ns)| TargetStamp {
+        inode,
+        mtime_ns,
+        size_bytes: j.size_bytes,
+    });
+    j.change_id = change_id;
+    if j.pass_mode == PassMode::Incremental && !j.complete && j.last_sync_id.is_some() {
+        j.base_sync_id = j.last_sync_id;
+        j.plan_digest = [mode; 32];
+        let size = j.size_bytes;
+        for (o, l) in raw_planned {
+            let o = o % size;
+            j.planned.insert(o, l % (size - o) + 1);
+        }
+    } else if j.pass_mode == PassMode::Incremental && !j.complete {
+        j.pass_mode = PassMode::Full;
+    }
+    j
+}
+
+fn arb_pass_fields() -> impl Strategy<Value = PassFields> {
+    (
+        any::<u8>(),
+        prop_oneof![Just([0u8; 16]), any::<[u8; 16]>()],
+        proptest::option::of((any::<u64>(), any::<i64>())),
+        ".{0,20}",
+        proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20),
+    )
+}
+
 fn arb_journal() -> impl Strategy<Value = Journal> {
+    (arb_v1_journal(), arb_pass_fields()).prop_map(|(j, pass)| with_pass_fields(j, pass))
+}
+
+fn arb_v1_journal() -> impl Strategy<Value = Journal> {
     (
         (any::<String>(), ".{0,64}", any::<String>()),
         1u64..u64::MAX,
@@ -347,10 +440,16 @@ fn write_fuzz_corpus() {
     truncated.truncate(truncated.len() / 2);
     let mut flipped = sample().encode();
     flipped[60] ^= 4;
-    let seeds: [(&str, Vec<u8>); 6] = [
+    // The valid-v1-* seeds were written by version 1 and are kept as they are.
+    let seeds: [(&str, Vec<u8>); 8] = [
         ("valid-empty", empty.encode()),
         ("valid-partial", sample().encode()),
         ("valid-complete", complete_sample().encode()),
+        ("valid-incremental", incremental_sample().encode()),
+        (
+            "valid-complete-incremental",
+            complete_incremental_sample().encode(),
+        ),
         (
             "valid-forged-ranges",
             forge([b"t", b"p", b"s"], 100, &[(0, 10), (20, 10)], 2),

@@ -10,8 +10,10 @@
 //! * [`store`]: [`JournalStore`], one file per target in `--state-dir`,
 //!   replaced atomically (write, fsync, rename, fsync the directory), and
 //!   [`Checkpointer`], when to take the next checkpoint.
-//! * [`decide`]: [`decide()`], what a HELLO gets given the journal found:
-//!   a fresh copy, a resume, "already complete", or a refusal.
+//! * [`decide`]: [`decide()`], what a HELLO gets given the journal found
+//!   and the pass it asks for (full, incremental, delta): a fresh copy, a
+//!   resume, "already complete", an incremental's planned set, a delta
+//!   pass, or a refusal.
 //!
 //! The journal is advanced only after the ranges it adds were flushed
 //! (fdatasync / NBD FLUSH); that ordering is the caller's duty.
@@ -26,10 +28,13 @@
 pub mod codec;
 pub mod decide;
 pub mod ranges;
+mod reader;
 pub mod store;
 
 #[cfg(test)]
 mod codec_tests;
+#[cfg(test)]
+mod codec_v2_tests;
 #[cfg(test)]
 mod store_tests;
 
@@ -37,7 +42,7 @@ use std::path::PathBuf;
 
 pub use codec::{
     JOURNAL_VERSION, Journal, MAGIC, MAX_JOURNAL_BYTES, MAX_RANGES_DEFAULT, MAX_RANGES_HARD,
-    MAX_STRING_BYTES,
+    MAX_STRING_BYTES, TargetStamp,
 };
 pub use decide::{Decision, RefuseReason, ResumeRequest, decide};
 pub use ranges::RangeSet;
@@ -104,21 +109,25 @@ pub enum JournalError {
         /// The field.
         field: &'static str,
     },
-    /// More durable ranges than allowed.
+    /// More ranges than allowed.
     #[error(
-        "journal is damaged ({count} durable ranges, more than {MAX_RANGES_HARD} or than the \
+        "journal is damaged ({count} {field}, more than {MAX_RANGES_HARD} or than the \
          file holds); {RESTART_HINT}"
     )]
     TooManyRanges {
+        /// Which list.
+        field: &'static str,
         /// Ranges claimed.
         count: u64,
     },
-    /// A durable range that is empty or past the source.
+    /// A range that is empty or past the source.
     #[error(
-        "journal is damaged (durable range #{index} at {offset}+{len_bytes} is empty or beyond \
+        "journal is damaged ({field} #{index} at {offset}+{len_bytes} is empty or beyond \
          the {size_bytes}-byte source); {RESTART_HINT}"
     )]
     RangeOutOfBounds {
+        /// Which list.
+        field: &'static str,
         /// Which range.
         index: usize,
         /// The range's offset.
@@ -128,12 +137,14 @@ pub enum JournalError {
         /// The source's size.
         size_bytes: u64,
     },
-    /// Durable ranges unsorted, overlapping or unmerged.
+    /// Ranges unsorted, overlapping or unmerged.
     #[error(
-        "journal is damaged (durable range #{index} is not after the previous one: unsorted, \
+        "journal is damaged ({field} #{index} is not after the previous one: unsorted, \
          overlapping or unmerged); {RESTART_HINT}"
     )]
     RangesNotCanonical {
+        /// Which list.
+        field: &'static str,
         /// Which range.
         index: usize,
     },
@@ -147,6 +158,12 @@ pub enum JournalError {
         covered_bytes: u64,
         /// The source's size.
         size_bytes: u64,
+    },
+    /// Pass fields (v2) that contradict each other or the pass mode.
+    #[error("journal is damaged (pass fields: {why}); {RESTART_HINT}")]
+    BadPassFields {
+        /// What is wrong.
+        why: &'static str,
     },
     /// Bytes after the ranges.
     #[error("journal is damaged ({extra_bytes} unexpected bytes after the ranges); {RESTART_HINT}")]

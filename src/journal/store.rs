@@ -45,6 +45,16 @@ impl JournalStore {
         Self::open_created(dir)
     }
 
+    /// A store over `dir` for reading journals while a receiver may be
+    /// writing them (tools, tests): no directory is created and no leftover
+    /// is removed, since a temporary file may be a save in progress.
+    pub fn reader(dir: &Path) -> Self {
+        JournalStore {
+            dir: dir.to_path_buf(),
+            max_ranges: MAX_RANGES_DEFAULT,
+        }
+    }
+
     /// As [`JournalStore::open`], but refuses a directory that someone
     /// else could tamper with: a symbolic link, a directory not owned by
     /// `owner_uid` (the receiver's effective uid), or one writable by group

@@ -205,6 +205,12 @@ fn a_journal_copied_to_another_target_is_refused() {
         size_bytes: 4096,
         chunk_size_bytes: 512,
         restart: false,
+        mode: crate::wire::PassMode::Full,
+        sync_id: [1; 16],
+        base_sync_id: None,
+        plan_digest: [0; 32],
+        plan: RangeSet::new(),
+        target_stamp: None,
     };
     let decision = decide(foreign.as_ref(), &request);
     assert!(

@@ -163,6 +163,7 @@ fn pipeline_config(opts: &CopyOptions) -> PipelineConfig {
         read_retries: opts.read_retries,
         lanes: opts.lanes,
         io_timeout: opts.io_timeout,
+        exact: None,
     }
 }
 

@@ -10,8 +10,10 @@ use std::time::Duration;
 use super::run::PipelineConfig;
 use super::stats::Stats;
 use super::{CopyError, Shared};
+use crate::plan::PassExtent;
 use crate::plan::lanes::plan_lanes;
 use crate::plan::maps::ExtentList;
+use crate::plan::pass_work::emit_exact;
 use crate::plan::windows::Work;
 
 pub(super) fn spawn_planner(
@@ -23,12 +25,14 @@ pub(super) fn spawn_planner(
 ) -> Result<JoinHandle<()>, CopyError> {
     let shared = Arc::clone(shared);
     let spans = cfg.spans.clone();
+    let exact = cfg.exact.clone();
     let (chunk_bytes, lanes) = (cfg.chunk_bytes, cfg.lanes);
     std::thread::Builder::new()
         .name("planner".into())
         .spawn(move || {
             run_planner(
                 extents,
+                exact,
                 spans,
                 size_bytes,
                 chunk_bytes,
@@ -40,8 +44,10 @@ pub(super) fn spawn_planner(
         .map_err(|e| CopyError::Internal(format!("spawning the planner: {e}")))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_planner(
     mut extents: ExtentList,
+    exact: Option<Vec<PassExtent>>,
     spans: Option<Vec<(u64, u64)>>,
     size_bytes: u64,
     chunk_bytes: u32,
@@ -79,14 +85,18 @@ fn run_planner(
     };
     let whole = [(0, size_bytes)];
     let spans = spans.as_deref().unwrap_or(&whole);
-    let planned = plan_lanes(
-        &mut extents,
-        spans,
-        size_bytes,
-        chunk_bytes,
-        lanes,
-        &mut emit,
-    );
+    let planned = match exact {
+        // An incremental pass: its extents, exactly, in ascending order.
+        Some(items) => emit_exact(&items, chunk_bytes, &mut emit),
+        None => plan_lanes(
+            &mut extents,
+            spans,
+            size_bytes,
+            chunk_bytes,
+            lanes,
+            &mut emit,
+        ),
+    };
     if let Err(e) = planned {
         shared.fail(e.into());
     }

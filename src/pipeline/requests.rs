@@ -114,7 +114,7 @@ mod tests {
     fn sink() -> DstPlan {
         DstPlan::Sink {
             window_digests: false,
-            run_digest: crate::wire::ChunkDigest::Xxh3,
+            run_digest: Some(crate::wire::ChunkDigest::Xxh3),
         }
     }
 

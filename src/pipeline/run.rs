@@ -60,6 +60,10 @@ pub struct PipelineConfig {
     /// An NBD connection waiting this long for its server without a byte
     /// back fails the job ([`Pipeline::tick`]).
     pub io_timeout: Duration,
+    /// Plan exactly these copy and zero extents (an incremental pass,
+    /// [`crate::plan::pass_work`]) instead of the source's windows; `spans`
+    /// and `lanes` are then unused.
+    pub exact: Option<Vec<crate::plan::PassExtent>>,
 }
 
 /// Where the workers put what they read.
@@ -69,7 +73,9 @@ pub enum DstPlan {
     /// Lend chunks to other threads (network senders).
     Sink {
         window_digests: bool,
-        run_digest: crate::wire::ChunkDigest,
+        /// The digest each data run takes right after its read (`None`:
+        /// none; a delta pass digests only the pieces it sends).
+        run_digest: Option<crate::wire::ChunkDigest>,
     },
 }
 
@@ -149,9 +155,14 @@ impl Pipeline {
             (slots * 64).max(QUEUE_ITEMS_MIN),
             Arc::clone(&control),
         ));
-        let planned_bytes = match &cfg.spans {
-            Some(spans) => extents.data_bytes_within(spans),
-            None => extents.data_bytes(),
+        let planned_bytes = match (&cfg.exact, &cfg.spans) {
+            (Some(items), _) => items
+                .iter()
+                .filter(|e| e.kind == crate::plan::PassKind::Copy)
+                .map(|e| e.len)
+                .sum(),
+            (None, Some(spans)) => extents.data_bytes_within(spans),
+            (None, None) => extents.data_bytes(),
         };
         shared.stats.bytes_planned.store(planned_bytes, Relaxed);
         shared.stats.planning_done.store(true, Relaxed);

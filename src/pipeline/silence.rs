@@ -4,7 +4,7 @@
 //! that passes the timeout and shuts the socket down (shutdown(2)), so the
 //! recv the kernel holds completes and the worker drains and stops without
 //! freeing a buffer still in flight ("buffers named by an in-flight op
-//! belong to the kernel", docs/ARCHITECTURE.md).
+//! belong to the kernel", docs/internals.md).
 
 #![forbid(unsafe_code)]
 use std::sync::Arc;

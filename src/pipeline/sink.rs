@@ -23,7 +23,9 @@ pub struct SinkRun {
     pub rel: u32,
     pub len: u32,
     pub zero: bool,
-    /// BLAKE3 of the run's raw bytes, taken right after the read (data runs).
+    /// The chunk digest of the run's raw bytes, taken right after the read
+    /// (data runs; zeros when the sink takes none, see
+    /// [`super::run::DstPlan::Sink`]).
     pub digest: [u8; 32],
 }
 

@@ -11,11 +11,11 @@
 //!   regions in turn, so the reads in flight are spread over the disk.
 //!   The pipeline's planner thread (`pipeline/planner.rs`) runs them.
 //!
-//! **Pass plans: building blocks of incremental replication (issue 16),
-//! not yet used by `send`.** Issue 15/16 wire these plans into the engine,
-//! which will consume a [`PassPlan`]: read and send the [`PassKind::Copy`]
-//! extents, zero (ZERO frame, punched hole) the [`PassKind::Zero`] ones and
-//! skip the [`PassKind::Unchanged`] ones.
+//! **Pass plans (issue 16).** An incremental `send` moves a [`PassPlan`]:
+//! it reads and sends the [`PassKind::Copy`] extents, zeroes (ZERO frame,
+//! punched hole) the [`PassKind::Zero`] ones and skips the
+//! [`PassKind::Unchanged`] ones ([`pass_work`] plans them exactly, not in
+//! whole windows).
 //!
 //! * [`PassPlan`]: the three-kind plan of a pass, checked to partition the
 //!   disk `[0, size)` exactly.
@@ -24,6 +24,8 @@
 //!   client.
 //! * [`changed_areas`]: the plan from a changed-areas list in the JSON shape
 //!   of VMware's `QueryChangedDiskAreas` and the source's allocation.
+//! * [`pass_work`]: a pass's changed extents, what a round still has to
+//!   move of them, and the exact work items for the workers.
 #![forbid(unsafe_code)]
 #![warn(
     clippy::cast_possible_truncation,
@@ -36,6 +38,7 @@ pub mod changed_areas;
 pub mod dirty;
 pub mod lanes;
 pub mod maps;
+pub mod pass_work;
 pub mod windows;
 
 /// What a pass does with one extent of the disk.
@@ -119,8 +122,7 @@ pub enum PlanError {
 }
 
 /// The plan of one pass: extents partitioning `[0, size_bytes)` exactly,
-/// adjacent extents of one kind merged. The pipeline will consume it
-/// (issue 15/16 wire it in); today nothing in `send` does.
+/// adjacent extents of one kind merged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PassPlan {
     extents: Vec<PassExtent>,

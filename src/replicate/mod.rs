@@ -8,6 +8,7 @@
 //! Receiver: [`receive`] (accept loop, per-stream state machine and its I/O
 //! loop, jobs, limits, and `receive::target`: target names, opening and I/O).
 
+pub mod passes;
 pub mod receive;
 pub mod send;
 mod source;
@@ -26,4 +27,14 @@ pub(crate) fn random_bytes(out: &mut [u8]) {
         h.update(seed.as_bytes());
         h.finalize_xof().fill(out);
     }
+}
+
+/// A fresh sync id for one send run: random, never all zero (all zero
+/// means "none" on the wire).
+pub(crate) fn new_sync_id() -> crate::wire::SyncId {
+    let mut id = crate::wire::pass::NO_SYNC_ID;
+    while id == crate::wire::pass::NO_SYNC_ID {
+        random_bytes(&mut id);
+    }
+    id
 }

@@ -5,12 +5,13 @@
 //! | magic | version | type | flags | payload_len |  (little-endian)
 //! ```
 
+use super::pass::{MAX_DIGESTS, MAX_PLAN_RANGES, MAX_REPLAN_RANGES};
 use super::{MAX_ACK_RANGES, MAX_CHUNK_BYTES, MAX_RESUME_RANGES, MAX_STRING_BYTES, WireError};
 
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"DFRY";
 /// The only protocol version this build speaks (exact match).
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 12;
 
@@ -42,6 +43,12 @@ pub enum FrameType {
     Ping = 11,
     /// PONG: answer to a PING.
     Pong = 12,
+    /// PLAN: an incremental pass's changed ranges (v2).
+    Plan = 13,
+    /// DIGEST_REQUEST: digest blocks of the target (v2, delta passes).
+    DigestRequest = 14,
+    /// DIGESTS: the answer to a DIGEST_REQUEST (v2).
+    Digests = 15,
 }
 
 /// Bytes of a length-prefixed string at its longest.
@@ -49,10 +56,16 @@ pub enum FrameType {
 const STRING_MAX_ON_WIRE: u32 = 2 + MAX_STRING_BYTES as u32;
 
 /// Fixed part of a Hello: job id, size, chunk size, features, stream index
-/// and count, flags, and two string length prefixes.
-pub(crate) const HELLO_MIN: u32 = 16 + 8 + 4 + 4 + 2 + 2 + 4 + 2 + 2;
-/// Fixed part of a Welcome: features, instance and range count.
-pub(crate) const WELCOME_MIN: u32 = 4 + 8 + 4;
+/// and count, flags, mode, sync id, base sync id, plan digest, and three
+/// string length prefixes.
+pub(crate) const HELLO_MIN: u32 = 16 + 8 + 4 + 4 + 2 + 2 + 4 + 1 + 16 + 16 + 32 + 3 * 2;
+/// Fixed part of a Welcome: features, instance, sync id and two range
+/// counts.
+pub(crate) const WELCOME_MIN: u32 = 4 + 8 + 16 + 4 + 4;
+/// Fixed part of a Digests: offset, block size, digest count.
+pub(crate) const DIGESTS_MIN: u32 = 8 + 4 + 4;
+/// Bytes of one block digest on the wire.
+pub(crate) const BLOCK_DIGEST_LEN: u32 = 16;
 /// Fixed part of an Ack: seq, durable total, range count.
 pub(crate) const ACK_MIN: u32 = 8 + 8 + 4;
 /// Fixed part of an Error: code and string length prefix.
@@ -77,6 +90,9 @@ impl FrameType {
             10 => Error,
             11 => Ping,
             12 => Pong,
+            13 => Plan,
+            14 => DigestRequest,
+            15 => Digests,
             _ => return Err(WireError::UnknownFrameType { code }),
         })
     }
@@ -97,6 +113,9 @@ impl FrameType {
             Error => "ERROR",
             Ping => "PING",
             Pong => "PONG",
+            Plan => "PLAN",
+            DigestRequest => "DIGEST_REQUEST",
+            Digests => "DIGESTS",
         }
     }
 
@@ -106,8 +125,11 @@ impl FrameType {
     pub fn payload_bounds(self) -> (u32, u32) {
         use FrameType::*;
         match self {
-            Hello => (HELLO_MIN, HELLO_MIN - 4 + 2 * STRING_MAX_ON_WIRE),
-            Welcome => (WELCOME_MIN, WELCOME_MIN + RANGE_LEN * MAX_RESUME_RANGES),
+            Hello => (HELLO_MIN, HELLO_MIN - 6 + 3 * STRING_MAX_ON_WIRE),
+            Welcome => (
+                WELCOME_MIN,
+                WELCOME_MIN + RANGE_LEN * (MAX_RESUME_RANGES + MAX_REPLAN_RANGES),
+            ),
             Data => {
                 let head = super::msg::DATA_HEAD_BYTES;
                 (head + 1, head + MAX_CHUNK_BYTES)
@@ -119,6 +141,9 @@ impl FrameType {
             VerifyRequest => (4, 4),
             VerifyResult => (40, 40),
             Error => (ERROR_MIN, ERROR_MIN - 2 + STRING_MAX_ON_WIRE),
+            Plan => (4, 4 + RANGE_LEN * MAX_PLAN_RANGES),
+            DigestRequest => (16, 16),
+            Digests => (DIGESTS_MIN, DIGESTS_MIN + BLOCK_DIGEST_LEN * MAX_DIGESTS),
         }
     }
 }

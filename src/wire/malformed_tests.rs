@@ -22,7 +22,9 @@ fn samples() -> Samples {
         welcome: Frame::Welcome(Welcome {
             features: Features::KNOWN,
             instance: 1,
+            sync_id: [9; 16],
             durable: ranges(2),
+            replan: vec![],
         }),
         raw: data(vec![0; 16], Codec::None, 16),
         err: Frame::Error(ErrorFrame {
@@ -56,8 +58,11 @@ fn malformed_headers_and_lengths_give_the_specific_error() {
             corrupt(&ping, |b| b[0] = b'X'),
             |e| matches!(e, WireError::BadMagic { got } if got == b"XFRY"),
         ),
-        ("wrong version", corrupt(&ping, |b| b[4] = 2), |e| {
-            matches!(e, WireError::UnsupportedVersion { got: 2 }) && e.code() == ErrorCode::Version
+        ("version 1 (a v1 peer)", corrupt(&ping, |b| b[4] = 1), |e| {
+            matches!(e, WireError::UnsupportedVersion { got: 1 }) && e.code() == ErrorCode::Version
+        }),
+        ("version 3", corrupt(&ping, |b| b[4] = 3), |e| {
+            matches!(e, WireError::UnsupportedVersion { got: 3 }) && e.code() == ErrorCode::Version
         }),
         ("unknown type", corrupt(&ping, |b| b[5] = 200), |e| {
             matches!(e, WireError::UnknownFrameType { code: 200 })
@@ -145,13 +150,13 @@ fn malformed_strings_and_lists_give_the_specific_error() {
         (
             "list count too big",
             corrupt(&welcome, |b| {
-                b[24..28].copy_from_slice(&(MAX_RESUME_RANGES + 1).to_le_bytes())
+                b[40..44].copy_from_slice(&(MAX_RESUME_RANGES + 1).to_le_bytes())
             }),
             |e| matches!(e, WireError::ListTooLong { count, .. } if *count == u64::from(MAX_RESUME_RANGES) + 1),
         ),
         (
             "list count past end",
-            corrupt(&welcome, |b| b[24] = 3),
+            corrupt(&welcome, |b| b[40] = 3),
             |e| {
                 matches!(
                     e,
@@ -173,7 +178,7 @@ fn malformed_strings_and_lists_give_the_specific_error() {
         ),
         (
             "empty range",
-            corrupt(&welcome, |b| b[36..44].fill(0)),
+            corrupt(&welcome, |b| b[52..60].fill(0)),
             |e| {
                 matches!(
                     e,

@@ -12,6 +12,8 @@
 //! * [`digest`]: [`chunk_digest`] and [`ImageDigest`], the whole-image
 //!   digest both sides compute for the verify pass ([`ImageDigestStream`]:
 //!   the same, front to back in constant memory).
+//! * [`pass`] (v2): [`SyncId`], [`plan_digest`] of an incremental pass,
+//!   [`block_digest`] of a delta pass, and their bounds.
 //!
 //! [`decode_any`] is the one-call entry point for fuzz targets.
 #![forbid(unsafe_code)]
@@ -26,11 +28,14 @@ pub mod decoder;
 pub mod digest;
 pub mod header;
 pub mod msg;
+pub mod pass;
 
 #[cfg(test)]
 mod digest_tests;
 #[cfg(test)]
 mod malformed_tests;
+#[cfg(test)]
+mod pass_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
@@ -41,8 +46,9 @@ pub use digest::{ChunkDigest, ImageDigest, ImageDigestStream, StreamingChunkDige
 pub use header::{FrameType, HEADER_LEN, Header, MAGIC, PROTOCOL_VERSION};
 pub use msg::{
     Ack, ByteRange, Codec, DATA_HEAD_LEN, DATA_HEADER_LEN, Data, DataHead, ErrorCode, ErrorFrame,
-    Features, Frame, Hello, HelloFlags, Welcome, encode_data_header,
+    Features, Frame, Hello, HelloFlags, PassMode, Welcome, encode_data_header,
 };
+pub use pass::{SyncId, block_digest, parse_sync_id, plan_digest, sync_id_hex};
 
 /// Largest raw (uncompressed) chunk a DATA frame may carry.
 pub const MAX_CHUNK_BYTES: u32 = 32 * 1024 * 1024;

@@ -1,20 +1,20 @@
 //! The frames: what each carries, how it is encoded, parsed and validated.
 //!
-//! One validation per message ([`Frame::validate`]) is used on both sides:
-//! before a frame is encoded and after it is parsed. The encoders and
-//! parsers are in `codec.rs`.
+//! One validation per message ([`Frame::validate`], in `validate.rs`) is
+//! used on both sides: before a frame is encoded and after it is parsed.
+//! The encoders and parsers are in `codec.rs`.
 
-use super::header::{FrameType, HEADER_LEN};
-use super::{
-    MAX_ACK_RANGES, MAX_CHUNK_BYTES, MAX_RESUME_RANGES, MAX_STREAMS, MAX_STRING_BYTES, WireError,
-};
+use super::header::HEADER_LEN;
+use super::pass::SyncId;
 
 mod codec;
 mod enums;
 mod reader;
+mod validate;
 
 pub use codec::encode_data_header;
-pub use enums::{Codec, ErrorCode, Features, HelloFlags};
+pub use enums::{Codec, ErrorCode, Features, HelloFlags, PassMode};
+pub(crate) use validate::bad;
 
 /// Bytes of the fixed part of a DATA payload (offset, raw length, codec,
 /// three reserved bytes, digest).
@@ -41,13 +41,13 @@ pub struct Hello {
     pub job_id: [u8; 16],
     /// Size of the source image.
     pub size_bytes: u64,
-    /// Chunk size the sender uses; 1 ..= [`MAX_CHUNK_BYTES`].
+    /// Chunk size the sender uses; 1 ..= [`super::MAX_CHUNK_BYTES`].
     pub chunk_size_bytes: u32,
     /// Features the sender offers.
     pub features: Features,
     /// This stream's index, `< stream_count`.
     pub stream_index: u16,
-    /// Streams in the job, 1 ..= [`MAX_STREAMS`].
+    /// Streams in the job, 1 ..= [`super::MAX_STREAMS`].
     pub stream_count: u16,
     /// What the sender asks of the receiver for this job.
     pub flags: HelloFlags,
@@ -56,6 +56,19 @@ pub struct Hello {
     /// Sender-derived identity of the source (size + generation, or a
     /// digest); resume refuses a journal written for another identity.
     pub source_identity: String,
+    /// What the pass does.
+    pub mode: PassMode,
+    /// Random per send run, never all zero: the id the target records
+    /// when this job completes.
+    pub sync_id: SyncId,
+    /// [`PassMode::Incremental`]: the sync the changes are relative to
+    /// (never all zero); otherwise all zero.
+    pub base_sync_id: SyncId,
+    /// [`PassMode::Incremental`]: `wire::plan_digest` of the PLAN that
+    /// follows; otherwise all zero.
+    pub plan_digest: [u8; 32],
+    /// Free text naming the change (empty when none was given).
+    pub change_id: String,
 }
 
 /// WELCOME: the receiver's acceptance of a HELLO.
@@ -67,9 +80,17 @@ pub struct Welcome {
     /// receiver started the job again from its journal (after a restart),
     /// so acknowledgements of an older instance no longer count.
     pub instance: u64,
+    /// The id the target records when this job completes; for a target
+    /// that is already complete, the id it recorded then. Never all zero.
+    pub sync_id: SyncId,
     /// Ranges already durable on the target for this job, sorted and
-    /// disjoint; at most [`MAX_RESUME_RANGES`].
+    /// disjoint; at most [`super::MAX_RESUME_RANGES`].
     pub durable: Vec<ByteRange>,
+    /// Incremental passes only: ranges an interrupted earlier pass on the
+    /// same base may have changed on the target that this plan does not
+    /// list; the sender sends them too. Sorted and disjoint; at most
+    /// [`super::pass::MAX_REPLAN_RANGES`].
+    pub replan: Vec<ByteRange>,
 }
 
 /// The fixed part of a DATA frame.
@@ -77,7 +98,7 @@ pub struct Welcome {
 pub struct DataHead {
     /// Where the chunk goes in the image.
     pub offset: u64,
-    /// Length of the raw (uncompressed) chunk; 1 ..= [`MAX_CHUNK_BYTES`].
+    /// Length of the raw (uncompressed) chunk; 1 ..= [`super::MAX_CHUNK_BYTES`].
     pub raw_len_bytes: u32,
     /// How the payload is encoded.
     pub codec: Codec,
@@ -103,7 +124,7 @@ pub struct Ack {
     /// Bytes durable on the target for the whole job so far.
     pub bytes_durable_total: u64,
     /// Ranges that became durable since the previous ACK on this stream,
-    /// sorted and disjoint; at most [`MAX_ACK_RANGES`].
+    /// sorted and disjoint; at most [`super::MAX_ACK_RANGES`].
     pub durable_added: Vec<ByteRange>,
 }
 
@@ -117,7 +138,7 @@ pub struct ErrorFrame {
     pub message: String,
 }
 
-/// Every frame of protocol version 1.
+/// Every frame of protocol version 2.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// The first frame of every stream, sender → receiver.
@@ -166,149 +187,28 @@ pub enum Frame {
         /// The PING's nonce.
         nonce: u64,
     },
-}
-
-impl DataHead {
-    /// Checks the fields and the payload length that goes with them.
-    pub fn validate(&self, payload_len_bytes: u32) -> Result<(), WireError> {
-        if self.raw_len_bytes > MAX_CHUNK_BYTES {
-            return Err(WireError::ChunkTooLarge {
-                raw_len_bytes: self.raw_len_bytes,
-                max_bytes: MAX_CHUNK_BYTES,
-            });
-        }
-        if self.raw_len_bytes == 0 {
-            return Err(bad("DATA", "raw_len", "is zero: send nothing instead"));
-        }
-        if self
-            .offset
-            .checked_add(u64::from(self.raw_len_bytes))
-            .is_none()
-        {
-            return Err(bad("DATA", "offset + raw_len", "overflows 64 bits"));
-        }
-        match self.codec {
-            Codec::None if payload_len_bytes != self.raw_len_bytes => Err(bad(
-                "DATA",
-                "payload length",
-                "differs from raw_len for an uncompressed chunk",
-            )),
-            _ if payload_len_bytes > self.raw_len_bytes => Err(bad(
-                "DATA",
-                "payload length",
-                "is above raw_len: send the chunk uncompressed instead",
-            )),
-            _ if payload_len_bytes == 0 => Err(bad("DATA", "payload length", "is zero")),
-            _ => Ok(()),
-        }
-    }
-}
-
-fn bad(frame: &'static str, field: &'static str, why: &'static str) -> WireError {
-    WireError::BadField { frame, field, why }
-}
-
-/// Checks a range list: non-empty ranges, no overflow, sorted, disjoint.
-fn check_ranges(field: &'static str, ranges: &[ByteRange], max: u32) -> Result<(), WireError> {
-    if ranges.len() as u64 > u64::from(max) {
-        return Err(WireError::ListTooLong {
-            field,
-            count: ranges.len() as u64,
-            max: u64::from(max),
-        });
-    }
-    let mut end_prev = 0u64;
-    for (i, r) in ranges.iter().enumerate() {
-        let bad_range = |why| WireError::BadRange {
-            field,
-            offset: r.offset,
-            len_bytes: r.len_bytes,
-            why,
-        };
-        if r.len_bytes == 0 {
-            return Err(bad_range("is empty"));
-        }
-        let Some(end) = r.offset.checked_add(r.len_bytes) else {
-            return Err(bad_range("overflows 64 bits"));
-        };
-        if i > 0 && r.offset < end_prev {
-            return Err(bad_range("overlaps or precedes the previous range"));
-        }
-        end_prev = end;
-    }
-    Ok(())
-}
-
-fn check_string(field: &'static str, s: &str) -> Result<(), WireError> {
-    if s.len() > MAX_STRING_BYTES {
-        return Err(WireError::StringTooLong {
-            field,
-            len_bytes: s.len(),
-            max_bytes: MAX_STRING_BYTES,
-        });
-    }
-    Ok(())
-}
-
-impl Frame {
-    /// The frame's type.
-    pub fn frame_type(&self) -> FrameType {
-        match self {
-            Frame::Hello(_) => FrameType::Hello,
-            Frame::Welcome(_) => FrameType::Welcome,
-            Frame::Data(_) => FrameType::Data,
-            Frame::Zero(_) => FrameType::Zero,
-            Frame::Barrier { .. } => FrameType::Barrier,
-            Frame::Ack(_) => FrameType::Ack,
-            Frame::Done { .. } => FrameType::Done,
-            Frame::VerifyRequest { .. } => FrameType::VerifyRequest,
-            Frame::VerifyResult { .. } => FrameType::VerifyResult,
-            Frame::Error(_) => FrameType::Error,
-            Frame::Ping { .. } => FrameType::Ping,
-            Frame::Pong { .. } => FrameType::Pong,
-        }
-    }
-
-    /// Checks every field against the protocol's bounds; run before
-    /// encoding and after parsing.
-    pub fn validate(&self) -> Result<(), WireError> {
-        match self {
-            Frame::Hello(h) => {
-                if h.chunk_size_bytes == 0 || h.chunk_size_bytes > MAX_CHUNK_BYTES {
-                    return Err(bad("HELLO", "chunk_size", "must be 1 byte ..= 32 MiB"));
-                }
-                if h.stream_count == 0 || h.stream_count > MAX_STREAMS {
-                    return Err(bad("HELLO", "stream_count", "must be 1 ..= 64"));
-                }
-                if h.stream_index >= h.stream_count {
-                    return Err(bad("HELLO", "stream_index", "must be below stream_count"));
-                }
-                HelloFlags::check(h.flags.0)?;
-                check_string("HELLO target", &h.target)?;
-                check_string("HELLO source_identity", &h.source_identity)
-            }
-            Frame::Welcome(w) => check_ranges("WELCOME durable", &w.durable, MAX_RESUME_RANGES),
-            Frame::Data(d) => {
-                let len = u32::try_from(d.payload.len()).map_err(|_| WireError::ChunkTooLarge {
-                    raw_len_bytes: u32::MAX,
-                    max_bytes: MAX_CHUNK_BYTES,
-                })?;
-                d.head.validate(len)
-            }
-            Frame::Zero(r) => check_ranges("ZERO", std::slice::from_ref(r), 1),
-            Frame::Ack(a) => check_ranges("ACK durable_added", &a.durable_added, MAX_ACK_RANGES),
-            Frame::VerifyRequest { window_bytes } => {
-                if *window_bytes == 0 || *window_bytes > MAX_CHUNK_BYTES {
-                    return Err(bad("VERIFY_REQUEST", "window", "must be 1 byte ..= 32 MiB"));
-                }
-                Ok(())
-            }
-            Frame::Error(e) => check_string("ERROR message", &e.message),
-            Frame::Barrier { .. }
-            | Frame::Done { .. }
-            | Frame::VerifyResult { .. }
-            | Frame::Ping { .. }
-            | Frame::Pong { .. } => Ok(()),
-        }
-    }
+    /// An incremental pass's changed set (sorted, disjoint, at most
+    /// [`super::pass::MAX_PLAN_RANGES`]), right after HELLO on every stream.
+    Plan(Vec<ByteRange>),
+    /// Delta passes: digest the target's bytes in `[offset, offset +
+    /// len_bytes)` block by block.
+    DigestRequest {
+        /// Where the span starts.
+        offset: u64,
+        /// Length of the span, 1 byte ..= 32 MiB.
+        len_bytes: u32,
+        /// Block size, a power of two in 4 KiB ..= 1 MiB.
+        block_bytes: u32,
+    },
+    /// The answer to a DIGEST_REQUEST: [`super::block_digest`] of each
+    /// block (the last one may be short; bytes past the target's end read
+    /// as zeros).
+    Digests {
+        /// Where the first block starts.
+        offset: u64,
+        /// Block size.
+        block_bytes: u32,
+        /// One digest per block, at least one.
+        digests: Vec<[u8; 16]>,
+    },
 }

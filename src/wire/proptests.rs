@@ -56,20 +56,47 @@ fn arb_data() -> impl Strategy<Value = Frame> {
     })
 }
 
+fn arb_sync_id() -> impl Strategy<Value = SyncId> {
+    any::<[u8; 16]>().prop_filter("a sync id is never all zero", |id| *id != [0; 16])
+}
+
+/// The v2 pass fields, consistent with each other: base and plan digest
+/// only for an incremental pass.
+fn arb_pass() -> impl Strategy<Value = (PassMode, SyncId, SyncId, [u8; 32])> {
+    prop_oneof![
+        (arb_sync_id(), Just(PassMode::Full)),
+        (arb_sync_id(), Just(PassMode::Delta)),
+    ]
+    .prop_map(|(sync_id, mode)| (mode, sync_id, [0; 16], [0; 32]))
+    .boxed()
+    .prop_union(
+        (arb_sync_id(), arb_sync_id(), arb_ranges(20))
+            .prop_map(|(sync_id, base, plan)| {
+                (PassMode::Incremental, sync_id, base, plan_digest(&plan))
+            })
+            .boxed(),
+    )
+}
+
 fn arb_hello() -> impl Strategy<Value = Frame> {
     let streams = (1u16..=MAX_STREAMS).prop_flat_map(|count| (0..count, Just(count)));
     (
-        any::<[u8; 16]>(),
-        any::<u64>(),
-        1u32..=MAX_CHUNK_BYTES,
+        (any::<[u8; 16]>(), any::<u64>(), 1u32..=MAX_CHUNK_BYTES),
         any::<u32>(),
         streams,
         0u32..=HelloFlags::KNOWN.0,
-        arb_string(),
-        arb_string(),
+        (arb_string(), arb_string(), arb_string()),
+        arb_pass(),
     )
         .prop_map(
-            |(job_id, size_bytes, chunk, features, (index, count), flags, target, ident)| {
+            |(
+                (job_id, size_bytes, chunk),
+                features,
+                (index, count),
+                flags,
+                (target, ident, change_id),
+                (mode, sync_id, base_sync_id, plan_digest),
+            )| {
                 Frame::Hello(Hello {
                     job_id,
                     size_bytes,
@@ -80,21 +107,68 @@ fn arb_hello() -> impl Strategy<Value = Frame> {
                     flags: HelloFlags(flags),
                     target,
                     source_identity: ident,
+                    mode,
+                    sync_id,
+                    base_sync_id,
+                    plan_digest,
+                    change_id,
                 })
             },
         )
 }
 
+fn arb_block_bytes() -> impl Strategy<Value = u32> {
+    (12u32..=20).prop_map(|shift| 1u32 << shift)
+}
+
+/// PLAN, DIGEST_REQUEST and DIGESTS (v2).
+fn arb_pass_frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        arb_ranges(60).prop_map(Frame::Plan),
+        (
+            0u64..u64::MAX >> 1,
+            1u32..=MAX_CHUNK_BYTES,
+            arb_block_bytes()
+        )
+            .prop_map(|(offset, len_bytes, block_bytes)| Frame::DigestRequest {
+                offset,
+                len_bytes,
+                block_bytes,
+            }),
+        // At most 32 digests: the span of 32 MiB holds that many of the
+        // largest blocks.
+        (
+            0u64..u64::MAX >> 1,
+            arb_block_bytes(),
+            vec(any::<[u8; 16]>(), 1..=32)
+        )
+            .prop_map(|(offset, block_bytes, digests)| Frame::Digests {
+                offset,
+                block_bytes,
+                digests,
+            }),
+    ]
+}
+
 fn arb_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         arb_hello(),
-        (any::<u32>(), any::<u64>(), arb_ranges(40)).prop_map(|(f, instance, durable)| {
-            Frame::Welcome(Welcome {
-                features: Features(f),
-                instance,
-                durable,
-            })
-        }),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            arb_sync_id(),
+            arb_ranges(40),
+            arb_ranges(10)
+        )
+            .prop_map(|(f, instance, sync_id, durable, replan)| {
+                Frame::Welcome(Welcome {
+                    features: Features(f),
+                    instance,
+                    sync_id,
+                    durable,
+                    replan,
+                })
+            }),
         arb_data(),
         (0u64..u64::MAX >> 1, 1u64..u64::MAX >> 1)
             .prop_map(|(offset, len_bytes)| Frame::Zero(ByteRange { offset, len_bytes })),
@@ -119,6 +193,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         })),
         any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
+        arb_pass_frame(),
     ]
 }
 
@@ -161,7 +236,7 @@ fn decode_split(bytes: &[u8], cuts: &[f64]) -> Result<Vec<Frame>, WireError> {
 }
 
 fn max_payload_bound() -> usize {
-    (1..=12u8)
+    (1..=15u8)
         .map(|c| FrameType::from_u8(c).unwrap().payload_bounds().1 as usize)
         .max()
         .unwrap_or(0)
@@ -171,7 +246,7 @@ fn max_payload_bound() -> usize {
 /// followed by arbitrary bytes: reaches the payload parsers.
 fn arb_header_then_noise() -> impl Strategy<Value = Vec<u8>> {
     (
-        0u8..14,
+        0u8..17,
         prop_oneof![3 => 0u32..200, 1 => any::<u32>()],
         vec(any::<u8>(), 0..300),
     )
@@ -257,7 +332,7 @@ proptest! {
     }
 
     #[test]
-    fn header_length_above_bound_is_refused(ty in 1u8..=12, extra in 1u32..1 << 20) {
+    fn header_length_above_bound_is_refused(ty in 1u8..=15, extra in 1u32..1 << 20) {
         let frame_type = FrameType::from_u8(ty).unwrap();
         let (_, max) = frame_type.payload_bounds();
         let mut b = MAGIC.to_vec();

@@ -17,6 +17,11 @@ pub(super) fn hello() -> Hello {
         flags: HelloFlags::RESTART,
         target: "vm-42/disk0".into(),
         source_identity: "size=10737418240 gen=17".into(),
+        mode: PassMode::Full,
+        sync_id: [0x11; 16],
+        base_sync_id: [0; 16],
+        plan_digest: [0; 32],
+        change_id: "CHG-1".into(),
     }
 }
 
@@ -48,12 +53,16 @@ pub(super) fn sample_frames() -> Vec<Frame> {
         Frame::Welcome(Welcome {
             features: Features::BLAKE3,
             instance: 7,
+            sync_id: [1; 16],
             durable: vec![],
+            replan: vec![],
         }),
         Frame::Welcome(Welcome {
             features: Features::KNOWN,
             instance: u64::MAX,
+            sync_id: [0xfe; 16],
             durable: ranges(5),
+            replan: ranges(2),
         }),
         data(vec![1, 2, 3, 4, 5], Codec::None, 5),
         data(vec![9; 10], Codec::Zstd, 4096),
@@ -88,6 +97,22 @@ pub(super) fn sample_frames() -> Vec<Frame> {
         }),
         Frame::Ping { nonce: u64::MAX },
         Frame::Pong { nonce: 0 },
+        Frame::Plan(vec![]),
+        Frame::Plan(ranges(4)),
+        Frame::DigestRequest {
+            offset: 1 << 30,
+            len_bytes: 32 << 20,
+            block_bytes: 4096,
+        },
+        Frame::Digests {
+            offset: 1 << 30,
+            block_bytes: 64 << 10,
+            digests: vec![[3; 16], [4; 16]],
+        },
+        Frame::Error(ErrorFrame {
+            code: ErrorCode::BaseMismatch,
+            message: "the target's last sync is 0011…".into(),
+        }),
     ]
 }
 
@@ -116,12 +141,12 @@ fn fixed_layouts_are_as_documented() {
     assert_eq!(
         ping,
         [
-            b'D', b'F', b'R', b'Y', 1, 11, 0, 0, 8, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0
+            b'D', b'F', b'R', b'Y', 2, 11, 0, 0, 8, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0
         ]
     );
     let hello = encoded(&Frame::Hello(hello()));
-    let strings = "vm-42/disk0".len() + "size=10737418240 gen=17".len();
-    assert_eq!(hello.len(), HEADER_LEN + 44 + strings);
+    let strings = "vm-42/disk0".len() + "size=10737418240 gen=17".len() + "CHG-1".len();
+    assert_eq!(hello.len(), HEADER_LEN + 111 + strings);
 }
 
 #[test]
@@ -174,6 +199,8 @@ fn encoder_refuses_what_the_decoder_would_refuse() {
     let bad = Frame::Welcome(Welcome {
         features: Features::default(),
         instance: 0,
+        sync_id: [1; 16],
+        replan: vec![],
         durable: vec![
             ByteRange {
                 offset: 10,

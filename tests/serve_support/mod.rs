@@ -13,7 +13,7 @@ use diskferry::net::{self, TlsDir, TlsRole};
 use diskferry::replicate::receive::serve::{ServeError, ServeOptions, Server};
 use diskferry::wire::{
     Codec, DataHead, ErrorCode, Features, Frame, FrameDecoder, Hello, HelloFlags, ImageDigest,
-    chunk_digest, encode_data_header,
+    PassMode, chunk_digest, encode_data_header,
 };
 
 pub const CLIENT_READ_TIMEOUT_MS: u64 = 15_000;
@@ -285,6 +285,12 @@ pub fn hello(job: u8, target: &str, size_bytes: u64, stream_index: u16, streams:
         flags: HelloFlags::default(),
         target: target.to_string(),
         source_identity: "test-source".into(),
+        mode: PassMode::Full,
+        // Per job, never all zero.
+        sync_id: [job | 0x80; 16],
+        base_sync_id: [0; 16],
+        plan_digest: [0; 32],
+        change_id: String::new(),
     }
 }
 

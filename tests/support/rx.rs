@@ -148,14 +148,13 @@ impl Rx {
 
     /// The journal of `name` as the receiver left it (None if there is none).
     pub fn journal(&self, name: &str) -> Option<Journal> {
-        JournalStore::open(&self.state)
-            .unwrap()
+        JournalStore::reader(&self.state)
             .load(name)
             .unwrap_or_else(|e| panic!("journal of {name}: {e}"))
     }
 
     pub fn journal_path(&self, name: &str) -> PathBuf {
-        JournalStore::open(&self.state).unwrap().path_for(name)
+        JournalStore::reader(&self.state).path_for(name)
     }
 
     /// The receiver's log so far.

@@ -29,7 +29,7 @@ use diskferry::nbd::handshake;
 use diskferry::nbd::proto::{self, ChunkHeader};
 use diskferry::wire::{
     Ack, ByteRange, Codec, Data, DataHead, ErrorCode, ErrorFrame, Features, Frame, Hello,
-    HelloFlags, Welcome, chunk_digest,
+    HelloFlags, PassMode, Welcome, block_digest, chunk_digest, plan_digest,
 };
 use diskferry_fuzz::{REPLY_CONTEXT_ID, REPLY_EXPORT_SIZE_BYTES, REPLY_REQUESTS};
 
@@ -75,13 +75,59 @@ fn wire_frames() -> Vec<(&'static str, Frame)> {
                 flags: HelloFlags::RESTART,
                 target: "vm-disk0".into(),
                 source_identity: "size=10737418240 gen=7".into(),
+                mode: PassMode::Full,
+                sync_id: *b"sync-id-0123456\x01",
+                base_sync_id: [0; 16],
+                plan_digest: [0; 32],
+                change_id: String::new(),
             }),
+        ),
+        (
+            "hello_incremental",
+            Frame::Hello(Hello {
+                job_id: *b"0123456789abcdef",
+                size_bytes: 10 << 30,
+                chunk_size_bytes: 2 << 20,
+                features: Features::KNOWN,
+                stream_index: 0,
+                stream_count: 2,
+                flags: HelloFlags::default(),
+                target: "vm-disk0".into(),
+                source_identity: "size=10737418240 gen=8".into(),
+                mode: PassMode::Incremental,
+                sync_id: *b"sync-id-0123456\x02",
+                base_sync_id: *b"sync-id-0123456\x01",
+                plan_digest: plan_digest(&seed_plan()),
+                change_id: "CHG-2026-17".into(),
+            }),
+        ),
+        ("plan", Frame::Plan(seed_plan())),
+        (
+            "digest_request",
+            Frame::DigestRequest {
+                offset: 4 << 20,
+                len_bytes: 1 << 20,
+                block_bytes: 64 << 10,
+            },
+        ),
+        (
+            "digests",
+            Frame::Digests {
+                offset: 4 << 20,
+                block_bytes: 64 << 10,
+                digests: vec![block_digest(&payload), block_digest(&[0; 4096])],
+            },
         ),
         (
             "welcome",
             Frame::Welcome(Welcome {
                 features: Features::BLAKE3.union(Features::RESUME),
                 instance: 0x1234_5678_9abc_def0,
+                sync_id: *b"sync-id-0123456\x01",
+                replan: vec![ByteRange {
+                    offset: 8 << 20,
+                    len_bytes: 4096,
+                }],
                 durable: vec![
                     ByteRange {
                         offset: 0,
@@ -164,8 +210,29 @@ fn wire_frames() -> Vec<(&'static str, Frame)> {
                 message: "journal written for another source".into(),
             }),
         ),
+        (
+            "error_base_mismatch",
+            Frame::Error(ErrorFrame {
+                code: ErrorCode::BaseMismatch,
+                message: "the target's last sync is 73796e632d69642d3031323334353601".into(),
+            }),
+        ),
         ("ping", Frame::Ping { nonce: 42 }),
         ("pong", Frame::Pong { nonce: 42 }),
+    ]
+}
+
+/// The changed set of the incremental seeds.
+fn seed_plan() -> Vec<ByteRange> {
+    vec![
+        ByteRange {
+            offset: 0,
+            len_bytes: 64 << 10,
+        },
+        ByteRange {
+            offset: 8 << 20,
+            len_bytes: 4096,
+        },
     ]
 }
 

@@ -38,8 +38,8 @@ pub struct SinkIo {
     pub doorbell: std::os::unix::net::UnixStream,
     /// Also take a digest of every whole window (for `--verify`).
     pub window_digests: bool,
-    /// The digest of every data run.
-    pub run_digest: crate::wire::ChunkDigest,
+    /// The digest of every data run (`None`: runs are not digested).
+    pub run_digest: Option<crate::wire::ChunkDigest>,
     pub(super) bell_buf: Box<[u8; 64]>,
     pub(super) armed: bool,
     /// Slots lent and not yet returned.
@@ -51,7 +51,7 @@ impl SinkIo {
         sink: Arc<Sink>,
         doorbell: std::os::unix::net::UnixStream,
         window_digests: bool,
-        run_digest: crate::wire::ChunkDigest,
+        run_digest: Option<crate::wire::ChunkDigest>,
     ) -> Self {
         Self {
             sink,

@@ -14,10 +14,9 @@ impl Worker {
         let window = self.pool.region(slot, 0, len);
         let mut runs = Vec::with_capacity(self.slots[slot].runs.len());
         for r in &self.slots[slot].runs {
-            let digest = if r.zero {
-                [0; 32]
-            } else {
-                io.run_digest.digest(&window[r.offset..r.offset + r.len])
+            let digest = match io.run_digest {
+                Some(d) if !r.zero => d.digest(&window[r.offset..r.offset + r.len]),
+                _ => [0; 32],
             };
             runs.push(SinkRun {
                 rel: r.offset as u32,
@@ -28,7 +27,7 @@ impl Worker {
         }
         // The image digest is BLAKE3 of each window: a whole-window run's
         // digest serves when runs are BLAKE3 too.
-        let blake3_runs = io.run_digest == crate::wire::ChunkDigest::Blake3;
+        let blake3_runs = io.run_digest == Some(crate::wire::ChunkDigest::Blake3);
         let window_digest = io.window_digests.then(|| match runs.as_slice() {
             [only] if blake3_runs && !only.zero && only.len as usize == len => only.digest,
             _ => *blake3::hash(window).as_bytes(),

@@ -7,8 +7,8 @@
 //! Memory per connection is bounded by the protocol: the decoder holds at
 //! most one frame (plus one recycled DATA buffer), the machine one
 //! decompression buffer of at most the job's chunk size and capped written
-//! ranges, and a verify pass (only after DONE, once per stream) one 1 MiB
-//! read buffer (`verify`).
+//! ranges, and a verify pass (only after DONE, once per stream) or a delta
+//! pass's digests one 1 MiB read buffer (`verify`, `digests`).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
@@ -18,7 +18,8 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
-use super::events::{Action, ActionResult, End, Health, Input, JobInfo};
+use super::digests;
+use super::events::{Action, ActionResult, AttachRequest, End, Health, Input, JobInfo};
 use super::job::{Attachment, Refusal, Registry};
 use super::limits::HandshakeSlot;
 use super::session::Session;
@@ -49,6 +50,8 @@ struct Conn<'a> {
     /// A plaintext stream's place among its address's unauthenticated
     /// connections, given back at HELLO.
     unauthenticated: Option<HandshakeSlot>,
+    /// A delta pass's read buffer for digests (at most 1 MiB).
+    digest_buf: Vec<u8>,
 }
 
 /// Runs the protocol on an accepted, authenticated connection until it
@@ -73,6 +76,7 @@ pub fn serve_connection(
         out: Vec::new(),
         attachment: None,
         unauthenticated,
+        digest_buf: Vec::new(),
     };
     let mut session = Session::new(ctx.max_ranges_per_job, Instant::now());
     loop {
@@ -148,8 +152,8 @@ impl Conn<'_> {
 
     /// Carries out `action`; its result, if the machine waits for one.
     fn execute(&mut self, action: Action) -> Option<ActionResult> {
-        if let Action::Attach(hello) = &action {
-            return Some(self.attach(hello));
+        if let Action::Attach(request) = &action {
+            return Some(self.attach(request));
         }
         if let Action::Send(frame) = &action {
             return Some(ActionResult::Sent(self.send(frame)));
@@ -200,6 +204,21 @@ impl Conn<'_> {
                 &self.ctx.verifying,
                 &self.ctx.stop,
             )),
+            Action::ReadDigests {
+                offset,
+                len_bytes,
+                block_bytes,
+            } => ActionResult::Digests(
+                digests::digest_blocks(
+                    &job.target,
+                    (offset, len_bytes, block_bytes),
+                    &self.ctx.stop,
+                    &mut self.digest_buf,
+                    crate::wire::block_digest,
+                )
+                // A flush that starts after the read covers what it read.
+                .map(|d| (d, job.target.sync_point())),
+            ),
             Action::SyncForStop => ActionResult::Synced(job.target.sync()),
             Action::FailJob(refusal) => {
                 job.fail(refusal);
@@ -212,9 +231,10 @@ impl Conn<'_> {
         Some(done)
     }
 
-    fn attach(&mut self, hello: &crate::wire::Hello) -> ActionResult {
+    fn attach(&mut self, request: &AttachRequest) -> ActionResult {
+        let hello = &request.hello;
         // A refusal is logged (with the peer) when the stream ends.
-        let attachment = match self.ctx.registry.attach(hello) {
+        let attachment = match self.ctx.registry.attach(request) {
             Ok(a) => a,
             Err(refusal) => return ActionResult::AttachRefused(refusal),
         };
@@ -235,6 +255,10 @@ impl Conn<'_> {
                 .into_iter()
                 .map(|(offset, len_bytes)| ByteRange { offset, len_bytes })
                 .collect(),
+            mode: job.pass.mode,
+            sync_id: job.pass.welcome_sync_id,
+            replan: job.pass.replan.clone(),
+            planned: job.pass.planned.clone(),
         };
         self.attachment = Some(attachment);
         self.unauthenticated = None;

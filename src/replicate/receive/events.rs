@@ -5,12 +5,15 @@
 #![forbid(unsafe_code)]
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::digests::DigestReadError;
 use super::job::Refusal;
 use super::verify::VerifyError;
 use super::written::RangeCapError;
-use crate::wire::{ByteRange, Frame, Hello};
+use crate::journal::RangeSet;
+use crate::wire::{ByteRange, Frame, Hello, PassMode, SyncId};
 
 /// How the stream's job stands, as the driver sees it when a frame or a
 /// quiet interval comes (other streams may have failed the job, or a
@@ -72,6 +75,25 @@ pub struct JobInfo {
     pub instance: u64,
     /// What is durable now, for WELCOME.
     pub durable: Vec<ByteRange>,
+    /// What the job's pass does.
+    pub mode: PassMode,
+    /// The id the target records when the job completes, for WELCOME.
+    pub sync_id: SyncId,
+    /// Incremental: planned ranges the sender's plan does not list, for
+    /// WELCOME.
+    pub replan: Vec<ByteRange>,
+    /// Incremental: the only ranges the pass may write (everything else of
+    /// the target stays as the base left it).
+    pub planned: Option<Arc<RangeSet>>,
+}
+
+/// A stream's HELLO and, for an incremental pass, the PLAN that came
+/// right after it (its digest checked against the HELLO's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachRequest {
+    pub hello: Hello,
+    /// Incremental: the pass's changed set; empty otherwise.
+    pub plan: Vec<ByteRange>,
 }
 
 /// What the machine asks the driver to do. Those that have a result
@@ -80,7 +102,7 @@ pub struct JobInfo {
 pub enum Action {
     /// Attach the stream to the HELLO's job (starting the job on its first
     /// HELLO) → [`ActionResult::Attached`] or [`ActionResult::AttachRefused`].
-    Attach(Box<Hello>),
+    Attach(Box<AttachRequest>),
     /// Write all of `buf` at `offset` of the target → [`ActionResult::Written`]
     /// (which gives `buf` back).
     Write { offset: u64, buf: Vec<u8> },
@@ -104,6 +126,13 @@ pub enum Action {
     /// Read the target back in `window_bytes` windows →
     /// [`ActionResult::ReadBack`].
     ReadBack { window_bytes: u32 },
+    /// A delta pass: digest the target's `block_bytes` blocks of
+    /// `[offset, offset + len_bytes)` → [`ActionResult::Digests`].
+    ReadDigests {
+        offset: u64,
+        len_bytes: u32,
+        block_bytes: u32,
+    },
     /// Flush the target before telling the sender the receiver stops →
     /// [`ActionResult::Synced`].
     SyncForStop,
@@ -147,6 +176,9 @@ pub enum ActionResult {
     StreamFinished(Result<(), Refusal>),
     /// The image digest and the bytes read.
     ReadBack(Result<([u8; 32], u64), VerifyError>),
+    /// The block digests, and the target's flush number that covers the
+    /// bytes they were taken of.
+    Digests(Result<(Vec<[u8; 16]>, u64), DigestReadError>),
     Synced(io::Result<()>),
     /// Whether the frame was written out (the error, for the log).
     Sent(io::Result<()>),

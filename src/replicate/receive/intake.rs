@@ -81,18 +81,32 @@ fn refuse(code: ErrorCode, message: String) -> End {
     End::Refuse(Refusal::new(code, message))
 }
 
-/// Checks that `[offset, offset + len)` lies within the image.
+/// Checks that `[offset, offset + len)` lies within the image and, for an
+/// incremental pass, within its planned ranges: a write anywhere else
+/// would change the target where no journal says it may have changed.
 fn check_range(job: &JobInfo, offset: u64, len_bytes: u64, what: &str) -> Result<(), End> {
     let size_bytes = job.size_bytes;
     match offset.checked_add(len_bytes) {
-        Some(end) if end <= size_bytes => Ok(()),
-        _ => Err(refuse(
+        Some(end) if end <= size_bytes => {}
+        _ => {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!(
+                    "{what} past the end of the target: offset {offset} + {len_bytes} bytes \
+                     is beyond the image size {size_bytes}"
+                ),
+            ));
+        }
+    }
+    match &job.planned {
+        Some(planned) if !planned.contains(offset, len_bytes) => Err(refuse(
             ErrorCode::BadRequest,
             format!(
-                "{what} past the end of the target: offset {offset} + {len_bytes} bytes \
-                 is beyond the image size {size_bytes}"
+                "{what} at offset {offset} + {len_bytes} bytes is outside the incremental \
+                 pass's planned ranges (its PLAN and WELCOME replan): refusing to write it"
             ),
         )),
+        _ => Ok(()),
     }
 }
 
@@ -196,6 +210,19 @@ impl Intake {
         }
         self.last_seq = Some(seq);
         Ok(self.settle(AfterSettle::Ack(seq), now, out))
+    }
+
+    /// A delta pass's compared range (`digests.rs`), at a BARRIER or DONE:
+    /// counted like a write that flush number `sync_point` covers.
+    pub(super) fn note_compared(
+        &mut self,
+        offset: u64,
+        len_bytes: u64,
+        sync_point: u64,
+    ) -> Result<(), End> {
+        self.written
+            .note(offset, len_bytes, 0, sync_point)
+            .map_err(|e| refuse(ErrorCode::Protocol, e.to_string()))
     }
 
     /// DONE: what this stream wrote is settled before it finishes.

@@ -8,7 +8,8 @@
 //! asked to overwrite it), a resume (the target is opened as it is; the
 //! durable ranges go back in WELCOME), "already complete" (opened as it
 //! is, too), and a refusal (another source, a damaged journal: the sender
-//! must ask for `RESTART`). Later HELLOs of the same job attach to it after
+//! must ask for `RESTART`); protocol v2 adds incremental and delta passes
+//! (`pass.rs`: journaled before any write, recorded on completion). Later HELLOs of the same job attach to it after
 //! checking they describe the same job; a HELLO for a stream that is still
 //! attached takes the stream over (the sender reconnected after a stall the
 //! receiver did not notice). A target is written by one job at a time.
@@ -26,6 +27,7 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
+use super::pass::{PassState, record_completion};
 use super::registry::unix_now;
 use super::target::TargetFile;
 use super::written::RangeCapError;
@@ -94,6 +96,12 @@ pub struct Job {
     pub chunk_size_bytes: u32,
     pub stream_count: u16,
     pub source_identity: String,
+    /// The pass the job runs (full, incremental, delta).
+    pub pass: PassState,
+    /// The first HELLO's pass fields: every stream of the job sends them.
+    hello_sync_id: crate::wire::SyncId,
+    base_sync_id: crate::wire::SyncId,
+    plan_digest: [u8; 32],
     started: Instant,
     streams: Mutex<StreamBits>,
     /// Ranges flushed to stable storage (merged, all streams).
@@ -199,6 +207,13 @@ impl Job {
     /// now. A failure is logged: the data stays safe, a later resume just
     /// re-sends more.
     pub fn checkpoint(&self, complete: bool) {
+        self.checkpoint_with(complete.then_some(None));
+    }
+
+    /// [`Job::checkpoint`]; `completion` (the target's stamp) marks the
+    /// job complete and records its sync.
+    fn checkpoint_with(&self, completion: Option<Option<crate::journal::TargetStamp>>) {
+        let complete = completion.is_some();
         let durable = lock(&self.durable).clone();
         let mut j = lock(&self.journal);
         let covered = durable.covered_bytes();
@@ -207,7 +222,10 @@ impl Job {
             return;
         }
         j.journal.durable = durable;
-        j.journal.complete = complete;
+        j.journal.complete = false;
+        if let Some(stamp) = completion {
+            record_completion(&mut j.journal, self.pass.record.as_ref(), stamp);
+        }
         j.journal.updated_unix_s = unix_now();
         match self.store.save(&j.journal) {
             Ok(()) => {
@@ -243,6 +261,7 @@ impl Job {
             journal,
             durable,
             policy,
+            pass,
         } = start;
         let saved_bytes = journal.durable.covered_bytes();
         Job {
@@ -253,6 +272,10 @@ impl Job {
             chunk_size_bytes: hello.chunk_size_bytes,
             stream_count: hello.stream_count,
             source_identity: hello.source_identity.clone(),
+            pass,
+            hello_sync_id: hello.sync_id,
+            base_sync_id: hello.base_sync_id,
+            plan_digest: hello.plan_digest,
             started: Instant::now(),
             streams: Mutex::new(StreamBits::default()),
             resumed_bytes: durable.covered_bytes(),
@@ -350,25 +373,38 @@ impl Job {
                 )
             })
             .and_then(|()| {
-                let durable = self.bytes_durable_total();
-                if durable == self.size_bytes {
-                    Ok(())
-                } else {
-                    Err(Refusal::new(
-                        ErrorCode::Protocol,
+                let durable = lock(&self.durable).clone();
+                self.pass
+                    .check_complete(&durable, self.size_bytes)
+                    .map_err(|missing| {
+                        Refusal::new(
+                            ErrorCode::Protocol,
+                            format!(
+                                "every stream sent DONE but {missing}: the job is not complete \
+                                 (a sender bug); send it again"
+                            ),
+                        )
+                    })
+            })
+            .and_then(|()| {
+                self.target.stamp().map_err(|e| {
+                    Refusal::new(
+                        ErrorCode::TargetIo,
                         format!(
-                            "every stream sent DONE but only {durable} of {} bytes are durable: \
-                             the job is not complete (a sender bug); send it again",
-                            self.size_bytes
+                            "cannot stat {} after its final flush: {e}",
+                            self.target.describe()
                         ),
-                    ))
-                }
+                    )
+                })
             });
-        if let Err(refusal) = &flushed {
-            self.fail(refusal.clone());
-            return flushed;
-        }
-        self.checkpoint(true);
+        let stamp = match flushed {
+            Ok(stamp) => stamp,
+            Err(refusal) => {
+                self.fail(refusal.clone());
+                return Err(refusal);
+            }
+        };
+        self.checkpoint_with(Some(stamp));
         self.complete.store(true, Ordering::Release);
         let secs = self.started.elapsed().as_secs_f64();
         let bytes = self.bytes_written.load(Ordering::Relaxed);
@@ -379,9 +415,11 @@ impl Job {
             bytes_durable = self.bytes_durable_total(),
             duration_s = format!("{secs:.3}"),
             rate_mb_per_s = format!("{:.1}", bytes as f64 / secs.max(1e-9) / 1e6),
+            mode = %self.pass.mode,
+            sync_id = %crate::wire::sync_id_hex(&self.pass.welcome_sync_id),
             "job finished"
         );
-        flushed
+        Ok(())
     }
 }
 
@@ -392,6 +430,7 @@ pub(super) struct JobStart<'a> {
     pub journal: Journal,
     pub durable: RangeSet,
     pub policy: &'a JournalPolicy,
+    pub pass: PassState,
 }
 
 /// A later HELLO of a job must describe the same job.
@@ -422,6 +461,16 @@ pub(super) fn check_same_job(job: &Job, hello: &Hello) -> Result<(), Refusal> {
             "{} streams (the job has {})",
             hello.stream_count, job.stream_count
         ))
+    } else if hello.mode != job.pass.mode || hello.sync_id != job.hello_sync_id {
+        Some(format!(
+            "a {} pass of sync {} (the job runs a {} pass of sync {})",
+            hello.mode,
+            crate::wire::sync_id_hex(&hello.sync_id),
+            job.pass.mode,
+            crate::wire::sync_id_hex(&job.hello_sync_id)
+        ))
+    } else if hello.base_sync_id != job.base_sync_id || hello.plan_digest != job.plan_digest {
+        Some("another base or plan (the job's first HELLO named others)".to_string())
     } else {
         None
     };

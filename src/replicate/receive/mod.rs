@@ -6,17 +6,20 @@
 //!   (`session`), carries out what the machine asks on the job's target and
 //!   gives the results back.
 //! * `unpack`: DATA checks and decompression; `written`: a stream's written
-//!   ranges and when they are flushed; `verify`: the read-back pass.
+//!   ranges and when they are flushed; `verify`: the read-back pass;
+//!   `digests`: a delta job's block digests of the target.
 //! * `job` and `registry`: the jobs in progress, their journals and targets
 //!   (targets themselves are named, opened and written by `target`).
 //! * [`limits`]: the caps on peers; `transport`: the TLS / TCP byte stream.
 
 mod conn;
+mod digests;
 mod ending;
 mod events;
 mod intake;
 mod job;
 pub mod limits;
+mod pass;
 mod registry;
 pub mod serve;
 mod session;

@@ -16,11 +16,13 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use super::events::AttachRequest;
 use super::job::{Job, JobStart, JournalPolicy, Refusal, check_same_job, job_id_hex};
-use super::target::{Opened, TargetError, TargetFile, TargetKey, Targets};
-use crate::journal::{self, Decision, Journal, RangeSet, RefuseReason, ResumeRequest};
+use super::pass::{self, PassState, refusal_for};
+use super::target::{Opened, TargetError, TargetFile, TargetKey, Targets, stamp_of};
+use crate::journal::{self, Decision, Journal, RangeSet};
 use crate::sync::lock;
-use crate::wire::{ErrorCode, Hello};
+use crate::wire::{ErrorCode, Hello, PassMode};
 
 /// How long a HELLO waits at a time for a job that is starting or
 /// closing before it looks again (the other thread always finishes; this
@@ -101,8 +103,9 @@ impl Registry {
 
     /// Attaches the stream a HELLO opens to its job, starting the job (and
     /// opening its target) on the job's first HELLO.
-    pub fn attach(self: &Arc<Self>, hello: &Hello) -> Result<Attachment, Refusal> {
-        let (inner, job) = self.job_for(hello)?;
+    pub fn attach(self: &Arc<Self>, request: &AttachRequest) -> Result<Attachment, Refusal> {
+        let hello = &request.hello;
+        let (inner, job) = self.job_for(request)?;
         // Under the lock: a detach cannot close the job in between.
         let generation = job.attach_stream(hello.stream_index)?;
         drop(inner);
@@ -116,7 +119,11 @@ impl Registry {
 
     /// The running job of `hello` (started now if there is none), with the
     /// registry still locked.
-    fn job_for(&self, hello: &Hello) -> Result<(MutexGuard<'_, Inner>, Arc<Job>), Refusal> {
+    fn job_for(
+        &self,
+        request: &AttachRequest,
+    ) -> Result<(MutexGuard<'_, Inner>, Arc<Job>), Refusal> {
+        let hello = &request.hello;
         let id = hello.job_id;
         let mut inner = lock(&self.inner);
         loop {
@@ -140,7 +147,7 @@ impl Registry {
         inner.jobs.insert(id, Slot::Starting);
         drop(inner);
         let reservation = Reservation { registry: self, id };
-        let started = self.start_job(hello);
+        let started = self.start_job(request);
         let mut inner = lock(&self.inner);
         std::mem::forget(reservation);
         self.changed.notify_all();
@@ -176,44 +183,37 @@ impl Registry {
     }
 
     /// A job's first HELLO (no registry lock held): open the target,
-    /// reserve it, read the journal, decide, prepare the target.
-    fn start_job(&self, hello: &Hello) -> Result<Job, Refusal> {
+    /// reserve it, read the journal, decide, journal the pass, prepare the
+    /// target.
+    fn start_job(&self, request: &AttachRequest) -> Result<Job, Refusal> {
+        let hello = &request.hello;
         let name = &hello.target;
+        let restart = hello.flags.restart();
+        if hello.mode == PassMode::Incremental {
+            self.precheck_incremental(request)?;
+        }
         let opened = self.targets.open(name).map_err(|e| self.refusal(name, e))?;
         self.reserve_target(opened.key, hello.job_id, name)?;
-        let store = &self.journals.store;
-        let restart = hello.flags.restart();
         let (existing, has_journal) = self.load_journal(name, restart)?;
-        let request = ResumeRequest {
-            target_name: name.clone(),
-            source_identity: hello.source_identity.clone(),
-            size_bytes: hello.size_bytes,
-            chunk_size_bytes: hello.chunk_size_bytes,
-            restart,
-        };
-        let hint = opened.path.display().to_string();
-        let fresh_journal = || {
-            Journal::new(
-                name,
-                &hint,
-                &hello.source_identity,
-                hello.size_bytes,
-                hello.chunk_size_bytes,
-                hello.job_id,
-                unix_now(),
+        let stamp = stamp_of(&opened.file, opened.kind).map_err(|e| {
+            Refusal::new(
+                ErrorCode::TargetIo,
+                format!("cannot stat target {name:?}: {e}"),
             )
-        };
-        let (target, journal, durable, how) = match journal::decide(existing.as_ref(), &request) {
+        })?;
+        let resume = pass::request(hello, &request.plan, stamp);
+        let decision = journal::decide(existing.as_ref(), &resume);
+        let pass = PassState::new(hello, &decision);
+        let hint = opened.path.display().to_string();
+        let new_journal = || pass::new_journal(hello, &hint, unix_now());
+        let (target, journal, durable, how) = match decision {
             Decision::Fresh => {
                 self.check_overwrite(&opened, has_journal, hello)?;
                 // The new, empty journal replaces any old one before the
                 // target is truncated: a crash in between must never leave
                 // a journal that vouches for bytes no longer there.
-                let journal = fresh_journal();
-                store.save(&journal).map_err(|e| {
-                    warn!(target = ?name, "cannot write the journal: {e}");
-                    Refusal::new(ErrorCode::TargetIo, e.peer_text())
-                })?;
+                let journal = new_journal();
+                self.save(name, &journal)?;
                 let target = TargetFile::fresh(opened, hello.size_bytes)
                     .map_err(|e| self.refusal(name, e))?;
                 let how = if restart { "restarted" } else { "fresh" };
@@ -221,27 +221,48 @@ impl Registry {
             }
             Decision::Resume { durable } => {
                 let target = self.open_resumed(opened, hello)?;
-                let mut journal = existing.clone().unwrap_or_else(fresh_journal);
-                journal.job_id = hello.job_id;
-                journal.chunk_size_bytes = hello.chunk_size_bytes;
+                let journal = match &existing {
+                    Some(j) => pass::resumed_full_journal(j, hello),
+                    None => new_journal(),
+                };
+                // Before any write: it no longer vouches for an older sync.
+                self.save(name, &journal)?;
                 (target, journal, durable, "resumed")
             }
-            Decision::AlreadyComplete => {
+            Decision::AlreadyComplete { .. } => {
                 let target = self.open_resumed(opened, hello)?;
-                let journal = existing.clone().unwrap_or_else(fresh_journal);
+                let journal = existing.clone().unwrap_or_else(new_journal);
                 let mut all = RangeSet::new();
                 all.insert(0, hello.size_bytes);
                 (target, journal, all, "already complete")
             }
-            Decision::Refuse { reason, message } => {
-                let code = match reason {
-                    RefuseReason::TargetMismatch => ErrorCode::JournalDamaged,
-                    RefuseReason::SizeMismatch | RefuseReason::SourceIdentityMismatch => {
-                        ErrorCode::SourceMismatch
-                    }
+            Decision::Incremental {
+                planned, durable, ..
+            } => {
+                let target = self.open_resumed(opened, hello)?;
+                let Some(base) = &existing else {
+                    return Err(Refusal::new(
+                        ErrorCode::Internal,
+                        "an incremental without a journal",
+                    ));
                 };
-                return Err(Refusal::new(code, message));
+                let journal = pass::incremental_journal(base, hello, &planned, &durable);
+                self.save(name, &journal)?;
+                (target, journal, durable, "incremental")
             }
+            Decision::Delta { durable } => {
+                // A target the pass may not open gets no journal either.
+                TargetFile::check_delta(&opened, hello.size_bytes)
+                    .map_err(|e| self.refusal(name, e))?;
+                let mut journal = new_journal();
+                journal.durable = durable.clone();
+                // Before the target is extended or written.
+                self.save(name, &journal)?;
+                let target = TargetFile::for_delta(opened, hello.size_bytes)
+                    .map_err(|e| self.refusal(name, e))?;
+                (target, journal, durable, "delta")
+            }
+            Decision::Refuse { reason, message } => return Err(refusal_for(reason, message)),
         };
         let job = Job::new(JobStart {
             hello,
@@ -249,6 +270,7 @@ impl Registry {
             journal,
             durable,
             policy: &self.journals,
+            pass,
         });
         info!(
             job = %job.id_hex(),
@@ -256,6 +278,8 @@ impl Registry {
             path = ?job.target.path(),
             kind = ?job.target.kind(),
             source = %job.source_identity,
+            mode = %hello.mode,
+            sync_id = %crate::wire::sync_id_hex(&hello.sync_id),
             size_bytes = hello.size_bytes,
             durable_bytes = job.resumed_bytes,
             chunk_size_bytes = hello.chunk_size_bytes,
@@ -263,6 +287,30 @@ impl Registry {
             "job started ({how})"
         );
         Ok(job)
+    }
+
+    /// An incremental refused by its journal alone (no sync on record,
+    /// another base, another size) is refused before its target is opened,
+    /// so a missing target is not even created.
+    fn precheck_incremental(&self, request: &AttachRequest) -> Result<(), Refusal> {
+        let hello = &request.hello;
+        let (existing, _) = self.load_journal(&hello.target, false)?;
+        // The recorded stamp stands in for the target's: only the journal
+        // is judged here; the target is compared once it is open.
+        let stamp = existing.as_ref().and_then(|j| j.target_stamp);
+        let resume = pass::request(hello, &request.plan, stamp);
+        match journal::decide(existing.as_ref(), &resume) {
+            Decision::Refuse { reason, message } => Err(refusal_for(reason, message)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Saves `journal`; a failure refuses the job before anything is written.
+    fn save(&self, name: &str, journal: &Journal) -> Result<(), Refusal> {
+        self.journals.store.save(journal).map_err(|e| {
+            warn!(target = ?name, "cannot write the journal: {e}");
+            Refusal::new(ErrorCode::TargetIo, e.peer_text())
+        })
     }
 
     /// The target's journal, if any, and whether one was there (a damaged

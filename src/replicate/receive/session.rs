@@ -1,6 +1,6 @@
-//! One receiver stream's protocol as a sans-IO state machine: HELLO →
-//! WELCOME, then DATA / ZERO / BARRIER → ACK, DONE, VERIFY_REQUEST →
-//! VERIFY_RESULT, PING → PONG.
+//! One receiver stream's protocol as a sans-IO state machine: HELLO (and
+//! PLAN for an incremental pass) → WELCOME, then DATA / ZERO / BARRIER →
+//! ACK, DONE, VERIFY_REQUEST → VERIFY_RESULT, PING → PONG.
 //!
 //! [`Session`] is fed what happened ([`Input`]: a decoded frame, bytes
 //! arriving, a quiet poll interval, a stop, the connection ending) and the
@@ -27,13 +27,15 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
+use super::digests::{self, Compared, DigestSpan};
 use super::ending::Ending;
-use super::events::{Action, ActionResult, End, Health, Input, JobInfo};
+use super::events::{Action, ActionResult, AttachRequest, End, Health, Input, JobInfo};
 use super::intake::{Intake, IntakeState, hashes_arriving};
 use super::job::Refusal;
+use super::pass::check_plan;
 use super::timers::Timers;
 use super::verify::VerifyError;
-use crate::wire::{Codec, ErrorCode, Features, Frame, Hello, Welcome};
+use crate::wire::{ByteRange, Codec, ErrorCode, Features, Frame, Hello, PassMode, Welcome};
 
 /// Features this receiver supports.
 pub const SUPPORTED_FEATURES: Features = Features(
@@ -43,6 +45,8 @@ pub const SUPPORTED_FEATURES: Features = Features(
 #[derive(Debug)]
 enum Phase {
     AwaitHello,
+    /// An incremental HELLO came: its PLAN must follow.
+    AwaitPlan(Box<Hello>),
     Streaming,
     /// DONE received: only VERIFY_REQUEST (once) and PING may follow.
     Finished,
@@ -62,6 +66,8 @@ enum Wait {
     Intake,
     FinishStream,
     ReadBack,
+    /// A delta pass's DIGEST_REQUEST being read.
+    Digests(DigestSpan),
     Send,
     /// The ending's last action.
     Ending,
@@ -77,6 +83,9 @@ pub struct Session {
     intake: Intake,
     /// A verify pass was asked for on this stream (one is allowed).
     verify_asked: bool,
+    /// A delta pass: the ranges compared since the last BARRIER
+    /// (`digests.rs`).
+    compared: Compared,
     /// Frames received after HELLO.
     frames: u64,
     timers: Timers,
@@ -100,6 +109,7 @@ impl Session {
             features: Features::default(),
             intake: Intake::new(max_ranges_per_job, now),
             verify_asked: false,
+            compared: Compared::default(),
             frames: 0,
             timers: Timers::new(now),
             actions: VecDeque::new(),
@@ -202,7 +212,8 @@ impl Session {
     }
 
     fn check_hello(&self, now: Instant) -> Result<(), End> {
-        let is_awaiting_hello = matches!(self.phase, Phase::AwaitHello);
+        // The PLAN of an incremental is part of the HELLO's time.
+        let is_awaiting_hello = matches!(self.phase, Phase::AwaitHello | Phase::AwaitPlan(_));
         self.timers.check_hello(is_awaiting_hello, now)
     }
 
@@ -225,6 +236,9 @@ impl Session {
                 )),
             };
         }
+        if let Phase::AwaitPlan(_) = self.phase {
+            return self.on_plan(frame);
+        }
         self.frames += 1;
         health.check()?;
         match (&self.phase, frame) {
@@ -242,6 +256,7 @@ impl Session {
                 Ok(())
             }
             (Phase::Streaming, Frame::Barrier { seq }) => {
+                self.note_compared()?;
                 let progress = self.intake.barrier(seq, now, &mut self.actions)?;
                 self.after_intake(progress);
                 Ok(())
@@ -256,6 +271,14 @@ impl Session {
             (Phase::Finished, Frame::VerifyRequest { window_bytes }) => {
                 self.on_verify(window_bytes)
             }
+            (
+                Phase::Streaming,
+                Frame::DigestRequest {
+                    offset,
+                    len_bytes,
+                    block_bytes,
+                },
+            ) => self.on_digest_request(offset, len_bytes, block_bytes),
             (Phase::Streaming, Frame::VerifyRequest { .. }) => Err(refuse(
                 ErrorCode::Protocol,
                 "VERIFY_REQUEST before DONE: a stream asks for a verify pass only after its DONE",
@@ -287,14 +310,69 @@ impl Session {
         if !hello.features.contains(Features::BLAKE3) {
             return Err(refuse(
                 ErrorCode::BadRequest,
-                "the sender does not offer BLAKE3 digests, which protocol v1 requires",
+                "the sender does not offer BLAKE3 digests, which the protocol requires",
             ));
         }
+        if hello.mode == PassMode::Incremental {
+            self.phase = Phase::AwaitPlan(Box::new(hello));
+            return Ok(());
+        }
+        self.attach(hello, Vec::new());
+        Ok(())
+    }
+
+    /// The frame after an incremental HELLO: its PLAN, whose digest must
+    /// be the HELLO's (the frame's size was bounded before it was read).
+    fn on_plan(&mut self, frame: Frame) -> Result<(), End> {
+        let Frame::Plan(plan) = frame else {
+            return Err(refuse(
+                ErrorCode::Protocol,
+                format!(
+                    "an incremental HELLO must be followed by PLAN, got {}",
+                    frame.frame_type().name()
+                ),
+            ));
+        };
+        let Phase::AwaitPlan(hello) = std::mem::replace(&mut self.phase, Phase::AwaitHello) else {
+            return Err(refuse(ErrorCode::Internal, "PLAN without its HELLO"));
+        };
+        check_plan(&hello, &plan).map_err(End::Refuse)?;
+        self.attach(*hello, plan);
+        Ok(())
+    }
+
+    fn attach(&mut self, hello: Hello, plan: Vec<ByteRange>) {
         let offered = hello.features;
+        let request = AttachRequest { hello, plan };
         self.push(
-            Action::Attach(Box::new(hello)),
+            Action::Attach(Box::new(request)),
             Some(Wait::Attach { offered }),
         );
+    }
+
+    /// DIGEST_REQUEST, delta jobs only, before DONE.
+    fn on_digest_request(
+        &mut self,
+        offset: u64,
+        len_bytes: u32,
+        block_bytes: u32,
+    ) -> Result<(), End> {
+        // The target is read by the driver (`digests.rs`); the span is
+        // noted at the reply and counted at the next BARRIER or DONE.
+        let span = (offset, len_bytes, block_bytes);
+        let action = digests::request(attached(&self.job)?, span)?;
+        self.push(action, Some(Wait::Digests(span)));
+        Ok(())
+    }
+
+    /// At a BARRIER or DONE the ranges compared since count as written
+    /// (the sender sent their corrections before it).
+    fn note_compared(&mut self) -> Result<(), End> {
+        if let Some((ranges, sync_point)) = self.compared.take() {
+            for (offset, len_bytes) in ranges {
+                self.intake.note_compared(offset, len_bytes, sync_point)?;
+            }
+        }
         Ok(())
     }
 
@@ -325,6 +403,7 @@ impl Session {
             frames_after_hello = self.frames,
             "stream sent DONE"
         );
+        self.note_compared()?;
         let progress = self.intake.done(now, &mut self.actions);
         self.after_intake(progress);
         Ok(())
@@ -374,6 +453,12 @@ impl Session {
                 Err(VerifyError::Stopped) => Err(End::Stopped),
                 Err(VerifyError::Refused(refusal)) => Err(End::Refuse(refusal)),
             },
+            (Wait::Digests(span), ActionResult::Digests(result)) => {
+                let target_name = &attached(&self.job)?.target_name;
+                let frame = digests::answer(span, result, &mut self.compared, target_name)?;
+                self.send(frame);
+                Ok(())
+            }
             (Wait::Send, ActionResult::Sent(result)) => {
                 result.map_err(|e| End::Lost(format!("write failed: {e}")))
             }
@@ -392,7 +477,9 @@ impl Session {
         let welcome = Welcome {
             features: self.features,
             instance: job.instance,
+            sync_id: job.sync_id,
             durable: job.durable.clone(),
+            replan: job.replan.clone(),
         };
         self.job = Some(job);
         self.phase = Phase::Streaming;

@@ -69,7 +69,9 @@ impl Written {
         data_bytes: u64,
         sync_point: u64,
     ) -> Result<(), RangeCapError> {
-        self.sync_need = sync_point;
+        // Flush numbers only grow, but a compared range (`digests.rs`)
+        // may be noted after a later write: keep the latest.
+        self.sync_need = self.sync_need.max(sync_point);
         self.pending.insert(offset, len_bytes);
         self.unsynced.insert(offset, len_bytes);
         self.unsynced_data_bytes += data_bytes;

@@ -4,11 +4,19 @@
 //! workers whose windows the sender threads drain into the streams — until
 //! the receiver holds every byte; then DONE and, if asked, verify.
 
+use super::incremental::{RoundPlan, open_for_pass};
 use super::verify::{say_done, verify_target};
 use super::*;
 use crate::endpoint::open::Source;
 use crate::runtime::job::DiskHooks;
 use crate::wire::ChunkDigest;
+
+use super::delta_sender::{DELTA_ASKED_MAX, DeltaCtx};
+
+/// Requests in flight per source connection in a delta pass from a source
+/// on this host: room for every stream's [`DELTA_ASKED_MAX`] windows
+/// waiting for their digests, and reads going on meanwhile.
+const DELTA_REQUESTS_NEAR: u32 = 2 * DELTA_ASKED_MAX as u32;
 
 /// What every round of one disk shares.
 struct Disk<'a> {
@@ -43,12 +51,7 @@ pub(crate) fn run_disk(
     let tuning = SocketTuning::default();
     let dialer =
         Dialer::new(&opts.to, opts.tls_dir.as_deref(), tuning).map_err(CopyError::Usage)?;
-    let mut source = open_source(
-        &opts.source,
-        opts.source_format,
-        opts.connections,
-        opts.io_timeout,
-    )?;
+    let (mut source, pass) = open_for_pass(opts)?;
     debug!(elapsed = ?started.elapsed(), "source open and mapped");
     let size_bytes = source.size_bytes;
     let identity = match &opts.source_id {
@@ -56,7 +59,7 @@ pub(crate) fn run_disk(
         None => crate::replicate::source::identity(&mut source)?,
     };
     debug!(elapsed = ?started.elapsed(), %identity, "source identity");
-    let job = Arc::new(JobShared::new(opts.streams as usize));
+    let job = Arc::new(JobShared::new(opts.streams as usize, pass));
     let connector = Arc::new(Connector::new(
         dialer,
         opts,
@@ -92,13 +95,19 @@ pub(crate) fn run_disk(
         engine = %engine.kind(),
         "send starting"
     );
-    // Data the receiver holds already (whole windows of it) is skipped.
-    let bytes_resumed_skipped = data_bytes
-        - source.extents.data_bytes_within(&whole_windows(
-            &job.missing(size_bytes),
-            size_bytes,
-            opts.chunk_bytes,
-        ));
+    // Data the receiver holds already (whole windows of it; of a pass,
+    // its copy extents) is skipped.
+    let bytes_resumed_skipped = match job.pass_copy_bytes_held(size_bytes) {
+        Some(held) => held,
+        None => {
+            data_bytes
+                - source.extents.data_bytes_within(&whole_windows(
+                    &job.missing(size_bytes),
+                    size_bytes,
+                    opts.chunk_bytes,
+                ))
+        }
+    };
     let display = source.display.clone();
     let disk = Disk {
         opts,
@@ -146,7 +155,11 @@ pub(crate) fn run_disk(
         bytes_planned: totals.bytes_planned,
         bytes_read: totals.bytes_read,
         bytes_written: totals.bytes_written,
-        bytes_zeroed: totals.bytes_zeroed,
+        // A delta pass zeroes only where the target held data.
+        bytes_zeroed: match opts.pass {
+            PassRequest::Delta { .. } => job.delta_zeroed_bytes.load(Ordering::Relaxed),
+            _ => totals.bytes_zeroed,
+        },
         bytes_on_wire: job.bytes_on_wire.load(Ordering::Relaxed),
         compression_ratio: if comp_stats.payload_bytes > 0 {
             comp_stats.raw_bytes as f64 / comp_stats.payload_bytes as f64
@@ -166,6 +179,16 @@ pub(crate) fn run_disk(
         reconnects: job.reconnects.load(Ordering::Relaxed),
         rounds: tally.rounds,
         source_identity: identity,
+        sync_id: job.sync_id_or(disk.connector.sync_id),
+        base_sync_id: match &opts.pass {
+            PassRequest::Incremental { base, .. } => Some(*base),
+            PassRequest::Full | PassRequest::Delta { .. } => None,
+        },
+        change_id: opts.change_id.clone(),
+        bytes_changed: match opts.pass {
+            PassRequest::Delta { .. } => job.bytes_changed.load(Ordering::Relaxed),
+            _ => job.pass_changed_bytes().unwrap_or(data_bytes),
+        },
     })
 }
 
@@ -180,35 +203,44 @@ impl Disk<'_> {
         let opts = self.opts;
         let mut tally = Tally::default();
         let mut stuck = 0u32;
+        let reopen = || {
+            open_source(
+                &opts.source,
+                opts.source_format,
+                opts.connections,
+                opts.io_timeout,
+            )
+        };
         loop {
-            let missing = self.job.missing(self.size_bytes);
-            if missing.is_empty() {
-                return Ok(tally);
+            // Ranges a WELCOME asked for are planned from the source's
+            // allocation now, before the round that sends them.
+            if self.job.has_replan() && source.is_none() {
+                *source = Some(reopen()?);
             }
+            if let Some(src) = source.as_ref() {
+                self.job.apply_replan(src)?;
+            }
+            let Some((plan, missing_bytes)) =
+                self.job.next_round(self.size_bytes, opts.chunk_bytes)
+            else {
+                return Ok(tally);
+            };
             if self.hooks.control().is_cancelled() {
                 return Err(CopyError::Cancelled);
             }
-            let spans = whole_windows(&missing, self.size_bytes, opts.chunk_bytes);
             let src = match source.take() {
                 Some(s) => s,
-                None => open_source(
-                    &opts.source,
-                    opts.source_format,
-                    opts.connections,
-                    opts.io_timeout,
-                )?,
+                None => reopen()?,
             };
             let covered_before = self.job.covered();
             tally.rounds += 1;
             if tally.rounds > 1 {
                 info!(
                     round = tally.rounds,
-                    missing_bytes = missing.iter().map(|r| r.1).sum::<u64>(),
-                    "sending what is not acknowledged yet"
+                    missing_bytes, "sending what is not acknowledged yet"
                 );
             }
-            let spans = (covered_before > 0).then_some(spans);
-            let snap = self.round(src, spans, conns, &mut tally.comp_stats)?;
+            let snap = self.round(src, plan, conns, &mut tally.comp_stats)?;
             tally.totals = tally.totals.plus(&snap);
             self.hooks.round_over(tally.totals);
             if self.job.covered() <= covered_before {
@@ -229,15 +261,26 @@ impl Disk<'_> {
     fn round(
         &self,
         src: Source,
-        spans: Option<Vec<(u64, u64)>>,
+        plan: RoundPlan,
         conns: &mut Vec<Conn>,
         comp_stats: &mut compress::CompressStats,
     ) -> Result<Snapshot, CopyError> {
         let opts = self.opts;
+        let (spans, exact) = match plan {
+            RoundPlan::Windows(spans) => (spans, None),
+            RoundPlan::Exact(items) => (None, Some(items)),
+        };
         let cfg = PipelineConfig {
+            exact,
             threads: opts.threads,
             connections: opts.connections.max(opts.streams),
-            requests: Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
+            requests: match opts.pass {
+                // Each stream holds windows until their digests came.
+                PassRequest::Delta { .. } => {
+                    Requests::from_flag(opts.requests, DELTA_REQUESTS_NEAR, REQUESTS_FAR)
+                }
+                _ => Requests::from_flag(opts.requests, REQUESTS_NEAR, REQUESTS_FAR),
+            },
             chunk_bytes: opts.chunk_bytes,
             spans,
             read_retries: crate::pipeline::retry::READ_RETRIES_DEFAULT,
@@ -253,8 +296,12 @@ impl Disk<'_> {
             src.extents,
             self.size_bytes,
             DstPlan::Sink {
-                window_digests: opts.verify,
-                run_digest: self.run_digest,
+                window_digests: self.image_windows(),
+                // A delta pass digests only what differs, as it sends it.
+                run_digest: match opts.pass {
+                    PassRequest::Delta { .. } => None,
+                    _ => Some(self.run_digest),
+                },
             },
         )?;
         self.hooks.started(pipe.shared());
@@ -307,6 +354,13 @@ impl Disk<'_> {
         Ok(snap)
     }
 
+    /// Whether the rounds feed the image digest window by window: only
+    /// a full pass, whose items are whole windows. A `--verify` after an
+    /// incremental pass reads the whole source for it instead.
+    fn image_windows(&self) -> bool {
+        self.opts.verify && self.job.pass.is_none()
+    }
+
     fn sender_ctx(
         &self,
         index: usize,
@@ -327,7 +381,7 @@ impl Disk<'_> {
             connector: Arc::clone(&self.connector),
             mode: allowed_mode(opts.compress, features),
             chunk_bytes: opts.chunk_bytes,
-            verify: opts.verify,
+            verify: self.image_windows(),
             // Compression shares the cores with reading, digests and
             // TLS: count on half of each stream's share.
             cores_per_stream: (cpus / n_streams / 2.0).max(0.1),
@@ -335,6 +389,13 @@ impl Disk<'_> {
                 .map(|r| r as f64 / n_streams),
             loopback: self.loopback,
             test_hooks: opts.test_hooks,
+            delta: match opts.pass {
+                PassRequest::Delta { block_bytes } => Some(DeltaCtx {
+                    block_bytes,
+                    run_digest: self.run_digest,
+                }),
+                _ => None,
+            },
         }
     }
 }

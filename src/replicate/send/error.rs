@@ -18,6 +18,16 @@ pub enum SendError {
     ZeroIoTimeout,
     #[error("the number of streams must be 1..={max}, not {got}")]
     Streams { got: u32, max: u16 },
+    /// An incremental pass names an empty dirty bitmap or changed-areas
+    /// path.
+    #[error("an incremental pass needs a dirty bitmap name or a changed-areas file")]
+    NoChangedSource,
+    /// The delta block size is out of range.
+    #[error("the delta block size must be a power of two in {min}..={max} bytes, not {got}")]
+    DeltaBlock { got: u32, min: u32, max: u32 },
+    /// The change id is too long.
+    #[error("the change id has {got} bytes; at most {max}")]
+    ChangeIdTooLong { got: usize, max: usize },
     /// Reading the source, the pipeline, the engine, the link to the
     /// receiver (what a send disk of a job reports).
     #[error(transparent)]

@@ -131,6 +131,9 @@ impl Connector {
             &Frame::Hello(self.hello_for(index)),
             &mut scratch,
         )?;
+        if let Some(plan) = &self.plan {
+            write_frame(&mut stream, plan, &mut scratch)?;
+        }
         stream.flush()?;
         let mut dec = FrameDecoder::new();
         let _ = stream.set_read_timeout(Some(self.stall_timeout));
@@ -147,6 +150,8 @@ impl Connector {
         stream.tcp().set_write_timeout(Some(self.stall_timeout))?;
         stream.tcp().set_read_timeout(Some(self.stall_timeout))?;
         self.job.apply_welcome(w.instance, &w.durable);
+        self.job.push_replan(&w.replan);
+        self.job.note_sync_id(w.sync_id);
         let watch = Arc::new(Watch::new(stream.tcp().try_clone()?));
         lock(&self.job.watches)[i] = Some(Arc::clone(&watch));
         Ok(Conn {
@@ -163,6 +168,9 @@ impl Connector {
             unbarriered_bytes: 0,
             unbarriered_since: None,
             last_write: Instant::now(),
+            digests_open: 0,
+            digests: VecDeque::new(),
+            unbarriered_compared_bytes: 0,
         })
     }
 

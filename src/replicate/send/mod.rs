@@ -26,8 +26,11 @@
 //! ([`crate::runtime`]) whose target is a sink. This file is its options,
 //! the state its streams share and the one-disk entry point; `disk.rs` is
 //! the disk's coordinator and its rounds; `link.rs` dials and re-dials a
-//! stream's connection and classifies its failures; `sender.rs` is the
-//! sender threads; `verify.rs` is DONE and the read-back check.
+//! stream's connection and classifies its failures; `sender_loop.rs` is the
+//! sender threads and `sender.rs` what they do on a stream (frames,
+//! barriers, replies); `delta.rs` and `delta_sender.rs` a delta pass's
+//! comparison and digest requests; `verify.rs` is DONE and the read-back
+//! check.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::compress::{self, Compressors, LinkState, Mode, Policy};
 use crate::endpoint::open::open_source;
-use crate::engine::{self, EngineKind};
+use crate::engine;
 use crate::journal::RangeSet;
 use crate::net::socket::SocketTuning;
 use crate::pipeline::CopyError;
@@ -60,21 +63,29 @@ use super::stream::{
 use crate::net::socket::TuningReport;
 use crate::sync::lock;
 
+mod delta;
+mod delta_sender;
 mod disk;
 mod error;
 pub mod hooks;
+mod incremental;
 mod link;
+mod options;
+pub mod pass;
 mod run;
 mod sender;
+mod sender_loop;
 mod verify;
 
 pub(crate) use disk::run_disk;
 pub use error::SendError;
 pub use hooks::TestHooks;
+pub use options::{SendOptions, SendReport};
+pub use pass::{ChangedSource, PassRequest, SyncId};
 pub use run::{run, run_on, warn_plaintext};
 
 use link::connect_first;
-use sender::sender_thread;
+use sender_loop::sender_thread;
 
 /// A stream asks for a durability barrier after this many bytes …
 const BARRIER_BYTES: u64 = 64 << 20;
@@ -113,118 +124,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Rounds in a row that make no progress before the job gives up.
 const MAX_STUCK_ROUNDS: u32 = 5;
 
-/// What `diskferry send` was asked to do.
-#[derive(Debug, Clone)]
-pub struct SendOptions {
-    pub source: String,
-    /// The source file's format (`None`: its extension's, else raw).
-    pub source_format: Option<crate::endpoint::ImageFormat>,
-    /// `HOST:PORT` of the receiver.
-    pub to: String,
-    /// Target name on the receiver.
-    pub target: String,
-    /// None only with `insecure_plaintext`.
-    pub tls_dir: Option<std::path::PathBuf>,
-    pub insecure_plaintext: bool,
-    pub streams: u32,
-    pub compress: Mode,
-    /// Bytes on the wire per second, for [`run`]; a disk of a job shares
-    /// its job's budget ([`crate::runtime::JobSpec`]) instead.
-    pub rate_bytes_per_s: Option<u64>,
-    pub verify: bool,
-    /// NBD connections to the source.
-    pub connections: u32,
-    /// Requests in flight per source connection (`None`:
-    /// [`REQUESTS_NEAR`] or [`REQUESTS_FAR`], by where the source is).
-    pub requests: Option<u32>,
-    pub chunk_bytes: u32,
-    pub threads: Option<u32>,
-    pub engine: Option<EngineKind>,
-    /// Discard the receiver's journal for this target and copy everything.
-    pub restart: bool,
-    /// Let a fresh copy replace an existing, non-empty target file the
-    /// receiver has no journal for (HELLO flag `OVERWRITE`).
-    pub overwrite: bool,
-    /// A stream with no progress for this long is reconnected.
-    pub stall_timeout: Duration,
-    /// How long to keep reconnecting before stopping (resumable).
-    pub retry_for: Duration,
-    /// Overrides the computed source identity (e.g. a snapshot id).
-    pub source_id: Option<String>,
-    /// Regions of the disk read side by side ([`crate::plan::lanes`]).
-    pub lanes: u32,
-    /// How long an NBD source may leave a connection attempt, the
-    /// handshake or a request unanswered before the job fails.
-    pub io_timeout: Duration,
-    /// Faults to inject, for tests (see [`hooks`]); none by default.
-    pub test_hooks: TestHooks,
-}
-
-impl SendOptions {
-    /// Options with the command line's defaults.
-    pub fn new(source: &str, to: &str, target: &str) -> Self {
-        SendOptions {
-            source: source.to_string(),
-            source_format: None,
-            to: to.to_string(),
-            target: target.to_string(),
-            tls_dir: None,
-            insecure_plaintext: false,
-            streams: 4,
-            compress: Mode::Auto,
-            rate_bytes_per_s: None,
-            verify: false,
-            connections: 4,
-            requests: None,
-            chunk_bytes: CHUNK_BYTES_DEFAULT,
-            threads: None,
-            engine: None,
-            restart: false,
-            overwrite: false,
-            stall_timeout: Duration::from_secs(30),
-            retry_for: Duration::from_secs(600),
-            source_id: None,
-            lanes: crate::plan::lanes::LANES_DEFAULT,
-            io_timeout: crate::pipeline::run::IO_TIMEOUT_DEFAULT,
-            test_hooks: TestHooks::default(),
-        }
-    }
-}
-
-/// The result of a successful send.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SendReport {
-    pub source: String,
-    pub target: String,
-    pub size_bytes: u64,
-    pub bytes_planned: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    pub bytes_zeroed: u64,
-    pub bytes_on_wire: u64,
-    pub compression_ratio: f64,
-    pub elapsed_s: f64,
-    pub engine: EngineKind,
-    pub streams: usize,
-    pub congestion_control: String,
-    pub image_digest: Option<String>,
-    pub verified: bool,
-    pub compression: compress::CompressStats,
-    /// Data bytes of the source the receiver already held when this run
-    /// started (not sent again).
-    pub bytes_resumed_skipped: u64,
-    /// Data bytes sent more than once in this run (after stream failures,
-    /// or acknowledged by a receiver instance that then lost them).
-    pub bytes_resent: u64,
-    /// The receiver had part of the job already.
-    pub resumed: bool,
-    /// Stream reconnections during the run.
-    pub reconnects: u64,
-    /// Planning rounds (1 without failures).
-    pub rounds: u32,
-    pub source_identity: String,
-}
-
 /// What the receiver has said is durable, and which receiver instance
 /// said it.
 #[derive(Debug, Default)]
@@ -243,8 +142,21 @@ struct JobShared {
     reconnects: AtomicU64,
     /// DATA frames sent (for the test hook).
     data_frames: AtomicU64,
+    /// A delta pass: bytes of the blocks that differed, and the bytes of
+    /// them sent as ZERO.
+    bytes_changed: AtomicU64,
+    delta_zeroed_bytes: AtomicU64,
     /// The stall watchdog's view of each stream's current connection.
     watches: Mutex<Vec<Option<Arc<Watch>>>>,
+    /// An incremental pass's changed extents (`None`: a full or delta
+    /// pass, which covers the whole disk).
+    pass: Option<Mutex<crate::plan::pass_work::PassWork>>,
+    /// Ranges WELCOMEs asked to be sent too, not yet added to `pass`.
+    replan: Mutex<Vec<(u64, u64)>>,
+    /// The sync id the receiver's last WELCOME named: what it records
+    /// when this job completes (for a target already complete, the id it
+    /// recorded then).
+    welcome_sync_id: Mutex<Option<SyncId>>,
 }
 
 impl JobShared {
@@ -293,6 +205,11 @@ impl JobShared {
 struct Connector {
     dialer: Dialer,
     hello: Hello,
+    /// This run's sync id (random, never all-zero).
+    sync_id: SyncId,
+    /// An incremental pass's PLAN, sent right after HELLO on every
+    /// stream: its changed ranges when the run began.
+    plan: Option<Frame>,
     stall_timeout: Duration,
     retry_for: Duration,
     job: Arc<JobShared>,
@@ -317,6 +234,12 @@ struct Conn {
     unbarriered_since: Option<Instant>,
     last_write: Instant,
     watch: Arc<Watch>,
+    /// A delta pass: digest requests whose corrections are not all sent
+    /// (no barrier goes out while there are any), the replies received
+    /// and not handled yet, and the bytes compared since the last barrier.
+    digests_open: usize,
+    digests: VecDeque<delta_sender::DigestsReply>,
+    unbarriered_compared_bytes: u64,
 }
 
 /// What the stall watchdog knows of one connection. A socket timeout alone
@@ -362,14 +285,19 @@ fn fail_msg(e: impl std::fmt::Display) -> CopyError {
 }
 
 impl JobShared {
-    fn new(streams: usize) -> Self {
+    fn new(streams: usize, pass: Option<crate::plan::pass_work::PassWork>) -> Self {
         JobShared {
+            pass: pass.map(Mutex::new),
+            replan: Mutex::new(Vec::new()),
+            welcome_sync_id: Mutex::new(None),
             acked: Mutex::new(Acked::default()),
             sent: Mutex::new(RangeSet::new()),
             bytes_resent: AtomicU64::new(0),
             bytes_on_wire: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             data_frames: AtomicU64::new(0),
+            bytes_changed: AtomicU64::new(0),
+            delta_zeroed_bytes: AtomicU64::new(0),
             watches: Mutex::new(vec![None; streams]),
         }
     }
@@ -386,8 +314,12 @@ impl Connector {
     ) -> Self {
         let mut job_id = [0u8; 16];
         super::random_bytes(&mut job_id);
+        let sync_id = super::new_sync_id();
+        let pass = incremental::PassHello::new(opts, job);
         Connector {
             dialer,
+            sync_id,
+            plan: pass.plan,
             hello: Hello {
                 job_id,
                 size_bytes,
@@ -404,6 +336,11 @@ impl Connector {
                 flags: hello_flags(opts),
                 target: opts.target.clone(),
                 source_identity,
+                mode: pass.mode,
+                sync_id,
+                base_sync_id: pass.base_sync_id,
+                plan_digest: pass.plan_digest,
+                change_id: opts.change_id.clone().unwrap_or_default(),
             },
             stall_timeout: opts.stall_timeout,
             retry_for: opts.retry_for,
@@ -447,6 +384,8 @@ struct SenderCtx {
     loopback: bool,
     /// Faults to inject (tests only).
     test_hooks: TestHooks,
+    /// A delta pass: compare block digests before sending.
+    delta: Option<delta_sender::DeltaCtx>,
 }
 
 struct StreamSender {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use super::{SendError, SendOptions, SendReport};
+use super::{ChangedSource, PassRequest, SendError, SendOptions, SendReport};
 use crate::pipeline::CopyError;
 use crate::pipeline::run::Requests;
 use crate::pipeline::stats::Snapshot;
@@ -30,11 +30,51 @@ impl SendOptions {
                 max: wire::MAX_STREAMS,
             });
         }
+        self.check_pass()?;
         Ok(Requests::check_flags(
             self.connections,
             self.requests,
             self.lanes,
         )?)
+    }
+}
+
+impl SendOptions {
+    /// Refuse a pass request or change id out of range.
+    fn check_pass(&self) -> Result<(), SendError> {
+        use super::pass::{DELTA_BLOCK_MAX_BYTES, DELTA_BLOCK_MIN_BYTES, MAX_CHANGE_ID_BYTES};
+        match &self.pass {
+            PassRequest::Full => {}
+            PassRequest::Incremental { changed, .. } => {
+                let empty = match changed {
+                    ChangedSource::DirtyBitmap(name) => name.is_empty(),
+                    ChangedSource::ChangedAreas(path) => path.as_os_str().is_empty(),
+                };
+                if empty {
+                    return Err(SendError::NoChangedSource);
+                }
+            }
+            &PassRequest::Delta { block_bytes } => {
+                let ok = block_bytes.is_power_of_two()
+                    && (DELTA_BLOCK_MIN_BYTES..=DELTA_BLOCK_MAX_BYTES).contains(&block_bytes);
+                if !ok {
+                    return Err(SendError::DeltaBlock {
+                        got: block_bytes,
+                        min: DELTA_BLOCK_MIN_BYTES,
+                        max: DELTA_BLOCK_MAX_BYTES,
+                    });
+                }
+            }
+        }
+        if let Some(id) = &self.change_id
+            && id.len() > MAX_CHANGE_ID_BYTES
+        {
+            return Err(SendError::ChangeIdTooLong {
+                got: id.len(),
+                max: MAX_CHANGE_ID_BYTES,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -137,6 +177,39 @@ mod tests {
                     ..tls.clone()
                 },
                 |e| matches!(e, SendError::Streams { got: 0, .. }),
+            ),
+            (
+                SendOptions {
+                    pass: PassRequest::Delta { block_bytes: 3000 },
+                    ..tls.clone()
+                },
+                |e| matches!(e, SendError::DeltaBlock { got: 3000, .. }),
+            ),
+            (
+                SendOptions {
+                    pass: PassRequest::Delta {
+                        block_bytes: 2 << 20,
+                    },
+                    ..tls.clone()
+                },
+                |e| matches!(e, SendError::DeltaBlock { .. }),
+            ),
+            (
+                SendOptions {
+                    pass: PassRequest::Incremental {
+                        changed: ChangedSource::DirtyBitmap(String::new()),
+                        base: [1; 16],
+                    },
+                    ..tls.clone()
+                },
+                |e| matches!(e, SendError::NoChangedSource),
+            ),
+            (
+                SendOptions {
+                    change_id: Some("x".repeat(4097)),
+                    ..tls.clone()
+                },
+                |e| matches!(e, SendError::ChangeIdTooLong { got: 4097, .. }),
             ),
         ];
         for (opts, want) in cases {

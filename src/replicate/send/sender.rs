@@ -1,133 +1,14 @@
-//! The sender threads: one per stream, taking windows from the sink,
-//! framing and compressing them, asking for barriers and reading the
-//! receiver's replies.
+//! What a sender thread (`sender_loop.rs`) does on its stream: frame and
+//! compress windows, ask for barriers, read the receiver's replies.
 #![warn(
     clippy::cast_possible_truncation,
     clippy::cast_sign_loss,
     clippy::cast_possible_wrap
 )]
 
-use super::link::{classify, explain};
+use super::delta_sender::{DELTA_BARRIER_COMPARED_BYTES, DigestsReply};
+use super::link::classify;
 use super::*;
-
-/// One stream's sender for one round: takes lent windows from the sink
-/// until the workers are done, then a final barrier. A broken connection
-/// is reconnected (what it had not had acknowledged is left for the next
-/// round); on a fatal error the job fails and the thread keeps handing
-/// slots back so the workers can finish. Returns the connection, all of
-/// its data acknowledged.
-pub(super) fn sender_thread(ctx: SenderCtx, conn: Conn) -> Option<(Conn, compress::CompressStats)> {
-    let mut s = StreamSender {
-        policy: Policy::new(ctx.mode),
-        comps: Compressors::new(),
-        out: Vec::with_capacity(ctx.chunk_bytes as usize + 4096),
-        scratch: Vec::with_capacity(64),
-        link_bytes_per_s: None,
-        last_sample: None,
-        written_bytes: 0,
-    };
-    let mut conn = Some(conn);
-    let mut broken_since: Option<Instant> = None;
-    let mut failed = false;
-    let mut last_service = Instant::now();
-    let abort = || ctx.shared.aborted();
-    loop {
-        if !failed && conn.is_none() {
-            let since = *broken_since.get_or_insert_with(Instant::now);
-            match ctx.connector.reconnect(ctx.index, since, &abort) {
-                Ok(c) => {
-                    conn = Some(c);
-                    broken_since = None;
-                    s.last_sample = None;
-                }
-                Err(e) => {
-                    failed = true;
-                    if !ctx.shared.aborted() {
-                        ctx.shared.fail(e);
-                    }
-                }
-            }
-        }
-        if let Some(c) = conn.as_mut()
-            && !failed
-            && let Err(b) = s.service(&ctx, c, false)
-        {
-            s.broken(&ctx, &mut conn, &mut failed, b);
-        }
-        let Some(chunk) = ctx.sink.pop() else {
-            if ctx.sink.producers_done() && ctx.sink.is_empty() {
-                break;
-            }
-            // Nothing to send: now and then read ACKs, send a barrier
-            // that came due, keep an idle stream alive; otherwise park
-            // until a worker hands over a chunk.
-            if last_service.elapsed() >= IDLE_SERVICE {
-                last_service = Instant::now();
-                if let Some(c) = conn.as_mut()
-                    && !failed
-                    && let Err(b) = s.service(&ctx, c, true)
-                {
-                    s.broken(&ctx, &mut conn, &mut failed, b);
-                }
-            }
-            ctx.sink.wait(PARK_MAX);
-            continue;
-        };
-        let (worker, slot) = chunk.owner();
-        if !failed && !ctx.shared.aborted() {
-            match conn.as_mut() {
-                Some(c) => {
-                    if let Err(e) = s.send_chunk(&ctx, c, &chunk) {
-                        let b = explain(e, c);
-                        s.broken(&ctx, &mut conn, &mut failed, b);
-                    }
-                }
-                None => {
-                    // Reconnecting failed fatally; the job is failing.
-                }
-            }
-        }
-        drop(chunk);
-        ctx.sink.release(worker, slot);
-    }
-    if failed || ctx.shared.aborted() {
-        if let Some(mut c) = conn {
-            c.stream.close();
-        }
-        return None;
-    }
-    // The round's end: everything this stream sent must be acknowledged.
-    loop {
-        let mut c = match conn.take() {
-            Some(c) => c,
-            None => {
-                let since = *broken_since.get_or_insert_with(Instant::now);
-                match ctx.connector.reconnect(ctx.index, since, &abort) {
-                    Ok(c) => {
-                        broken_since = None;
-                        c
-                    }
-                    Err(e) => {
-                        if !ctx.shared.aborted() {
-                            ctx.shared.fail(e);
-                        }
-                        return None;
-                    }
-                }
-            }
-        };
-        match s.final_barrier(&ctx, &mut c) {
-            Ok(()) => return Some((c, *s.policy.stats())),
-            Err(b) => {
-                conn = Some(c);
-                s.broken(&ctx, &mut conn, &mut failed, b);
-                if failed {
-                    return None;
-                }
-            }
-        }
-    }
-}
 
 impl StreamSender {
     /// A connection broke: log, count, and leave it for reconnection (or
@@ -172,11 +53,9 @@ impl StreamSender {
         idle: bool,
     ) -> Result<(), Broken> {
         self.poll(ctx, c, false)?;
-        let due = c.unbarriered_bytes >= BARRIER_BYTES
-            || (c.unbarriered_bytes > 0
-                && c.unbarriered_since
-                    .is_some_and(|t| t.elapsed() >= BARRIER_INTERVAL));
-        if due {
+        // No barrier while a digest request's corrections are unsent (see
+        // `delta_sender.rs`).
+        if self.barrier_due(c) && c.digests_open == 0 {
             self.barrier(c).map_err(classify)?;
         }
         while c.outstanding.len() > MAX_OUTSTANDING_BARRIERS {
@@ -199,6 +78,17 @@ impl StreamSender {
         Ok(())
     }
 
+    /// Whether the stream should ask for a barrier now: enough bytes sent
+    /// (or, in a delta pass, compared) or the first of them long enough ago.
+    pub(super) fn barrier_due(&self, c: &Conn) -> bool {
+        let unbarriered = c.unbarriered_bytes > 0 || c.unbarriered_compared_bytes > 0;
+        c.unbarriered_bytes >= BARRIER_BYTES
+            || c.unbarriered_compared_bytes >= DELTA_BARRIER_COMPARED_BYTES
+            || (unbarriered
+                && c.unbarriered_since
+                    .is_some_and(|t| t.elapsed() >= BARRIER_INTERVAL))
+    }
+
     pub(super) fn barrier(&mut self, c: &mut Conn) -> Result<(), StreamError> {
         let seq = c.next_seq;
         c.next_seq += 1;
@@ -210,6 +100,7 @@ impl StreamSender {
         })?;
         c.outstanding.push_back((seq, Instant::now()));
         c.unbarriered_bytes = 0;
+        c.unbarriered_compared_bytes = 0;
         c.unbarriered_since = None;
         c.last_write = Instant::now();
         Ok(())
@@ -258,6 +149,12 @@ impl StreamSender {
 
     /// Barrier for everything sent, then wait until it is acknowledged.
     pub(super) fn final_barrier(&mut self, ctx: &SenderCtx, c: &mut Conn) -> Result<(), Broken> {
+        if c.digests_open > 0 {
+            return Err(Broken::Fatal(CopyError::Internal(format!(
+                "stream {}: a final barrier with {} digest requests not answered (a bug)",
+                ctx.index, c.digests_open
+            ))));
+        }
         self.barrier(c).map_err(classify)?;
         while !c.outstanding.is_empty() {
             self.poll(ctx, c, true)?;
@@ -274,19 +171,11 @@ impl StreamSender {
         match chunk {
             SinkChunk::Zero { offset, len, .. } => {
                 self.zero(ctx, c, *offset, *len)?;
-                if ctx.verify {
-                    let mut img = lock(&ctx.image);
-                    let w = u64::from(ctx.chunk_bytes);
-                    for i in offset / w..(offset + len).div_ceil(w) {
-                        img.zero_window(i)?;
-                    }
-                }
             }
             SinkChunk::Data {
                 offset,
                 lease,
                 runs,
-                window_digest,
                 ..
             } => {
                 let bytes = lease.bytes();
@@ -299,13 +188,9 @@ impl StreamSender {
                     let raw = &bytes[r.rel as usize..(r.rel + r.len) as usize];
                     self.data(ctx, c, at, raw, r.digest)?;
                 }
-                if let Some(d) = window_digest {
-                    let i = offset / u64::from(ctx.chunk_bytes);
-                    lock(&ctx.image).set_window(i, *d)?;
-                }
             }
         }
-        Ok(())
+        note_image(ctx, chunk)
     }
 
     pub(super) fn zero(
@@ -429,6 +314,30 @@ impl StreamSender {
     }
 }
 
+/// A chunk was sent: with a verify asked for, its windows' digests go
+/// into the source's image digest.
+pub(super) fn note_image(ctx: &SenderCtx, chunk: &SinkChunk) -> Result<(), StreamError> {
+    match chunk {
+        SinkChunk::Zero { offset, len, .. } if ctx.verify => {
+            let mut img = lock(&ctx.image);
+            let w = u64::from(ctx.chunk_bytes);
+            for i in offset / w..(offset + len).div_ceil(w) {
+                img.zero_window(i)?;
+            }
+        }
+        SinkChunk::Data {
+            offset,
+            window_digest: Some(d),
+            ..
+        } => {
+            let i = offset / u64::from(ctx.chunk_bytes);
+            lock(&ctx.image).set_window(i, *d)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// One frame from the receiver while sending.
 pub(super) fn handle_reply(ctx: &SenderCtx, c: &mut Conn, frame: Frame) -> Result<(), Broken> {
     match frame {
@@ -444,6 +353,18 @@ pub(super) fn handle_reply(ctx: &SenderCtx, c: &mut Conn, frame: Frame) -> Resul
             Ok(())
         }
         Frame::Pong { .. } => Ok(()),
+        Frame::Digests {
+            offset,
+            block_bytes,
+            digests,
+        } if ctx.delta.is_some() && c.digests.len() < c.digests_open => {
+            c.digests.push_back(DigestsReply {
+                offset,
+                block_bytes,
+                digests,
+            });
+            Ok(())
+        }
         Frame::Error(e) => Err(classify(refused(e))),
         other => Err(classify(unexpected(other))),
     }

@@ -3,9 +3,10 @@
 use super::reader::Reader;
 use super::{
     Ack, ByteRange, Codec, DATA_HEAD_BYTES, DATA_HEAD_LEN, DATA_HEADER_LEN, DataHead, ErrorCode,
-    ErrorFrame, Features, Frame, Hello, HelloFlags, Welcome, bad,
+    ErrorFrame, Features, Frame, Hello, HelloFlags, PassMode, Welcome, bad,
 };
 use crate::wire::header::{FrameType, HEADER_LEN, Header, RANGE_LEN};
+use crate::wire::pass::{MAX_DIGESTS, MAX_PLAN_RANGES, MAX_REPLAN_RANGES};
 use crate::wire::{MAX_ACK_RANGES, MAX_RESUME_RANGES, WireError};
 
 /// The header and fixed part of a DATA frame, so a sender can write them
@@ -83,21 +84,13 @@ impl Frame {
 
     fn encode_payload(&self, out: &mut Vec<u8>) {
         match self {
-            Frame::Hello(h) => {
-                out.extend_from_slice(&h.job_id);
-                out.extend_from_slice(&h.size_bytes.to_le_bytes());
-                out.extend_from_slice(&h.chunk_size_bytes.to_le_bytes());
-                out.extend_from_slice(&h.features.0.to_le_bytes());
-                out.extend_from_slice(&h.stream_index.to_le_bytes());
-                out.extend_from_slice(&h.stream_count.to_le_bytes());
-                out.extend_from_slice(&h.flags.0.to_le_bytes());
-                put_string(out, &h.target);
-                put_string(out, &h.source_identity);
-            }
+            Frame::Hello(h) => h.encode_payload(out),
             Frame::Welcome(w) => {
                 out.extend_from_slice(&w.features.0.to_le_bytes());
                 out.extend_from_slice(&w.instance.to_le_bytes());
+                out.extend_from_slice(&w.sync_id);
                 put_ranges(out, &w.durable);
+                put_ranges(out, &w.replan);
             }
             Frame::Data(d) => {
                 out.extend_from_slice(&d.head.encode());
@@ -131,6 +124,31 @@ impl Frame {
             Frame::Ping { nonce } | Frame::Pong { nonce } => {
                 out.extend_from_slice(&nonce.to_le_bytes())
             }
+            Frame::Plan(ranges) => put_ranges(out, ranges),
+            Frame::DigestRequest {
+                offset,
+                len_bytes,
+                block_bytes,
+            } => {
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&len_bytes.to_le_bytes());
+                out.extend_from_slice(&block_bytes.to_le_bytes());
+            }
+            Frame::Digests {
+                offset,
+                block_bytes,
+                digests,
+            } => {
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&block_bytes.to_le_bytes());
+                // validate() bounded the count to MAX_DIGESTS.
+                let count = u32::try_from(digests.len()).unwrap_or(u32::MAX);
+                out.extend_from_slice(&count.to_le_bytes());
+                out.reserve(digests.len() * 16);
+                for d in digests {
+                    out.extend_from_slice(d);
+                }
+            }
         }
     }
 
@@ -139,21 +157,13 @@ impl Frame {
     pub fn parse(frame_type: FrameType, payload: &[u8]) -> Result<Frame, WireError> {
         let mut r = Reader::new(frame_type.name(), payload);
         let frame = match frame_type {
-            FrameType::Hello => Frame::Hello(Hello {
-                job_id: r.array::<16>("job_id")?,
-                size_bytes: r.u64("size")?,
-                chunk_size_bytes: r.u32("chunk_size")?,
-                features: Features(r.u32("features")?),
-                stream_index: r.u16("stream_index")?,
-                stream_count: r.u16("stream_count")?,
-                flags: HelloFlags(r.u32("flags")?),
-                target: r.string("HELLO target")?,
-                source_identity: r.string("HELLO source_identity")?,
-            }),
+            FrameType::Hello => Frame::Hello(Hello::parse(&mut r)?),
             FrameType::Welcome => Frame::Welcome(Welcome {
                 features: Features(r.u32("features")?),
                 instance: r.u64("instance")?,
+                sync_id: r.array::<16>("sync_id")?,
                 durable: r.ranges("WELCOME durable", MAX_RESUME_RANGES)?,
+                replan: r.ranges("WELCOME replan", MAX_REPLAN_RANGES)?,
             }),
             FrameType::Data => {
                 return Err(bad("DATA", "payload", "is decoded by FrameDecoder"));
@@ -189,10 +199,60 @@ impl Frame {
             FrameType::Pong => Frame::Pong {
                 nonce: r.u64("nonce")?,
             },
+            FrameType::Plan => Frame::Plan(r.ranges("PLAN", MAX_PLAN_RANGES)?),
+            FrameType::DigestRequest => Frame::DigestRequest {
+                offset: r.u64("offset")?,
+                len_bytes: r.u32("len")?,
+                block_bytes: r.u32("block")?,
+            },
+            FrameType::Digests => Frame::Digests {
+                offset: r.u64("offset")?,
+                block_bytes: r.u32("block")?,
+                digests: r.digests("DIGESTS digests", MAX_DIGESTS)?,
+            },
         };
         r.finish()?;
         frame.validate()?;
         Ok(frame)
+    }
+}
+
+impl Hello {
+    /// The v1 fields, then the v2 pass fields, then the three strings.
+    fn encode_payload(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.job_id);
+        out.extend_from_slice(&self.size_bytes.to_le_bytes());
+        out.extend_from_slice(&self.chunk_size_bytes.to_le_bytes());
+        out.extend_from_slice(&self.features.0.to_le_bytes());
+        out.extend_from_slice(&self.stream_index.to_le_bytes());
+        out.extend_from_slice(&self.stream_count.to_le_bytes());
+        out.extend_from_slice(&self.flags.0.to_le_bytes());
+        out.push(self.mode.as_u8());
+        out.extend_from_slice(&self.sync_id);
+        out.extend_from_slice(&self.base_sync_id);
+        out.extend_from_slice(&self.plan_digest);
+        put_string(out, &self.target);
+        put_string(out, &self.source_identity);
+        put_string(out, &self.change_id);
+    }
+
+    fn parse(r: &mut Reader<'_>) -> Result<Hello, WireError> {
+        Ok(Hello {
+            job_id: r.array::<16>("job_id")?,
+            size_bytes: r.u64("size")?,
+            chunk_size_bytes: r.u32("chunk_size")?,
+            features: Features(r.u32("features")?),
+            stream_index: r.u16("stream_index")?,
+            stream_count: r.u16("stream_count")?,
+            flags: HelloFlags(r.u32("flags")?),
+            mode: PassMode::from_u8(r.u8("mode")?)?,
+            sync_id: r.array::<16>("sync_id")?,
+            base_sync_id: r.array::<16>("base_sync_id")?,
+            plan_digest: r.array::<32>("plan_digest")?,
+            target: r.string("HELLO target")?,
+            source_identity: r.string("HELLO source_identity")?,
+            change_id: r.string("HELLO change_id")?,
+        })
     }
 }
 

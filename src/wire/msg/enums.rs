@@ -42,6 +42,50 @@ impl std::fmt::Display for Codec {
     }
 }
 
+/// What a pass does (the HELLO `mode` byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(u8)]
+pub enum PassMode {
+    /// Every data range of the source (v1 behaviour).
+    #[default]
+    Full = 0,
+    /// Only the ranges a PLAN lists, on top of a base sync.
+    Incremental = 1,
+    /// Compare block digests with the target, send the blocks that differ.
+    Delta = 2,
+}
+
+impl PassMode {
+    /// The mode for a HELLO byte.
+    pub fn from_u8(code: u8) -> Result<Self, WireError> {
+        match code {
+            0 => Ok(PassMode::Full),
+            1 => Ok(PassMode::Incremental),
+            2 => Ok(PassMode::Delta),
+            _ => Err(WireError::BadField {
+                frame: "HELLO",
+                field: "mode",
+                why: "is not 0 (full), 1 (incremental) or 2 (delta): upgrade the receiver",
+            }),
+        }
+    }
+
+    /// The HELLO byte of this mode.
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+}
+
+impl std::fmt::Display for PassMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PassMode::Full => "full",
+            PassMode::Incremental => "incremental",
+            PassMode::Delta => "delta",
+        })
+    }
+}
+
 /// Feature bits offered in HELLO and accepted in WELCOME. Unknown bits are
 /// kept as received; a receiver answers with the intersection of what was
 /// offered and what it supports, so unknown bits are never accepted.
@@ -147,12 +191,15 @@ pub enum ErrorCode {
     Timeout,
     /// A bug or an unexpected condition.
     Internal,
+    /// An incremental pass's base is not the target's last complete sync
+    /// (or the target changed since).
+    BaseMismatch,
     /// A code this build does not know (kept so it can be reported).
     Other(u16),
 }
 
 impl ErrorCode {
-    const TABLE: [(ErrorCode, u16); 13] = [
+    const TABLE: [(ErrorCode, u16); 14] = [
         (ErrorCode::Version, 1),
         (ErrorCode::BadRequest, 2),
         (ErrorCode::TargetNotAllowed, 3),
@@ -166,6 +213,7 @@ impl ErrorCode {
         (ErrorCode::Cancelled, 11),
         (ErrorCode::Timeout, 12),
         (ErrorCode::Internal, 13),
+        (ErrorCode::BaseMismatch, 14),
     ];
 
     /// The code for a wire value (unknown values become [`ErrorCode::Other`]).

@@ -97,6 +97,30 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
+    /// A u32-count-prefixed list of 16-byte digests, bounded like
+    /// [`Reader::ranges`].
+    pub(super) fn digests(
+        &mut self,
+        field: &'static str,
+        max: u32,
+    ) -> Result<Vec<[u8; 16]>, WireError> {
+        let count = self.u32(field)?;
+        if count > max {
+            return Err(WireError::ListTooLong {
+                field,
+                count: u64::from(count),
+                max: u64::from(max),
+            });
+        }
+        let count = count as usize;
+        let body = self.take(field, count * 16)?;
+        let mut out = Vec::with_capacity(count);
+        for entry in body.chunks_exact(16) {
+            out.push(entry.try_into().unwrap_or_default());
+        }
+        Ok(out)
+    }
+
     /// Succeeds only if every byte was read.
     pub(super) fn finish(&self) -> Result<(), WireError> {
         if !self.bytes.is_empty() {

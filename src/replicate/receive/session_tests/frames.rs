@@ -11,7 +11,8 @@ fn hello_is_answered_by_welcome_after_the_attach() {
     let Some(Action::Attach(h)) = rig.next() else {
         panic!("HELLO must attach first");
     };
-    assert_eq!(*h, hello());
+    assert_eq!(h.hello, hello());
+    assert!(h.plan.is_empty(), "a full pass has no plan");
     assert!(rig.next().is_none(), "nothing before the attach completed");
     rig.done(ActionResult::Attached(Box::new(job_info())));
     let Some(Action::Send(Frame::Welcome(w))) = rig.next() else {

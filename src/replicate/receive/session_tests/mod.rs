@@ -10,10 +10,13 @@ use super::super::events::{Action, ActionResult, End, Health, Input, JobInfo};
 use super::Session;
 use crate::wire::{
     ByteRange, ChunkDigest, Codec, Data, DataHead, ErrorFrame, Features, Frame, Hello, HelloFlags,
+    PassMode,
 };
 
+mod delta;
 mod ending;
 mod frames;
+mod pass;
 mod props;
 
 pub(super) const SIZE: u64 = 1 << 20;
@@ -30,6 +33,11 @@ pub(super) fn hello() -> Hello {
         flags: HelloFlags::default(),
         target: "vm1/disk0.img".into(),
         source_identity: "test".into(),
+        mode: PassMode::Full,
+        sync_id: [5; 16],
+        base_sync_id: [0; 16],
+        plan_digest: [0; 32],
+        change_id: String::new(),
     }
 }
 
@@ -46,6 +54,10 @@ pub(super) fn job_info() -> JobInfo {
             offset: 0,
             len_bytes: 4096,
         }],
+        mode: PassMode::Full,
+        sync_id: [5; 16],
+        replan: vec![],
+        planned: None,
     }
 }
 

@@ -23,12 +23,13 @@ pub mod open;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::endpoint::FileKind;
 use crate::engine::sys;
+use crate::journal::TargetStamp;
 use crate::sync::lock;
 pub use open::{Opened, TARGET_MODE_DEFAULT, TargetKey, Targets};
 
@@ -95,6 +96,17 @@ pub enum TargetError {
          {size_bytes}-byte target"
     )]
     WrongSize {
+        name: String,
+        len_bytes: u64,
+        size_bytes: u64,
+    },
+    /// A delta pass onto a regular file longer than the source: it never
+    /// truncates, and a longer file would not end up equal to the source.
+    #[error(
+        "target {name:?} is {len_bytes} bytes, longer than the {size_bytes}-byte source: a delta \
+         pass never truncates a target; send a full pass to replace it"
+    )]
+    LongerThanSource {
         name: String,
         len_bytes: u64,
         size_bytes: u64,
@@ -207,6 +219,52 @@ impl TargetFile {
                 TargetFile::new(opened, false)
             }
         }
+    }
+
+    /// Opens the target of a delta pass as it is: never truncated. A
+    /// regular file shorter than `size_bytes` is extended (the new part
+    /// reads as zeros), one longer is refused; a block device must hold
+    /// `size_bytes`. The caller journaled the pass first.
+    pub fn for_delta(opened: Opened, size_bytes: u64) -> Result<TargetFile, TargetError> {
+        TargetFile::check_delta(&opened, size_bytes)?;
+        match opened.kind {
+            FileKind::Regular => {
+                if opened.len_bytes < size_bytes {
+                    opened
+                        .file
+                        .set_len(size_bytes)
+                        .map_err(|source| TargetError::Open {
+                            name: opened.name.clone(),
+                            path: opened.path.clone(),
+                            source,
+                        })?;
+                }
+                TargetFile::new(opened, false)
+            }
+            _ => TargetFile::new(opened, false),
+        }
+    }
+
+    /// Whether a delta pass of a `size_bytes` source may open `opened`
+    /// (see [`TargetFile::for_delta`]): checked before its journal is
+    /// written, and again when it is opened.
+    pub fn check_delta(opened: &Opened, size_bytes: u64) -> Result<(), TargetError> {
+        match opened.kind {
+            FileKind::Regular if opened.len_bytes > size_bytes => {
+                Err(TargetError::LongerThanSource {
+                    name: opened.name.clone(),
+                    len_bytes: opened.len_bytes,
+                    size_bytes,
+                })
+            }
+            FileKind::Regular => Ok(()),
+            _ => check_device_size(opened, size_bytes),
+        }
+    }
+
+    /// The target's stamp now (see [`stamp_of`]).
+    pub fn stamp(&self) -> io::Result<Option<TargetStamp>> {
+        stamp_of(&self.file, self.kind)
     }
 
     fn new(opened: Opened, fresh_zero: bool) -> Result<TargetFile, TargetError> {
@@ -394,6 +452,25 @@ impl TargetFile {
     pub fn data_extents(&self, offset: u64, len: u64, out: &mut Vec<(u64, u64)>) -> io::Result<()> {
         crate::endpoint::file::data_extents(&self.file, offset, len, out)
     }
+}
+
+/// A regular file's inode, modification time and length, as the journal
+/// records them when a job completes; `None` for a block device (its
+/// metadata says nothing of its content).
+pub fn stamp_of(file: &File, kind: FileKind) -> io::Result<Option<TargetStamp>> {
+    if kind != FileKind::Regular {
+        return Ok(None);
+    }
+    let meta = file.metadata()?;
+    let mtime_ns = meta
+        .mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec());
+    Ok(Some(TargetStamp {
+        inode: meta.ino(),
+        mtime_ns,
+        size_bytes: meta.len(),
+    }))
 }
 
 fn check_device_size(opened: &Opened, size_bytes: u64) -> Result<(), TargetError> {
