@@ -1,7 +1,8 @@
 //! `--io-timeout`: an NBD server that accepts and then says nothing, or
-//! stops answering reads, fails the copy (exit 3) with a message naming the
-//! server and the timeout, within a few seconds, on both engines, and
-//! nothing is written for the window it did not answer.
+//! stops answering reads or writes, fails the copy with a message naming the
+//! server and the timeout, within a few seconds, on both engines: exit 3
+//! when it is the source, 4 when it is the target, and nothing is written
+//! for the window a source did not answer.
 
 mod common;
 #[path = "support/rx.rs"]
@@ -55,10 +56,11 @@ fn silent_tcp() -> String {
     addr
 }
 
-/// Exit 3, in time, naming `server` and the 2 s timeout.
-fn assert_timed_out(what: &str, out: &Output, elapsed: Duration, server: &str) {
+/// Exit `code` (3: the source, 4: the target), in time, naming `server`
+/// and the 2 s timeout.
+fn assert_timed_out(what: &str, out: &Output, elapsed: Duration, server: &str, code: i32) {
     let err = stderr(out);
-    assert_eq!(out.status.code(), Some(3), "{what}: {err}");
+    assert_eq!(out.status.code(), Some(code), "{what}: {err}");
     assert!(elapsed < FAIL_WITHIN, "{what} took {elapsed:?}: {err}");
     assert!(
         err.contains(server) && err.contains("I/O timeout") && err.contains("2 s"),
@@ -95,6 +97,7 @@ fn a_server_that_never_greets_fails_the_copy_in_time() {
                 &out,
                 started.elapsed(),
                 &server,
+                3,
             );
             assert!(
                 !target.exists(),
@@ -105,26 +108,59 @@ fn a_server_that_never_greets_fails_the_copy_in_time() {
 }
 
 #[test]
-fn a_silent_target_fails_the_copy_in_time() {
+fn a_silent_target_fails_the_copy_in_time_with_exit_4() {
     let d = tempfile::tempdir().unwrap();
     let sock = silent_unix(d.path());
+    let tcp = silent_tcp();
     let src = d.path().join("src.img");
     sparse_file(&src, 4 << 20, &[(0, 100_000)], 2);
-    let started = Instant::now();
-    let out = copy_bounded(
-        src.to_str().unwrap(),
-        &format!("nbd+unix:///?socket={sock}"),
-        "uring",
-        &["--io-timeout", "2s"],
-    );
-    let err = stderr(&out);
-    assert!(!out.status.success(), "{err}");
-    assert!(
-        started.elapsed() < FAIL_WITHIN,
-        "took {:?}: {err}",
-        started.elapsed()
-    );
-    assert!(err.contains(&sock) && err.contains("I/O timeout"), "{err}");
+    for e in ENGINES {
+        for (uri, server) in [
+            (format!("nbd+unix:///?socket={sock}"), sock.clone()),
+            (format!("nbd://{tcp}/"), tcp.clone()),
+        ] {
+            let started = Instant::now();
+            let out = copy_bounded(src.to_str().unwrap(), &uri, e, &["--io-timeout", "2s"]);
+            let what = format!("copy to {uri} ({e})");
+            assert_timed_out(&what, &out, started.elapsed(), &server, 4);
+        }
+    }
+}
+
+/// nbdkit's memory plugin whose writes each take 30 s: the handshake
+/// goes through, then the target stops answering.
+#[test]
+fn a_target_that_stops_answering_writes_fails_the_copy_with_exit_4() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    sparse_file(&src, 8 << 20, &[(0, 1 << 20), (5 << 20, 300_000)], 3);
+    for e in ENGINES {
+        // One server per run, as for the stalled reads below.
+        let server = nbdkit(
+            d.path(),
+            &format!("stalled-writes-{e}"),
+            &["--filter=delay", "memory", "size=8M", "delay-write=30"],
+        );
+        let sock = server.sock.display().to_string();
+        let started = Instant::now();
+        let out = copy_bounded(
+            src.to_str().unwrap(),
+            &server.uri(),
+            e,
+            &["--io-timeout", "2s"],
+        );
+        let elapsed = started.elapsed();
+        assert_timed_out(&format!("copy ({e})"), &out, elapsed, &sock, 4);
+        assert!(
+            stderr(&out).contains("no reply"),
+            "the handshake went through; the writes must be what timed out: {}",
+            stderr(&out)
+        );
+        assert!(
+            elapsed >= Duration::from_secs(2),
+            "failed before the timeout: {elapsed:?}"
+        );
+    }
 }
 
 /// nbdkit serving a 64 MiB pattern (all data) whose reads each take 30 s.
@@ -154,7 +190,7 @@ fn a_server_that_stops_answering_reads_fails_the_copy_in_time() {
             &["--io-timeout", "2s"],
         );
         let elapsed = started.elapsed();
-        assert_timed_out(&format!("copy ({e})"), &out, elapsed, &sock);
+        assert_timed_out(&format!("copy ({e})"), &out, elapsed, &sock, 3);
         assert!(
             stderr(&out).contains("no reply"),
             "the handshake went through; the reads must be what timed out: {}",
@@ -201,6 +237,7 @@ fn send_fails_in_time_on_a_silent_or_stalled_source() {
                 &out,
                 started.elapsed(),
                 &name,
+                3,
             );
             assert!(stderr(&out).contains(why), "case {i}: {}", stderr(&out));
             assert_nothing_written(&rx.target(&target));

@@ -10,6 +10,7 @@
 #               NBD export as a file: the failing disk of tests/target_eio.rs)
 #   qemu-utils  qemu-nbd, qemu-img
 #   e2fsprogs   mkfs.ext4 (sample images)      diffutils  cmp
+#   rsync       only scripts/bench-net --incremental (ensure_rsync): the delta peer
 
 _DF_APT_UPDATED=0
 
@@ -91,4 +92,9 @@ ensure_deps() {
     # mkfs.ext4 lives in /sbin, which a non-root PATH may lack.
     case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="$PATH:/usr/sbin:/sbin" ;; esac
     ensure_cargo
+}
+
+# ensure_rsync — rsync (the delta peer of scripts/bench-net --incremental).
+ensure_rsync() {
+    command -v rsync >/dev/null 2>&1 || _df_apt_install rsync
 }

@@ -273,12 +273,18 @@ pub fn exit_code(e: &CopyError) -> i32 {
         CopyError::Usage(_) => 2,
         CopyError::SourceRead(_) | CopyError::Map(_) => 3,
         CopyError::TargetWrite(_) | CopyError::Flush(_) => 4,
-        CopyError::Endpoint(ep) => match ep {
-            crate::endpoint::EndpointError::TargetTooSmall { .. } => 4,
-            crate::endpoint::EndpointError::BadUri { .. }
-            | crate::endpoint::EndpointError::FormatForUri { .. } => 2,
-            _ => 3,
-        },
+        CopyError::Endpoint(ep) | CopyError::TargetEndpoint(ep)
+            if matches!(
+                ep,
+                crate::endpoint::EndpointError::BadUri { .. }
+                    | crate::endpoint::EndpointError::FormatForUri { .. }
+            ) =>
+        {
+            2
+        }
+        CopyError::Endpoint(crate::endpoint::EndpointError::TargetTooSmall { .. })
+        | CopyError::TargetEndpoint(_) => 4,
+        CopyError::Endpoint(_) => 3,
         CopyError::Engine(_) | CopyError::Internal(_) => 5,
         CopyError::Interrupted(_) | CopyError::Cancelled => 6,
     }

@@ -139,7 +139,8 @@ pub(crate) fn run_disk(
         opts.connections,
         opts.write_mode,
         opts.io_timeout,
-    )?;
+    )
+    .map_err(CopyError::on_target)?;
     tracing::info!(
         source = %source.display,
         target = %target.display,

@@ -45,8 +45,14 @@ pub mod zero;
 pub enum CopyError {
     #[error("bad arguments: {0}")]
     Usage(String),
+    /// Opening, negotiating with or mapping the source failed.
     #[error("{0}")]
     Endpoint(#[from] crate::endpoint::EndpointError),
+    /// The same for the target ([`CopyError::on_target`]): an NBD server
+    /// that never answers fails the same way on either side, and the exit
+    /// code says which.
+    #[error("{0}")]
+    TargetEndpoint(crate::endpoint::EndpointError),
     #[error("reading the source failed {0}; nothing was written in place of unread data")]
     SourceRead(String),
     #[error("writing the target failed {0}")]
@@ -70,6 +76,14 @@ pub enum CopyError {
 }
 
 impl CopyError {
+    /// The same error, an endpoint error now the target's: for what
+    /// opening the target met.
+    pub fn on_target(self) -> Self {
+        match self {
+            CopyError::Endpoint(e) => CopyError::TargetEndpoint(e),
+            other => other,
+        }
+    }
     pub fn source(offset: u64, e: crate::nbd::NbdError) -> Self {
         CopyError::SourceRead(format!("at offset {offset}: {e}"))
     }
