@@ -165,21 +165,23 @@ fn rate_limit_holds_within_ten_percent() {
     let tls = certs(d.path());
     let rx = serve(d.path(), Some(&tls), "127.0.0.1:0", None);
     let src = d.path().join("src.img");
-    dense_file(&src, 300 * MIB as usize, 4);
+    // A budget well under what a debug build moves through TLS on a loaded
+    // 2-core machine, so the limiter and not the machine sets the pace.
+    dense_file(&src, 180 * MIB as usize, 4);
     let t = Instant::now();
     let done = ok(&send(
         src.to_str().unwrap(),
         &rx,
         "r.img",
         Some(&tls),
-        &["--rate", "50M", "--compress", "none"],
+        &["--rate", "30M", "--compress", "none"],
     ));
     let secs = t.elapsed().as_secs_f64();
     let rate = done["bytes_on_wire"].as_u64().unwrap() as f64 / secs;
     assert!(secs >= 5.0, "too fast to judge: {secs:.1}s");
     assert!(
-        (45e6..=55e6).contains(&rate),
-        "rate {rate:.0} B/s is not within 10% of 50 MB/s ({secs:.2}s)"
+        (27e6..=33e6).contains(&rate),
+        "rate {rate:.0} B/s is not within 10% of 30 MB/s ({secs:.2}s)"
     );
     assert_same(&src, &rx.root.join("r.img"));
 }

@@ -313,9 +313,12 @@ fn done_at(samples: &[(f64, u64)], t: f64) -> f64 {
 
 /// The job's budget in the test below, MB/s. The figure is
 /// 100M, but a debug build on a 2-core test machine moves only 80–95 MB/s
-/// through TLS on loopback with both ends on it: a budget the machine can
-/// exceed is what shows the limiter and its sharing.
-const BUDGET_MB: f64 = 40.0;
+/// through TLS on loopback with both ends on it, and less while the other
+/// tests of this file run beside it (at 40M the big disk alone fell to
+/// 28–38 MB/s on a loaded machine): a budget the machine exceeds with room
+/// is what shows the limiter and its sharing. The release check at 100M
+/// is in docs/benchmarks.md (session 10).
+const BUDGET_MB: f64 = 24.0;
 
 #[test]
 fn the_rate_is_one_budget_shared_fairly_by_the_disks() {
@@ -323,7 +326,7 @@ fn the_rate_is_one_budget_shared_fairly_by_the_disks() {
     let dir = d.path();
     let small = dir.join("small.img");
     let big = dir.join("big.img");
-    let (small_mib, big_mib) = (64u64, 160u64);
+    let (small_mib, big_mib) = (40u64, 100u64);
     dense_file(&small, (small_mib * MIB) as usize, 9);
     dense_file(&big, (big_mib * MIB) as usize, 10);
     let rx = Rx::start(&dir.join("rx"), &[]);
