@@ -21,7 +21,9 @@ on 127.0.0.1 (mutual TLS) and an rsync daemon on 127.0.0.1:
    the diskferry passes in odd rounds, after them in even ones);
 7. `read-source` / `read-target`: `nbdcopy SRC null:` and `nbdcopy TARGET
    null:`, reading the changed source and the target in full (holes
-   skipped, as every reader here does).
+   skipped, as every reader here does); the target's pages are dropped
+   from the page cache first, since the delta reads it cold too (the
+   receiver drops what it writes; the source is served with --cache=none).
 
 diskferry's source is the qcow2 served by qemu-nbd -r -B b0 on a Unix
 socket; rsync's the raw copy with the same bytes. The first round checks
@@ -194,6 +196,16 @@ class Context:
         return self.results[name].error is None
 
 
+def drop_cached(path: Path) -> None:
+    """Evict a file's clean pages from the page cache (after an fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def one_round(ctx: Context, rnd: int, base_raw: Path, base_qcow2: Path, rsyncd: RsyncDaemon) -> None:
     args, r = ctx.args, Round(ctx, rnd)
     work_raw, work_qcow2 = ctx.scratch / "inc-work.img", ctx.scratch / "inc-work.qcow2"
@@ -246,6 +258,10 @@ def one_round(ctx: Context, rnd: int, base_raw: Path, base_qcow2: Path, rsyncd: 
         ctx.display.setdefault("read-source", read_src)
         ctx.display.setdefault("read-target", read_tgt)
         r.timed("read-source", read_src)
+        # The delta read its target cold (the receiver drops what it wrote
+        # from the page cache, and the source is served with --cache=none):
+        # read the target cold too, so the delta bar compares like with like.
+        drop_cached(target)
         r.timed("read-target", read_tgt)
     finally:
         if ctx.source is not None:
