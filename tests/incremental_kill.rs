@@ -29,7 +29,6 @@ fn sender_killed_mid_incremental_reruns_to_an_identical_target() {
         let img = source_image(dir, rng.next());
         let rx = Rx::start(&dir.join("rx"), &["--checkpoint-interval", "200ms"]);
         let target = rx.target("t.img");
-        // Before any send: opening the store removes temporary files.
         let journal = rx.journal_path("t.img");
         let args = |extra: &[&str]| -> Vec<String> {
             let mut v: Vec<String> = ["--io-engine", engine, "--compress", "none"]
@@ -82,7 +81,6 @@ fn receiver_killed_mid_incremental_the_send_reconnects_and_the_target_is_identic
         let img = source_image(dir, rng.next());
         let mut rx = Rx::start(&dir.join("rx"), &["--checkpoint-interval", "200ms"]);
         let target = rx.target("t.img");
-        // Before any send: opening the store removes temporary files.
         let journal = rx.journal_path("t.img");
         let full = done(&rx.send(s(&img), "t.img", &[]));
         let sync1 = text(&full, "sync_id").to_string();
@@ -143,7 +141,6 @@ fn a_rerun_with_another_plan_also_sends_what_the_interrupted_pass_may_have_chang
         let img = source_image(dir, rng.next());
         let rx = Rx::start(&dir.join("rx"), &["--checkpoint-interval", "200ms"]);
         let target = rx.target("t.img");
-        // Before any send: opening the store removes temporary files.
         let journal = rx.journal_path("t.img");
         let sync1 = text(&done(&rx.send(s(&img), "t.img", &[])), "sync_id").to_string();
         // Pass A (24 MiB at 6 MB/s), killed part way.
