@@ -270,3 +270,65 @@ fn lanes_spread_the_first_reads_over_the_disk_and_read_every_byte_once() {
     );
     assert!(!out_path.exists(), "a refused copy created its target");
 }
+
+/// The `progress` events of a `--json` run.
+fn progress_events(out: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "progress")
+        .collect()
+}
+
+#[test]
+fn progress_interval_sets_how_often_progress_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.img");
+    dense_file(&src, (48 * MIB) as usize, 3);
+    // --rate 32M makes the copy last about 1.5 s on any machine.
+    let slow = ["--json", "--rate", "32M"];
+    let dst = d.path().join("every-second.img");
+    let out = copy_ok(src.to_str().unwrap(), dst.to_str().unwrap(), "uring", &slow);
+    let default_events = progress_events(&out).len();
+    assert!(
+        (1..=4).contains(&default_events),
+        "{default_events} progress events in ~1.5 s at the default 1s interval"
+    );
+    for e in ENGINES {
+        let dst = d.path().join(format!("{e}.img"));
+        let args = [&slow[..], &["--progress-interval", "100ms"]].concat();
+        let out = copy_ok(src.to_str().unwrap(), dst.to_str().unwrap(), e, &args);
+        let events = progress_events(&out);
+        assert!(
+            events.len() >= 8,
+            "{e}: only {} progress events in ~1.5 s at --progress-interval 100ms",
+            events.len()
+        );
+        let at: Vec<f64> = events
+            .iter()
+            .map(|v| v["elapsed_s"].as_f64().unwrap())
+            .collect();
+        let done: Vec<u64> = events
+            .iter()
+            .map(|v| v["bytes_done"].as_u64().unwrap())
+            .collect();
+        assert!(
+            at.windows(2).all(|w| w[1] > w[0] && w[1] - w[0] < 0.6),
+            "{e}: {at:?}"
+        );
+        assert!(done.windows(2).all(|w| w[1] >= w[0]), "{e}: {done:?}");
+        assert_same(&src, &dst);
+    }
+    let refused = copy(
+        src.to_str().unwrap(),
+        d.path().join("x.img").to_str().unwrap(),
+        "uring",
+        &["--progress-interval", "5ms"],
+    );
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "a 5ms interval was not refused"
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("shorter than 10ms"));
+}

@@ -46,7 +46,19 @@ def machine_info(scratch: Path) -> dict:
         "scratch_fs": fs,
         "hostname": platform.node(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": first_line(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
+        "commit_dirty": subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                       capture_output=True, text=True).stdout.strip() != "",
+        "loadavg_start": _loadavg(),
     }
+
+
+def _loadavg() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages: how busy the machine was."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
 
 
 def tool_versions(diskferry: Path, tools: list[str]) -> dict:

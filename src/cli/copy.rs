@@ -78,6 +78,19 @@ pub struct CopyArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// How often progress is reported (the bar, or a `progress` event with
+    /// --json), e.g. 100ms; 10ms at least.
+    #[arg(long, default_value = "1s", value_parser = parse_progress_interval)]
+    pub progress_interval: Duration,
+}
+
+/// A `--progress-interval`: a duration of 10 ms or more.
+pub(super) fn parse_progress_interval(s: &str) -> Result<Duration, String> {
+    let d = crate::size::parse_duration(s)?;
+    if d < Duration::from_millis(10) {
+        return Err(format!("{s} is shorter than 10ms"));
+    }
+    Ok(d)
 }
 
 impl CopyArgs {
@@ -108,9 +121,6 @@ impl CopyArgs {
     }
 }
 
-/// How often progress is printed.
-const REPORT_EVERY: Duration = Duration::from_secs(1);
-
 pub(super) fn run_copy(a: CopyArgs) -> i32 {
     if a.job.is_some() {
         return super::copy_job::run_copy_job(&a);
@@ -129,7 +139,7 @@ pub(super) fn run_copy(a: CopyArgs) -> i32 {
         }),
         Err(e) => return finish(&mut progress, a.json, a.no_progress, Err(e)),
     };
-    watch(&handle, started, |p, el| {
+    watch(&handle, started, a.progress_interval, |p, el| {
         if let Some(d) = p.disks.first() {
             progress.update(&d.counters, el);
         }
@@ -159,23 +169,24 @@ pub(super) fn start(a: &CopyArgs) -> Result<Engine, CopyError> {
     })
 }
 
-/// Call `report` once the job's disks are open and then about every
-/// second until the job is over.
+/// Call `report` once the job's disks are open and then about `every`
+/// until the job is over.
 pub(super) fn watch(
     handle: &JobHandle,
     started: Instant,
+    every: Duration,
     mut report: impl FnMut(&crate::runtime::JobProgress, Duration),
 ) {
     let mut last: Option<Instant> = None;
     loop {
-        let over = handle.wait_timeout(Duration::from_millis(50));
+        let over = handle.wait_timeout(every.min(Duration::from_millis(50)));
         if over {
             return;
         }
         let p = handle.progress();
         let due = match last {
             None => p.state != JobPhase::Starting,
-            Some(at) => at.elapsed() >= REPORT_EVERY,
+            Some(at) => at.elapsed() >= every,
         };
         if due {
             report(&p, started.elapsed());

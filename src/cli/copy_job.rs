@@ -45,9 +45,13 @@ pub(super) fn run_copy_job(a: &CopyArgs) -> i32 {
         disks: disks.into_iter().map(Into::into).collect(),
         rate_bytes_per_s: a.rate,
     };
-    let (report, last, worst) = run_job(&engine, &job, spec, a.json, a.no_progress, |r| {
-        done_event(r, engine.kind())
-    });
+    let (report, last, worst) = run_job(
+        &engine,
+        &job,
+        spec,
+        (a.json, a.no_progress, a.progress_interval),
+        |r| done_event(r, engine.kind()),
+    );
     if worst == 0 && !a.json && !a.no_progress {
         let total = total_of(&last);
         eprintln!(
@@ -64,21 +68,20 @@ pub(super) fn run_copy_job(a: &CopyArgs) -> i32 {
 
 /// Runs a job to its end on `engine`: one progress view (a line per disk
 /// and a total), the `done` event `done_of` makes, each failed disk's
-/// error. Returns the report, the last progress and the worst disk's exit
+/// error, reporting progress about every `every`. Returns the report, the last progress and the worst disk's exit
 /// code (0 when every disk succeeded).
 pub(super) fn run_job(
     engine: &Engine,
     job: &JobFile,
     spec: JobSpec,
-    json: bool,
-    no_progress: bool,
+    (json, no_progress, every): (bool, bool, std::time::Duration),
     done_of: impl Fn(&JobReport) -> serde_json::Value,
 ) -> (JobReport, JobProgress, i32) {
     let targets: Vec<String> = job.disks.iter().map(|d| d.target.clone()).collect();
     let started = Instant::now();
     let handle = engine.submit(spec);
     let mut view = JobView::new(json, no_progress, &targets);
-    watch(&handle, started, |p, el| view.update(p, el));
+    watch(&handle, started, every, |p, el| view.update(p, el));
     let last = handle.progress();
     view.update(&last, started.elapsed());
     let report = handle.wait();

@@ -260,6 +260,10 @@ pub struct SendArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// How often progress is reported (the bar, or a `progress` event with
+    /// --json), e.g. 100ms; 10ms at least.
+    #[arg(long, default_value = "1s", value_parser = copy::parse_progress_interval)]
+    pub progress_interval: std::time::Duration,
 }
 
 pub(crate) fn parse_chunk(s: &str) -> Result<u32, String> {

@@ -51,6 +51,7 @@ impl SendArgs {
                 false => crate::replicate::send::PassRequest::Full,
             },
             change_id: None,
+            progress_every: self.progress_interval,
         }
     }
 }
@@ -128,9 +129,13 @@ pub(super) fn run_send_job(a: &SendArgs) -> i32 {
         disks: disks.into_iter().map(Into::into).collect(),
         rate_bytes_per_s: a.rate,
     };
-    let (report, last, worst) = run_job(&engine, &job, spec, a.json, a.no_progress, |r| {
-        send_done_event(r, &engine)
-    });
+    let (report, last, worst) = run_job(
+        &engine,
+        &job,
+        spec,
+        (a.json, a.no_progress, a.progress_interval),
+        |r| send_done_event(r, &engine),
+    );
     if worst == 0 && !a.json && !a.no_progress {
         let total = total_of(&last);
         eprintln!(

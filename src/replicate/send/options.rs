@@ -59,6 +59,8 @@ pub struct SendOptions {
     /// An external change id (e.g. VMware's changeId) the receiver
     /// records with the sync and the report echoes.
     pub change_id: Option<String>,
+    /// How often [`run`](super::run) reports progress.
+    pub progress_every: Duration,
 }
 
 impl SendOptions {
@@ -90,6 +92,7 @@ impl SendOptions {
             test_hooks: TestHooks::default(),
             pass: PassRequest::Full,
             change_id: None,
+            progress_every: Duration::from_secs(1),
         }
     }
 }

@@ -86,9 +86,6 @@ pub fn warn_plaintext() {
     );
 }
 
-/// How often [`run`] reports progress.
-const REPORT_EVERY: Duration = Duration::from_secs(1);
-
 /// Run a send to completion (every byte durable on the receiver) or to
 /// its first error: one disk, on an engine of its own.
 pub fn run(
@@ -112,7 +109,7 @@ pub fn run(
 }
 
 /// Run one send disk as a job on `engine`, reporting its counters about
-/// every second once it runs, and once at the end.
+/// every `opts.progress_every` once it runs, and once at the end.
 pub fn run_on(
     engine: &Engine,
     opts: &SendOptions,
@@ -125,11 +122,11 @@ pub fn run_on(
         rate_bytes_per_s: opts.rate_bytes_per_s,
     });
     let mut last: Option<Instant> = None;
-    while !handle.wait_timeout(Duration::from_millis(50)) {
+    while !handle.wait_timeout(opts.progress_every.min(Duration::from_millis(50))) {
         let p = handle.progress();
         let due = match last {
             None => p.state != JobPhase::Starting,
-            Some(at) => at.elapsed() >= REPORT_EVERY,
+            Some(at) => at.elapsed() >= opts.progress_every,
         };
         if let (true, Some(d)) = (due, p.disks.first()) {
             progress(&d.counters, started.elapsed());
