@@ -14,7 +14,8 @@ fn main() {
 /// zeroed. A sparse send spent about 10 % of its samples in those faults
 /// (`perf record`: `exc_page_fault` under `OutboundChunks::copy_to_vec`), and
 /// sender system time was 2.5–2.9 s against 1.8–2.1 s with trimming off (same-run
-/// A/B, docs/benchmarks.md, session 4). The live heap is small (the buffer pool
+/// A/B of session 4, commit dedbcfa; docs/bench/history.md#tls-and-the-network-path
+/// has that session's full runs). The live heap is small (the buffer pool
 /// is its own mapping), so what is kept is bounded by the peak.
 ///
 /// Fixing the trim threshold also fixes the mmap threshold, which glibc

@@ -317,7 +317,7 @@ fn done_at(samples: &[(f64, u64)], t: f64) -> f64 {
 /// tests of this file run beside it (at 40M the big disk alone fell to
 /// 28–38 MB/s on a loaded machine): a budget the machine exceeds with room
 /// is what shows the limiter and its sharing. The release check at 100M
-/// is in docs/benchmarks.md (session 10).
+/// is in docs/bench/history.md#jobs-issue-15-sessions-9-and-10.
 const BUDGET_MB: f64 = 24.0;
 
 #[test]

@@ -284,7 +284,8 @@ pub fn open_target(
             let (raw, fresh_zero) = RawFile::open_target(&path, source_bytes)?;
             // Block devices: O_DIRECT. Regular files: the page cache with
             // streamed writeback (measured faster here than O_DIRECT into a
-            // sparse file, see docs/benchmarks.md), unless asked otherwise.
+            // sparse file, see docs/bench/history.md#writing-file-targets),
+            // unless asked otherwise.
             let want_direct = match write_mode {
                 WriteMode::Direct => true,
                 WriteMode::Cached => false,

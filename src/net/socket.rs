@@ -40,7 +40,8 @@ pub struct SocketTuning {
 /// control frames still wait little, while a sender blocked on a full socket
 /// is woken once per MiB drained instead of once per 128 KiB: on loopback
 /// that cut the sender's system time by about a sixth (0.9 → 0.75 s for
-/// 2 GiB; docs/benchmarks.md).
+/// 2 GiB; commit 1556b70; session 3 in
+/// docs/bench/history.md#tls-and-the-network-path).
 pub const NOTSENT_LOWAT_BYTES: u32 = 1024 * 1024;
 
 impl Default for SocketTuning {

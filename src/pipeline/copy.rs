@@ -175,8 +175,8 @@ fn pipeline_config(opts: &CopyOptions) -> PipelineConfig {
 /// storage, not the page cache. Where the target shares the source's disk,
 /// deeper reads only delay the writes and the probes fail (dense 2 GiB: 1 %
 /// slower than not probing, 16 rounds); into a file on faster storage the
-/// shallow start read 15 % slower than nbdcopy (docs/benchmarks.md,
-/// session 7).
+/// shallow start read 15 % slower than nbdcopy
+/// (docs/bench/history.md#the-throughput-probe-sessions-6-and-7).
 fn control_loop(
     pipe: &mut Pipeline,
     cfg: &PipelineConfig,

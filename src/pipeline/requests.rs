@@ -24,9 +24,10 @@ pub enum Requests {
     /// cores' L2 caches while a chunk is read, scanned, hashed and written:
     /// on the 2-core bench machine (2 MiB of L2 per core) 8 requests of
     /// 256 KiB in flight beat 16, 32 and 256 in every same-run A/B
-    /// (docs/benchmarks.md, session 4), and shallow queues keep the
-    /// target's writeback steady instead of bursty. A server across a
-    /// network needs a queue as deep as its bandwidth-delay product.
+    /// (docs/bench/history.md#queue-depth-and-working-set-session-4), and
+    /// shallow queues keep the target's writeback steady instead of
+    /// bursty. A server across a network needs a queue as deep as its
+    /// bandwidth-delay product.
     Auto { near: u32, far: u32 },
 }
 

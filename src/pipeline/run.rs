@@ -340,8 +340,8 @@ fn size_job(
     // A copy used to leave the half too unless the target was a file.
     // Each worker is one chain of reads and writes (it keeps one buffered
     // write in flight, see `Worker::issue_write`), and with one chain a
-    // 2-core copy waited on it (same-run A/Bs in docs/benchmarks.md,
-    // sessions 4 and 6).
+    // 2-core copy waited on it (same-run A/Bs of sessions 3 and 6 in
+    // docs/bench/history.md#workers).
     let local_server = is_local_nbd(src_access)
         || matches!(dst, DstPlan::Access { access, .. } if is_local_nbd(access));
     let default_threads = match dst {

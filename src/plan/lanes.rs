@@ -8,7 +8,7 @@
 //! over the disk: dense 2 GiB from qemu-nbd into a file on the same disk
 //! went from 2.28 s to 2.11 s with 16 lanes (nbdcopy, whose threads each
 //! copy their own region, 2.16 s), with 3–5 times as many requests in
-//! flight at the disk (docs/benchmarks.md, session 8).
+//! flight at the disk (docs/bench/history.md#lanes-session-8).
 //!
 //! Lanes hold about equal amounts of data, not equal spans of the disk, so
 //! they run out together and the copy ends with every lane busy until the

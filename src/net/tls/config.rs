@@ -118,7 +118,7 @@ fn pem_error(path: &Path, err: pem::Error) -> TlsError {
 /// is what a diskferry pair negotiates; AES-256-GCM and ChaCha20-Poly1305
 /// stay for peers that ask for them. AES-128 runs 10 rounds to AES-256's
 /// 14, and sealing and opening every byte on both ends is most of the CPU
-/// a TLS stream costs (docs/benchmarks.md, session 5).
+/// a TLS stream costs (docs/bench/history.md#tls-and-the-network-path).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::cipher_suite as cs;
     let mut p = rustls::crypto::ring::default_provider();

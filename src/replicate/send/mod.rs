@@ -98,7 +98,8 @@ const MAX_OUTSTANDING_BARRIERS: usize = 4;
 /// framed. With [`REQUESTS_NEAR`] and 4 connections, 4 MiB of buffers are in
 /// flight, which stay in the cores' L2 caches from the read to the socket;
 /// 2 MiB chunks (32 MiB in flight) cost the receiver a quarter more CPU and
-/// every image 10–25 % more time (docs/benchmarks.md, session 4).
+/// every image 10–25 % more time
+/// (docs/bench/history.md#queue-depth-and-working-set-session-4).
 pub const CHUNK_BYTES_DEFAULT: u32 = 512 << 10;
 /// Requests in flight per source connection when the source is on this
 /// host (see [`crate::pipeline::run::Requests::Auto`]).
