@@ -206,6 +206,9 @@ class LinkNet:
                  "seconds": got["seconds"], "bits_per_s": achieved, "of_shaped": achieved / rate_bits}
         log(f"--link rate check: {achieved / 1e6:.0f} Mbit/s arrived over a link shaped to {rate_bits / 1e6:.0f} "
             f"Mbit/s ({check['of_shaped']:.0%})")
+        if not 0.8 <= check["of_shaped"] <= 1.05:
+            log(f"WARNING: the link does not carry its shaped rate (a busy machine, or the shaping failed); "
+                f"the --link figures of {rate_bits / 1e6:.0f} Mbit/s are not the link's")
         return check
 
     def close(self) -> None:
