@@ -29,6 +29,9 @@ class Run:
     # flight (/proc/diskstats io_ticks); near 1.0 means the disk, not the
     # tool, set the pace. None when the disk could not be found.
     disk_busy: float | None = None
+    # utime+stime of the source qemu-nbd over the run (set by the harness
+    # that serves the source); None where not measured.
+    source_cpu_s: float | None = None
 
 
 @dataclass
@@ -187,6 +190,9 @@ def summarise(res: ToolResult, size_bytes: int, alloc_bytes: int) -> dict:
             "peak_rss_mib": max(r.maxrss_kib for r in counted) / 1024,
             "cpu_s_median": statistics.median(r.cpu_s for r in counted),
         }
+        source_cpu = [r.source_cpu_s for r in counted if r.source_cpu_s is not None]
+        if source_cpu:
+            out["source_cpu_s_median"] = statistics.median(source_cpu)
         busy = [r.disk_busy for r in counted if r.disk_busy is not None]
         if busy:
             out["disk_busy_median"] = statistics.median(busy)

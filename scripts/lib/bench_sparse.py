@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench_common import bl
@@ -171,13 +170,6 @@ def make_packed(sparse: Path, scratch: Path) -> Path:
 # the runs
 
 
-@dataclass
-class SparseRun(NetRun):
-    # utime+stime of the source qemu-nbd over the run: what serving the
-    # holes (block status) and the data cost the source side.
-    source_cpu_s: float | None = None
-
-
 def pair(tool: str, group: str) -> str:
     """The pseudo-tool the schedule alternates: one (tool, image) pair."""
     return f"{tool}@{group}"
@@ -253,13 +245,15 @@ class Rig:
         self.peer.start(size)
         return self.peer.dst, [self.peer.pid], ["nbdcopy", "--flush", *self.args.nbdcopy_args, uri, self.peer.uri()]
 
-    def run_one(self, tool: str, group: str, log_path: Path, disk) -> tuple[SparseRun, Path]:
+    def run_one(self, tool: str, group: str, log_path: Path, disk) -> tuple[NetRun, Path]:
         """One timed run: the tool's wall/CPU/RSS, its receiver's CPU and
-        peak RSS, the source qemu-nbd's CPU, the target's allocation."""
+        peak RSS, the source qemu-nbd's CPU (what serving the holes, as
+        block status, and the data costs the source side), the target's
+        allocation."""
         out, receivers, cmd = self.prepare(tool, group)
         src_pid = self.sources[group].pid
         cpu0 = proc_cpu_s(src_pid)
-        run = SparseRun(**asdict(timed_net(cmd, log_path, disk, receivers)))
+        run = timed_net(cmd, log_path, disk, receivers)
         cpu1 = proc_cpu_s(src_pid)
         run.source_cpu_s = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
         if tool == "nbdcopy-tcp":
