@@ -73,8 +73,10 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     scenario's own (the config and the table print them)."""
     if not args.sparse:
         return
-    if args.job or args.incremental:
-        ap.error("--sparse, --job and --incremental are separate runs")
+    # getattr: the other modes' flags come from other modules of bench-net.
+    others = [f"--{f}" for f in ("job", "incremental", "sweep", "link", "trace") if getattr(args, f, None)]
+    if others:
+        ap.error(f"--sparse is a run of its own: not with {', '.join(others)}")
     try:
         args.sparse_size_bytes = bl.parse_size(args.sparse_size)
     except ValueError:
@@ -83,7 +85,7 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error("--sparse-size must be at least 1M")
     if not 0 < args.sparse_percent <= 100:
         ap.error("--sparse-percent must be in (0, 100]")
-    if not _runs_given(sys.argv[1:]):
+    if args.runs is None or not _runs_given(sys.argv[1:]):
         args.runs = DEFAULT_RUNS
     args.image_list, args.tool_list = list(GROUPS), list(TOOLS)
 
