@@ -10,6 +10,7 @@
 #               NBD export as a file: the failing disk of tests/target_eio.rs)
 #   qemu-utils  qemu-nbd, qemu-img
 #   e2fsprogs   mkfs.ext4 (sample images)      diffutils  cmp
+#   time        /usr/bin/time: each benchmarked tool's peak RSS (bench_measure.py)
 #   rsync       only scripts/bench-net --incremental (ensure_rsync): the delta peer
 
 _DF_APT_UPDATED=0
