@@ -211,20 +211,23 @@ def pair(tool: str, group: str) -> str:
 
 class Rig:
     """Everything the runs share: the two sources, the diskferry serve and
-    the qemu-nbd TCP target; built once, stopped by close()."""
+    the qemu-nbd TCP target; started once by start(), stopped by close()
+    (which stops whatever start() got to, should a server fail)."""
 
     def __init__(self, args, diskferry: Path, images: dict[str, Path], workdir: Path, scratch: Path):
-        self.args, self.diskferry, self.scratch = args, diskferry, scratch
+        self.args, self.diskferry, self.scratch, self.workdir = args, diskferry, scratch, workdir
         self.images = images
         self.sizes = {g: p.stat().st_size for g, p in images.items()}
         self.sources: dict[str, bl.QemuNbd] = {}
         self.serve: DiskferryServe | None = None
         self.peer: QemuNbdTarget | None = None
-        for g, p in images.items():
-            self.sources[g] = bl.QemuNbd(p, workdir)
-        self.serve = DiskferryServe(diskferry, workdir, scratch, scratch / "logs")
-        target_args = args.qemu_target_args if NET_PEERS["nbdcopy-tcp"]["tuned"] else []
-        self.peer = QemuNbdTarget("nbdcopy-tcp", False, workdir, scratch, [*target_args, *TARGET_EXTRA])
+
+    def start(self) -> None:
+        for g, p in self.images.items():
+            self.sources[g] = bl.QemuNbd(p, self.workdir)
+        self.serve = DiskferryServe(self.diskferry, self.workdir, self.scratch, self.scratch / "logs")
+        target_args = self.args.qemu_target_args if NET_PEERS["nbdcopy-tcp"]["tuned"] else []
+        self.peer = QemuNbdTarget("nbdcopy-tcp", False, self.workdir, self.scratch, [*target_args, *TARGET_EXTRA])
 
     def close(self) -> None:
         if self.peer is not None:
@@ -314,6 +317,7 @@ def bench(args, diskferry: Path, scratch: Path) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="df-bsparse-") as work:
         rig = Rig(args, diskferry, images, Path(work), scratch)
         try:
+            rig.start()
             for t in TOOLS:
                 for g in GROUPS:
                     res = results[pair(t, g)]
@@ -321,13 +325,13 @@ def bench(args, diskferry: Path, scratch: Path) -> list[dict]:
                     res.display, res.display_receiver = rig.display(t)
                     res.command, res.receiver = res.display.split(), res.display_receiver
             for rnd, name, warmup in bl.schedule(pairs, args.runs):
-                _one_round(rig, results[name], rnd, warmup, logs, disk, args.verify)
+                _one_run(rig, results[name], rnd, warmup, logs, disk, args.verify)
         finally:
             rig.close()
         return [_group(g, images[g], rig, results) for g in GROUPS]
 
 
-def _one_round(rig: Rig, res: NetToolResult, rnd: int, warmup: bool, logs: Path, disk, verify: bool) -> None:
+def _one_run(rig: Rig, res: NetToolResult, rnd: int, warmup: bool, logs: Path, disk, verify: bool) -> None:
     """One run of one pair: time it, compare the first counted run's target
     with the source (same_content),
     delete the target (a 64 GiB disk leaves no room for eight targets)."""
