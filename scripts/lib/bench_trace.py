@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench_measure import TIME_BIN, _time_maxrss_kib
+
 SECTOR = 512
 
 
@@ -112,15 +114,21 @@ def progress_events(log_path: Path) -> list[list[float]]:
 
 def traced(cmd: list[str], log_path: Path, disk, interval_s: float = 0.1, iface: str = "lo") -> dict:
     """Run `cmd` (stdout and stderr to `log_path`) while sampling; the
-    trace as the results JSON stores it."""
+    trace as the results JSON stores it. The peak RSS comes from GNU time,
+    as bench_measure.timed's does (wait4 would count this script's pages)."""
+    if not TIME_BIN.exists():
+        raise RuntimeError(f"{TIME_BIN} is missing (Debian package `time`): it measures each tool's peak RSS")
+    rss_path = log_path.with_name(log_path.name + ".maxrss")
     sampler = Sampler(disk, iface, interval_s)
     with open(log_path, "wb") as logf:
         sampler.start()
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([str(TIME_BIN), "-f", "%M", "-o", str(rss_path), *cmd],
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall_s = time.perf_counter() - start
         samples = sampler.stop()
+    maxrss_kib = _time_maxrss_kib(rss_path)
     return {
         "interval_s": interval_s,
         "disk": None if disk is None else f"{disk[0]}:{disk[1]}",
@@ -128,7 +136,7 @@ def traced(cmd: list[str], log_path: Path, disk, interval_s: float = 0.1, iface:
         "wall_s": wall_s,
         "exit_code": os.waitstatus_to_exitcode(status),
         "cpu_s": usage.ru_utime + usage.ru_stime,
-        "maxrss_kib": usage.ru_maxrss,
+        "maxrss_kib": usage.ru_maxrss if maxrss_kib is None else maxrss_kib,
         "columns": ["t_s", "read_bytes", "written_bytes", "tx_bytes"],
         "samples": samples,
         "progress": progress_events(log_path),

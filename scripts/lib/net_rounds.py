@@ -31,9 +31,6 @@ class NetRun(bl.Run):
     receiver_peak_rss_kib: int | None = None
     target_allocated_bytes: int | None = None
     done_event: dict | None = None
-    # utime+stime of the source qemu-nbd over the run: every tool reads
-    # through it, so its CPU belongs to the copy's cost.
-    source_cpu_s: float | None = None
     # tx bytes of the sender's interface over the run (--link only).
     wire_bytes: int | None = None
 
