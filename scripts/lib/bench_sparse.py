@@ -60,6 +60,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sparse-size", default="64G", help="virtual size of the --sparse disk (default 64G)")
     ap.add_argument("--sparse-percent", type=float, default=1.0,
                     help="nbdkit sparse-random percent= of the --sparse disk (default 1)")
+    ap.add_argument("--sparse-runlength", default=None,
+                    help="nbdkit sparse-random runlength= (average data run, e.g. 64k; default: nbdkit's), "
+                         "for a disk of many more, smaller extents")
 
 
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -135,22 +138,25 @@ def same_content(a: Path, b: Path) -> bool:
     return True
 
 
-def sparse_command(size_bytes: int, percent: float, dst: Path) -> list[str]:
+def sparse_command(size_bytes: int, percent: float, dst: Path, runlength: str | None = None) -> list[str]:
+    rl = [] if runlength is None else [f"runlength={bl.parse_size(runlength)}"]
     return ["nbdkit", "-U", "-", "sparse-random", f"size={size_bytes}", f"seed={SEED}",
-            f"percent={percent:g}", "random-content=true",
+            f"percent={percent:g}", *rl, "random-content=true",
             "--run", f'nbdcopy "$uri" {shlex.quote(str(dst))}']
 
 
-def make_sparse(size_bytes: int, size_text: str, percent: float, scratch: Path) -> Path:
+def make_sparse(size_bytes: int, size_text: str, percent: float, scratch: Path,
+                runlength: str | None = None) -> Path:
     """Create (or reuse) the cached sparse image; fail if it came out dense."""
-    path = scratch / f"sparse-random-{size_text}-seed{SEED}-{percent:g}pct.img"
+    rl = "" if runlength is None else f"-rl{runlength}"
+    path = scratch / f"sparse-random-{size_text}-seed{SEED}-{percent:g}pct{rl}.img"
     if path.exists():
         log(f"reusing cached {path}")
         return path
     tmp = scratch / f".{path.name}.tmp"
     tmp.unlink(missing_ok=True)
     log(f"creating {path} (cached for later runs)")
-    subprocess.run(sparse_command(size_bytes, percent, tmp), check=True, stdin=subprocess.DEVNULL)
+    subprocess.run(sparse_command(size_bytes, percent, tmp, runlength), check=True, stdin=subprocess.DEVNULL)
     alloc = tmp.stat().st_blocks * 512
     # Four times the asked share leaves room for sparse-random's variance
     # (1 % asked gave 0.25 % at 2 GiB, 1.3 % at 8 GiB) and still catches a
@@ -299,7 +305,8 @@ def bench(args, diskferry: Path, scratch: Path) -> list[dict]:
     if not diskferry.exists():
         sys.exit(f"{diskferry} is missing: build it (drop --no-build)")
     args.sparse_diskferry_version = bl.tool_versions(diskferry, ["diskferry"])["diskferry"]
-    sparse = make_sparse(args.sparse_size_bytes, args.sparse_size, args.sparse_percent, scratch)
+    sparse = make_sparse(args.sparse_size_bytes, args.sparse_size, args.sparse_percent, scratch,
+                         args.sparse_runlength)
     images = {"sparse": sparse, "packed": make_packed(sparse, scratch)}
     logs = scratch / "logs"
     logs.mkdir(exist_ok=True)
@@ -387,7 +394,7 @@ def _group(group: str, image: Path, rig: Rig, results: dict[str, NetToolResult])
     }
     if group == "sparse":
         out["made_by"] = " ".join(sparse_command(rig.args.sparse_size_bytes, rig.args.sparse_percent,
-                                                 Path("FILE")))
+                                                 Path("FILE"), rig.args.sparse_runlength))
     else:
         out["made_by"] = "the sparse image's data extents (SEEK_DATA/SEEK_HOLE), concatenated"
     return out
