@@ -11,6 +11,7 @@
 #   qemu-utils  qemu-nbd, qemu-img
 #   e2fsprogs   mkfs.ext4 (sample images)      diffutils  cmp
 #   rsync       only scripts/bench-net --incremental (ensure_rsync): the delta peer
+#   gnuplot-nox the plots of scripts/bench-report (ensure_report_deps)
 
 _DF_APT_UPDATED=0
 
@@ -91,10 +92,17 @@ ensure_deps() {
     fi
     # mkfs.ext4 lives in /sbin, which a non-root PATH may lack.
     case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="$PATH:/usr/sbin:/sbin" ;; esac
+    # scripts/bench-report's plots (and tests/bench_report.rs, run by scripts/test)
+    ensure_report_deps
     ensure_cargo
 }
 
 # ensure_rsync — rsync (the delta peer of scripts/bench-net --incremental).
 ensure_rsync() {
     command -v rsync >/dev/null 2>&1 || _df_apt_install rsync
+}
+
+# ensure_report_deps — gnuplot (gnuplot-nox: no X11) for scripts/bench-report.
+ensure_report_deps() {
+    command -v gnuplot >/dev/null 2>&1 || _df_apt_install gnuplot-nox
 }
