@@ -12,6 +12,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+# GNU time (Debian package `time`): it reports the timed tool's own peak RSS.
+TIME_BIN = Path("/usr/bin/time")
+
 
 @dataclass
 class Run:
@@ -26,6 +29,9 @@ class Run:
     # flight (/proc/diskstats io_ticks); near 1.0 means the disk, not the
     # tool, set the pace. None when the disk could not be found.
     disk_busy: float | None = None
+    # utime+stime of the source qemu-nbd over the run (set by the harness
+    # that serves the source); None where not measured.
+    source_cpu_s: float | None = None
 
 
 @dataclass
@@ -94,22 +100,48 @@ def io_ticks_ms(disk: tuple[int, int] | None) -> int | None:
     return None
 
 
+def _time_maxrss_kib(path: Path) -> int | None:
+    """The peak RSS GNU time wrote (`-f %M`): the last line of its file,
+    after a "Command exited with non-zero status" line if there is one."""
+    try:
+        lines = path.read_text(errors="replace").split()
+        return int(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def timed(cmd: list[str], log_path: Path, disk: tuple[int, int] | None) -> Run:
+    """Run `cmd` to its end: wall time, user+sys CPU (os.wait4, which counts
+    the processes it waited for), peak RSS, the disk's busy share.
+
+    The peak RSS is not wait4's ru_maxrss: a child of this script starts as
+    a copy of it (fork or vfork), and at exec the kernel keeps that copy's
+    high-water mark as the process's maxrss, so wait4 reports at least this
+    script's own RSS (18-27 MiB) whatever the tool uses. GNU time forks the
+    tool from its own small process and reports the tool's peak alone."""
+    if not TIME_BIN.exists():
+        raise RuntimeError(f"{TIME_BIN} is missing (Debian package `time`): it measures each tool's peak RSS")
+    rss_path = log_path.with_name(log_path.name + ".maxrss")
     with open(log_path, "wb") as logf:
         ticks0 = io_ticks_ms(disk)
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([str(TIME_BIN), "-f", "%M", "-o", str(rss_path), *cmd],
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall_s = time.perf_counter() - start
         ticks1 = io_ticks_ms(disk)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped
+    proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped (time exits as the tool did)
+    maxrss_kib = _time_maxrss_kib(rss_path)
     busy = None
     if ticks0 is not None and ticks1 is not None and wall_s > 0:
         busy = min(1.0, (ticks1 - ticks0) / 1000 / wall_s)
     return Run(
         wall_s=wall_s,
         cpu_s=usage.ru_utime + usage.ru_stime,
-        maxrss_kib=usage.ru_maxrss,
+        # an upper bound (see above) if time could not say, e.g. when killed
+        maxrss_kib=usage.ru_maxrss if maxrss_kib is None else maxrss_kib,
         exit_code=proc.returncode,
         warmup=False,
         disk_busy=busy,
@@ -158,6 +190,9 @@ def summarise(res: ToolResult, size_bytes: int, alloc_bytes: int) -> dict:
             "peak_rss_mib": max(r.maxrss_kib for r in counted) / 1024,
             "cpu_s_median": statistics.median(r.cpu_s for r in counted),
         }
+        source_cpu = [r.source_cpu_s for r in counted if r.source_cpu_s is not None]
+        if source_cpu:
+            out["source_cpu_s_median"] = statistics.median(source_cpu)
         busy = [r.disk_busy for r in counted if r.disk_busy is not None]
         if busy:
             out["disk_busy_median"] = statistics.median(busy)

@@ -76,6 +76,7 @@ ensure_deps() {
     command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
     command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
     command -v cmp >/dev/null 2>&1 || missing+=(diffutils)
+    [ -x /usr/bin/time ] || missing+=(time)  # the benchmarks' peak RSS (scripts/lib/bench_measure.py)
     if [ "${#missing[@]}" -gt 0 ]; then
         # de-duplicate, keep order
         local uniq=() m u seen
