@@ -123,7 +123,8 @@ def sizes(docs: dict[str, dict]) -> tuple[str, str]:
             if g.get("image") == group:
                 return gib(g["size_bytes"])
         return "?"
-    return f"dense {size_of('net', 'dense')}", f"sparse {size_of('sparse', 'sparse')}"
+    dense = size_of("net", "dense")
+    return f"dense {dense if dense != '?' else size_of('local', 'dense')}", f"sparse {size_of('sparse', 'sparse')}"
 
 
 def memory_section(docs: dict[str, dict]) -> list[str]:

@@ -188,8 +188,9 @@ def trace_rates(trace: dict, column: str) -> list[tuple[float, float]]:
 
 
 def progress_rates(trace: dict) -> list[tuple[float, float]]:
-    """[(t_s, MB/s)] from diskferry's own progress events in a trace."""
-    pts, prev = [], None
+    """[(t_s, MB/s)] from diskferry's own progress events in a trace
+    (from the start: the first event's rate counts from 0 bytes at 0 s)."""
+    pts, prev = [], (0.0, 0)
     for t, done in trace.get("progress") or []:
         if prev is not None and t > prev[0]:
             pts.append((t, (done - prev[1]) / (t - prev[0]) / 1e6))
