@@ -4,17 +4,21 @@ and the markdown table."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from bench_common import bl
-from net_procs import peak_rss_kib, proc_cpu_s, reset_peak_rss
+# Re-exported: other bench-net modules take them from here.
+from net_rounds import NetRun, NetToolResult, last_json_event, run_rounds, timed_net, trace_runs  # noqa: F401
 
 log, fmt, tail = bl.log, bl.fmt, bl.tail
-ALL_TOOLS = ("diskferry", "nbdcopy-tcp", "nbdcopy-tls", "nbdcopy-tls-tuned", "nbdcopy-local")
+ALL_TOOLS = ("diskferry", "diskferry-plain", "nbdcopy-tcp", "nbdcopy-tls", "nbdcopy-tls-tuned", "nbdcopy-local")
+# diskferry send to its own `diskferry serve`: TLS, and --insecure-plaintext.
+DISKFERRY_TOOLS = {"diskferry", "diskferry-plain"}
 # Peers that copy to a qemu-nbd target over the network (the others are
 # diskferry itself and the local reference): whether they use TLS, and whether
 # they take --nbdcopy-args / --qemu-nbd-target-args ("tuned") or run the
@@ -26,49 +30,19 @@ NET_PEERS = {
 }
 
 
-@dataclass
-class NetRun(bl.Run):
-    receiver_cpu_s: float | None = None
-    receiver_peak_rss_kib: int | None = None
-    target_allocated_bytes: int | None = None
-    done_event: dict | None = None
-
-
-@dataclass
-class NetToolResult:
-    tool: str
-    command: list[str]
-    receiver: str = ""
-    runs: list[NetRun] = field(default_factory=list)
-    error: str | None = None
-    target_info: dict | None = None
-    display: str = ""  # the commands with placeholders for temporary paths and ports
-    display_receiver: str = ""
-
-    def counted(self) -> list[NetRun]:
-        return [r for r in self.runs if not r.warmup and r.exit_code == 0]
+def add_args(ap: argparse.ArgumentParser) -> None:
+    """--trace: the rate-over-time samples of the report's plots."""
+    ap.add_argument("--trace", action="store_true",
+                    help="after the counted runs, one extra traced run per tool (not counted): diskstats and "
+                         "loopback tx sampled every 100 ms, diskferry with --json --progress-interval 100ms; "
+                         "stored as the tool's `trace` (scripts/lib/bench_trace.py)")
+    ap.add_argument("--trace-images", default="dense", help="images traced with --trace (default dense)")
 
 
 def _placeholders(text: str, subst: dict[str, str]) -> str:
     for k, v in subst.items():
         text = text.replace(k, v)
     return text
-
-
-def last_json_event(path: Path) -> dict | None:
-    """The done event when --json was passed in --diskferry-args (else None)."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except ValueError:
-                return None
-    return None
 
 
 def target_info(uri: str) -> dict | None:
@@ -82,32 +56,26 @@ def target_info(uri: str) -> dict | None:
         return None
 
 
-def timed_net(cmd: list[str], log_path: Path, disk, receivers: list[int]) -> NetRun:
-    """bl.timed, plus the receivers' CPU over the run (the sum of every
-    receiver's utime+stime before and after) and their largest peak RSS
-    (VmHWM, reset before the run)."""
-    for pid in receivers:
-        reset_peak_rss(pid)
-    cpu0 = [proc_cpu_s(pid) for pid in receivers]
-    run = NetRun(**asdict(bl.timed(cmd, log_path, disk)))
-    cpu1 = [proc_cpu_s(pid) for pid in receivers]
-    if receivers and None not in cpu0 and None not in cpu1:
-        run.receiver_cpu_s = sum(cpu1) - sum(cpu0)
-    rss = [peak_rss_kib(pid) for pid in receivers]
-    run.receiver_peak_rss_kib = max(rss) if receivers and None not in rss else None
-    return run
+def send_command(diskferry: Path, source_uri: str, name: str, serve, extra: list[str],
+                 prefix: list[str] = ()) -> list[str]:
+    """diskferry send to `serve`: TLS with its certificates, or plaintext;
+    `prefix` runs it elsewhere (in --link's sender namespace)."""
+    security = ["--insecure-plaintext"] if serve.plaintext else ["--tls-dir", str(serve.tls)]
+    return [*prefix, str(diskferry), "send", source_uri, "--to", f"{serve.host}:{serve.port}",
+            "--target", name, *security, "--no-progress", "--restart", *extra]
 
 
-def _results(kind, name, tools, args, diskferry, serve, source) -> dict[str, NetToolResult]:
+def _results(kind, name, tools, args, diskferry, serve, source, plain_serve=None) -> dict[str, NetToolResult]:
     results: dict[str, NetToolResult] = {}
     for t in tools:
-        if t == "diskferry":
-            cmd = [str(diskferry), "send", source.uri, "--to", f"127.0.0.1:{serve.port}",
-                   "--target", name, "--tls-dir", str(serve.tls), "--no-progress", "--restart",
-                   *args.diskferry_args]
-            results[t] = NetToolResult(t, cmd, receiver=" ".join(serve.cmd))
-            subst = {source.uri: "SRC_URI", f"127.0.0.1:{serve.port}": "127.0.0.1:PORT",
-                     str(serve.tls): "TLS", str(serve.root): "ROOT", str(diskferry): "diskferry"}
+        if t in DISKFERRY_TOOLS:
+            srv = plain_serve if t == "diskferry-plain" else serve
+            cmd = send_command(diskferry, source.uri, name, srv, args.diskferry_args)
+            results[t] = NetToolResult(t, cmd, receiver=" ".join(srv.cmd))
+            subst = {source.uri: "SRC_URI", f"{srv.host}:{srv.port}": f"{srv.host}:PORT",
+                     str(srv.root): "ROOT", str(diskferry): "diskferry"}
+            if srv.tls is not None:
+                subst[str(srv.tls)] = "TLS"
             results[t].display = _placeholders(" ".join(cmd), subst)
             results[t].display_receiver = _placeholders(results[t].receiver, subst)
         else:
@@ -115,17 +83,18 @@ def _results(kind, name, tools, args, diskferry, serve, source) -> dict[str, Net
     return results
 
 
-def _prepare(kind, name, tool, res, label, args, size_bytes, serve, peers, source, scratch):
+def _prepare(kind, name, tool, res, label, args, size_bytes, serve, peers, source, scratch, plain_serve=None):
     """Set up one run (not timed): (target path, receiver pid or None,
     command), or None after recording why the tool cannot run."""
-    if tool == "diskferry":
-        if not serve.alive():
-            res.error = f"diskferry serve exited; log {serve.log_path}"
-            log(f"{kind} {tool} {label}: {res.error}\n{tail(serve.log_path)}")
+    if tool in DISKFERRY_TOOLS:
+        srv = plain_serve if tool == "diskferry-plain" else serve
+        if not srv.alive():
+            res.error = f"diskferry serve exited; log {srv.log_path}"
+            log(f"{kind} {tool} {label}: {res.error}\n{tail(srv.log_path)}")
             return None
-        out = serve.root / name
+        out = srv.root / name
         out.unlink(missing_ok=True)
-        return out, serve.pid, res.command
+        return out, srv.pid, res.command
     if tool == "nbdcopy-local":
         out = scratch / f"local-{kind}.img"
         out.unlink(missing_ok=True)
@@ -150,7 +119,10 @@ def _prepare(kind, name, tool, res, label, args, size_bytes, serve, peers, sourc
     return peer.dst, peer.pid, ["nbdcopy", "--flush", *nbdcopy_args, source.uri, peer.uri()]
 
 
-def bench_image(kind, image, size_bytes, tools, args, diskferry, serve, peers, workdir, scratch) -> dict:
+def bench_image(kind, image, size_bytes, tools, args, diskferry, serve, peers, workdir, scratch,
+                plain_serve=None) -> dict:
+    """Every tool on one image in alternating rounds; with --trace (and
+    this image among --trace-images) one traced run per tool after them."""
     alloc_bytes = image.stat().st_blocks * 512
     log(f"{kind}: {image.name}, size {size_bytes / 2**30:.2f} GiB, allocated {alloc_bytes / 2**30:.2f} GiB")
     source = bl.QemuNbd(image, workdir)
@@ -158,55 +130,38 @@ def bench_image(kind, image, size_bytes, tools, args, diskferry, serve, peers, w
     logs.mkdir(exist_ok=True)
     disk = bl.disk_of(scratch)
     name = f"bench-{kind}.img"
-    results = _results(kind, name, tools, args, diskferry, serve, source)
+    results = _results(kind, name, tools, args, diskferry, serve, source, plain_serve)
+    traces: dict[str, dict] = {}
+
+    def prepare(tool: str, res: NetToolResult, label: str):
+        return _prepare(kind, name, tool, res, label, args, size_bytes, serve, peers, source, scratch, plain_serve)
+
+    def after(tool: str) -> None:
+        if tool in NET_PEERS:
+            peers[tool].stop()  # after its CPU was read; the copy is flushed already
+
     try:
-        for rnd, tool, warmup in bl.schedule(tools, args.runs):
-            res = results[tool]
-            if res.error:
-                continue
-            label = "warm-up" if warmup else f"run {rnd}"
-            log_path = logs / f"net-{kind}-{tool}-{rnd}.log"
-            prepared = _prepare(kind, name, tool, res, label, args, size_bytes, serve, peers, source, scratch)
-            if prepared is None:
-                continue
-            out, rpid, cmd = prepared
-            run = timed_net(cmd, log_path, disk, [] if rpid is None else [rpid])
-            run.warmup, run.round = warmup, rnd
-            if tool in NET_PEERS:
-                peers[tool].stop()  # after its CPU was read; the copy is flushed already
-            else:
-                run.done_event = last_json_event(log_path)
-            if run.exit_code != 0:
-                res.error = f"exit code {run.exit_code} on {label}: {tail(log_path, 5)}"
-                log(f"{kind} {tool} {label}: FAILED (exit {run.exit_code}); log {log_path}\n{tail(log_path)}")
-            else:
-                first_counted = not warmup and not any(not r.warmup for r in res.runs)
-                if first_counted and args.verify:
-                    run.verified = subprocess.run(["cmp", "-s", str(image), str(out)]).returncode == 0
-                    run.target_allocated_bytes = out.stat().st_blocks * 512 if out.exists() else None
-                    if not run.verified:
-                        res.error = f"copy differs from the source on {label} (cmp)"
-                        log(f"{kind} {tool} {label}: COPY DIFFERS FROM SOURCE")
-                rcpu = f", receiver cpu {run.receiver_cpu_s:.2f} s" if run.receiver_cpu_s is not None else ""
-                log(f"{kind} {tool} {label}: {run.wall_s:.2f} s, cpu {run.cpu_s:.2f} s{rcpu}, "
-                    f"rss {run.maxrss_kib / 1024:.0f} MiB" + (", cmp ok" if run.verified else ""))
-            res.runs.append(run)
-            out.unlink(missing_ok=True)
-            bl.settle(args.settle)
+        run_rounds(kind, image, results, args, disk, logs, prepare, after, source.pid)
+        if getattr(args, "trace", False) and kind in args.trace_image_list:
+            traces = trace_runs(kind, results, args, disk, logs, prepare, after, DISKFERRY_TOOLS)
     finally:
         source.stop()
         for p in peers.values():
             p.stop()
             p.dst.unlink(missing_ok=True)
-        if serve is not None:
-            (serve.root / name).unlink(missing_ok=True)
+        for srv in (serve, plain_serve):
+            if srv is not None:
+                (srv.root / name).unlink(missing_ok=True)
+    tools_out = {t: summarise(r, size_bytes, alloc_bytes) for t, r in results.items()}
+    for t, trace in traces.items():
+        tools_out[t]["trace"] = trace
     return {
         "image": kind,
         "path": str(image),
         "size_bytes": size_bytes,
         "allocated_bytes": alloc_bytes,
         "server_command": source.cmd,
-        "tools": {t: summarise(r, size_bytes, alloc_bytes) for t, r in results.items()},
+        "tools": tools_out,
     }
 
 
@@ -232,6 +187,14 @@ def summarise(res: NetToolResult, size_bytes: int, alloc_bytes: int) -> dict:
             "receiver_cpu_s_median": statistics.median(rcpu) if rcpu else None,
             "receiver_peak_rss_mib": max(rrss) / 1024 if rrss else None,
         }
+        scpu = [r.source_cpu_s for r in counted if r.source_cpu_s is not None]
+        out["source_cpu_s_median"] = statistics.median(scpu) if scpu else None
+        wire = [r.wire_bytes for r in counted if r.wire_bytes is not None]
+        if wire:
+            out["wire_bytes_median"] = statistics.median(wire)
+        busy = [r.disk_busy for r in counted if r.disk_busy is not None]
+        if busy:
+            out["disk_busy_median"] = statistics.median(busy)
     return out
 
 
@@ -239,8 +202,8 @@ def markdown_table(images: list[dict], runs: int) -> str:
     rows = [
         "| image | size GiB | alloc GiB | tool | runs | median s | min s | max s | GB/s (alloc) "
         "| GB/s (size) | peak RSS MiB (sender) | peak RSS MiB (receiver) | CPU s (sender) "
-        "| CPU s (receiver) | diskferry / tool |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU s (receiver) | CPU s (source qemu-nbd) | diskferry / tool |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for img in images:
         df = img["tools"].get("diskferry", {})
@@ -255,6 +218,7 @@ def markdown_table(images: list[dict], runs: int) -> str:
                 fmt(s.get("gb_per_s_allocated")), fmt(s.get("gb_per_s_size")),
                 fmt(s.get("peak_rss_mib"), 0), fmt(s.get("receiver_peak_rss_mib"), 0),
                 fmt(s.get("cpu_s_median")), fmt(s.get("receiver_cpu_s_median")),
+                fmt(s.get("source_cpu_s_median")),
                 "—" if tool == "diskferry" else fmt(ratio),
             ]
             rows.append("| " + " | ".join(cells) + " |")

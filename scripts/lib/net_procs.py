@@ -1,12 +1,14 @@
-"""Process helpers of scripts/bench-net: a receiver's CPU and peak RSS read
-from /proc, stopping servers that are not our children, loopback ports,
-and passing a SIGTERM on to the processes being timed."""
+"""Process helpers of scripts/bench-net: a receiver's (or the source's) CPU
+and peak RSS read from /proc, stopping servers that are not our children,
+ports and network namespaces, and passing a SIGTERM on to the processes
+being timed."""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -78,16 +80,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_listening(port: int, timeout_s: float = 10.0) -> None:
+def netns_prefix(netns: str | None) -> list[str]:
+    """The command prefix that runs a program inside network namespace
+    `netns` (nothing for this script's own namespace). `ip netns exec`
+    execs the program, so its pid and rusage are the program's."""
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def wait_listening(port: int, timeout_s: float = 10.0, host: str = "127.0.0.1",
+                   netns: str | None = None) -> None:
+    """Wait until something accepts on host:port. In another network
+    namespace this script cannot connect itself, so `ss` run inside it is
+    asked whether the port is listening."""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+        if netns:
+            res = subprocess.run([*netns_prefix(netns), "ss", "-Hltn", f"sport = :{port}"],
+                                 capture_output=True, text=True)
+            if res.returncode == 0 and res.stdout.strip():
                 return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-            time.sleep(0.05)
+        else:
+            try:
+                with socket.create_connection((host, port), timeout=1):
+                    return
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listens on {host}:{port}" + (f" in netns {netns}" if netns else ""))
+        time.sleep(0.05)
+
+
+def loadavg() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages at the end of a run (the
+    machine info has them at its start): how busy the shared machine was."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
 
 
 

@@ -1,6 +1,8 @@
 """The receivers of scripts/bench-net: one `diskferry serve` for the whole
-run, and writable qemu-nbd targets on 127.0.0.1 TCP (plain or TLS-PSK)
-for the nbdcopy peers, restarted on a fresh file per run."""
+run (mutual TLS, or a second one in --insecure-plaintext), and writable
+qemu-nbd targets on TCP (plain or TLS-PSK) for the nbdcopy peers,
+restarted on a fresh file per run. Both listen on 127.0.0.1, or on an
+address inside a network namespace of --link (bench_link.py)."""
 
 from __future__ import annotations
 
@@ -15,25 +17,35 @@ import time
 from pathlib import Path
 
 from bench_common import bl
-from net_procs import free_port, stop_pid, wait_listening
+from net_procs import free_port, netns_prefix, stop_pid, wait_listening
 
 log, tail = bl.log, bl.tail
 
 
 class DiskferryServe:
-    """One `diskferry serve` for the whole benchmark; targets under its root."""
+    """One `diskferry serve` for the whole benchmark; targets under its root.
 
-    def __init__(self, diskferry: Path, workdir: Path, scratch: Path, logs: Path):
+    `plaintext` runs it with --insecure-plaintext (no certificates; the
+    senders say --insecure-plaintext too). `netns` and `host` put it in a
+    network namespace on that address; its certificate then names `host`."""
+
+    def __init__(self, diskferry: Path, workdir: Path, scratch: Path, logs: Path, *,
+                 plaintext: bool = False, netns: str | None = None, host: str = "127.0.0.1"):
         self.diskferry = diskferry
-        self.tls = workdir / "df-tls"
-        subprocess.run([str(diskferry), "certs", "init", str(self.tls)], check=True,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        self.root = scratch / "net-df-root"
+        self.plaintext, self.netns, self.host = plaintext, netns, host
+        tag = ("-plain" if plaintext else "") + (f"-{netns}" if netns else "")
+        self.tls: Path | None = None
+        if not plaintext:
+            self.tls = workdir / f"df-tls{tag}"
+            subprocess.run([str(diskferry), "certs", "init", str(self.tls), "--san", host], check=True,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self.root = scratch / f"net-df-root{tag}"
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
-        self.cmd = [str(diskferry), "serve", "--listen", "127.0.0.1:0",
-                    "--target-root", str(self.root), "--tls-dir", str(self.tls)]
-        self.log_path = logs / "diskferry-serve.log"
+        self.cmd = [*netns_prefix(netns), str(diskferry), "serve", "--listen", f"{host}:0",
+                    "--target-root", str(self.root),
+                    *(["--insecure-plaintext"] if plaintext else ["--tls-dir", str(self.tls)])]
+        self.log_path = logs / f"diskferry-serve{tag}.log"
         self._log = open(self.log_path, "wb")
         # Own session: a Ctrl-C reaches only this script, which then stops it.
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -89,8 +101,10 @@ class DiskferryServe:
 class QemuNbdTarget:
     """A writable qemu-nbd on 127.0.0.1 TCP, optionally TLS-PSK, restarted per run."""
 
-    def __init__(self, tag: str, tls: bool, workdir: Path, scratch: Path, extra: list[str]):
+    def __init__(self, tag: str, tls: bool, workdir: Path, scratch: Path, extra: list[str], *,
+                 host: str = "127.0.0.1", netns: str | None = None):
         self.tls = tls
+        self.host, self.netns = host, netns
         self.dst = scratch / f"net-dst-{tag}.img"
         self.pidfile = workdir / f"dst-{tag}.pid"
         self.extra = list(extra)
@@ -109,15 +123,16 @@ class QemuNbdTarget:
 
     def uri(self) -> str:
         if self.tls:
-            return f"nbds://alice@127.0.0.1:{self.port}/?tls-psk-file={self.pskfile}"
-        return f"nbd://127.0.0.1:{self.port}"
+            return f"nbds://alice@{self.host}:{self.port}/?tls-psk-file={self.pskfile}"
+        return f"nbd://{self.host}:{self.port}"
 
     def uri_template(self) -> str:
-        return ("nbds://alice@127.0.0.1:PORT/?tls-psk-file=PSK" if self.tls
-                else "nbd://127.0.0.1:PORT")
+        return (f"nbds://alice@{self.host}:PORT/?tls-psk-file=PSK" if self.tls
+                else f"nbd://{self.host}:PORT")
 
     def _command(self, extra: list[str]) -> list[str]:
-        cmd = ["qemu-nbd", "-t", "-e", "4", "-f", "raw", *extra, "-b", "127.0.0.1", "-p", str(self.port)]
+        cmd = [*netns_prefix(self.netns), "qemu-nbd", "-t", "-e", "4", "-f", "raw", *extra,
+               "-b", self.host, "-p", str(self.port)]
         if self.tls:
             cmd += ["--object", f"tls-creds-psk,id=tls0,endpoint=server,dir={self.pskdir}",
                     "--tls-creds", "tls0"]
@@ -144,7 +159,7 @@ class QemuNbdTarget:
         else:
             raise RuntimeError(f"qemu-nbd did not start: {' '.join(self.cmd)}")
         self.pid = int(self.pidfile.read_text().strip())
-        wait_listening(self.port)
+        wait_listening(self.port, host=self.host, netns=self.netns)
 
     def stop(self) -> None:
         stop_pid(self.pid)
