@@ -63,7 +63,7 @@ def projection_section(net: dict | None) -> list[str]:
         return ["Not measured: net.json has no dense image with the CPU tools."]
     g = dense_group(net)
     out = [f"Measured: CPU seconds (user + sys) per GiB on the dense {gib(g['size_bytes'])} image "
-           f"(incompressible), median of {net.get('config', {}).get('runs', '?')} rounds. The source qemu-nbd "
+           f"(incompressible), median of {net.get('config', {}).get('runs', '?')} round(s). The source qemu-nbd "
            f"serves every tool the same way and is shown apart.", "",
            "| tool | sender s/GiB | receiver s/GiB | source qemu-nbd s/GiB | "
            + " | ".join(f"{n} cores, GiB/s (sender / receiver)" for n in CORES) + " |",

@@ -9,7 +9,6 @@ on any machine, at any time: nothing reads the clock or the host."""
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 GIB = 2**30
@@ -197,6 +196,3 @@ def progress_rates(trace: dict) -> list[tuple[float, float]]:
         prev = (t, done)
     return pts
 
-
-def median_or_none(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
