@@ -11,7 +11,8 @@
 #   qemu-utils  qemu-nbd, qemu-img
 #   e2fsprogs   mkfs.ext4 (sample images)      diffutils  cmp
 #   rsync       only scripts/bench-net --incremental (ensure_rsync): the delta peer
-#   gnuplot-nox the plots of scripts/bench-report (ensure_report_deps)
+#   gnuplot-nox the plots of scripts/bench-report (ensure_report_deps, which
+#               also ensures rsync: the report runs --incremental)
 
 _DF_APT_UPDATED=0
 
@@ -103,7 +104,10 @@ ensure_rsync() {
     command -v rsync >/dev/null 2>&1 || _df_apt_install rsync
 }
 
-# ensure_report_deps — gnuplot (gnuplot-nox: no X11) for scripts/bench-report.
+# ensure_report_deps — what scripts/bench-report needs beyond ensure_deps:
+# gnuplot (gnuplot-nox: no X11) for the plots, rsync for its --incremental
+# scenario (tests/bench_report.rs runs them all).
 ensure_report_deps() {
     command -v gnuplot >/dev/null 2>&1 || _df_apt_install gnuplot-nox
+    ensure_rsync
 }
