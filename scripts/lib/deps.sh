@@ -12,6 +12,8 @@
 #   e2fsprogs   mkfs.ext4 (sample images)      diffutils  cmp
 #   time        /usr/bin/time: each benchmarked tool's peak RSS (bench_measure.py)
 #   rsync       only scripts/bench-net --incremental (ensure_rsync): the delta peer
+#   gnuplot-nox the plots of scripts/bench-report (ensure_report_deps, which
+#               also ensures rsync: the report runs --incremental)
 
 _DF_APT_UPDATED=0
 
@@ -93,10 +95,20 @@ ensure_deps() {
     fi
     # mkfs.ext4 lives in /sbin, which a non-root PATH may lack.
     case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="$PATH:/usr/sbin:/sbin" ;; esac
+    # scripts/bench-report's plots (and tests/bench_report.rs, run by scripts/test)
+    ensure_report_deps
     ensure_cargo
 }
 
 # ensure_rsync — rsync (the delta peer of scripts/bench-net --incremental).
 ensure_rsync() {
     command -v rsync >/dev/null 2>&1 || _df_apt_install rsync
+}
+
+# ensure_report_deps — what scripts/bench-report needs beyond ensure_deps:
+# gnuplot (gnuplot-nox: no X11) for the plots, rsync for its --incremental
+# scenario (tests/bench_report.rs runs them all).
+ensure_report_deps() {
+    command -v gnuplot >/dev/null 2>&1 || _df_apt_install gnuplot-nox
+    ensure_rsync
 }
