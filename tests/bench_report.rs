@@ -18,10 +18,11 @@ const FIXTURE: &str = "tests/fixtures/bench-results";
 /// The fixture's rendering, committed: what `--from FIXTURE` must give.
 const FIXTURE_REPORT: &str = "tests/fixtures/bench-report.md";
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "local",
     "net",
     "sparse",
+    "sparse-fragmented",
     "sweep-streams",
     "sweep-chunk",
     "sweep-copy-chunk",

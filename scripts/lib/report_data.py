@@ -19,6 +19,7 @@ SCENARIOS: dict[str, str] = {
     "local": "Local copies",
     "net": "Sends over loopback",
     "sparse": "A large sparse disk",
+    "sparse-fragmented": "A large sparse disk in small extents",
     "sweep-streams": "Throughput against --streams",
     "sweep-chunk": "Throughput against --chunk-size (send)",
     "sweep-copy-chunk": "Throughput against --chunk-size (copy)",

@@ -11,7 +11,7 @@ import report_cpu
 from report_data import colour, gib, progress_rates, ran, trace_rates
 from report_gnuplot import Bar, Series, bar_panels, line_plot
 
-TIME_PLOTS = ("local", "net", "sparse", "link", "local-job", "net-job", "net-incremental")
+TIME_PLOTS = ("local", "net", "sparse", "sparse-fragmented", "link", "local-job", "net-job", "net-incremental")
 
 
 def _panel_title(g: dict) -> str:

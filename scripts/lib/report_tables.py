@@ -76,6 +76,37 @@ def sparse_ratio_line(doc: dict) -> str:
             "the bar is ≤ 1.2): " + "; ".join(parts) + ".") if parts else "No sparse_over_packed figures."
 
 
+def sparse_table(docs: list[dict]) -> list[str]:
+    """The sparse scenarios (sparse.json, sparse-fragmented.json) in one
+    table: per disk and tool, the time on the sparse disk and on the dense
+    file of the same data, their ratio against the 1.2 bar (ratio of the
+    medians, paired per round in brackets), and the sparse run's CPU, peak
+    RSS and diskferry / tool."""
+    rows = ["| sparse disk | tool | sparse: median s (min–max) | packed: median s (min–max) "
+            "| sparse / packed (paired) | CPU s | peak RSS MiB | diskferry / tool |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(s: dict) -> str:
+        return f"{f2(s.get('median_s'))} ({f2(s.get('min_s'))}–{f2(s.get('max_s'))})" if ran(s) else "—"
+
+    for doc in docs:
+        groups = {g.get("image"): g for g in doc.get("images", [])}
+        sp, pk = groups.get("sparse", {}), groups.get("packed", {})
+        label = f"{group_size(sp)} in {sp.get('data_extents', '?')} extents"
+        sop = doc.get("sparse_over_packed") or {}
+        for tool, s in sp.get("tools", {}).items():
+            r = sop.get(tool, {})
+            rm = r.get("ratio_of_medians")
+            mark = "" if rm is None else (" ✓" if rm <= 1.2 else " ✗")
+            rows.append("| " + " | ".join([
+                label, f"**{tool}**" if is_reference(tool, sp["tools"]) else tool, cell(s),
+                cell(pk.get("tools", {}).get(tool, {})),
+                f"**{f2(rm)}**{mark} ({f2(r.get('paired_ratio_median'))})",
+                _cpu(s) if ran(s) else "—", _rss(s) if ran(s) else "—", f2(ratio(sp["tools"], tool))]) + " |")
+            label = ""
+    return rows
+
+
 def incremental_table(doc: dict) -> list[str]:
     """net-incremental.json: one row per pass, wire bytes and the ratios to
     the full send and to rsync."""
