@@ -12,11 +12,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Hand-made and tiny real results in the contract's shape (see its
-/// README): the report's input until the real results are committed.
-const FIXTURE: &str = "tests/fixtures/bench-results";
-/// The fixture's rendering, committed: what `--from FIXTURE` must give.
-const FIXTURE_REPORT: &str = "tests/fixtures/bench-report.md";
+/// The committed results of the last full `scripts/bench-report` run.
+const RESULTS: &str = "docs/bench/results";
+/// Their rendering, committed: what `--from RESULTS` must give.
+const REPORT: &str = "docs/benchmarks.md";
 
 const SCENARIOS: [&str; 11] = [
     "local",
@@ -149,7 +148,7 @@ fn check_report(root: &Path, expect_every_scenario: bool) -> String {
 fn report_from_saved_results_has_every_section_table_and_plot() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().to_str().unwrap();
-    bench_report(&["--from", FIXTURE, "--out", out, "--skip-deps"]);
+    bench_report(&["--from", RESULTS, "--out", out, "--skip-deps"]);
     check_report(tmp.path(), true);
     for s in SCENARIOS {
         assert!(
@@ -164,17 +163,10 @@ fn report_from_saved_results_has_every_section_table_and_plot() {
 }
 
 /// The committed report is exactly what its committed results render (no
-/// hand edits). Until the real results are in docs/bench/results, the
-/// fixture and its committed rendering stand in for them.
+/// hand edits), and its plots are the ones those results draw.
 #[test]
 fn committed_report_is_what_its_results_render() {
-    let real = repo().join("docs/bench/results/local.json").exists();
-    let (results, report) = if real {
-        ("docs/bench/results", "docs/benchmarks.md")
-    } else {
-        (FIXTURE, FIXTURE_REPORT)
-    };
-    eprintln!("comparing {report} with a rendering of {results}");
+    let (results, report) = (RESULTS, REPORT);
     let tmp = tempfile::tempdir().unwrap();
     bench_report(&[
         "--from",
@@ -189,6 +181,27 @@ fn committed_report_is_what_its_results_render() {
         rendered == committed,
         "{report} differs from `scripts/bench-report --from {results}`: rerun it and commit the result"
     );
+    let svgs = |dir: &Path| -> BTreeSet<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".svg"))
+            .collect()
+    };
+    let drawn = svgs(&tmp.path().join("docs/bench"));
+    assert_eq!(
+        drawn,
+        svgs(&repo().join("docs/bench")),
+        "docs/bench/*.svg are not the plots the results draw"
+    );
+    for name in &drawn {
+        let fresh = fs::read(tmp.path().join("docs/bench").join(name)).unwrap();
+        let committed = fs::read(repo().join("docs/bench").join(name)).unwrap();
+        assert!(
+            fresh == committed,
+            "docs/bench/{name} differs from what `--from {results}` draws: rerun it and commit the result"
+        );
+    }
 }
 
 /// Every harness scenario at tiny sizes (`--quick`: one round), with this

@@ -66,7 +66,7 @@ def projection_section(net: dict | None) -> list[str]:
            f"(incompressible), median of {net.get('config', {}).get('runs', '?')} round(s). The source qemu-nbd "
            f"serves every tool the same way and is shown apart.", "",
            "| tool | sender s/GiB | receiver s/GiB | source qemu-nbd s/GiB | "
-           + " | ".join(f"{n} cores, GiB/s (sender / receiver)" for n in CORES) + " |",
+           + " | ".join(f"{n} cores, projected GiB/s (sender / receiver)" for n in CORES) + " |",
            "|---|---:|---:|---:|" + "---:|" * len(CORES)]
     for tool, c in table.items():
         cells = [CPU_TOOLS[tool], f2(c["sender"], 3), f2(c["receiver"], 3), f2(c["source"], 3)]
@@ -84,9 +84,12 @@ def projection_section(net: dict | None) -> list[str]:
         out.append("| " + " | ".join(cells) + " |")
     df = table.get("diskferry")
     if df:
+        with_source = (df["sender"] + df["source"]) if df["sender"] and df["source"] else None
         out += ["", f"{ADVERTISED_GIB_S} GiB/s with TLS (what products of this kind advertise) would take diskferry "
                 f"**{cores_for(ADVERTISED_GIB_S, df['sender']) or '?'} sender cores and "
-                f"{cores_for(ADVERTISED_GIB_S, df['receiver']) or '?'} receiver cores** by this projection."]
+                f"{cores_for(ADVERTISED_GIB_S, df['receiver']) or '?'} receiver cores** by this projection "
+                f"({cores_for(ADVERTISED_GIB_S, with_source) or '?'} on the sender with the source NBD server's "
+                "share counted)."]
     return out
 
 

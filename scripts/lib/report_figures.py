@@ -31,7 +31,9 @@ def times(name: str, doc: dict, out: Path, preview: Path | None) -> str | None:
     if not any(b for _, b in panels):
         return None
     title = f"{name}: wall time per tool (median of {doc.get('config', {}).get('runs', '?')}, bars min–max)"
-    bar_panels(out / f"time-{name}.svg", title, "wall time, s", panels, preview)
+    # the sparse disk and the dense file of its data are compared by eye: one scale
+    bar_panels(out / f"time-{name}.svg", title, "wall time, s", panels, preview,
+               shared_y=name.startswith("sparse"))
     return f"time-{name}.svg"
 
 
@@ -48,7 +50,7 @@ def rates(name: str, doc: dict, column: str, out: Path, preview: Path | None) ->
             if not tr:
                 continue
             pts = trace_rates(tr, column)
-            if pts:
+            if pts and any(v > 0 for _, v in pts):  # nbdcopy-local sends nothing on lo
                 series.append(Series(f"{t} ({'disk read' if column == 'read_bytes' else 'lo tx'})",
                                      colour(t), pts))
             prog = progress_rates(tr)

@@ -71,11 +71,13 @@ def run(script: str, out: Path, width: int, height: int, preview: Path | None) -
 
 
 def bar_panels(out: Path, title: str, ylabel: str, panels: list[tuple[str, list[Bar]]],
-               preview: Path | None = None, legend: list[tuple[str, bool]] | None = None) -> None:
+               preview: Path | None = None, legend: list[tuple[str, bool]] | None = None,
+               shared_y: bool = False) -> None:
     """Bars side by side in one panel per (panel title, bars), each panel
     with its own y range (a 16 GiB image's seconds would flatten a 2 GiB
-    one's). Min–max bars where given. `legend`: (text, hatched) entries
-    explaining the fills; the tool names are the x labels."""
+    one's) unless `shared_y` (panels meant to be compared by eye). Min–max
+    bars where given. `legend`: (text, hatched) entries explaining the
+    fills; the tool names are the x labels."""
     panels = [(t, bars) for t, bars in panels if bars]
     if not panels:
         raise ValueError(f"{out.name}: nothing to plot")
@@ -85,6 +87,9 @@ def bar_panels(out: Path, title: str, ylabel: str, panels: list[tuple[str, list[
              "set style fill solid 0.85 border rgb '#333333'", "set boxwidth 0.7", "set grid ytics lc rgb '#dddddd'",
              "set yrange [0:*]", "set offsets 0,0,graph 0.12,0", "set xtics rotate by -35 nomirror font ',10'",
              "set ytics nomirror", "set border 3", "set lmargin 9", "set bmargin 8", "set rmargin 9"]
+    if shared_y:
+        top = max(max(b.hi if b.hi is not None else b.value for b in bars) for _, bars in panels)
+        lines += [f"set yrange [0:{_num(top * 1.12)}]", "set offsets 0,0,0,0"]
     for i, (ptitle, bars) in enumerate(panels):
         lines.append(f"$P{i} << EOD")
         for j, b in enumerate(bars):

@@ -208,9 +208,20 @@ def _clean(cmd: str) -> str:
     return re.sub(r"(^|[\s'])/\S*/diskferry(?=\s)", r"\1diskferry", cmd)
 
 
+def _sweep_line(doc: dict, cmds: dict[str, str]) -> str | None:
+    """A sweep's commands as one, its value as VALUE: they differ in nothing else."""
+    meta = doc.get("sweep") or {}
+    values, flag = [str(v) for v in meta.get("values") or []], meta.get("flag")
+    if not values or not flag or values[0] not in cmds:
+        return None
+    cmd = _clean(cmds[values[0]]).replace(f"{flag} {values[0]}", f"{flag} VALUE")
+    return f"`{cmd}`, VALUE = {', '.join(values)}"
+
+
 def peers(docs: dict[str, dict]) -> list[str]:
-    """One line per (scenario, tool) with its command, deduplicated."""
-    out, seen = ["", f"## {TITLES['peers']}", ""], set()
+    """One line per scenario with each tool's command (a sweep's as one;
+    a scenario whose commands repeat an earlier one's says so)."""
+    out, lines = ["", f"## {TITLES['peers']}", ""], {}
     for name, doc in docs.items():
         g0 = (doc.get("images") or [{}])[0]
         cmds = dict(g0.get("display_commands") or {})
@@ -219,9 +230,11 @@ def peers(docs: dict[str, dict]) -> list[str]:
                 cmds[t] = s.get("display_command") or shlex.join(s["command"])
                 if s.get("display_receiver"):
                     cmds[t] += f"` → receiver `{s['display_receiver']}"
-        line = "; ".join(f"{t}: `{_clean(c)}`" for t, c in cmds.items() if (name, t) not in seen)
-        seen |= {(name, t) for t in cmds}
-        if line:
+        line = _sweep_line(doc, cmds) or "; ".join(f"{t}: `{_clean(c)}`" for t, c in cmds.items())
+        if line in lines:
+            out.append(f"- **{name}** — as {lines[line]}")
+        elif line:
+            lines[line] = name
             out.append(f"- **{name}** — {line}")
     versions = next((d.get("versions") for d in docs.values() if d.get("versions")), {})
     if versions:
