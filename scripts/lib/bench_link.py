@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from bench_common import bl
-from bench_net_image import NetToolResult, run_rounds, send_command, summarise
+from bench_net_image import NetToolResult, group, run_rounds, send_command, serve_target, summarise
 from net_procs import netns_prefix
 from net_receivers import DiskferryServe, QemuNbdTarget
 
@@ -287,13 +287,7 @@ def _bench_link(rate, kind, image, size_bytes, alloc_bytes, args, diskferry, ser
 
     def prepare(tool: str, res: NetToolResult, label: str):
         if tool in COMPRESS:
-            if not serve.alive():
-                res.error = f"diskferry serve exited; log {serve.log_path}"
-                log(f"link {rate} {tool} {label}: {res.error}\n{tail(serve.log_path)}")
-                return None
-            out = serve.root / name
-            out.unlink(missing_ok=True)
-            return out, serve.pid, res.command
+            return serve_target(serve, name, res, f"link {rate} {tool} {label}")
         try:
             peer.start(size_bytes)
         except (RuntimeError, OSError, ValueError) as e:
@@ -312,16 +306,9 @@ def _bench_link(rate, kind, image, size_bytes, alloc_bytes, args, diskferry, ser
     finally:
         source.stop()
         (serve.root / name).unlink(missing_ok=True)
-    return {
-        "image": kind,
-        "link": rate,
-        "link_bits_per_s": args.link_bits[rate],
-        "path": str(image),
-        "size_bytes": size_bytes,
-        "allocated_bytes": alloc_bytes,
-        "server_command": source.cmd,
-        "tools": {t: summarise(r, size_bytes, alloc_bytes) for t, r in results.items()},
-    }
+    return group(kind, image, size_bytes, alloc_bytes, source,
+                 {t: summarise(r, size_bytes, alloc_bytes) for t, r in results.items()},
+                 link=rate, link_bits_per_s=args.link_bits[rate])
 
 
 def markdown_table(groups: list[dict], runs: int) -> str:

@@ -86,18 +86,26 @@ def disk_of(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def io_ticks_ms(disk: tuple[int, int] | None) -> int | None:
-    """Milliseconds the disk has had I/O in flight since boot."""
+def diskstats(disk: tuple[int, int] | None) -> list[int] | None:
+    """The disk's /proc/diskstats counters (the fields after its name:
+    [0] reads, [2] sectors read, [6] sectors written, [9] ms with I/O in
+    flight, ...), or None."""
     if disk is None:
         return None
     try:
         for line in Path("/proc/diskstats").read_text().splitlines():
             f = line.split()
             if (int(f[0]), int(f[1])) == disk:
-                return int(f[12])
+                return [int(x) for x in f[3:]]
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def io_ticks_ms(disk: tuple[int, int] | None) -> int | None:
+    """Milliseconds the disk has had I/O in flight since boot."""
+    f = diskstats(disk)
+    return None if f is None or len(f) < 10 else f[9]
 
 
 def _time_maxrss_kib(path: Path) -> int | None:

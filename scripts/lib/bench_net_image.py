@@ -13,7 +13,9 @@ from pathlib import Path
 
 from bench_common import bl
 # Re-exported: other bench-net modules take them from here.
-from net_rounds import NetRun, NetToolResult, last_json_event, run_rounds, timed_net, trace_runs  # noqa: F401
+from net_rounds import (  # noqa: F401
+    NetRun, NetToolResult, group, last_json_event, run_rounds, serve_target, timed_net, trace_runs,
+)
 
 log, fmt, tail = bl.log, bl.fmt, bl.tail
 ALL_TOOLS = ("diskferry", "diskferry-plain", "nbdcopy-tcp", "nbdcopy-tls", "nbdcopy-tls-tuned", "nbdcopy-local")
@@ -88,13 +90,7 @@ def _prepare(kind, name, tool, res, label, args, size_bytes, serve, peers, sourc
     command), or None after recording why the tool cannot run."""
     if tool in DISKFERRY_TOOLS:
         srv = plain_serve if tool == "diskferry-plain" else serve
-        if not srv.alive():
-            res.error = f"diskferry serve exited; log {srv.log_path}"
-            log(f"{kind} {tool} {label}: {res.error}\n{tail(srv.log_path)}")
-            return None
-        out = srv.root / name
-        out.unlink(missing_ok=True)
-        return out, srv.pid, res.command
+        return serve_target(srv, name, res, f"{kind} {tool} {label}")
     if tool == "nbdcopy-local":
         out = scratch / f"local-{kind}.img"
         out.unlink(missing_ok=True)
@@ -155,14 +151,7 @@ def bench_image(kind, image, size_bytes, tools, args, diskferry, serve, peers, w
     tools_out = {t: summarise(r, size_bytes, alloc_bytes) for t, r in results.items()}
     for t, trace in traces.items():
         tools_out[t]["trace"] = trace
-    return {
-        "image": kind,
-        "path": str(image),
-        "size_bytes": size_bytes,
-        "allocated_bytes": alloc_bytes,
-        "server_command": source.cmd,
-        "tools": tools_out,
-    }
+    return group(kind, image, size_bytes, alloc_bytes, source, tools_out)
 
 
 def summarise(res: NetToolResult, size_bytes: int, alloc_bytes: int) -> dict:

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from bench_common import bl
-from bench_net_image import NetToolResult, run_rounds, send_command, summarise
+from bench_net_image import NetToolResult, group, run_rounds, send_command, summarise
 
 log, fmt, tail = bl.log, bl.fmt, bl.tail
 CHUNK_SIZES = ["64k", "128k", "256k", "512k", "1M", "4M"]
@@ -105,14 +105,8 @@ def bench(args, diskferry: Path, serve, workdir: Path, scratch: Path) -> dict:
     finally:
         source.stop()
         out.unlink(missing_ok=True)
-    return {
-        "image": kind,
-        "path": str(image),
-        "size_bytes": size_bytes,
-        "allocated_bytes": alloc_bytes,
-        "server_command": source.cmd,
-        "tools": {v: summarise(r, size_bytes, alloc_bytes) for v, r in results.items()},
-    }
+    return group(kind, image, size_bytes, alloc_bytes, source,
+                 {v: summarise(r, size_bytes, alloc_bytes) for v, r in results.items()})
 
 
 def markdown_table(group: dict, sweep: dict, runs: int) -> str:

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench_measure import diskstats
+
 from bench_measure import TIME_BIN, _time_maxrss_kib
 
 SECTOR = 512
@@ -26,16 +28,8 @@ SECTOR = 512
 
 def disk_bytes(disk: tuple[int, int] | None) -> tuple[int, int] | None:
     """(bytes read, bytes written) of the disk since boot."""
-    if disk is None:
-        return None
-    try:
-        for line in Path("/proc/diskstats").read_text().splitlines():
-            f = line.split()
-            if (int(f[0]), int(f[1])) == disk:
-                return int(f[5]) * SECTOR, int(f[9]) * SECTOR
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    f = diskstats(disk)
+    return None if f is None or len(f) < 7 else (f[2] * SECTOR, f[6] * SECTOR)
 
 
 def net_tx_bytes(iface: str) -> int | None:

@@ -176,3 +176,22 @@ def trace_runs(group: str, results: dict[str, NetToolResult], args, disk, logs: 
         out.unlink(missing_ok=True)
         bl.settle(args.settle)
     return traces
+
+
+def serve_target(srv, name: str, res: "NetToolResult", what: str):
+    """A diskferry serve's run set up: (target path, receiver pid, command)
+    with the old target deleted, or None (recorded in `res.error`) when
+    the receiver has exited."""
+    if not srv.alive():
+        res.error = f"diskferry serve exited; log {srv.log_path}"
+        log(f"{what}: {res.error}\n{tail(srv.log_path)}")
+        return None
+    out = srv.root / name
+    out.unlink(missing_ok=True)
+    return out, srv.pid, res.command
+
+
+def group(kind: str, image: Path, size_bytes: int, alloc_bytes: int, source, tools: dict, **extra) -> dict:
+    """One group of a results file (the contract of scripts/bench-report)."""
+    return {"image": kind, **extra, "path": str(image), "size_bytes": size_bytes, "allocated_bytes": alloc_bytes,
+            "server_command": source.cmd, "tools": tools}
