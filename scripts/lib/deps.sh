@@ -107,8 +107,10 @@ ensure_rsync() {
 
 # ensure_report_deps — what scripts/bench-report needs beyond ensure_deps:
 # gnuplot (gnuplot-nox: no X11) for the plots, rsync for its --incremental
-# scenario (tests/bench_report.rs runs them all).
+# scenario, iproute2 (ip, tc, ss) for its --link scenario's namespaces and
+# tbf shaping (tests/bench_report.rs runs them all).
 ensure_report_deps() {
     command -v gnuplot >/dev/null 2>&1 || _df_apt_install gnuplot-nox
     ensure_rsync
+    { command -v ip && command -v tc && command -v ss; } >/dev/null 2>&1 || _df_apt_install iproute2
 }
