@@ -155,35 +155,21 @@ def bench_image(kind, image, size_bytes, tools, args, diskferry, serve, peers, w
 
 
 def summarise(res: NetToolResult, size_bytes: int, alloc_bytes: int) -> dict:
+    """bench_measure's summary, plus the receiver's CPU and peak RSS, the
+    bytes on the wire and the commands as the report shows them."""
+    out = {"receiver_command": res.receiver, "display_command": res.display,
+           "display_receiver": res.display_receiver, "target_info": res.target_info}
+    out |= bl.summarise(res, size_bytes, alloc_bytes)
     counted = res.counted()
-    out = {"command": res.command, "receiver_command": res.receiver,
-           "display_command": res.display, "display_receiver": res.display_receiver,
-           "target_info": res.target_info, "error": res.error, "runs": [asdict(r) for r in res.runs]}
     if counted and not res.error:
-        times = [r.wall_s for r in counted]
-        med = statistics.median(times)
         rcpu = [r.receiver_cpu_s for r in counted if r.receiver_cpu_s is not None]
         rrss = [r.receiver_peak_rss_kib for r in counted if r.receiver_peak_rss_kib is not None]
-        out |= {
-            "n": len(times),
-            "median_s": med,
-            "min_s": min(times),
-            "max_s": max(times),
-            "gb_per_s_allocated": alloc_bytes / med / 1e9,
-            "gb_per_s_size": size_bytes / med / 1e9,
-            "peak_rss_mib": max(r.maxrss_kib for r in counted) / 1024,
-            "cpu_s_median": statistics.median(r.cpu_s for r in counted),
-            "receiver_cpu_s_median": statistics.median(rcpu) if rcpu else None,
-            "receiver_peak_rss_mib": max(rrss) / 1024 if rrss else None,
-        }
-        scpu = [r.source_cpu_s for r in counted if r.source_cpu_s is not None]
-        out["source_cpu_s_median"] = statistics.median(scpu) if scpu else None
         wire = [r.wire_bytes for r in counted if r.wire_bytes is not None]
+        out["receiver_cpu_s_median"] = statistics.median(rcpu) if rcpu else None
+        out["receiver_peak_rss_mib"] = max(rrss) / 1024 if rrss else None
+        out.setdefault("source_cpu_s_median", None)
         if wire:
             out["wire_bytes_median"] = statistics.median(wire)
-        busy = [r.disk_busy for r in counted if r.disk_busy is not None]
-        if busy:
-            out["disk_busy_median"] = statistics.median(busy)
     return out
 
 
